@@ -1,0 +1,5 @@
+import sys
+
+from inferforge.cli import main
+
+sys.exit(main())

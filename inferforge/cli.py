@@ -1,0 +1,272 @@
+"""The `inferforge` command line.
+
+Exit codes: 0 success, 1 an accuracy gate or latency target was missed, 2 bad input (recipe, path,
+flag), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inferforge.errors import GateFailed, InferforgeError, UserInputError
+
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on bad flags already; keep its message, drop nothing."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_INPUT, f"error: {message}\n")
+
+
+def _progress(args):
+    from inferforge.progress import Progress
+
+    return Progress(quiet=args.quiet)
+
+
+def _finish_run(args, result) -> int:
+    from inferforge.pipeline import gate_failure_message
+
+    out = result.output
+    if args.json:
+        print(json.dumps(result.report, indent=2, default=str))
+    else:
+        _print_summary(result.report)
+        print(f"artifact: {out}\nreport:   {out / 'report.md'}\n          {out / 'report.json'}")
+    if not result.passed:
+        print(f"FAILED: {gate_failure_message(result)}", file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def _print_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    bench = report.get("benchmark")
+    if bench:
+        table = Table(title=f"latency, seq {bench['seq_len']}, {bench['threads']} threads")
+        for col in ("provider", "batch", "p50 ms", "p95 ms", "p99 ms", "vs onnx-fp32"):
+            table.add_column(col, justify="right" if col != "provider" else "left")
+        for r in bench["results"]:
+            speed = f"{r['speedup_vs_onnx_fp32']:.2f}x" if r["speedup_vs_onnx_fp32"] else "-"
+            table.add_row(r["provider"], str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}",
+                          f"{r['p99_ms']:.2f}", speed)
+        console.print(table)
+    if report.get("checks"):
+        table = Table(title="gates and targets")
+        for col in ("check", "measured", "limit", "result"):
+            table.add_column(col)
+        for c in report["checks"]:
+            table.add_row(c["name"], f"{c['measured']:.4g}", f"{c['op']} {c['limit']:.4g}",
+                          "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]")
+        console.print(table)
+
+
+def cmd_optimize(args) -> int:
+    import dataclasses
+
+    from inferforge.pipeline import run_recipe
+    from inferforge.recipe import builtin_recipe_path, load_recipe
+
+    recipe = load_recipe(args.recipe or builtin_recipe_path("demo"))
+    if args.output:
+        recipe = dataclasses.replace(recipe, output=args.output)
+    return _finish_run(args, run_recipe(recipe, progress=_progress(args)))
+
+
+def _adhoc_recipe(args, steps: list) -> int:
+    from inferforge.pipeline import run_recipe
+    from inferforge.recipe import recipe_from_dict
+
+    name = args.name or Path(args.model).name or "model"
+    data = {"name": name, "model": args.model, "steps": steps, "gates": {"min_cosine": args.min_cosine},
+            "data": {"sentences": args.sentences, "calibration_size": args.calibration_size,
+                     "held_out_size": args.held_out_size},
+            "output": args.output or f"runs/{name}-{args.command}"}
+    recipe = recipe_from_dict(data, source="command line")
+    return _finish_run(args, run_recipe(recipe, progress=_progress(args)))
+
+
+def cmd_export(args) -> int:
+    return _adhoc_recipe(args, [{"export": {"opset": args.opset}}, "validate"])
+
+
+def cmd_quantize(args) -> int:
+    alpha = args.smoothquant_alpha
+    try:
+        alpha = float(alpha)
+    except ValueError:
+        pass
+    steps = [{"export": {"opset": args.opset}}, {"quantize": {"smoothquant_alpha": alpha}}, "validate"]
+    return _adhoc_recipe(args, steps)
+
+
+def _parse_target(text: str) -> tuple[int, float]:
+    try:
+        batch, ms = text.split(":")
+        return int(batch), float(ms)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCH:MS such as 8:50, got {text!r}") from None
+
+
+def cmd_bench(args) -> int:
+    from inferforge.bench.artifact_bench import bench_artifact
+
+    report = bench_artifact(args.artifact, batch_sizes=args.batch_sizes, seq_len=args.seq_len,
+                            warmup=args.warmup, iterations=args.iterations, threads=args.threads,
+                            compare_source=args.compare_source, targets=args.target,
+                            percentile=args.percentile, progress=_progress(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_summary(report)
+    if not report["passed"]:
+        failed = [c["name"] for c in report["checks"] if not c["passed"]]
+        print(f"FAILED: {'; '.join(failed)}", file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from inferforge.manifest import read_manifest, verify_artifact
+
+    manifest = read_manifest(args.artifact)
+    verify_artifact(args.artifact)   # raises ArtifactError (exit 2) when tampered or incomplete
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    src = manifest["source"]
+    console.print(f"[bold]{manifest['name']}[/bold]  version {manifest['version']}  created {manifest['created']}")
+    console.print(f"kind {manifest['kind']}, runtime {manifest['runtime']['provider']} ({manifest['runtime']['model']})")
+    console.print(f"source {src['model']}  weights sha256 {src['weights_sha256']}")
+    console.print(f"hashes: [green]all {len(manifest['files'])} files verified[/green]")
+    steps = Table(title="steps")
+    for col in ("step", "seconds", "summary"):
+        steps.add_column(col)
+    for s in manifest["steps"]:
+        steps.add_row(s["name"], f"{s['duration_s']:.1f}", s.get("summary", ""))
+    console.print(steps)
+    files = Table(title="files")
+    for col in ("file", "bytes", "sha256"):
+        files.add_column(col)
+    for name, info in manifest["files"].items():
+        files.add_row(name, f"{info['bytes']:,}", info["sha256"][:16] + "...")
+    console.print(files)
+    _print_summary(manifest)
+    env = manifest["environment"]
+    console.print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v))
+    return EXIT_OK
+
+
+def _common(p, *, json_flag=True):
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _model_args(p):
+    p.add_argument("model", help="a Hugging Face model directory, 'all-MiniLM-L6-v2' (the demo model) or module:function")
+    p.add_argument("-o", "--output", help="artifact directory (default runs/NAME-COMMAND)")
+    p.add_argument("--name", help="artifact name (default: the model directory's name)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="accuracy gate on held-out sentences (default 0.99)")
+    p.add_argument("--sentences", default="demo", help="text file, one sentence per line (default: shipped sentences)")
+    p.add_argument("--calibration-size", type=int, default=160)
+    p.add_argument("--held-out-size", type=int, default=320)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="inferforge", formatter_class=fmt,
+                     description="Optimize, validate and benchmark models against accuracy gates and latency targets.",
+                     epilog="examples:\n  inferforge optimize                 # the built-in demo, end to end\n"
+                            "  inferforge optimize my-recipe.yaml\n  inferforge inspect runs/minilm-int8\n"
+                            "exit codes: 0 ok, 1 gate or target missed, 2 bad input")
+    parser.add_argument("--version", action="version", version=f"inferforge {__import__('inferforge').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("optimize", formatter_class=fmt, help="run a recipe (default: the built-in demo)",
+                       description="Run a YAML recipe: export, quantize, validate against the source model, benchmark, "
+                                   "and write an artifact with its manifest and reports.",
+                       epilog="examples:\n  inferforge optimize\n  inferforge optimize recipe.yaml --output runs/v2 --json")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (default: the built-in all-MiniLM-L6-v2 int8 demo)")
+    p.add_argument("-o", "--output", help="artifact directory (overrides the recipe's 'output')")
+    _common(p)
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="export a model to ONNX and validate it",
+                       description="Export to ONNX with optimum-onnx, check ONNX Runtime against PyTorch, and write an artifact.",
+                       epilog="example:\n  inferforge export all-MiniLM-L6-v2 --output runs/minilm-onnx")
+    _model_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", formatter_class=fmt, help="export and quantize to int8 with an accuracy gate",
+                       description="Export to ONNX, quantize to int8 with ONNX Runtime (per-channel weights, SmoothQuant "
+                                   "chosen on calibration data), validate on held-out sentences.",
+                       epilog="example:\n  inferforge quantize ./my-bert --min-cosine 0.995 --output runs/my-bert-int8")
+    _model_args(p)
+    p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
+    _common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", formatter_class=fmt, help="benchmark an artifact against latency targets",
+                       description="Measure an artifact's latency (p50/p90/p95/p99) at fixed batch sizes and sequence "
+                                   "length; exit 1 if a --target is missed.",
+                       epilog="example:\n  inferforge bench runs/minilm-int8 --batch-sizes 1 8 --target 8:40 --compare-source")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
+    p.add_argument("--target", type=_parse_target, action="append", default=[], metavar="BATCH:MS",
+                   help="latency target, e.g. 8:40 (batch 8 within 40 ms at --percentile); repeatable")
+    p.add_argument("--percentile", choices=["p50", "p90", "p95", "p99"], default="p95")
+    p.add_argument("--compare-source", action="store_true", help="also time the source PyTorch model, interleaved")
+    _common(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("inspect", formatter_class=fmt, help="verify and print an artifact's manifest",
+                       description="Verify every file's sha256 and print what the artifact came from, how it was made "
+                                   "and what it measured.",
+                       epilog="example:\n  inferforge inspect runs/minilm-int8")
+    p.add_argument("artifact", help="artifact directory")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_INPUT
+    try:
+        return args.func(args)
+    except GateFailed as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return EXIT_GATE
+    except InferforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: no artifact was written (an earlier artifact, if any, is untouched)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Run a recipe: model -> export -> quantize -> validate -> bench -> artifact with manifest and reports.
+
+Everything is built in a staging directory next to the output and moved into place only when the
+run has finished, so an interrupted or failed run never leaves a half-written artifact that looks
+complete, and never damages the artifact of an earlier run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inferforge.data import SentenceSplit, split_sentences
+from inferforge.encoder import DISABLED_OPTIMIZERS
+from inferforge.errors import GateFailed, UserInputError
+from inferforge.fileio import atomic_write_json, atomic_write_text, make_public_dir
+from inferforge.manifest import MANIFEST_NAME, environment, tool_versions, utc_now, write_manifest
+from inferforge.models import ModelSource, materialize
+from inferforge.progress import Progress
+from inferforge.recipe import BenchConfig, ExportConfig, QuantizeConfig, Recipe, ValidateConfig
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class RunContext:
+    """What the steps share: inputs, the reference model, and the paths and results produced so far."""
+
+    recipe: Recipe
+    source: ModelSource
+    sentences: SentenceSplit
+    work: Path                  # scratch space, deleted at the end
+    staging: Path               # becomes the artifact
+    progress: Progress
+    reference: object = None    # TorchEncoder of the source model
+    fp32_onnx: Path | None = None
+    final_onnx: Path | None = None
+    final_provider: str = "onnx-fp32"
+    results: dict = field(default_factory=dict)
+
+    def encoder(self, onnx_path: Path, threads: int | None = None):
+        from inferforge.encoder import OnnxEncoder
+
+        return OnnxEncoder(onnx_path, self.reference.tokenizer, max_length=self.recipe.data.max_length, threads=threads)
+
+
+_RUNNERS: dict[type, Callable[[RunContext, object], dict]] = {}
+
+
+def step_runner(config_type: type):
+    """Register the function that runs steps configured by `config_type`."""
+    def register(fn):
+        _RUNNERS[config_type] = fn
+        return fn
+    return register
+
+
+@dataclass
+class RunResult:
+    output: Path
+    report: dict
+    passed: bool
+
+    @property
+    def failures(self) -> list[dict]:
+        return [c for c in self.report["checks"] if not c["passed"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+
+@step_runner(ExportConfig)
+def _export(ctx: RunContext, cfg: ExportConfig) -> dict:
+    from inferforge.optimize.export import check_export, export_onnx
+
+    with ctx.progress.spinner("exporting to ONNX with optimum-onnx"):
+        ctx.fp32_onnx = export_onnx(ctx.source.path, ctx.work / "onnx-fp32", opset=cfg.opset)
+    check = check_export(ctx.reference, ctx.encoder(ctx.fp32_onnx), list(ctx.sentences.calibration[:64]), atol=cfg.atol)
+    ctx.final_onnx, ctx.final_provider = ctx.fp32_onnx, "onnx-fp32"
+    return {"result": check, "summary": f"ONNX Runtime vs PyTorch max abs diff {check['max_abs_diff']:.1e} (atol {cfg.atol:.0e})"}
+
+
+@step_runner(QuantizeConfig)
+def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
+    from inferforge.optimize.onnx_quantize import quantize_onnx_int8
+    from inferforge.optimize.validate import cosine_rows
+
+    calibration = list(ctx.sentences.calibration)
+    reference = ctx.reference(calibration)
+    tokenize = ctx.reference.tokenize
+    batches = [tokenize(calibration[i:i + 16]) for i in range(0, len(calibration), 16)]
+
+    def score(path: Path) -> tuple[float, float]:
+        cos = cosine_rows(reference, ctx.encoder(path)(calibration))
+        return float(cos.min()), float(cos.mean())
+
+    n = (1 if cfg.smoothquant_alpha != "auto" else len(cfg.alpha_grid) + 1) + cfg.max_auto_excluded
+    task = ctx.progress.task("quantizing: choosing settings on calibration data", total=n)
+    out = ctx.work / "onnx-int8" / MODEL_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        record = quantize_onnx_int8(ctx.fp32_onnx, out, calibration_batches=batches, score=score,
+                                    per_channel=cfg.per_channel, smoothquant_alpha=cfg.smoothquant_alpha,
+                                    alpha_grid=cfg.alpha_grid, exclude_nodes=cfg.exclude_nodes,
+                                    target_min_cosine=ctx.recipe.gates.min_cosine + cfg.calibration_margin,
+                                    max_auto_excluded=cfg.max_auto_excluded,
+                                    on_candidate=lambda label, s: task.advance())
+    except ValueError as e:
+        raise UserInputError(f"quantize: {e}") from None
+    finally:
+        task.close()
+    ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
+    record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
+    return {"result": record,
+            "summary": f"SmoothQuant alpha {record['smoothquant_alpha']}, {len(record['excluded_nodes'])} MatMuls "
+                       f"kept in float, calibration min cosine {record['calibration_min_cosine']:.4f}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
+                       f"{record['size_bytes']['int8'] / 1e6:.0f} MB"}
+
+
+@step_runner(ValidateConfig)
+def _validate(ctx: RunContext, cfg: ValidateConfig) -> dict:
+    from inferforge.optimize.validate import compare_embeddings
+
+    held_out = list(ctx.sentences.held_out)
+    candidate = ctx.encoder(ctx.final_onnx)
+    # One call over the whole list, exactly as a user calls the loaded model: with dynamic int8
+    # activations an embedding depends (slightly) on which sentences share its batch.
+    with ctx.progress.spinner(f"validating on {len(held_out)} held-out sentences"):
+        ref = ctx.reference(held_out, batch_size=cfg.batch_size)
+        got = candidate(held_out, batch_size=cfg.batch_size)
+    report = compare_embeddings(ref, got, held_out)
+    ctx.results["validation"] = report.to_dict()
+    return {"result": report.to_dict(),
+            "summary": f"{ctx.final_provider}: min cosine {report.min_cosine:.4f}, mean {report.mean_cosine:.4f} "
+                       f"over {report.sentences} held-out sentences"}
+
+
+@step_runner(BenchConfig)
+def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
+    import torch
+
+    from inferforge.bench.latency import measure_interleaved
+
+    threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    providers = [p for p in cfg.providers if p != "onnx-int8" or ctx.final_provider == "onnx-int8"]
+    encoders = {"onnx-fp32": ctx.encoder(ctx.fp32_onnx, threads)}
+    if "onnx-int8" in providers:
+        encoders["onnx-int8"] = ctx.encoder(ctx.final_onnx, threads)
+    vocab = ctx.reference.tokenizer.vocab_size
+    rng = np.random.default_rng(0)
+    results = []
+    task = ctx.progress.task("benchmarking", total=len(cfg.batch_sizes) * cfg.iterations)
+    for batch_size in cfg.batch_sizes:
+        # Fixed-length inputs: every sequence has exactly seq_len real tokens.
+        batch = {"input_ids": rng.integers(1000, vocab, (batch_size, cfg.seq_len), dtype=np.int64),
+                 "attention_mask": np.ones((batch_size, cfg.seq_len), np.int64),
+                 "token_type_ids": np.zeros((batch_size, cfg.seq_len), np.int64)}
+        fns = {}
+        for p in providers:
+            encoder = ctx.reference if p == "pytorch-fp32" else encoders[p]
+            fns[p] = (lambda e=encoder, b=batch: e.hidden_states(b))
+        stats = measure_interleaved(fns, warmup=cfg.warmup, iterations=cfg.iterations,
+                                    on_round=lambda i: task.advance())
+        base = stats.get("onnx-fp32", {}).get("p50_ms")
+        for p in providers:
+            row = {"provider": p, "batch_size": batch_size, **stats[p],
+                   "throughput_seq_s": batch_size / stats[p]["p50_ms"] * 1e3}
+            row["speedup_vs_onnx_fp32"] = base / stats[p]["p50_ms"] if base else None
+            results.append(row)
+    task.close()
+    bench = {"seq_len": cfg.seq_len, "threads": threads, "warmup": cfg.warmup, "iterations": cfg.iterations,
+             "final_provider": ctx.final_provider, "results": results}
+    ctx.results["benchmark"] = bench
+    final = [r for r in results if r["provider"] == ctx.final_provider]
+    summary = ", ".join(f"batch {r['batch_size']}: p50 {r['p50_ms']:.1f} ms"
+                        + (f" ({r['speedup_vs_onnx_fp32']:.2f}x onnx-fp32)" if r["speedup_vs_onnx_fp32"] else "")
+                        for r in final)
+    return {"result": bench, "summary": f"{ctx.final_provider}: {summary}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Gates and targets
+
+
+def _checks(recipe: Recipe, results: dict, final_provider: str) -> list[dict]:
+    checks = []
+    val = results.get("validation")
+    if val:
+        checks.append({"name": "min cosine (held-out)", "kind": "gate", "measured": val["min_cosine"],
+                       "op": ">=", "limit": recipe.gates.min_cosine})
+        if recipe.gates.mean_cosine is not None:
+            checks.append({"name": "mean cosine (held-out)", "kind": "gate", "measured": val["mean_cosine"],
+                           "op": ">=", "limit": recipe.gates.mean_cosine})
+    bench = results.get("benchmark")
+    if bench:
+        rows = {(r["provider"], r["batch_size"]): r for r in bench["results"]}
+        for t in recipe.targets.latency:
+            r = rows[(final_provider, t.batch_size)]
+            checks.append({"name": f"{final_provider} {t.percentile} latency, batch {t.batch_size} (ms)",
+                           "kind": "target", "measured": r[f"{t.percentile}_ms"], "op": "<=", "limit": t.max_ms})
+        if recipe.targets.min_speedup is not None:
+            r = rows.get((final_provider, recipe.targets.speedup_batch_size))
+            if r and r["speedup_vs_onnx_fp32"]:
+                checks.append({"name": f"{final_provider} p50 speedup over onnx-fp32, batch {r['batch_size']}",
+                               "kind": "target", "measured": r["speedup_vs_onnx_fp32"], "op": ">=",
+                               "limit": recipe.targets.min_speedup})
+    for c in checks:
+        c["passed"] = c["measured"] >= c["limit"] if c["op"] == ">=" else c["measured"] <= c["limit"]
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a directory that holds something other than an earlier artifact."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserInputError(f"output {out} exists and is not a directory; choose another output")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise UserInputError(f"output {out} is a non-empty directory that is not an inferforge artifact; "
+                                 "choose another output (recipe key 'output' or --output) or empty it")
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move the finished staging directory to `out`, replacing an earlier artifact there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
+    """Run every step of `recipe` and write the artifact; returns the report (gates may have failed)."""
+    from inferforge.encoder import TorchEncoder
+
+    progress = progress or Progress(quiet=True)
+    out = recipe.output_dir.resolve()
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    make_public_dir(staging)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    started = time.perf_counter()
+    try:
+        sentences = split_sentences(recipe.data.sentences, recipe.data.calibration_size, recipe.data.held_out_size)
+        with progress.spinner(f"loading {recipe.model}"):
+            source = materialize(recipe.model, work)
+            reference = TorchEncoder(source.path, max_length=recipe.data.max_length)
+        ctx = RunContext(recipe=recipe, source=source, sentences=sentences, work=work, staging=staging,
+                         progress=progress, reference=reference)
+        steps = []
+        for cfg in recipe.steps:
+            name = type(cfg).__name__.removesuffix("Config").lower()
+            t0 = time.perf_counter()
+            outcome = _RUNNERS[type(cfg)](ctx, cfg)
+            record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
+                      "tools": tool_versions(), **outcome}
+            steps.append(record)
+            progress.done(name, record["duration_s"], outcome.get("summary", ""))
+
+        shutil.copyfile(ctx.final_onnx, staging / MODEL_FILE)
+        from inferforge.optimize.export import copy_tokenizer
+
+        copy_tokenizer(source.path, staging)
+        checks = _checks(recipe, ctx.results, ctx.final_provider)
+        accuracy_passed = all(c["passed"] for c in checks if c["kind"] == "gate")
+        report = {
+            "name": recipe.name,
+            "created": utc_now(),
+            "artifact": str(out),
+            "source": source.to_dict(),
+            "passed": all(c["passed"] for c in checks),
+            "accuracy_passed": accuracy_passed,
+            "checks": checks,
+            "steps": [{k: s[k] for k in ("name", "duration_s", "summary")} for s in steps],
+            "validation": ctx.results.get("validation"),
+            "benchmark": ctx.results.get("benchmark"),
+            "environment": environment(),
+            "total_duration_s": time.perf_counter() - started,
+        }
+        from inferforge.bench.report import render_markdown
+
+        atomic_write_json(staging / "report.json", report)
+        atomic_write_text(staging / "report.md", render_markdown(report))
+        write_manifest(staging, {
+            "name": recipe.name,
+            "created": report["created"],
+            "kind": "sentence-encoder",
+            "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
+                        "normalize": True, "max_length": recipe.data.max_length,
+                        "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
+            "source": source.to_dict(),
+            "recipe": recipe.to_dict(),
+            "steps": steps,
+            "validation": ctx.results.get("validation"),
+            "benchmark": ctx.results.get("benchmark"),
+            "checks": checks,
+            "passed": report["passed"],
+            "accuracy_passed": accuracy_passed,
+            "environment": report["environment"],
+        })
+        _replace_dir(staging, out)
+        return RunResult(output=out, report=report, passed=report["passed"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+
+
+def gate_failure_message(result: RunResult) -> str:
+    lines = [f"{c['name']}: measured {c['measured']:.4g}, required {c['op']} {c['limit']:.4g}" for c in result.failures]
+    return "missed: " + "; ".join(lines) + f" (details in {result.output / 'report.md'})"
+
+
+def raise_on_failure(result: RunResult) -> RunResult:
+    if not result.passed:
+        raise GateFailed(gate_failure_message(result), report_dir=str(result.output))
+    return result

@@ -1,0 +1,447 @@
+"""Recipes: what to optimize, how, and what "good enough" means, as frozen, self-validating dataclasses.
+
+A recipe is YAML::
+
+    name: minilm-int8
+    model: all-MiniLM-L6-v2        # the demo model, a local Hugging Face directory, or module:function
+    data: {sentences: demo, calibration_size: 160, held_out_size: 320}
+    steps:
+      - export: {opset: 17}
+      - quantize: {per_channel: true, smoothquant_alpha: auto}
+      - validate
+      - bench: {batch_sizes: [1, 8], seq_len: 128}
+    gates: {min_cosine: 0.99}
+    targets: {latency: [{batch_size: 8, percentile: p95, max_ms: 100}], min_speedup: 1.5}
+    output: runs/minilm-int8
+
+`load_recipe` validates everything before any work starts: unknown keys (with a suggestion for a
+misspelling), wrong types, bad values and missing files raise one `RecipeError` naming the key and,
+where YAML gives it, the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from inferforge.errors import RecipeError
+
+PERCENTILES = ("p50", "p90", "p95", "p99")
+BENCH_PROVIDERS = ("pytorch-fp32", "onnx-fp32", "onnx-int8")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Text for calibration and validation: `demo` (shipped English sentences) or a text file, one per line."""
+
+    sentences: str = "demo"
+    calibration_size: int = 160
+    held_out_size: int = 320
+    max_length: int = 128
+
+    def __post_init__(self):
+        _require(self.calibration_size >= 1, "calibration_size must be >= 1")
+        _require(self.held_out_size >= 1, "held_out_size must be >= 1")
+        _require(1 <= self.max_length <= 8192, "max_length must be between 1 and 8192")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export to ONNX through optimum-onnx; ONNX Runtime's output must match PyTorch within `atol`."""
+
+    opset: int = 17
+    atol: float = 1e-4
+
+    def __post_init__(self):
+        _require(11 <= self.opset <= 21, "opset must be between 11 and 21")
+        _require(self.atol > 0, "atol must be > 0")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Int8 quantization with ONNX Runtime: per-channel weights, dynamic activations, SmoothQuant from calibration.
+
+    `smoothquant_alpha` is a number in [0, 1], `auto` (pick the best of `alpha_grid` on the calibration
+    set) or `off`. `exclude_nodes` keeps the named ONNX nodes in float.
+    """
+
+    method: str = "dynamic-int8"
+    per_channel: bool = True
+    smoothquant_alpha: Union[float, str] = "auto"
+    alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    exclude_nodes: tuple[str, ...] = ()
+    max_auto_excluded: int = 2
+    calibration_margin: float = 0.003
+
+    def __post_init__(self):
+        _require(self.max_auto_excluded >= 0, "max_auto_excluded must be >= 0")
+        _require(0 <= self.calibration_margin < 1, "calibration_margin must be in [0, 1)")
+        _require(self.method == "dynamic-int8", "method must be 'dynamic-int8' (the only ONNX method so far)")
+        a = self.smoothquant_alpha
+        if isinstance(a, str):
+            _require(a in ("auto", "off"), "smoothquant_alpha must be a number in [0, 1], 'auto' or 'off'")
+        else:
+            _require(0.0 <= a <= 1.0, "smoothquant_alpha must be a number in [0, 1], 'auto' or 'off'")
+        _require(len(self.alpha_grid) > 0 and all(0 <= x <= 1 for x in self.alpha_grid),
+                 "alpha_grid must be a non-empty list of numbers in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Compare the optimized model with the source PyTorch model on the held-out sentences."""
+
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Latency of each provider at each batch size, at a fixed sequence length, measured interleaved."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seq_len: int = 128
+    warmup: int = 5
+    iterations: int = 30
+    providers: tuple[str, ...] = BENCH_PROVIDERS
+    threads: Union[int, None] = None
+
+    def __post_init__(self):
+        _require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes),
+                 "batch_sizes must be a non-empty list of integers >= 1")
+        _require(self.seq_len >= 1, "seq_len must be >= 1")
+        _require(self.warmup >= 0, "warmup must be >= 0")
+        _require(self.iterations >= 3, "iterations must be >= 3")
+        for p in self.providers:
+            _require(p in BENCH_PROVIDERS, f"unknown provider {p!r}; choose from {', '.join(BENCH_PROVIDERS)}")
+        _require(self.threads is None or self.threads >= 1, "threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Accuracy gates on the held-out set: mean-pooled embedding cosine similarity with the source model."""
+
+    min_cosine: float = 0.99
+    mean_cosine: Union[float, None] = None
+
+    def __post_init__(self):
+        _require(-1.0 <= self.min_cosine <= 1.0, "min_cosine must be between -1 and 1")
+        _require(self.mean_cosine is None or -1.0 <= self.mean_cosine <= 1.0, "mean_cosine must be between -1 and 1")
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """A latency SLO for the optimized model: `percentile` latency at `batch_size` at most `max_ms`."""
+
+    batch_size: int
+    max_ms: float
+    percentile: str = "p95"
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        _require(self.max_ms > 0, "max_ms must be > 0")
+        _require(self.percentile in PERCENTILES, f"percentile must be one of {', '.join(PERCENTILES)}")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Latency targets; `min_speedup` is the optimized model's p50 speedup over ONNX fp32 at `speedup_batch_size`."""
+
+    latency: tuple[LatencyTarget, ...] = ()
+    min_speedup: Union[float, None] = None
+    speedup_batch_size: int = 8
+
+    def __post_init__(self):
+        _require(self.min_speedup is None or self.min_speedup > 0, "min_speedup must be > 0")
+
+
+# Step name -> config type. The pipeline looks runners up by config type.
+STEP_CONFIGS: dict[str, type] = {
+    "export": ExportConfig,
+    "quantize": QuantizeConfig,
+    "validate": ValidateConfig,
+    "bench": BenchConfig,
+}
+STEP_NAMES = {cls: name for name, cls in STEP_CONFIGS.items()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str
+    steps: tuple[Any, ...]
+    data: DataConfig = field(default_factory=DataConfig)
+    gates: Gates = field(default_factory=Gates)
+    targets: Targets = field(default_factory=Targets)
+    output: str = ""
+
+    def __post_init__(self):
+        _require(bool(self.name.strip()), "name must not be empty")
+        _require(len(self.steps) > 0, "steps must list at least one step")
+        kinds = [type(s) for s in self.steps]
+        _require(kinds[0] is ExportConfig, "the first step must be 'export' (every later step works on the ONNX model)")
+        _require(len(set(kinds)) == len(kinds), "each step may appear once")
+        if BenchConfig in kinds:
+            bench = self.steps[kinds.index(BenchConfig)]
+            for t in self.targets.latency:
+                _require(t.batch_size in bench.batch_sizes,
+                         f"targets.latency asks for batch_size {t.batch_size}, which the bench step does not "
+                         f"measure (batch_sizes {list(bench.batch_sizes)})")
+            if self.targets.min_speedup is not None:
+                _require(self.targets.speedup_batch_size in bench.batch_sizes,
+                         f"targets.speedup_batch_size {self.targets.speedup_batch_size} is not in the bench step's batch_sizes")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def step(self, cls: type):
+        return next((s for s in self.steps if isinstance(s, cls)), None)
+
+    def to_dict(self) -> dict:
+        """The normalized recipe: every default filled in, as written to the manifest."""
+        d = dataclasses.asdict(self)
+        d["steps"] = [{STEP_NAMES[type(s)]: dataclasses.asdict(s)} for s in self.steps]
+        d["output"] = str(self.output_dir)
+        return json.loads(json.dumps(d))   # plain JSON types: tuples become lists
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing: YAML text -> plain data (with line numbers) -> typed, validated dataclasses.
+
+
+class _Lines:
+    """Maps a key path such as ('steps', 1, 'quantize', 'opset') to its line in the YAML file."""
+
+    def __init__(self, node: yaml.Node | None):
+        self.lines: dict[tuple, int] = {}
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node, path):
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (k.value,)
+                self.lines[key] = k.start_mark.line + 1
+                self._walk(v, key)
+                self.lines[key] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._walk(v, path + (i,))
+
+    def get(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+
+class _Invalid(Exception):
+    def __init__(self, path: tuple, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _fmt_path(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(tp, value, path):
+    """Coerce one YAML value to the annotated type, or raise _Invalid naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, path)
+            except _Invalid:
+                continue
+        raise _Invalid(path, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _Invalid(path, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_convert(item, v, path + (i,)) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise _Invalid(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key, known, path):
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return _Invalid(path + (key,), f"unknown key '{key}' ({hint})")
+
+
+def _build(cls, value, path):
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"expected a mapping, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, v in value.items():
+        if key not in hints:
+            raise _unknown_key(key, known, path)
+        kwargs[key] = _convert(hints[key], v, path + (key,))
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise _Invalid(path, f"missing required key '{missing[0]}'")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        # Point at the key the message starts with, where it names one.
+        first = str(e).split()[0]
+        raise _Invalid(path + ((first,) if first in kwargs else ()), str(e)) from None
+
+
+def _build_step(value, path):
+    if isinstance(value, str):
+        name, settings = value, {}
+    elif isinstance(value, dict) and len(value) == 1:
+        name, settings = next(iter(value.items()))
+    else:
+        raise _Invalid(path, "each step is a name ('validate') or a one-key mapping ('export: {opset: 17}')")
+    if name not in STEP_CONFIGS:
+        raise _unknown_key(name, list(STEP_CONFIGS), path)
+    return _build(STEP_CONFIGS[name], settings, path + (name,))
+
+
+def recipe_from_dict(data: Any, *, source: str = "recipe", lines: _Lines | None = None,
+                     base_dir: Path | None = None, check_paths: bool = True) -> Recipe:
+    """Validate plain data (as loaded from YAML) into a `Recipe`, or raise `RecipeError`."""
+    lines = lines or _Lines(None)
+    try:
+        if not isinstance(data, dict):
+            raise _Invalid((), "a recipe is a mapping with keys name, model, steps, ...")
+        known = [f.name for f in dataclasses.fields(Recipe)]
+        for key in data:
+            if key not in known:
+                raise _unknown_key(key, known, ())
+        for key in ("name", "model", "steps"):
+            if key not in data:
+                raise _Invalid((), f"missing required key '{key}'")
+        steps = data["steps"]
+        if not isinstance(steps, list):
+            raise _Invalid(("steps",), "steps must be a list")
+        kwargs = {
+            "name": _convert(str, data["name"], ("name",)),
+            "model": _convert(str, data["model"], ("model",)),
+            "steps": tuple(_build_step(s, ("steps", i)) for i, s in enumerate(steps)),
+            "data": _build(DataConfig, data.get("data"), ("data",)),
+            "gates": _build(Gates, data.get("gates"), ("gates",)),
+            "targets": _build(Targets, data.get("targets"), ("targets",)),
+            "output": _convert(str, data.get("output", ""), ("output",)),
+        }
+        if base_dir is not None:
+            kwargs = _resolve_paths(kwargs, base_dir)
+        try:
+            recipe = Recipe(**kwargs)
+        except ValueError as e:
+            raise _Invalid((), str(e)) from None
+        if check_paths:
+            _check_paths(recipe)
+        return recipe
+    except _Invalid as e:
+        line = lines.get(e.path)
+        where = f"{source}, line {line}" if line else source
+        raise RecipeError(f"{where}: {_fmt_path(e.path)}: {e.message}") from None
+
+
+def _resolve_paths(kwargs: dict, base_dir: Path) -> dict:
+    """Relative file paths in a recipe file are relative to the recipe file, not the working directory."""
+    from inferforge.models import looks_like_path
+
+    if looks_like_path(kwargs["model"]) and not Path(kwargs["model"]).is_absolute():
+        kwargs["model"] = str(base_dir / kwargs["model"])
+    data = kwargs["data"]
+    if data.sentences != "demo" and not Path(data.sentences).is_absolute():
+        kwargs["data"] = dataclasses.replace(data, sentences=str(base_dir / data.sentences))
+    return kwargs
+
+
+def _check_paths(recipe: Recipe) -> None:
+    from inferforge.models import check_model_spec
+
+    try:
+        check_model_spec(recipe.model)
+    except ValueError as e:
+        raise _Invalid(("model",), str(e)) from None
+    if recipe.data.sentences != "demo" and not Path(recipe.data.sentences).is_file():
+        raise _Invalid(("data", "sentences"), f"file not found: {recipe.data.sentences} "
+                                              "(give a text file with one sentence per line, or 'demo')")
+
+
+def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:
+    """Read and validate a YAML recipe file. Raises `RecipeError` with the key and line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    return parse_recipe(text, source=str(path), base_dir=path.resolve().parent, check_paths=check_paths)
+
+
+def parse_recipe(text: str, *, source: str = "recipe", base_dir: Path | None = None,
+                 check_paths: bool = True) -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+    return recipe_from_dict(data, source=source, lines=_Lines(node), base_dir=base_dir, check_paths=check_paths)
+
+
+def builtin_recipe_path(name: str = "demo") -> Path:
+    return Path(__file__).parent / "recipes" / f"{name}.yaml"

@@ -1,0 +1,11 @@
+"""Optimization steps: ONNX export, int8 quantization and validation against the source model.
+
+Each step takes plain objects (a model directory, an ONNX path, sentences) and returns a path or a
+report; the pipeline in `inferforge.pipeline` strings them together from a recipe.
+"""
+
+from inferforge.optimize.export import export_onnx
+from inferforge.optimize.onnx_quantize import quantize_onnx_int8
+from inferforge.optimize.validate import EmbeddingReport, compare_embeddings
+
+__all__ = ["export_onnx", "quantize_onnx_int8", "compare_embeddings", "EmbeddingReport"]
