@@ -67,11 +67,10 @@ class TorchEncoder(SentenceEncoder):
     """The source model in PyTorch (the reference every optimized model is validated against)."""
 
     def __init__(self, model_dir: str | Path, *, max_length: int = 128, threads: int | None = None):
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         super().__init__(AutoTokenizer.from_pretrained(model_dir), max_length=max_length)
-        self.model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(model_dir).float().eval()
         self.threads = threads
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,17 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, opset: int = 17) 
 
     out_dir = Path(out_dir)
     logging.getLogger("optimum").setLevel(logging.ERROR)
-    main_export(str(model_dir), output=str(out_dir), task="feature-extraction", opset=opset,
-                library_name="transformers", device="cpu", do_validation=False)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # optimum passes arguments transformers calls deprecated
+    with warnings.catch_warnings():
+        # The TorchScript tracer warns about Python control flow in every transformers model; the
+        # export is checked numerically against PyTorch right after, which is what matters.
+        warnings.simplefilter("ignore")
+        main_export(str(model_dir), output=str(out_dir), task="feature-extraction", opset=opset,
+                    library_name="transformers", device="cpu", do_validation=False)
+    hf_logging.set_verbosity(verbosity)
     onnx_path = out_dir / "model.onnx"
     if not onnx_path.is_file():
         raise RuntimeError(f"optimum-onnx wrote no model.onnx under {out_dir}")
