@@ -7,7 +7,7 @@ from pathlib import Path
 
 from inferforge.errors import UserInputError
 
-DEMO_SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+DEMO_SENTENCES = Path(__file__).parent / "assets" / "sentences.txt"
 
 
 @dataclass(frozen=True)

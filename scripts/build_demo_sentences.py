@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild inferforge/data/sentences.txt from Debian's `fortunes` package (apt-get install fortunes).
+"""Rebuild inferforge/assets/sentences.txt from Debian's `fortunes` package (apt-get install fortunes).
 
 Keeps single-paragraph, ASCII, mostly-alphabetic fortunes of 40-300 characters from the gentler
 categories, de-duplicated and shuffled with a fixed seed, so the file is reproducible.
@@ -13,7 +13,7 @@ from pathlib import Path
 SOURCE = Path("/usr/share/games/fortunes")
 CATEGORIES = ("art", "computers", "definitions", "education", "food", "fortunes", "humorists", "literature",
               "miscellaneous", "people", "platitudes", "science", "wisdom", "work")
-OUT = Path(__file__).resolve().parent.parent / "inferforge" / "data" / "sentences.txt"
+OUT = Path(__file__).resolve().parent.parent / "inferforge" / "assets" / "sentences.txt"
 HEADER = """\
 # Real English sentences for calibration and validation, taken from the fortune files of Debian's
 # `fortunes` package (categories: wisdom, literature, science, education, work, food, people, art, ...),
