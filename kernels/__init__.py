@@ -1,3 +1,10 @@
-"""Triton kernels with PyTorch references. Importing this package needs only torch (and triton for kernels)."""
+"""Triton kernels, each with a plain PyTorch reference in `inferforge.kernels.reference`.
 
-__all__: list[str] = []
+Kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1 is
+set before triton is imported; on CPU otherwise the reference runs.
+"""
+
+from inferforge.kernels.attention import flash_attention
+from inferforge.kernels.reference import attention_reference
+
+__all__ = ["flash_attention", "attention_reference"]

@@ -1,7 +1,10 @@
 import os
 
-# Before triton is imported anywhere: run Triton kernels in the interpreter on this CPU-only machine.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Before triton is imported anywhere: without a GPU, run Triton kernels in Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

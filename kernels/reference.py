@@ -1,0 +1,72 @@
+"""Plain PyTorch references for the kernels: slow, obviously correct, and the spec the kernels are tested against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _visible(q_len: int, k_len: int, *, causal: bool, window: tuple[int, int], device) -> torch.Tensor:
+    """Boolean [q_len, k_len]: query i sees key j. Causal and windows align to the bottom right:
+    query i sits at key position i + k_len - q_len (FlashAttention 2.1+ convention)."""
+    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    left, right = window
+    ok = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        ok &= j <= i
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return ok
+
+
+def _attend(q, k, v, *, causal, sm_scale, window, dtype):
+    """One sequence. q [s_q, h, d], k/v [s_k, h_kv, d] -> (out [s_q, h, d] in `dtype`, lse [h, s_q] float32)."""
+    s_q, n_heads, _ = q.shape
+    s_k, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    qf, kf, vf = (t.to(dtype) for t in (q, k, v))
+    kf = kf.repeat_interleave(group, dim=1)
+    vf = vf.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", qf, kf) * sm_scale
+    visible = _visible(s_q, s_k, causal=causal, window=window, device=q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                 # -inf where a row sees nothing
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0)[..., None])
+    probs = probs.masked_fill(~visible, 0.0)
+    out = torch.einsum("hqk,khd->qhd", probs, vf)
+    return out, lse.float()
+
+
+def attention_reference(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu_seqlens_q=None,
+                        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False,
+                        compute_dtype=torch.float32):
+    """Reference for `inferforge.kernels.flash_attention` (same arguments), computed in `compute_dtype`.
+
+    Returns the output in the input dtype (or in `compute_dtype` when that is float64, for error
+    measurement), and with `return_lse` the float32 log-sum-exp: `[batch, n_heads, seq_q]`, or
+    `[n_heads, total_q]` for variable-length input. A query row that sees no key gets zeros and an
+    LSE of -inf.
+    """
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    out_dtype = compute_dtype if compute_dtype == torch.float64 else q.dtype
+    kwargs = dict(causal=causal, sm_scale=sm_scale, window=tuple(window), dtype=compute_dtype)
+    if cu_seqlens_q is None:
+        outs, lses = zip(*(_attend(q[b], k[b], v[b], **kwargs) for b in range(q.shape[0]))) if q.shape[0] else ((), ())
+        out = torch.stack(outs) if outs else q.new_zeros(q.shape, dtype=compute_dtype)
+        lse = torch.stack(lses) if lses else q.new_zeros((0, q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        for b in range(len(cq) - 1):
+            if cq[b + 1] == cq[b]:
+                continue
+            o, l_ = _attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], **kwargs)
+            out[cq[b]:cq[b + 1]] = o
+            lse[:, cq[b]:cq[b + 1]] = l_
+    out = out.to(out_dtype)
+    return (out, lse) if return_lse else out
