@@ -1,0 +1,1 @@
+"""Kernel benchmarks: each names its providers and reports physical units next to a measured ceiling."""

@@ -1,0 +1,33 @@
+import json
+
+import torch
+
+from inferforge.bench.kernels import bench_attention
+
+
+def test_flops_count_halves_for_causal_and_sums_varlen():
+    full = bench_attention.Shape("x", 2, 100, 4, 4, 64, False)
+    assert full.flops() == 2 * 4 * 100 * 100 * 4 * 64
+    assert bench_attention.Shape("x", 2, 100, 4, 4, 64, True).flops() == full.flops() / 2
+    varlen = bench_attention.Shape("x", 2, 100, 4, 4, 64, False, (100, 50))
+    assert varlen.flops() == 4 * (100 * 100 + 50 * 50) * 4 * 64
+
+
+def test_fa3_grid_keeps_16k_tokens_and_hidden_2048():
+    for s in bench_attention.fa3_grid(quick=False):
+        assert s.batch * s.seq == 16384 and s.n_heads * s.head_dim == 2048
+
+
+def test_smoke_run_writes_markdown_and_json(tmp_path):
+    if torch.cuda.is_available():
+        return   # the smoke mode is the CPU path; the GPU check runs the real benchmark
+    out = tmp_path / "attention.md"
+    assert bench_attention.main(["--smoke", "--dtype", "float16", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["shape"] for r in report["rows"]] == [s.name for s in bench_attention.smoke_shapes()]
+    for row in report["rows"]:
+        assert row["results"]["inferforge"]["ms"] > 0
+    assert "sdpa-math" in report["rows"][0]["results"]
+    assert "SDPA has no packed variable-length input" in report["rows"][2]["skipped"].values()
+    md = out.read_text()
+    assert "| smoke gqa s48 causal |" in md and "not a performance number" in md
