@@ -49,7 +49,7 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
@@ -65,7 +65,7 @@ def _attention_fwd_kernel(
     window_left, window_right,        # >= 0 when HAS_WINDOW; a huge value stands for "unbounded"
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GQA_GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -93,10 +93,22 @@ def _attention_fwd_kernel(
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < q_len
 
-    q_ptrs = (Q + batch * stride_qb + (q_start + offs_m[:, None]) * stride_qs + head * stride_qh + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_base = Q + batch * stride_qb + q_start * stride_qs + head * stride_qh
     k_base = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
     v_base = V + batch * stride_vb + k_start * stride_vs + kv_head * stride_vh
+    if USE_TMA:
+        # Tensor descriptors (TMA on Hopper) over this sequence's [len, head_dim] slice of one head:
+        # the hardware zero-fills rows past the sequence end and columns past head_dim.
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[q_len, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[k_len, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[k_len, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([m_start, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                    other=0.0)
 
     # Key position of each query row, and the visible band [lo, hi) of this tile.
     diag = k_len - q_len
@@ -118,7 +130,11 @@ def _attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < k_len
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                        other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # Interior blocks (every key visible to every row of the tile) skip the element mask.
         need_mask = start_n + BLOCK_N > k_len
@@ -141,7 +157,11 @@ def _attention_fwd_kernel(
         p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                        other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -158,6 +178,35 @@ def _attention_fwd_kernel(
 
 
 _UNBOUNDED = 1 << 30
+# "auto": tensor descriptors on Hopper and newer when Triton has them and the layout allows;
+# "off": always the pointer path; "on": always descriptors (tests use it under the interpreter).
+_TMA_MODE = os.environ.get("INFERFORGE_ATTENTION_TMA", "auto")
+_allocator_ready = False
+
+
+def _tma_layout_ok(*tensors) -> bool:
+    """Descriptors need 16-byte aligned base addresses and row strides (last dimension contiguous)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _use_tma(q, k, v) -> bool:
+    if _TMA_MODE == "off" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if _TMA_MODE == "on":
+        return True
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and _tma_layout_ok(q, k, v)
+
+
+def _ensure_allocator(device) -> None:
+    """Device-side descriptors need scratch memory from Triton's allocator; provide one once."""
+    global _allocator_ready
+    if not _allocator_ready:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        _allocator_ready = True
 
 
 def _empty(shape, *, dtype, device):
@@ -192,6 +241,9 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
     left, right = window
     has_window = left >= 0 or right >= 0
     grid = lambda meta: (triton.cdiv(max(seqlen_q, 1), meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    use_tma = _use_tma(q, k, v)
+    if use_tma:
+        _ensure_allocator(q.device)
     if batch * n_heads > 0 and q.numel() > 0:
         _attention_fwd_kernel[grid](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
@@ -201,7 +253,7 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
             left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED,
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GQA_GROUP=n_heads // n_kv,
             IS_CAUSAL=causal, HAS_WINDOW=has_window, IS_VARLEN=varlen, RETURN_LSE=return_lse,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
         )
     return out, (lse if return_lse else None)
 
