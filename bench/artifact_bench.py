@@ -18,9 +18,9 @@ def bench_artifact(artifact: str | Path, *, batch_sizes=(1, 8), seq_len: int = 1
     `results`, `checks` and `passed`.
     """
     import torch
+    from inferforge.bench.latency import measure_interleaved
 
     import inferforge
-    from inferforge.bench.latency import measure_interleaved
     from inferforge.manifest import environment, utc_now
     from inferforge.progress import Progress
 
@@ -54,7 +54,7 @@ def bench_artifact(artifact: str | Path, *, batch_sizes=(1, 8), seq_len: int = 1
         batch = {"input_ids": rng.integers(1000, vocab, (b, seq_len), dtype=np.int64),
                  "attention_mask": np.ones((b, seq_len), np.int64),
                  "token_type_ids": np.zeros((b, seq_len), np.int64)}
-        fns = {p: (lambda e=e: e.hidden_states(batch)) for p, e in providers.items()}
+        fns = {p: (lambda e=e, batch=batch: e.hidden_states(batch)) for p, e in providers.items()}
         stats = measure_interleaved(fns, warmup=warmup, iterations=iterations, on_round=lambda i: task.advance())
         for p in providers:
             results.append({"provider": p, "batch_size": b, **stats[p],

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from inferforge.errors import GateFailed, InferforgeError, UserInputError
+from inferforge.errors import GateFailed, InferforgeError
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 

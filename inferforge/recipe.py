@@ -80,7 +80,7 @@ class QuantizeConfig:
 
     method: str = "dynamic-int8"
     per_channel: bool = True
-    smoothquant_alpha: Union[float, str] = "auto"
+    smoothquant_alpha: float | str = "auto"
     alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
     exclude_nodes: tuple[str, ...] = ()
     max_auto_excluded: int = 2
@@ -118,7 +118,7 @@ class BenchConfig:
     warmup: int = 5
     iterations: int = 30
     providers: tuple[str, ...] = BENCH_PROVIDERS
-    threads: Union[int, None] = None
+    threads: int | None = None
 
     def __post_init__(self):
         _require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes),
@@ -136,7 +136,7 @@ class Gates:
     """Accuracy gates on the held-out set: mean-pooled embedding cosine similarity with the source model."""
 
     min_cosine: float = 0.99
-    mean_cosine: Union[float, None] = None
+    mean_cosine: float | None = None
 
     def __post_init__(self):
         _require(-1.0 <= self.min_cosine <= 1.0, "min_cosine must be between -1 and 1")
@@ -162,7 +162,7 @@ class Targets:
     """Latency targets; `min_speedup` is the optimized model's p50 speedup over ONNX fp32 at `speedup_batch_size`."""
 
     latency: tuple[LatencyTarget, ...] = ()
-    min_speedup: Union[float, None] = None
+    min_speedup: float | None = None
     speedup_batch_size: int = 8
 
     def __post_init__(self):

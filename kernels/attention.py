@@ -8,8 +8,8 @@ it streams the visible key/value blocks of the matching KV head through an onlin
 Masks align to the bottom right (FlashAttention 2.1+): query row i sits at key position
 `i + seq_k - seq_q`; causal keeps keys at or before it, `window=(left, right)` keeps keys within
 `[pos - left, pos + right]` (-1 is unbounded). Key blocks entirely outside a tile's visible band
-are never loaded: the loop bounds are computed from the band, and only blocks that straddle its
-edge (or the end of the sequence) pay for the element mask.
+are never loaded: the loop bounds are computed from the band, and the loop runs in three stages
+so that only blocks that straddle its edges (or the end of the sequence) pay for the element mask.
 
 GQA: query head h reads KV head `h // (n_heads // n_kv_heads)` through the strides; K/V are never
 copied or expanded. head_dim is padded to the next power of two (>= 16) with masked loads.
@@ -47,6 +47,48 @@ def _prune(configs, named_args, **kwargs):
     if block_d >= 256:
         kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2] or kept
     return kept
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, start, end, k_len,
+                   q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
+                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, l, m) over key blocks [start, end); MASKED applies the element mask."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < k_len
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = n_mask[None, :]
+            if IS_CAUSAL:
+                visible = visible & (cols[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] >= q_pos[:, None] - window_left)
+                visible = visible & (cols[None, :] <= q_pos[:, None] + window_right)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows that have seen no key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA"],
@@ -123,47 +165,36 @@ def _attention_fwd_kernel(
         hi = tl.minimum(hi, m_start + BLOCK_M - 1 + diag + 1)
     hi = tl.maximum(hi, 0)
 
+    # Blocks in [full_lo, full_hi) are visible to every row of the tile and need no element mask;
+    # only the blocks at the band's edges, [lo, full_lo) and [full_hi, hi), are masked.
+    full_lo = lo
+    full_hi = k_len
+    if HAS_WINDOW:
+        full_lo = tl.maximum(lo, m_start + BLOCK_M - 1 + diag - window_left)
+        full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+        full_hi = tl.minimum(full_hi, m_start + diag + window_right + 1)
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, m_start + diag + 1)
+    full_hi = tl.maximum(full_hi, 0)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    if not USE_TMA:
+        k_desc = k_base
+        v_desc = v_base
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < k_len
-        if USE_TMA:
-            k = k_desc.load([start_n, 0])
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                        other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # Interior blocks (every key visible to every row of the tile) skip the element mask.
-        need_mask = start_n + BLOCK_N > k_len
-        if IS_CAUSAL:
-            need_mask = need_mask | (start_n + BLOCK_N - 1 > m_start + diag)
-        if HAS_WINDOW:
-            need_mask = need_mask | (start_n < m_start + BLOCK_M - 1 + diag - window_left)
-            need_mask = need_mask | (start_n + BLOCK_N - 1 > m_start + diag + window_right)
-        if need_mask:
-            visible = n_mask[None, :]
-            if IS_CAUSAL:
-                visible = visible & (cols[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (cols[None, :] >= q_pos[:, None] - window_left)
-                visible = visible & (cols[None, :] <= q_pos[:, None] + window_right)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
-            v = v_desc.load([start_n, 0])
-        else:
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                        other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, lo, full_lo,
+                                   k_len, q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
+                                   True, IS_CAUSAL, HAS_WINDOW, USE_TMA, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, full_lo,
+                                   full_hi, k_len, q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
+                                   False, IS_CAUSAL, HAS_WINDOW, USE_TMA, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, full_hi,
+                                   hi, k_len, q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
+                                   True, IS_CAUSAL, HAS_WINDOW, USE_TMA, DOT_PRECISION, BLOCK_N)
 
     # A row that sees no key returns zeros (and LSE -inf), never NaN.
     has_keys = l_i > 0.0
@@ -293,7 +324,13 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window_left, window
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window):
-    from inferforge.kernels._checks import check, check_dtype, check_last_dim_contiguous, check_same, check_tensor
+    from inferforge.kernels._checks import (
+        check,
+        check_dtype,
+        check_last_dim_contiguous,
+        check_same,
+        check_tensor,
+    )
 
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:

@@ -12,7 +12,6 @@ when causal. The ceiling is a dense bf16 matmul (8192^3) measured in the same ru
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys

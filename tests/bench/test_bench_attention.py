@@ -1,7 +1,6 @@
 import json
 
 import torch
-
 from inferforge.bench.kernels import bench_attention
 
 
