@@ -18,7 +18,7 @@ def bench_artifact(artifact: str | Path, *, batch_sizes=(1, 8), seq_len: int = 1
     `results`, `checks` and `passed`.
     """
     import torch
-    from inferforge.bench.latency import measure_interleaved
+    from inferforge.bench.latency import fixed_length_batch, measure_interleaved
 
     import inferforge
     from inferforge.manifest import environment, utc_now
@@ -51,9 +51,7 @@ def bench_artifact(artifact: str | Path, *, batch_sizes=(1, 8), seq_len: int = 1
     results = []
     task = progress.task("benchmarking", total=len(batch_sizes) * iterations)
     for b in batch_sizes:
-        batch = {"input_ids": rng.integers(1000, vocab, (b, seq_len), dtype=np.int64),
-                 "attention_mask": np.ones((b, seq_len), np.int64),
-                 "token_type_ids": np.zeros((b, seq_len), np.int64)}
+        batch = fixed_length_batch(vocab, b, seq_len, rng)
         fns = {p: (lambda e=e, batch=batch: e.hidden_states(batch)) for p, e in providers.items()}
         stats = measure_interleaved(fns, warmup=warmup, iterations=iterations, on_round=lambda i: task.advance())
         for p in providers:

@@ -42,3 +42,10 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 5
         if on_round:
             on_round(i + 1)
     return {name: summarize(s) for name, s in samples.items()}
+
+
+def fixed_length_batch(vocab_size: int, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
+    """Encoder inputs where every sequence has exactly `seq_len` real tokens (random ids, no padding)."""
+    return {"input_ids": rng.integers(1000, vocab_size, (batch_size, seq_len), dtype=np.int64),
+            "attention_mask": np.ones((batch_size, seq_len), np.int64),
+            "token_type_ids": np.zeros((batch_size, seq_len), np.int64)}

@@ -6,6 +6,7 @@ for the source model: `encoder(["a sentence", ...]) -> np.ndarray [n, hidden] fl
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,6 +73,8 @@ class TorchEncoder(SentenceEncoder):
         super().__init__(AutoTokenizer.from_pretrained(model_dir), max_length=max_length)
         self.model = AutoModel.from_pretrained(model_dir).float().eval()
         self.threads = threads
+        accepted = inspect.signature(self.model.forward).parameters
+        self._input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
 
     @property
     def hidden_size(self) -> int:
@@ -82,9 +85,8 @@ class TorchEncoder(SentenceEncoder):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        names = {"input_ids", "attention_mask", "token_type_ids"}
         with torch.inference_mode():
-            out = self.model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in names})
+            out = self.model(**{k: torch.from_numpy(batch[k]) for k in self._input_names if k in batch})
         return out.last_hidden_state.numpy()
 
 

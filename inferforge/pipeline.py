@@ -148,7 +148,7 @@ def _validate(ctx: RunContext, cfg: ValidateConfig) -> dict:
 def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
     import torch
 
-    from inferforge.bench.latency import measure_interleaved
+    from inferforge.bench.latency import fixed_length_batch, measure_interleaved
 
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -161,10 +161,7 @@ def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
     results = []
     task = ctx.progress.task("benchmarking", total=len(cfg.batch_sizes) * cfg.iterations)
     for batch_size in cfg.batch_sizes:
-        # Fixed-length inputs: every sequence has exactly seq_len real tokens.
-        batch = {"input_ids": rng.integers(1000, vocab, (batch_size, cfg.seq_len), dtype=np.int64),
-                 "attention_mask": np.ones((batch_size, cfg.seq_len), np.int64),
-                 "token_type_ids": np.zeros((batch_size, cfg.seq_len), np.int64)}
+        batch = fixed_length_batch(vocab, batch_size, cfg.seq_len, rng)
         fns = {}
         for p in providers:
             encoder = ctx.reference if p == "pytorch-fp32" else encoders[p]
