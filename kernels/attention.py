@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FIXED_CONFIG = os.environ.get("INFERFORGE_AUTOTUNE") == "0"
 
 
 def _configs():
@@ -32,21 +33,23 @@ def _configs():
     # INFERFORGE_AUTOTUNE=0 (GPU correctness tests: no compile-every-config cost).
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("INFERFORGE_AUTOTUNE") == "0":
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)]
+    if _FIXED_CONFIG:
+        # The first config that `_prune` keeps is used; the second fits head_dim 256 in shared memory.
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that cannot fit or cannot win: 128x128 tiles need 8 warps; at head_dim 256 big
-    key tiles and deep pipelines overflow shared memory."""
+    """Drop configs that cannot fit or cannot win: 128x128 tiles need 8 warps; at head_dim 256 only
+    64x64 tiles with 2 stages fit H100's 227 KiB of shared memory (fp16: 128x64x3 needs 256 KiB)."""
     block_d = kwargs.get("BLOCK_D") or (named_args or {}).get("BLOCK_D", 64)
     kept = [c for c in configs
             if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128 and c.num_warps < 8)]
     if block_d >= 256:
-        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2] or kept
-    return kept
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2] or kept
+    return kept[:1] if _FIXED_CONFIG else kept
 
 
 @triton.jit
@@ -93,7 +96,7 @@ def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "n_heads", "window_left", "window_right"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,               # Q/Out: [batch, seq_q, n_heads, d] or [total_q, n_heads, d]; K/V: [.., n_kv_heads, d]
     CuSeqlensQ, CuSeqlensK,          # int32 [batch + 1] (varlen only)
@@ -109,8 +112,9 @@ def _attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    # Grid: (batch * n_heads, query blocks); axis 0 allows 2^31 - 1 programs, axis 1 only 65535.
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     batch = pid_bh // n_heads
     head = pid_bh % n_heads
     kv_head = head // GQA_GROUP
@@ -212,7 +216,6 @@ _UNBOUNDED = 1 << 30
 # "auto": tensor descriptors on Hopper and newer when Triton has them and the layout allows;
 # "off": always the pointer path; "on": always descriptors (tests use it under the interpreter).
 _TMA_MODE = os.environ.get("INFERFORGE_ATTENTION_TMA", "auto")
-_allocator_ready = False
 
 
 def _tma_layout_ok(*tensors) -> bool:
@@ -232,12 +235,10 @@ def _use_tma(q, k, v) -> bool:
     return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and _tma_layout_ok(q, k, v)
 
 
-def _ensure_allocator(device) -> None:
-    """Device-side descriptors need scratch memory from Triton's allocator; provide one once."""
-    global _allocator_ready
-    if not _allocator_ready:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        _allocator_ready = True
+def _set_allocator(device) -> None:
+    """Device-side descriptors need scratch memory from Triton's allocator. It is a context
+    variable (per thread), so it is set on every launch that uses descriptors; that is cheap."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 def _empty(shape, *, dtype, device):
@@ -271,10 +272,10 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
         ls = lse.stride()
     left, right = window
     has_window = left >= 0 or right >= 0
-    grid = lambda meta: (triton.cdiv(max(seqlen_q, 1), meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    grid = lambda meta: (batch * n_heads, triton.cdiv(max(seqlen_q, 1), meta["BLOCK_M"]))  # noqa: E731
     use_tma = _use_tma(q, k, v)
     if use_tma:
-        _ensure_allocator(q.device)
+        _set_allocator(q.device)
     if batch * n_heads > 0 and q.numel() > 0:
         _attention_fwd_kernel[grid](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,

@@ -254,3 +254,21 @@ def test_tma_layout_check():
     assert attention_module._tma_layout_ok(base)
     assert not attention_module._tma_layout_ok(base[..., 1:])            # base address off by 2 bytes
     assert not attention_module._tma_layout_ok(torch.zeros(2, 16, 3, 12, dtype=torch.float16, device=DEVICE)[..., :5])
+
+
+def _config(bm, bn, warps, stages):
+    import triton
+
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def test_autotune_pruning_fits_head_dim_256_and_pins_one_config(monkeypatch):
+    configs = [_config(128, 128, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 2),
+               _config(64, 64, 4, 3)]
+    monkeypatch.setattr(attention_module, "_FIXED_CONFIG", False)
+    kept = attention_module._prune(configs, {}, BLOCK_D=128)
+    assert configs[0] not in kept and len(kept) == 4                    # 128x128 needs 8 warps
+    assert attention_module._prune(configs, {}, BLOCK_D=256) == [configs[3]]   # only 64x64, 2 stages fits
+    monkeypatch.setattr(attention_module, "_FIXED_CONFIG", True)
+    assert attention_module._prune(configs, {}, BLOCK_D=64) == [configs[1]]
+    assert attention_module._prune(configs, {}, BLOCK_D=256) == [configs[3]]
