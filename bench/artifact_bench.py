@@ -18,9 +18,9 @@ def bench_artifact(artifact: str | Path, *, batch_sizes=(1, 8), seq_len: int = 1
     `results`, `checks` and `passed`.
     """
     import torch
-    from inferforge.bench.latency import fixed_length_batch, measure_interleaved
 
     import inferforge
+    from inferforge.bench.latency import fixed_length_batch, measure_interleaved
     from inferforge.manifest import environment, utc_now
     from inferforge.progress import Progress
 

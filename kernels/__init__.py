@@ -5,6 +5,9 @@ set before triton is imported; on CPU otherwise the reference runs.
 """
 
 from inferforge.kernels.attention import flash_attention
+from inferforge.kernels.decode_attention import paged_decode_attention
+from inferforge.kernels.kv_cache import OutOfBlocks, PagedKVCache, append_kv
 from inferforge.kernels.reference import attention_reference
 
-__all__ = ["flash_attention", "attention_reference"]
+__all__ = ["flash_attention", "attention_reference", "paged_decode_attention", "append_kv", "PagedKVCache",
+           "OutOfBlocks"]

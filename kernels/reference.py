@@ -70,3 +70,63 @@ def attention_reference(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1)
             lse[:, cq[b]:cq[b + 1]] = l_
     out = out.to(out_dtype)
     return (out, lse) if return_lse else out
+
+
+def dequantize_cache(cache: torch.Tensor, scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+    """[num_blocks, block_size, n_kv_heads, d] cache (float, fp8 or int8) -> `dtype`, times per-head scales."""
+    out = cache.to(dtype)
+    if scale is not None:
+        out = out * scale.to(dtype)[None, None, :, None]
+    return out
+
+
+def quantize_for_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """What `append_kv` stores for new tokens x [num_tokens, n_kv_heads, d]: a cast, or x / scale
+    rounded to int8 (symmetric, clamped to +-127) or cast to fp8 e4m3 (saturating at +-448)."""
+    if cache_dtype == torch.int8:
+        return torch.round(x.float() / scale[None, :, None]).clamp(-127, 127).to(torch.int8)
+    if cache_dtype == torch.float8_e4m3fn:
+        return (x.float() / scale[None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return x.to(cache_dtype)
+
+
+def append_kv_reference(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
+    """Reference for `append_kv`: writes in place; slot -1 is skipped."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = quantize_for_cache(k[keep], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize_for_cache(v[keep], v_cache.dtype, v_scale)
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale=None, k_scale=None,
+                                     v_scale=None, window=None, compute_dtype=torch.float32):
+    """Reference for `paged_decode_attention`: gathers each sequence's KV through its block table.
+
+    q [batch, n_heads, d]; caches [num_blocks, block_size, n_kv_heads, d]; block_tables int32
+    [batch, max_blocks]; seq_lens int32 [batch]. With `window`, only the last `window` tokens are
+    attended. Returns [batch, n_heads, d] in q's dtype (compute_dtype if float64); a sequence of
+    length 0 gets zeros.
+    """
+    batch, n_heads, head_dim = q.shape
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    keys = dequantize_cache(k_cache, k_scale, compute_dtype)
+    values = dequantize_cache(v_cache, v_scale, compute_dtype)
+    out = torch.zeros(batch, n_heads, head_dim, dtype=compute_dtype, device=q.device)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        if length == 0:
+            continue
+        pages = block_tables[b, : (length + block_size - 1) // block_size].long()
+        kb = keys[pages].reshape(-1, n_kv, head_dim)[:length]
+        vb = values[pages].reshape(-1, n_kv, head_dim)[:length]
+        start = max(0, length - window) if window else 0
+        kb, vb = kb[start:], vb[start:]
+        group = n_heads // n_kv
+        kb = kb.repeat_interleave(group, dim=1)
+        vb = vb.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,khd->hk", q[b].to(compute_dtype), kb) * sm_scale
+        out[b] = torch.einsum("hk,khd->hd", torch.softmax(scores, dim=-1), vb)
+    return out if compute_dtype == torch.float64 else out.to(q.dtype)

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-from inferforge.optimize.validate import cosine_rows
 
 import inferforge
 from inferforge.data import split_sentences
@@ -13,6 +12,7 @@ from inferforge.encoder import TorchEncoder
 from inferforge.errors import ArtifactError
 from inferforge.fileio import sha256_file
 from inferforge.models import demo_model_dir
+from inferforge.optimize.validate import cosine_rows
 from tests.conftest import run_cli
 
 

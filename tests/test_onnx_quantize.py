@@ -3,6 +3,8 @@
 import numpy as np
 import onnx
 import pytest
+
+from inferforge.encoder import OnnxEncoder
 from inferforge.optimize.export import export_onnx
 from inferforge.optimize.onnx_quantize import (
     activation_absmax,
@@ -11,8 +13,6 @@ from inferforge.optimize.onnx_quantize import (
     quantize_onnx_int8,
     smoothable_groups,
 )
-
-from inferforge.encoder import OnnxEncoder
 from tests.factories import tiny_bert
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hello world.",

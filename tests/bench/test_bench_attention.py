@@ -1,6 +1,7 @@
 import json
 
 import torch
+
 from inferforge.bench.kernels import bench_attention
 
 

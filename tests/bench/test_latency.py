@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from inferforge.bench.latency import measure_interleaved, summarize
 from inferforge.bench.report import render_markdown
 

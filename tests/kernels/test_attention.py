@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from inferforge.kernels import attention as attention_module
 from inferforge.kernels import attention_reference, flash_attention
 
