@@ -170,6 +170,43 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args) -> int:
+    from inferforge.plan import plan
+
+    result = plan(args.model, memory=args.memory, kv_cache_dtype=args.kv_cache_dtype, weights_dtype=args.weights_dtype,
+                  max_context=args.max_context, concurrency=args.concurrency, reserve=args.reserve)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = 2**30
+    shape = result["model_shape"]
+    console = Console()
+    console.print(f"[bold]{args.model}[/bold]: {shape['layers']} layers, {shape['n_heads']} heads / "
+                  f"{shape['n_kv_heads']} KV heads x {shape['head_dim']}, context window {shape['context_window']}")
+    console.print(f"memory {result['memory_bytes'] / gib:.1f} GiB, {result['reserve']:.0%} reserved; weights "
+                  f"{result['weight_bytes'] / gib:.2f} GiB ({shape['parameters'] / 1e9:.2f}B parameters, "
+                  f"{shape['weights_dtype']}); KV cache {result['kv_cache_dtype']}: "
+                  f"{result['kv_bytes_per_token'] / 1024:.0f} KiB per token, {result['kv_tokens']:,} tokens in "
+                  f"{result['kv_budget_bytes'] / gib:.2f} GiB")
+    table = Table(title="largest context for a concurrency")
+    table.add_column("concurrent sequences", justify="right")
+    table.add_column("max context (tokens)", justify="right")
+    for row in result["max_context_by_concurrency"]:
+        table.add_row(str(row["concurrency"]), f"{row['max_context']:,}")
+    console.print(table)
+    table = Table(title="largest concurrency for a context")
+    table.add_column("context (tokens)", justify="right")
+    table.add_column("max concurrent sequences", justify="right")
+    for row in result["max_concurrency_by_context"]:
+        note = " (beyond the model's window)" if row["beyond_model_window"] else ""
+        table.add_row(f"{row['context']:,}", f"{row['max_concurrency']:,}{note}")
+    console.print(table)
+    return EXIT_OK
+
+
 def _common(p, *, json_flag=True):
     if json_flag:
         p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
@@ -238,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-source", action="store_true", help="also time the source PyTorch model, interleaved")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", formatter_class=fmt, help="KV-cache memory plan: context and concurrency that fit",
+                       description="From a decoder's config and safetensors headers (no weights loaded): weights memory, "
+                                   "KV bytes per token, the largest context per concurrency and the largest concurrency "
+                                   "per context in a memory budget.",
+                       epilog="examples:\n  inferforge plan ./Llama-3.2-1B --memory 80GiB\n"
+                              "  inferforge plan ./Llama-3.2-1B --memory 24GB --kv-cache-dtype fp8 --max-context 32768")
+    p.add_argument("model", help="Hugging Face decoder directory (config.json and *.safetensors)")
+    p.add_argument("--memory", required=True, help="memory budget, e.g. 80GiB or 24GB")
+    p.add_argument("--kv-cache-dtype", default="bf16", choices=["fp32", "fp16", "bf16", "fp8", "int8"])
+    p.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16", "fp8", "int8", "int4"],
+                   help="serving dtype of the weights (default: as stored)")
+    p.add_argument("--max-context", type=int, help="also report this context length")
+    p.add_argument("--concurrency", type=int, help="also report this number of concurrent sequences")
+    p.add_argument("--reserve", type=float, default=0.10, help="fraction kept for activations (default 0.10)")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", formatter_class=fmt, help="verify and print an artifact's manifest",
                        description="Verify every file's sha256 and print what the artifact came from, how it was made "

@@ -1,0 +1,24 @@
+"""Tiny seeded random Llama-family checkpoints, written to disk like a Hugging Face download."""
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def save_tiny_llama(path: Path, *, seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)
