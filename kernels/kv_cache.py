@@ -6,8 +6,9 @@ a list of physical blocks (its block table); token t of the sequence lives in bl
 
 Prefix sharing: a full block is identified by the hash chain of the token ids up to its end. Once
 its K/V have been computed (`mark_computed`), a new sequence whose prompt starts with the same whole
-blocks reuses them (reference-counted) and skips their prefill. A write into a block that other
-sequences still reference copies it first (copy-on-write).
+blocks reuses them (reference-counted) and skips their prefill; freed prefix blocks stay reusable
+until the allocator needs them for something else. A write into a block that other sequences still
+reference copies it first (copy-on-write).
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ class PagedKVCache:
         self._computed: dict = {}           # tokens whose K/V are written, per sequence
         self._prefix: dict[int, int] = {}   # hash chain of a full, computed block -> block
         self._block_hash: dict[int, int] = {}
+        self.allocations = 0                # blocks handed out so far (a statistic)
+        self.reused_tokens = 0              # prompt tokens served from shared prefix blocks
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -172,16 +175,22 @@ class PagedKVCache:
         if not self._free:
             raise OutOfBlocks(f"the KV cache is full: all {self.num_blocks} blocks of {self.block_size} tokens are in use")
         block = self._free.pop()
+        key = self._block_hash.pop(block, None)      # reusing a cached prefix block evicts its contents
+        if key is not None and self._prefix.get(key) == block:
+            del self._prefix[key]
         self._refs[block] = 1
+        self.allocations += 1
         return block
 
     def _release(self, block: int) -> None:
         self._refs[block] -= 1
         if self._refs[block] == 0:
-            key = self._block_hash.pop(block, None)
-            if key is not None and self._prefix.get(key) == block:
-                del self._prefix[key]
-            self._free.append(block)
+            if block in self._block_hash:
+                # A computed prefix block stays findable until it is needed again: free blocks are
+                # taken from the end, so cached ones go to the front (least recently freed first out).
+                self._free.insert(0, block)
+            else:
+                self._free.append(block)
 
     @staticmethod
     def _chain(parent: int, tokens: Sequence[int]) -> int:
@@ -200,6 +209,8 @@ class PagedKVCache:
             # Never share the block holding the last prompt token: its logits must be computed anyway.
             if block is None or (i + 1) * self.block_size >= len(token_ids):
                 break
+            if self._refs[block] == 0:       # cached but free: take it back from the free list
+                self._free.remove(block)
             self._refs[block] += 1
             table.append(block)
             parent, reused = key, reused + self.block_size
@@ -207,6 +218,7 @@ class PagedKVCache:
         self._lens[seq_id] = reused
         self._computed[seq_id] = reused
         self._tokens[seq_id] = list(token_ids)
+        self.reused_tokens += reused
         return reused
 
     def slots(self, seq_id, num_new: int) -> torch.Tensor:

@@ -1,0 +1,254 @@
+"""`LLMEngine`: continuous batching with chunked prefill over a paged KV cache.
+
+Each `step()` builds one flat batch: every running sequence past its prompt contributes its last
+token (decode), then prompts contribute chunks until the step's token budget is used (chunked
+prefill), so a long prompt never stalls the running decodes for more than one budget's worth of
+work. Requests join when there is room (sequences and cache blocks) and leave when they finish,
+between steps. Prompts that start with whole blocks another sequence has already computed reuse
+those blocks (prefix sharing) and skip their prefill.
+
+Context window: by default a request whose prompt plus `max_new_tokens` exceeds the model's
+context (or the engine's `max_context`), or what the KV cache can hold, is refused with the
+numbers; `truncate="left"` keeps the most recent prompt tokens that fit instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from inferforge.errors import UserInputError
+from inferforge.kernels import PagedKVCache
+from inferforge.llama import LlamaModel, StepBatch
+
+
+class ContextWindowExceeded(UserInputError):
+    """A request does not fit the model's context window or the KV cache."""
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: frozenset
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    prefilled: int = 0            # prompt tokens whose K/V are in the cache
+    finished: bool = False
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+
+def sample(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> int:
+    """One token from float32 logits [vocab]: greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(0) - sorted_probs > top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class LLMEngine:
+    """Generation engine for Llama-family checkpoints on the toolkit's kernels."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, *, max_num_seqs: int = 8, max_context: int | None = None,
+                 max_step_tokens: int = 256):
+        if max_num_seqs < 1 or max_step_tokens < 1:
+            raise UserInputError("max_num_seqs and max_step_tokens must be >= 1")
+        self.model, self.cache = model, cache
+        self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
+        window = model.spec.max_position_embeddings
+        self.max_context = min(max_context or window, window)
+        self._waiting: list[_Request] = []
+        self._running: list[_Request] = []
+        self.steps = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None,
+                        kv_cache_dtype: str | torch.dtype | None = None, max_num_seqs: int = 8,
+                        max_context: int | None = None, block_size: int = 16, num_blocks: int | None = None,
+                        max_step_tokens: int = 256, kv_scales: tuple | None = None) -> LLMEngine:
+        """Load a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safetensors).
+
+        The KV cache gets `num_blocks` blocks of `block_size` tokens; by default enough for
+        `max_num_seqs` sequences of `max_context` tokens (the model's window unless given).
+        `kv_cache_dtype` "fp8" works with unit scales (e4m3 is a float format); "int8" needs
+        calibrated per-layer, per-KV-head scales: `kv_scales=(k_scales, v_scales)`, each
+        `[num_layers, n_kv_heads]`."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = LlamaModel.load(path, dtype=dtype, device=device)
+        spec = model.spec
+        context = min(max_context or spec.max_position_embeddings, spec.max_position_embeddings)
+        num_blocks = num_blocks or max_num_seqs * -(-context // block_size)
+        if kv_cache_dtype in ("int8", torch.int8) and kv_scales is None:
+            raise UserInputError("an int8 KV cache needs calibrated scales: pass kv_scales=(k_scales, v_scales), "
+                                 "each [num_layers, n_kv_heads], or use kv_cache_dtype='fp8'")
+        k_scales, v_scales = kv_scales or (None, None)
+        cache = PagedKVCache(num_layers=spec.num_layers, num_blocks=num_blocks, n_kv_heads=spec.n_kv_heads,
+                             head_dim=spec.head_dim, block_size=block_size, dtype=kv_cache_dtype or model.dtype,
+                             device=device, k_scales=k_scales, v_scales=v_scales)
+        return cls(model, cache, max_num_seqs=max_num_seqs, max_context=context, max_step_tokens=max_step_tokens)
+
+    # ------------------------------------------------------------------ requests
+    def _fit(self, prompt: list[int], max_new_tokens: int, truncate: str | None) -> list[int]:
+        capacity = self.cache.num_blocks * self.cache.block_size
+        limit = min(self.max_context, capacity)
+        total = len(prompt) + max_new_tokens
+        if total <= limit:
+            return prompt
+        what = (f"the model's context window ({self.max_context} tokens)" if limit == self.max_context
+                else f"what the KV cache can hold ({capacity} tokens in {self.cache.num_blocks} blocks)")
+        if truncate == "left" and max_new_tokens < limit:
+            return prompt[len(prompt) - (limit - max_new_tokens):]
+        raise ContextWindowExceeded(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds {what}; "
+            "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens")
+
+    def _make_requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, truncate):
+        if truncate not in (None, "left"):
+            raise UserInputError(f"truncate must be None or 'left', got {truncate!r}")
+        if max_new_tokens < 1:
+            raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) and p for p in prompts):
+            raise UserInputError("prompts must be a list of non-empty token-id lists")
+        vocab = self.model.spec.vocab_size
+        stop = frozenset(self.model.spec.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise UserInputError(f"prompt {i}: token ids must be ints in [0, {vocab}), got {bad[0]!r}")
+            generator = None
+            if temperature > 0:
+                generator = torch.Generator().manual_seed((seed if seed is not None else torch.seed()) + i)
+            requests.append(_Request(i, self._fit(list(prompt), max_new_tokens, truncate), max_new_tokens,
+                                     temperature, top_k, top_p, stop, generator))
+        return requests
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_token_ids: Sequence[int] | None = None, truncate: str | None = None) -> list[list[int]]:
+        """Generate for every prompt (token-id lists); returns the generated token lists in order.
+
+        Greedy at temperature 0; otherwise sampling with optional top-k / top-p, reproducible with
+        `seed`. Generation stops at `max_new_tokens` or a stop token (default: the model's EOS),
+        which is included in the output."""
+        outputs = {}
+        for index, token in self.stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, truncate=truncate):
+            outputs.setdefault(index, []).append(token)
+        return [outputs.get(i, []) for i in range(len(prompts))]
+
+    def stream(self, prompts: Sequence[Sequence[int]], **kwargs) -> Iterator[tuple[int, int]]:
+        """Like `generate`, but yields `(prompt_index, token)` as soon as each token is sampled."""
+        params = dict(max_new_tokens=None, temperature=0.0, top_k=None, top_p=None, seed=None, stop_token_ids=None,
+                      truncate=None)
+        unknown = set(kwargs) - set(params)
+        if unknown:
+            raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")
+        params.update(kwargs)
+        if params["max_new_tokens"] is None:
+            raise TypeError("max_new_tokens is required")
+        self._waiting.extend(self._make_requests(prompts, **params))
+        try:
+            while self._waiting or self._running:
+                yield from self.step()
+        finally:
+            for r in self._running:
+                self.cache.free(r.index)
+            self._running.clear()
+            self._waiting.clear()
+
+    # ------------------------------------------------------------------ scheduling
+    def _blocks_for(self, r: _Request) -> int:
+        return self.cache.blocks_needed(len(r.prompt) + r.max_new_tokens)
+
+    def _admit(self) -> None:
+        """Admit waiting requests in order while a sequence slot and their worst-case blocks are free,
+        so a running sequence can never run out of cache mid-generation."""
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            r = self._waiting[0]
+            reserved = sum(self._blocks_for(x) for x in self._running)
+            if reserved + self._blocks_for(r) > self.cache.num_blocks:
+                return      # wait for running sequences to finish and free their blocks
+            self._waiting.pop(0)
+            r.prefilled = self.cache.add_sequence(r.index, r.prompt)
+            self._running.append(r)
+
+    def step(self) -> list[tuple[int, int]]:
+        """Run one batch (decodes first, then prompt chunks up to the token budget); returns new tokens."""
+        self._admit()
+        decode = [r for r in self._running if not r.in_prefill]
+        budget = self.max_step_tokens - len(decode)
+        prefill = []
+        for r in self._running:
+            if r.in_prefill and budget > 0:
+                n = min(len(r.prompt) - r.prefilled, budget)
+                prefill.append((r, n))
+                budget -= n
+        cache, device = self.cache, self.model.device
+        tokens, positions, slots, logits_rows = [], [], [], []
+        for r in decode:
+            pos = len(r.prompt) + len(r.output) - 1
+            tokens.append(r.output[-1])
+            positions.append(pos)
+            slots.append(cache.slots(r.index, 1))
+            logits_rows.append(len(tokens) - 1)
+        chunks = []
+        for r, n in prefill:
+            start = r.prefilled
+            tokens.extend(r.prompt[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.append(cache.slots(r.index, n))
+            if start + n == len(r.prompt):
+                logits_rows.append(len(tokens) - 1)
+            chunks.append((n, start + n, cache.block_table(r.index)))
+        batch = StepBatch(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.cat(slots).to(device), num_decode=len(decode), prefill=chunks,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device))
+        if decode:
+            ids = [r.index for r in decode]
+            batch.decode_block_tables, batch.decode_seq_lens = cache.block_tables(ids), cache.seq_lens(ids)
+        logits = self.model.forward(batch, cache) if logits_rows else None
+        self.steps += 1
+
+        produced, row = [], 0
+        for r, n in prefill:
+            r.prefilled += n
+            cache.mark_computed(r.index, r.prefilled)
+        sampled = [r for r in decode] + [r for r, n in prefill if not r.in_prefill]
+        for r in sampled:
+            token = sample(logits[row], temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                           generator=r.generator)
+            row += 1
+            r.output.append(token)
+            cache.extend_tokens(r.index, [token])
+            produced.append((r.index, token))
+            if token in r.stop or len(r.output) >= r.max_new_tokens:
+                r.finished = True
+        for r in [r for r in self._running if r.finished]:
+            self._running.remove(r)
+            cache.free(r.index)
+        return produced

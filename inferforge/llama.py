@@ -1,0 +1,231 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2) that runs on the toolkit's own kernels.
+
+Weights are read straight from a Hugging Face checkpoint directory (config.json + safetensors);
+transformers' modules are not used. The forward pass works on a flat batch of tokens from many
+sequences at once (continuous batching): linear layers see `[num_tokens, hidden]`, and attention
+is split by what each sequence is doing this step:
+- decode (one new token): `paged_decode_attention` over the sequence's cached K/V;
+- prefill chunk (several prompt tokens): the chunk attends to its cached prefix plus itself,
+  causally. The prefix K/V are gathered through the block table and the chunk runs through
+  `flash_attention` (variable length; causal aligned to the bottom right does exactly this).
+New K/V are written to the paged cache with `append_kv` before attention reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from inferforge.errors import UserInputError
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, source: str = "config.json") -> LlamaSpec:
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED:
+            raise UserInputError(f"{source}: model_type {model_type!r} is not supported; the engine runs "
+                                 f"{', '.join(SUPPORTED)} checkpoints")
+        n_heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        scaling = cfg.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
+            raise UserInputError(f"{source}: rope_scaling type {scaling.get('rope_type')!r} is not supported "
+                                 "(supported: default, llama3)")
+        return cls(
+            model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), eos_token_ids=eos,
+        )
+
+
+def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama-3 scaling (long wavelengths divided by `factor`,
+    short ones kept, a smooth blend in between) when the config asks for it."""
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = spec.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, d]; cos/sin [tokens, d/2]. Rotates the pairs (i, i + d/2), as Hugging Face does."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+@dataclass
+class StepBatch:
+    """What one forward step runs: a flat token batch and, per sequence, its part of it.
+
+    `decode` rows come first, one token each; `prefill` entries are chunks of prompts."""
+
+    tokens: torch.Tensor            # int64 [num_tokens]
+    positions: torch.Tensor         # int64 [num_tokens]
+    slot_mapping: torch.Tensor      # int64 [num_tokens]
+    num_decode: int
+    decode_block_tables: torch.Tensor | None = None   # int32 [num_decode, max_blocks]
+    decode_seq_lens: torch.Tensor | None = None       # int32 [num_decode] (cached tokens incl. the new one)
+    prefill: list = field(default_factory=list)       # [(num_new, context_len, block_table list)]
+    logits_rows: torch.Tensor | None = None           # rows of the flat batch whose logits are needed
+
+
+class LlamaModel:
+    """Weights and the forward pass. Use `LlamaModel.load(dir, dtype=..., device=...)`."""
+
+    def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], *, dtype, device):
+        self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+
+        def w(name):
+            if name not in weights:
+                raise UserInputError(f"checkpoint is missing tensor {name!r}")
+            return weights[name].to(device=device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if spec.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            layer = {name: w(p + name + ".weight") for name in (
+                "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+            # q, k and v as one matmul; gate and up as another.
+            layer["qkv"] = torch.cat([layer.pop("self_attn.q_proj"), layer.pop("self_attn.k_proj"),
+                                      layer.pop("self_attn.v_proj")])
+            layer["qkv_bias"] = (torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+                                 if spec.attention_bias else None)
+            layer["gate_up"] = torch.cat([layer.pop("mlp.gate_proj"), layer.pop("mlp.up_proj")])
+            self.layers.append(layer)
+        self.inv_freq = rope_inv_freq(spec).to(device)
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype | None = None, device="cpu") -> LlamaModel:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise UserInputError(f"{path}: no config.json; give a Hugging Face checkpoint directory")
+        cfg = json.loads(cfg_path.read_text())
+        spec = LlamaSpec.from_config(cfg, source=str(cfg_path))
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise UserInputError(f"{path}: no *.safetensors weights")
+        weights = {}
+        for f in files:
+            weights.update(load_file(str(f)))
+        if dtype is None:
+            stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+            dtype = getattr(torch, stored) if torch.device(device).type == "cuda" else torch.float32
+        return cls(spec, weights, dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: StepBatch, cache) -> torch.Tensor:
+        """Runs one step; returns float32 logits `[len(batch.logits_rows), vocab]`."""
+        from inferforge.kernels import append_kv
+
+        spec = self.spec
+        h = self.embed[batch.tokens]
+        freqs = batch.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        nq, nkv, d = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.head_dim
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer["input_layernorm"], spec.rms_norm_eps)
+            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])
+            q = apply_rope(qkv[:, :nq].reshape(-1, spec.n_heads, d), cos, sin)
+            k = apply_rope(qkv[:, nq:nq + nkv].reshape(-1, spec.n_kv_heads, d), cos, sin)
+            v = qkv[:, nq + nkv:].reshape(-1, spec.n_kv_heads, d)
+            k_scale = cache.k_scales[i] if cache.quantized else None
+            v_scale = cache.v_scales[i] if cache.quantized else None
+            append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,
+                      k_scale=k_scale, v_scale=v_scale)
+            attn = self._attention(q, k, v, batch, cache, i)
+            h = h + F.linear(attn.reshape(-1, nq), layer["self_attn.o_proj"])
+            x = rms_norm(h, layer["post_attention_layernorm"], spec.rms_norm_eps)
+            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer["mlp.down_proj"])
+        h = rms_norm(h[batch.logits_rows], self.norm, spec.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _attention(self, q, k, v, batch: StepBatch, cache, layer: int) -> torch.Tensor:
+        from inferforge.kernels import flash_attention, paged_decode_attention
+        from inferforge.kernels.reference import dequantize_cache
+
+        out = torch.empty_like(q)
+        nd = batch.num_decode
+        k_scale = cache.k_scales[layer] if cache.quantized else None
+        v_scale = cache.v_scales[layer] if cache.quantized else None
+        if nd:
+            out[:nd] = paged_decode_attention(q[:nd].contiguous(), cache.k_pools[layer], cache.v_pools[layer],
+                                              batch.decode_block_tables, batch.decode_seq_lens,
+                                              k_scale=k_scale, v_scale=v_scale)
+        if batch.prefill:
+            # Gather each chunk's full context (cached prefix + the chunk just written) through its block table.
+            bs = cache.block_size
+            keys, values, lens_q, lens_k = [], [], [], []
+            for num_new, context_len, table in batch.prefill:
+                pages = torch.tensor(table[: -(-context_len // bs)], dtype=torch.long, device=q.device)
+                kc = cache.k_pools[layer][pages].reshape(-1, cache.n_kv_heads, cache.head_dim)[:context_len]
+                vc = cache.v_pools[layer][pages].reshape(-1, cache.n_kv_heads, cache.head_dim)[:context_len]
+                if cache.quantized:
+                    kc = dequantize_cache(kc[None], k_scale, q.dtype)[0]
+                    vc = dequantize_cache(vc[None], v_scale, q.dtype)[0]
+                keys.append(kc.to(q.dtype))
+                values.append(vc.to(q.dtype))
+                lens_q.append(num_new)
+                lens_k.append(context_len)
+
+            def cu(lens):
+                return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+
+            out[nd:] = flash_attention(q[nd:].contiguous(), torch.cat(keys), torch.cat(values), causal=True,
+                                       cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+                                       max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+        return out

@@ -1,0 +1,166 @@
+"""The generation engine on a seeded random tiny Llama, against transformers and against itself."""
+
+import pytest
+import torch
+
+from inferforge.engine import ContextWindowExceeded, LLMEngine
+from inferforge.errors import UserInputError
+from tests.factories_llama import save_tiny_llama
+
+PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 70)), [1, 99], [1] + [7, 3] * 20 + [250]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def hf_greedy(path, prompt, n):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def engine(path, **kwargs):
+    return LLMEngine.from_pretrained(path, dtype=torch.float32, device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny):
+    return [hf_greedy(tiny, p, 12) for p in PROMPTS]
+
+
+def test_greedy_matches_transformers_in_one_batch(tiny, reference_outputs):
+    out = engine(tiny, max_num_seqs=4).generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert out == reference_outputs
+
+
+def test_chunked_prefill_equals_unchunked(tiny, reference_outputs):
+    eng = engine(tiny, max_num_seqs=4, max_step_tokens=7)
+    out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert out == reference_outputs
+    assert eng.steps > 12        # prompts really were split over several steps
+
+
+def test_continuous_batching_equals_one_at_a_time(tiny, reference_outputs):
+    one = engine(tiny, max_num_seqs=1)
+    serial = [one.generate([p], max_new_tokens=12, stop_token_ids=[])[0] for p in PROMPTS]
+    # Two slots for four requests: requests join as others finish, at different steps.
+    assert engine(tiny, max_num_seqs=2, max_step_tokens=16).generate(PROMPTS, max_new_tokens=12,
+                                                                     stop_token_ids=[]) == serial == reference_outputs
+
+
+def test_prefix_sharing_gives_identical_outputs_with_fewer_blocks(tiny):
+    shared = [1] + list(range(100, 147))                # 48 tokens: 3 whole blocks of 16
+    first, second = shared + [5, 6, 7], shared + [200, 201]
+    fresh = engine(tiny)
+    want = fresh.generate([second], max_new_tokens=6, stop_token_ids=[])
+    fresh_blocks = fresh.cache.allocations
+    eng = engine(tiny)
+    eng.generate([first], max_new_tokens=6, stop_token_ids=[])
+    before = eng.cache.allocations
+    assert eng.generate([second], max_new_tokens=6, stop_token_ids=[]) == want
+    assert eng.cache.reused_tokens == 48
+    assert eng.cache.allocations - before == fresh_blocks - 3
+
+
+def test_stop_tokens_end_generation(tiny, reference_outputs):
+    target = reference_outputs[0][3]
+    out = engine(tiny).generate([PROMPTS[0]], max_new_tokens=12, stop_token_ids=[target])[0]
+    assert out == reference_outputs[0][:reference_outputs[0].index(target) + 1]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny, reference_outputs):
+    eng = engine(tiny, max_num_seqs=4)
+    a = eng.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[])
+    b = eng.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[])
+    c = eng.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=4, stop_token_ids=[])
+    assert a == b and a != c
+    greedy = eng.generate(PROMPTS, max_new_tokens=8, temperature=0.7, top_k=1, seed=0, stop_token_ids=[])
+    assert greedy == [r[:8] for r in reference_outputs]
+
+
+def test_stream_yields_tokens_as_they_come(tiny, reference_outputs):
+    events = list(engine(tiny, max_num_seqs=4).stream(PROMPTS[:2], max_new_tokens=5, stop_token_ids=[]))
+    assert [t for i, t in events if i == 0] == reference_outputs[0][:5]
+    assert [i for i, _ in events[:2]] == [0, 1]          # both sequences advance step by step
+
+
+def test_context_window_error_names_the_numbers(tiny):
+    eng = engine(tiny)                                  # the tiny model's window is 256 tokens
+    with pytest.raises(ContextWindowExceeded, match=r"prompt \(250 tokens\) \+ max_new_tokens \(10\) = 260 exceeds "
+                                                    r"the model's context window \(256 tokens\)"):
+        eng.generate([[1] * 250], max_new_tokens=10)
+
+
+def test_kv_cache_capacity_error(tiny):
+    eng = engine(tiny, num_blocks=4)                    # 64 tokens of cache
+    with pytest.raises(ContextWindowExceeded, match=r"what the KV cache can hold \(64 tokens in 4 blocks\)"):
+        eng.generate([[1] * 60], max_new_tokens=10)
+
+
+def test_truncate_left_keeps_the_most_recent_tokens(tiny):
+    eng = engine(tiny, max_context=64)
+    long_prompt = list(range(3, 103))                   # 100 tokens
+    got = eng.generate([long_prompt], max_new_tokens=4, truncate="left", stop_token_ids=[])
+    assert got == eng.generate([long_prompt[-60:]], max_new_tokens=4, stop_token_ids=[])
+
+
+def test_bad_requests(tiny):
+    eng = engine(tiny)
+    with pytest.raises(UserInputError, match=r"token ids must be ints in \[0, 256\), got 999"):
+        eng.generate([[1, 999]], max_new_tokens=2)
+    with pytest.raises(UserInputError, match="prompts must be a list of non-empty token-id lists"):
+        eng.generate([[]], max_new_tokens=2)
+    with pytest.raises(UserInputError, match="truncate must be None or 'left'"):
+        eng.generate([[1]], max_new_tokens=2, truncate="right")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserInputError, match="model_type 'gpt2' is not supported"):
+        LLMEngine.from_pretrained(tmp_path)
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    path = save_tiny_llama(tmp_path / "llama3", seed=1, rope_scaling=scaling, rope_theta=500000.0)
+    prompt = [1] + list(range(10, 50))
+    assert engine(path).generate([prompt], max_new_tokens=8, stop_token_ids=[])[0] == hf_greedy(path, prompt, 8)
+
+
+def test_qwen2_with_attention_bias_matches_transformers(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(2)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():   # random biases, so a missing bias would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "qwen2")
+    prompt = [3, 14, 15, 92, 65, 35]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones(1, 6, dtype=torch.long))[0, 6:].tolist()
+    assert engine(tmp_path / "qwen2").generate([prompt], max_new_tokens=8, stop_token_ids=[])[0] == want
+
+
+def test_fp8_kv_cache_stays_close_to_full_precision(tiny, reference_outputs):
+    out = engine(tiny, max_num_seqs=4, kv_cache_dtype="fp8").generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert [o[0] for o in out] == [r[0] for r in reference_outputs]
+    agree = sum(a == b for o, r in zip(out, reference_outputs) for a, b in zip(o, r))
+    assert agree >= 0.6 * 48      # a random tiny model has near-ties; later tokens may drift
+
+
+def test_int8_kv_cache_needs_scales(tiny):
+    with pytest.raises(UserInputError, match="an int8 KV cache needs calibrated scales"):
+        engine(tiny, kv_cache_dtype="int8")
