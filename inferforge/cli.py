@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from inferforge.errors import GateFailed, InferforgeError
+from inferforge.errors import GateFailed, InferforgeError, UserInputError
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -207,6 +207,36 @@ def cmd_plan(args) -> int:
     return EXIT_OK
 
 
+def cmd_generate(args) -> int:
+    from inferforge.engine import LLMEngine
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"{args.model}: cannot load a tokenizer from the model directory ({e})") from None
+    prompt = tokenizer(args.prompt)["input_ids"]
+    engine = LLMEngine.from_pretrained(args.model, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1,
+                                       max_context=args.max_context)
+    tokens, printed = [], ""
+    stream = engine.stream([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           truncate="left" if args.truncate_left else None)
+    for _, token in stream:
+        tokens.append(token)
+        if not args.json:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"prompt_tokens": len(prompt), "tokens": tokens, "text": text}))
+    else:
+        print()
+    return EXIT_OK
+
+
 def _common(p, *, json_flag=True):
     if json_flag:
         p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
@@ -275,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-source", action="store_true", help="also time the source PyTorch model, interleaved")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("generate", formatter_class=fmt, help="generate text with a Llama-family model",
+                       description="Load a Hugging Face Llama / Mistral / Qwen2 directory (tokenizer included) into the "
+                                   "engine and stream a completion of --prompt.",
+                       epilog="example:\n  inferforge generate ./Llama-3.2-1B --prompt 'The capital of France is' "
+                              "--max-new-tokens 20")
+    p.add_argument("model", help="Hugging Face decoder directory (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "bf16", "fp8"])
+    p.add_argument("--max-context", type=int, help="context limit (default: the model's window)")
+    p.add_argument("--truncate-left", action="store_true", help="drop the oldest prompt tokens instead of failing")
+    _common(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", formatter_class=fmt, help="KV-cache memory plan: context and concurrency that fit",
                        description="From a decoder's config and safetensors headers (no weights loaded): weights memory, "

@@ -22,3 +22,15 @@ def save_tiny_llama(path: Path, *, seed: int = 0, **overrides) -> Path:
     model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def save_word_tokenizer(path: Path, vocab_size: int = 256) -> None:
+    """A word-level tokenizer whose words are w0 .. w{n-1}; ids 0-2 are <unk>, <s>, </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)

@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
 def hf_greedy(path, prompt, n):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
@@ -164,3 +164,25 @@ def test_fp8_kv_cache_stays_close_to_full_precision(tiny, reference_outputs):
 def test_int8_kv_cache_needs_scales(tiny):
     with pytest.raises(UserInputError, match="an int8 KV cache needs calibrated scales"):
         engine(tiny, kv_cache_dtype="int8")
+
+
+def test_generate_command_streams_text(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+    from tests.factories_llama import save_word_tokenizer
+
+    path = save_tiny_llama(tmp_path / "m")
+    save_word_tokenizer(path)
+    prompt_ids = [1, 5, 9, 200, 17]
+    want = hf_greedy(path, prompt_ids, 6)
+    proc = run_cli("generate", path, "--prompt", "w5 w9 w200 w17", "--max-new-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["prompt_tokens"] == 5
+    stop = next((i for i, t in enumerate(want) if t == 2), None)      # </s> ends generation
+    assert result["tokens"] == (want if stop is None else want[:stop + 1])
+    plain = run_cli("generate", path, "--prompt", "w5 w9 w200 w17", "--max-new-tokens", "6")
+    assert plain.returncode == 0 and plain.stdout.strip() == result["text"]
+    missing = run_cli("generate", tmp_path, "--prompt", "hi")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
