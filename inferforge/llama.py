@@ -6,8 +6,8 @@ sequences at once (continuous batching): linear layers see `[num_tokens, hidden]
 is split by what each sequence is doing this step:
 - decode (one new token): `paged_decode_attention` over the sequence's cached K/V;
 - prefill chunk (several prompt tokens): the chunk attends to its cached prefix plus itself,
-  causally. The prefix K/V are gathered through the block table and the chunk runs through
-  `flash_attention` (variable length; causal aligned to the bottom right does exactly this).
+  causally: `flash_attention` in its paged mode reads the K/V through the block table (variable
+  length; causal aligned to the bottom right does exactly this).
 New K/V are written to the paged cache with `append_kv` before attention reads them.
 """
 
@@ -115,6 +115,22 @@ class StepBatch:
     prefill: list = field(default_factory=list)       # [(num_new, context_len, block_table list)]
     logits_rows: torch.Tensor | None = None           # rows of the flat batch whose logits are needed
 
+    def __post_init__(self):
+        """Prefill metadata for the paged attention kernel, built once per step (not per layer)."""
+        if not self.prefill:
+            return
+        device = self.tokens.device
+        lens_q = [n for n, _, _ in self.prefill]
+        lens_k = [c for _, c, _ in self.prefill]
+        width = max(len(t) for _, _, t in self.prefill)
+        tables = torch.zeros(len(self.prefill), width, dtype=torch.int32)
+        for i, (_, _, table) in enumerate(self.prefill):
+            tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        self.prefill_block_tables = tables.to(device)
+        self.prefill_cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        self.prefill_cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        self.prefill_max_q, self.prefill_max_k = max(lens_q), max(lens_k)
+
 
 class LlamaModel:
     """Weights and the forward pass. Use `LlamaModel.load(dir, dtype=..., device=...)`."""
@@ -207,25 +223,17 @@ class LlamaModel:
                                               batch.decode_block_tables, batch.decode_seq_lens,
                                               k_scale=k_scale, v_scale=v_scale)
         if batch.prefill:
-            # Gather each chunk's full context (cached prefix + the chunk just written) through its block table.
-            bs = cache.block_size
-            keys, values, lens_q, lens_k = [], [], [], []
-            for num_new, context_len, table in batch.prefill:
-                pages = torch.tensor(table[: -(-context_len // bs)], dtype=torch.long, device=q.device)
-                kc = cache.k_pools[layer][pages].reshape(-1, cache.n_kv_heads, cache.head_dim)[:context_len]
-                vc = cache.v_pools[layer][pages].reshape(-1, cache.n_kv_heads, cache.head_dim)[:context_len]
-                if cache.quantized:
-                    kc = dequantize_cache(kc[None], k_scale, q.dtype)[0]
-                    vc = dequantize_cache(vc[None], v_scale, q.dtype)[0]
-                keys.append(kc.to(q.dtype))
-                values.append(vc.to(q.dtype))
-                lens_q.append(num_new)
-                lens_k.append(context_len)
-
-            def cu(lens):
-                return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
-
-            out[nd:] = flash_attention(q[nd:].contiguous(), torch.cat(keys), torch.cat(values), causal=True,
-                                       cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
-                                       max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+            # Each chunk attends to its cached prefix plus itself, read through its block table.
+            # The prefill kernel reads float K/V: for a quantized cache the blocks the chunks use are
+            # dequantized into a small temporary pool (the decode kernel dequantizes in registers).
+            tables = batch.prefill_block_tables
+            k_pool, v_pool = cache.k_pools[layer], cache.v_pools[layer]
+            if cache.quantized:   # dequantize only the blocks these chunks read, renumbered 0..n-1
+                used, tables = torch.unique(tables, return_inverse=True)
+                tables = tables.to(torch.int32)
+                k_pool = dequantize_cache(k_pool[used], k_scale, q.dtype)
+                v_pool = dequantize_cache(v_pool[used], v_scale, q.dtype)
+            out[nd:] = flash_attention(q[nd:].contiguous(), k_pool, v_pool, causal=True, cu_seqlens_q=batch.prefill_cu_q,
+                                       cu_seqlens_k=batch.prefill_cu_k, max_seqlen_q=batch.prefill_max_q,
+                                       max_seqlen_k=batch.prefill_max_k, block_table=tables)
         return out

@@ -55,17 +55,26 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, start, end, k_len,
                    q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
+                   block_table, page_size, stride_kb, stride_vb,
                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, l, m) over key blocks [start, end); MASKED applies the element mask."""
+                   PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, l, m) over key blocks [start, end); MASKED applies the element mask.
+
+    PAGED: key t of the sequence is in cache block `block_table[t // page_size]`, slot `t % page_size`."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < k_len
+        if PAGED:
+            physical = tl.load(block_table + cols // page_size, mask=n_mask, other=0).to(tl.int64)
+            k_rows = physical * stride_kb + (cols % page_size) * stride_ks
+            v_rows = physical * stride_vb + (cols % page_size) * stride_vs
+        else:
+            k_rows = cols * stride_ks
+            v_rows = cols * stride_vs
         if USE_TMA:
             k = k_desc.load([start_n, 0])
         else:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                        other=0.0)
+            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = n_mask[None, :]
@@ -87,30 +96,33 @@ def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, 
         if USE_TMA:
             v = v_desc.load([start_n, 0])
         else:
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                        other=0.0)
+            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA"],
+@triton.autotune(configs=_configs(),
+                 key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA", "PAGED"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "n_heads", "window_left", "window_right"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,               # Q/Out: [batch, seq_q, n_heads, d] or [total_q, n_heads, d]; K/V: [.., n_kv_heads, d]
     CuSeqlensQ, CuSeqlensK,          # int32 [batch + 1] (varlen only)
+    BlockTable,                      # int32 [batch, max_blocks] (PAGED: K/V are [num_blocks, page_size, n_kv_heads, d])
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,  # Lse: [batch, n_heads, seq_q] or [n_heads, total_q] (stride_lb = 0)
+    stride_btb, page_size,
     seqlen_q, seqlen_k, n_heads,
     qk_scale,                         # sm_scale * log2(e)
     window_left, window_right,        # >= 0 when HAS_WINDOW; a huge value stands for "unbounded"
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GQA_GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Grid: (batch * n_heads, query blocks); axis 0 allows 2^31 - 1 programs, axis 1 only 65535.
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -124,6 +136,8 @@ def _attention_fwd_kernel(
         q_len = (tl.load(CuSeqlensQ + batch + 1) - q_start).to(tl.int32)
         k_start = tl.load(CuSeqlensK + batch).to(tl.int64)
         k_len = (tl.load(CuSeqlensK + batch + 1) - k_start).to(tl.int32)
+        if PAGED:
+            k_start = 0     # keys are addressed through the block table, not packed
     else:
         q_start = 0
         k_start = 0
@@ -140,8 +154,16 @@ def _attention_fwd_kernel(
     m_mask = offs_m < q_len
 
     q_base = Q + batch * stride_qb + q_start * stride_qs + head * stride_qh
-    k_base = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
-    v_base = V + batch * stride_vb + k_start * stride_vs + kv_head * stride_vh
+    if PAGED:
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+    else:
+        k_base = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
+        v_base = V + batch * stride_vb + k_start * stride_vs + kv_head * stride_vh
+    if PAGED:
+        block_table = BlockTable + batch * stride_btb
+    else:
+        block_table = CuSeqlensQ        # unused placeholder
     if USE_TMA:
         # Tensor descriptors (TMA on Hopper) over this sequence's [len, head_dim] slice of one head:
         # the hardware zero-fills rows past the sequence end and columns past head_dim.
@@ -192,13 +214,16 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, lo, full_lo,
                                    k_len, q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
-                                   True, IS_CAUSAL, HAS_WINDOW, USE_TMA, DOT_PRECISION, BLOCK_N)
+                                   block_table, page_size, stride_kb, stride_vb, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
+                                   PAGED, DOT_PRECISION, BLOCK_N)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, full_lo,
                                    full_hi, k_len, q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
-                                   False, IS_CAUSAL, HAS_WINDOW, USE_TMA, DOT_PRECISION, BLOCK_N)
+                                   block_table, page_size, stride_kb, stride_vb, False, IS_CAUSAL, HAS_WINDOW, USE_TMA,
+                                   PAGED, DOT_PRECISION, BLOCK_N)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, full_hi,
                                    hi, k_len, q_pos, qk_scale, window_left, window_right, offs_n, offs_d, d_mask,
-                                   True, IS_CAUSAL, HAS_WINDOW, USE_TMA, DOT_PRECISION, BLOCK_N)
+                                   block_table, page_size, stride_kb, stride_vb, True, IS_CAUSAL, HAS_WINDOW, USE_TMA,
+                                   PAGED, DOT_PRECISION, BLOCK_N)
 
     # A row that sees no key returns zeros (and LSE -inf), never NaN.
     has_keys = l_i > 0.0
@@ -247,7 +272,7 @@ def _empty(shape, *, dtype, device):
 
 
 def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     return_lse):
+                     return_lse, block_table=None):
     """Launch the kernel on validated inputs (see `flash_attention`); returns (out, lse or None)."""
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -256,8 +281,12 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
         n_kv = k.shape[1]
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
         qs = (0, q.stride(0), q.stride(1))
-        ks = (0, k.stride(0), k.stride(1))
-        vs = (0, v.stride(0), v.stride(1))
+        if block_table is not None:   # paged caches [num_blocks, page_size, n_kv_heads, d]
+            n_kv = k.shape[2]
+            ks, vs = k.stride()[:3], v.stride()[:3]
+        else:
+            ks = (0, k.stride(0), k.stride(1))
+            vs = (0, v.stride(0), v.stride(1))
     else:
         batch, seqlen_q, n_heads, head_dim = q.shape
         seqlen_k, n_kv = k.shape[1], k.shape[2]
@@ -273,19 +302,21 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
     left, right = window
     has_window = left >= 0 or right >= 0
     grid = lambda meta: (batch * n_heads, triton.cdiv(max(seqlen_q, 1), meta["BLOCK_M"]))  # noqa: E731
-    use_tma = _use_tma(q, k, v)
+    paged = block_table is not None
+    use_tma = not paged and _use_tma(q, k, v)
     if use_tma:
         _set_allocator(q.device)
     if batch * n_heads > 0 and q.numel() > 0:
         _attention_fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_table,
             *qs, *ks, *vs, *os_, *ls,
+            block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
             seqlen_q, seqlen_k, n_heads,
             sm_scale * 1.4426950408889634,
             left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED,
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GQA_GROUP=n_heads // n_kv,
             IS_CAUSAL=causal, HAS_WINDOW=has_window, IS_VARLEN=varlen, RETURN_LSE=return_lse,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma, PAGED=paged,
         )
     return out, (lse if return_lse else None)
 
@@ -305,9 +336,11 @@ def _use_triton(t: torch.Tensor) -> bool:
 @torch.library.custom_op("inferforge::flash_attention_fwd", mutates_args=())
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                         cu_seqlens_k: torch.Tensor | None, causal: bool, sm_scale: float, window_left: int,
-                        window_right: int, max_seqlen_q: int, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        window_right: int, max_seqlen_q: int, max_seqlen_k: int,
+                        block_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     kwargs = dict(causal=causal, sm_scale=sm_scale, window=(window_left, window_right), cu_seqlens_q=cu_seqlens_q,
-                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=True)
+                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=True,
+                  block_table=block_table)
     if _use_triton(q):
         return attention_triton(q, k, v, **kwargs)
     from inferforge.kernels.reference import attention_reference
@@ -316,7 +349,8 @@ def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window_left, window_right, max_seqlen_q, max_seqlen_k):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window_left, window_right, max_seqlen_q, max_seqlen_k,
+      block_table):
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
@@ -324,7 +358,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window_left, window
     return torch.empty_like(q), lse
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window):
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, block_table=None):
     from inferforge.kernels._checks import (
         check,
         check_dtype,
@@ -334,12 +368,16 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     )
 
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    paged = block_table is not None
+    check(not paged or varlen, "block_table needs variable-length input: pass cu_seqlens_q and cu_seqlens_k")
     if varlen:
         check(cu_seqlens_q is not None and cu_seqlens_k is not None,
               "cu_seqlens_q and cu_seqlens_k must be given together (variable-length input)")
         check_tensor("q", q, dims=3, layout="[total_q, n_heads, head_dim] (variable length)")
-        check_tensor("k", k, dims=3, layout="[total_k, n_kv_heads, head_dim] (variable length)")
-        check_tensor("v", v, dims=3, layout="[total_k, n_kv_heads, head_dim] (variable length)")
+        kv_dims, kv_layout = ((4, "[num_blocks, page_size, n_kv_heads, head_dim] (paged)") if paged
+                              else (3, "[total_k, n_kv_heads, head_dim] (variable length)"))
+        check_tensor("k", k, dims=kv_dims, layout=kv_layout)
+        check_tensor("v", v, dims=kv_dims, layout=kv_layout)
     else:
         check_tensor("q", q, dims=4, layout="[batch, seq_q, n_heads, head_dim]")
         check_tensor("k", k, dims=4, layout="[batch, seq_k, n_kv_heads, head_dim]")
@@ -360,7 +398,14 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
           f"window must be (left, right) with integers >= -1 (-1: unbounded), got {window!r}")
     if not varlen:
         return None, None
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    if paged:
+        check(isinstance(block_table, torch.Tensor) and block_table.dim() == 2 and block_table.dtype == torch.int32
+              and block_table.shape[0] == cu_seqlens_q.shape[0] - 1 and block_table.device == q.device,
+              f"block_table must be an int32 tensor [batch={cu_seqlens_q.shape[0] - 1}, max_blocks] on {q.device}, got "
+              f"{getattr(block_table, 'dtype', type(block_table).__name__)} {tuple(getattr(block_table, 'shape', ()))}")
+    totals = (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+              ("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0]))
+    for name, cu, total in totals:
         check(isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.dtype == torch.int32,
               f"{name} must be a 1-D int32 tensor [batch + 1], got "
               f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
@@ -368,13 +413,18 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         check(cu.shape[0] >= 2, f"{name} must have batch + 1 >= 2 entries, got {cu.shape[0]}")
         if not torch.compiler.is_compiling():
             values = cu.tolist()
-            check(values[0] == 0 and values[-1] == total and all(a <= b for a, b in zip(values, values[1:])),
+            check(values[0] == 0 and values[-1] == (values[-1] if total is None else total)
+                  and all(a <= b for a, b in zip(values, values[1:])),
                   f"{name} must start at 0, never decrease, and end at the total length {total}, got {values}")
     check(cu_seqlens_q.shape == cu_seqlens_k.shape,
           f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got {cu_seqlens_q.shape[0]} and "
           f"{cu_seqlens_k.shape[0]}")
     longest_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q is None else max_seqlen_q
     longest_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if max_seqlen_k is None else max_seqlen_k
+    if paged and not torch.compiler.is_compiling():
+        capacity = block_table.shape[1] * k.shape[1]
+        check(int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) <= capacity,
+              f"a context length exceeds block_table's capacity (max_blocks * page_size = {capacity})")
     if not torch.compiler.is_compiling() and (max_seqlen_q is not None or max_seqlen_k is not None):
         check(longest_q >= int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()),
               f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence")
@@ -384,7 +434,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None,
-                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False):
+                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, block_table=None):
     """Fused attention forward: softmax(q k^T * sm_scale + mask) v, without materializing the scores.
 
     Shapes (FlashAttention layout): `q` `[batch, seq_q, n_heads, head_dim]`, `k`/`v`
@@ -392,6 +442,11 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu
     Variable length: `q` `[total_q, n_heads, head_dim]`, `k`/`v` `[total_k, n_kv_heads, head_dim]`,
     and int32 `cu_seqlens_q`/`cu_seqlens_k` `[batch + 1]` (zero-length sequences allowed);
     `max_seqlen_q/k` avoid a device sync when given.
+
+    Paged KV (chunked prefill over a KV cache): with int32 `block_table` `[batch, max_blocks]`,
+    `k`/`v` are cache pools `[num_blocks, page_size, n_kv_heads, head_dim]` and `cu_seqlens_k`
+    gives each sequence's context length (cached prefix plus the new tokens); key t of sequence b
+    is read from block `block_table[b, t // page_size]`, slot `t % page_size`. Requires varlen `q`.
 
     `causal` and `window=(left, right)` (-1: unbounded) align to the bottom right when
     seq_q != seq_k: query i sits at key position i + seq_k - seq_q. A query that sees no key gets
@@ -406,9 +461,10 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu
     interpreter); otherwise the PyTorch reference (`inferforge.kernels.reference`).
     """
     window = tuple(window)
-    longest_q, longest_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window)
+    longest_q, longest_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
+                                         block_table)
     if sm_scale is None:
         sm_scale = default_scale(q.shape[-1])
     out, lse = _flash_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), float(sm_scale),
-                                   int(window[0]), int(window[1]), longest_q or 0, longest_k or 0)
+                                   int(window[0]), int(window[1]), longest_q or 0, longest_k or 0, block_table)
     return (out, lse) if return_lse else out

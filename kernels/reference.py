@@ -43,7 +43,7 @@ def _attend(q, k, v, *, causal, sm_scale, window, dtype):
 
 def attention_reference(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu_seqlens_q=None,
                         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False,
-                        compute_dtype=torch.float32):
+                        compute_dtype=torch.float32, block_table=None):
     """Reference for `inferforge.kernels.flash_attention` (same arguments), computed in `compute_dtype`.
 
     Returns the output in the input dtype (or in `compute_dtype` when that is float64, for error
@@ -65,7 +65,14 @@ def attention_reference(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1)
         for b in range(len(cq) - 1):
             if cq[b + 1] == cq[b]:
                 continue
-            o, l_ = _attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], **kwargs)
+            if block_table is not None:   # gather the sequence's keys through its block table
+                n, page = ck[b + 1] - ck[b], k.shape[1]
+                pages = block_table[b, : -(-n // page)].long()
+                kb = k[pages].reshape(-1, *k.shape[2:])[:n]
+                vb = v[pages].reshape(-1, *v.shape[2:])[:n]
+            else:
+                kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+            o, l_ = _attend(q[cq[b]:cq[b + 1]], kb, vb, **kwargs)
             out[cq[b]:cq[b + 1]] = o
             lse[:, cq[b]:cq[b + 1]] = l_
     out = out.to(out_dtype)

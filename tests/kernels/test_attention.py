@@ -273,3 +273,44 @@ def test_autotune_pruning_fits_head_dim_256_and_pins_one_config(monkeypatch):
     monkeypatch.setattr(attention_module, "_FIXED_CONFIG", True)
     assert attention_module._prune(configs, {}, BLOCK_D=64) == [configs[1]]
     assert attention_module._prune(configs, {}, BLOCK_D=256) == [configs[3]]
+
+
+# ---------------------------------------------------------------------------------------------- paged KV (chunked prefill)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("page_size", [16, 8])
+def test_paged_chunked_prefill_matches_reference(dtype, page_size):
+    """New chunks (5, 17, 1, 0 tokens) attend to their cached prefix plus themselves, through block tables."""
+    n_kv, h, d = 2, 8, 64
+    chunks, contexts = [5, 17, 1, 0], [40, 17, 70, 9]           # context = cached prefix + chunk
+    num_blocks = 40
+    k_cache = rand(num_blocks, page_size, n_kv, d, dtype=dtype)
+    v_cache = rand(num_blocks, page_size, n_kv, d, dtype=dtype)
+    max_blocks = max(-(-c // page_size) for c in contexts)
+    block_table = torch.randperm(num_blocks, device=DEVICE)[:4 * max_blocks].reshape(4, max_blocks).to(torch.int32)
+    q = rand(sum(chunks), h, d, dtype=dtype)
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)  # noqa: E731
+    kwargs = dict(causal=True, cu_seqlens_q=cu(chunks), cu_seqlens_k=cu(contexts), block_table=block_table)
+    assert_close_to_reference(q, k_cache, v_cache, **kwargs)
+    # Same result as the packed (unpaged) path on the gathered keys.
+    gathered_k = torch.cat([k_cache[block_table[b, :-(-n // page_size)].long()].reshape(-1, n_kv, d)[:n]
+                            for b, n in enumerate(contexts)])
+    gathered_v = torch.cat([v_cache[block_table[b, :-(-n // page_size)].long()].reshape(-1, n_kv, d)[:n]
+                            for b, n in enumerate(contexts)])
+    torch.testing.assert_close(flash_attention(q, k_cache, v_cache, **kwargs),
+                               flash_attention(q, gathered_k, gathered_v, causal=True, cu_seqlens_q=cu(chunks),
+                                               cu_seqlens_k=cu(contexts)))
+
+
+def test_paged_input_errors():
+    q = rand(4, 2, 32, dtype=torch.float16)
+    k_cache = rand(3, 16, 2, 32, dtype=torch.float16)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table needs variable-length input"):
+        flash_attention(q[None], k_cache[:1], k_cache[:1], block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"block_table must be an int32 tensor \[batch=1, max_blocks\]"):
+        flash_attention(q, k_cache, k_cache, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                        block_table=torch.zeros(1, 2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"exceeds block_table's capacity \(max_blocks \* page_size = 16\)"):
+        flash_attention(q, k_cache, k_cache, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 20], dtype=torch.int32),
+                        block_table=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE))
