@@ -2,8 +2,10 @@
 # One call on the GPU machine: kernel correctness tests (fp16, fp32 and bf16, compiled) and the
 # kernel benchmarks. Full results go under $OUT; a short table is printed last.
 #
-#   bash scripts/gpu_check.sh            # OUT defaults to ./gpu-results
+#   bash scripts/gpu_check.sh              # everything (OUT defaults to ./gpu-results)
+#   bash scripts/gpu_check.sh decode       # one part: tests | attention | decode
 #
+# The parts' time limits (150 + 180 + 200 s) keep one call under the device tool's 10 minutes.
 # The GPU image has torch and triton but not this project's other dependencies and no internet,
 # so nothing is installed: the inferforge namespace is assembled from the source folders with links.
 set -uo pipefail
@@ -23,20 +25,34 @@ unset TRITON_INTERPRET
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/environment.txt"
 
-# Correctness: one fixed config (INFERFORGE_AUTOTUNE=0) so every case compiles once.
-INFERFORGE_AUTOTUNE=0 timeout 300 python -m pytest tests/kernels -q -x -p no:cacheprovider \
-  --junitxml="$OUT/kernel-tests.xml" > "$OUT/kernel-tests.log" 2>&1
-tests_rc=$?
-
-# Benchmarks: autotuned, bf16 (quick grid by default; BENCH_FULL=1 for every sequence length).
+part="${1:-all}"
 quick="--quick"; [ "${BENCH_FULL:-0}" = "1" ] && quick=""
-timeout 420 python -m inferforge.bench.kernels.bench_attention $quick --dtype bfloat16 \
-  --out "$OUT/attention-bf16.md" > "$OUT/bench-attention.log" 2>&1
-bench_rc=$?
+tests_rc=0; attention_rc=0; decode_rc=0
+
+if [ "$part" = all ] || [ "$part" = tests ]; then
+  # Correctness, compiled, fp16/fp32/bf16: one fixed config (INFERFORGE_AUTOTUNE=0) so each case compiles once.
+  INFERFORGE_AUTOTUNE=0 timeout 150 python -m pytest tests/kernels -q -x -p no:cacheprovider \
+    --junitxml="$OUT/kernel-tests.xml" > "$OUT/kernel-tests.log" 2>&1
+  tests_rc=$?
+fi
+if [ "$part" = all ] || [ "$part" = attention ]; then
+  # Autotuned, bf16; the quick grid by default, BENCH_FULL=1 for every sequence length.
+  timeout 180 python -m inferforge.bench.kernels.bench_attention $quick --dtype bfloat16 \
+    --out "$OUT/attention-bf16.md" > "$OUT/bench-attention.log" 2>&1
+  attention_rc=$?
+fi
+if [ "$part" = all ] || [ "$part" = decode ]; then
+  timeout 200 python -m inferforge.bench.kernels.bench_decode $quick --out "$OUT/decode.md" \
+    > "$OUT/bench-decode.log" 2>&1
+  decode_rc=$?
+fi
 
 echo
-echo "== kernel tests (exit $tests_rc) =="
-tail -n 3 "$OUT/kernel-tests.log"
-echo "== attention benchmark (exit $bench_rc) =="
-if [ -f "$OUT/attention-bf16.md" ]; then cat "$OUT/attention-bf16.md"; else tail -n 20 "$OUT/bench-attention.log"; fi
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+if [ -f "$OUT/kernel-tests.log" ]; then echo "== kernel tests (exit $tests_rc) =="; tail -n 3 "$OUT/kernel-tests.log"; fi
+for name in attention decode; do
+  log="$OUT/bench-$name.log"; [ -f "$log" ] || continue
+  md="$OUT/attention-bf16.md"; [ "$name" = decode ] && md="$OUT/decode.md"
+  echo "== $name benchmark =="
+  if [ -f "$md" ]; then cat "$md"; else tail -n 20 "$log"; fi
+done
+exit $(( tests_rc != 0 || attention_rc != 0 || decode_rc != 0 ))

@@ -31,3 +31,19 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     assert "SDPA has no packed variable-length input" in report["rows"][2]["skipped"].values()
     md = out.read_text()
     assert "| smoke gqa s48 causal |" in md and "not a performance number" in md
+
+
+def test_decode_smoke_run_writes_all_sections(tmp_path):
+    if torch.cuda.is_available():
+        return
+    from inferforge.bench.kernels import bench_decode
+
+    out = tmp_path / "decode.md"
+    assert bench_decode.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["decode"][0]["results"]["inferforge"]["gbs"] > 0
+    assert report["decode"][0]["results"]["gather+sdpa"]["gbs"] > 0
+    assert report["append"][0]["gbs"] > 0
+    assert [r["batch"] for r in report["end_to_end"]] == [1, 2]
+    assert all(r["engine_tokens_s"] > 0 and r["hf_tokens_s"] > 0 for r in report["end_to_end"])
+    assert "## End-to-end decode" in out.read_text()
