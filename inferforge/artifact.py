@@ -8,14 +8,15 @@ from inferforge.errors import ArtifactError
 from inferforge.manifest import verify_artifact
 
 
-def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False):
+def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False, **engine_kwargs):
     """Load the artifact directory `path` written by a run.
 
     Verifies every file against the manifest first (a tampered or incomplete artifact raises
     `ArtifactError`) and refuses an artifact whose accuracy gate failed unless `allow_failed=True`.
     For a sentence encoder it returns a callable with the source model's signature:
     `model(sentences: list[str]) -> np.ndarray [n, hidden] float32` (L2-normalized, mean-pooled).
-    The manifest is available as `model.manifest`.
+    For a Llama-family model (kind `causal-lm`) it returns an `inferforge.engine.LLMEngine`
+    (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
     """
     path = Path(path)
     manifest = verify_artifact(path)
@@ -24,6 +25,12 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         raise ArtifactError(f"{path}: this artifact failed its accuracy gate ({', '.join(failed) or 'unknown'}); "
                             "pass allow_failed=True to load it anyway")
     kind = manifest.get("kind")
+    if kind == "causal-lm":
+        from inferforge.engine import LLMEngine
+
+        engine = LLMEngine.from_pretrained(path, **engine_kwargs)
+        engine.manifest = manifest
+        return engine
     if kind != "sentence-encoder":
         raise ArtifactError(f"{path}: artifact kind {kind!r} is not supported by this version of inferforge")
     from transformers import AutoTokenizer
@@ -35,3 +42,52 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     model = OnnxEncoder(path / runtime["model"], tokenizer, max_length=runtime["max_length"], threads=threads)
     model.manifest = manifest
     return model
+
+
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str | None = None) -> Path:
+    """Package a Hugging Face Llama / Mistral / Qwen2 directory as an artifact (weights unchanged):
+    config, safetensors and tokenizer files plus a manifest. `inferforge.load(out_dir)` returns an
+    `LLMEngine`. Written in a staging directory and moved into place at the end."""
+    import json
+    import shutil
+    import tempfile
+
+    from inferforge.errors import UserInputError
+    from inferforge.fileio import make_public_dir, replace_directory
+    from inferforge.llama import LlamaSpec
+    from inferforge.manifest import environment, utc_now, write_manifest
+    from inferforge.models import weights_sha256
+    from inferforge.pipeline import check_output_dir
+
+    model_dir, out = Path(model_dir), Path(out_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face checkpoint directory")
+    spec = LlamaSpec.from_config(json.loads((model_dir / "config.json").read_text()), source=str(model_dir))
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise UserInputError(f"{model_dir}: no *.safetensors weights")
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        make_public_dir(staging)
+        for f in [*weights, *(model_dir / n for n in CHECKPOINT_FILES)]:
+            if f.is_file():
+                shutil.copyfile(f, staging / f.name)
+        write_manifest(staging, {
+            "name": name or model_dir.resolve().name, "created": utc_now(), "kind": "causal-lm",
+            "runtime": {"engine": "inferforge.engine.LLMEngine", "model_type": spec.model_type},
+            "source": {"model": str(model_dir), "path": str(model_dir.resolve()),
+                       "weights_sha256": weights_sha256(model_dir)},
+            "steps": [{"name": "package", "settings": {}, "duration_s": 0.0, "summary": "weights copied unchanged"}],
+            "checks": [], "passed": True, "accuracy_passed": True, "environment": environment(),
+        })
+        replace_directory(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -56,3 +56,17 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def replace_directory(staging: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move a finished staging directory to `out` (same filesystem), replacing what was there."""
+    import shutil
+
+    staging, out = Path(staging), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

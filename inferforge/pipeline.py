@@ -8,7 +8,6 @@ complete, and never damages the artifact of an earlier run.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from inferforge.data import SentenceSplit, split_sentences
 from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
-from inferforge.fileio import atomic_write_json, atomic_write_text, make_public_dir
+from inferforge.fileio import atomic_write_json, atomic_write_text, make_public_dir, replace_directory
 from inferforge.manifest import MANIFEST_NAME, environment, tool_versions, utc_now, write_manifest
 from inferforge.models import ModelSource, materialize
 from inferforge.progress import Progress
@@ -230,17 +229,6 @@ def check_output_dir(out: Path) -> None:
                                  "choose another output (recipe key 'output' or --output) or empty it")
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move the finished staging directory to `out`, replacing an earlier artifact there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
     """Run every step of `recipe` and write the artifact; returns the report (gates may have failed)."""
     from inferforge.encoder import TorchEncoder
@@ -311,7 +299,7 @@ def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult
             "accuracy_passed": accuracy_passed,
             "environment": report["environment"],
         })
-        _replace_dir(staging, out)
+        replace_directory(staging, out)
         return RunResult(output=out, report=report, passed=report["passed"])
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -186,3 +186,17 @@ def test_generate_command_streams_text(tmp_path):
     assert plain.returncode == 0 and plain.stdout.strip() == result["text"]
     missing = run_cli("generate", tmp_path, "--prompt", "hi")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_load_of_a_packaged_llama_artifact_returns_the_engine(tiny, tmp_path, reference_outputs):
+    import inferforge
+    from inferforge.artifact import package_checkpoint
+    from inferforge.errors import ArtifactError
+
+    out = package_checkpoint(tiny, tmp_path / "art")
+    eng = inferforge.load(out, dtype=torch.float32, device="cpu")
+    assert isinstance(eng, LLMEngine) and eng.manifest["kind"] == "causal-lm"
+    assert eng.generate([PROMPTS[0]], max_new_tokens=12, stop_token_ids=[])[0] == reference_outputs[0]
+    (out / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        inferforge.load(out)
