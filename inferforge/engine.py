@@ -10,6 +10,11 @@ those blocks (prefix sharing) and skip their prefill.
 Context window: by default a request whose prompt plus `max_new_tokens` exceeds the model's
 context (or the engine's `max_context`), or what the KV cache can hold, is refused with the
 numbers; `truncate="left"` keeps the most recent prompt tokens that fit instead.
+`sliding_window=W` (with `sink_tokens=S`) runs an endless stream in a fixed cache, as in
+StreamingLLM: the sequence keeps its first S tokens (the attention sinks, whole blocks) and its
+most recent ~W tokens; when a block has to go, the oldest window block is evicted and the keys
+after it are re-rotated one block earlier, so positions are positions in the cache and never run
+past the model's window.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from inferforge.errors import UserInputError
 from inferforge.kernels import PagedKVCache
-from inferforge.llama import LlamaModel, StepBatch
+from inferforge.llama import LlamaModel, StepBatch, shift_cached_keys
 
 
 class ContextWindowExceeded(UserInputError):
@@ -42,6 +47,7 @@ class _Request:
     output: list[int] = field(default_factory=list)
     prefilled: int = 0            # prompt tokens whose K/V are in the cache
     finished: bool = False
+    sliding: tuple[int, int] | None = None   # (sink blocks, most blocks held) with a sliding window
 
     @property
     def in_prefill(self) -> bool:
@@ -124,9 +130,31 @@ class LLMEngine:
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds {what}; "
             "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens")
 
-    def _make_requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, truncate):
+    def _sliding_plan(self, sliding_window: int | None, sink_tokens: int) -> tuple[int, int] | None:
+        if sliding_window is None:
+            return None
+        if not isinstance(sliding_window, int) or sliding_window < 1 or sink_tokens < 0:
+            raise UserInputError("sliding_window must be an int >= 1 and sink_tokens >= 0")
+        if self.cache.quantized:
+            raise UserInputError("sliding_window needs a float KV cache (keys are re-rotated in place); "
+                                 f"this cache is {self.cache.dtype}")
+        bs = self.cache.block_size
+        sinks = -(-sink_tokens // bs)
+        most = sinks + -(-sliding_window // bs) + 1          # one block of room for new tokens
+        limit = min(self.max_context, self.cache.num_blocks * bs)
+        if most * bs > limit:
+            raise ContextWindowExceeded(
+                f"sink_tokens ({sink_tokens}) + sliding_window ({sliding_window}) need {most} blocks of {bs} tokens "
+                f"= {most * bs} tokens, more than the {limit} the model's window and the KV cache allow")
+        return sinks, most
+
+    def _make_requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, truncate,
+                       sliding_window=None, sink_tokens=4):
         if truncate not in (None, "left"):
             raise UserInputError(f"truncate must be None or 'left', got {truncate!r}")
+        sliding = self._sliding_plan(sliding_window, sink_tokens)
+        if sliding and truncate:
+            raise UserInputError("choose one context policy: truncate='left' or sliding_window")
         if max_new_tokens < 1:
             raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) and p for p in prompts):
@@ -141,28 +169,31 @@ class LLMEngine:
             generator = None
             if temperature > 0:
                 generator = torch.Generator().manual_seed((seed if seed is not None else torch.seed()) + i)
-            requests.append(_Request(i, self._fit(list(prompt), max_new_tokens, truncate), max_new_tokens,
-                                     temperature, top_k, top_p, stop, generator))
+            fitted = list(prompt) if sliding else self._fit(list(prompt), max_new_tokens, truncate)
+            requests.append(_Request(i, fitted, max_new_tokens, temperature, top_k, top_p, stop, generator,
+                                     sliding=sliding))
         return requests
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_token_ids: Sequence[int] | None = None, truncate: str | None = None) -> list[list[int]]:
+                 stop_token_ids: Sequence[int] | None = None, truncate: str | None = None,
+                 sliding_window: int | None = None, sink_tokens: int = 4) -> list[list[int]]:
         """Generate for every prompt (token-id lists); returns the generated token lists in order.
 
         Greedy at temperature 0; otherwise sampling with optional top-k / top-p, reproducible with
         `seed`. Generation stops at `max_new_tokens` or a stop token (default: the model's EOS),
-        which is included in the output."""
+        which is included in the output. Context policies: see the module docstring."""
         outputs = {}
         for index, token in self.stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, truncate=truncate):
+                                        top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, truncate=truncate,
+                                        sliding_window=sliding_window, sink_tokens=sink_tokens):
             outputs.setdefault(index, []).append(token)
         return [outputs.get(i, []) for i in range(len(prompts))]
 
     def stream(self, prompts: Sequence[Sequence[int]], **kwargs) -> Iterator[tuple[int, int]]:
         """Like `generate`, but yields `(prompt_index, token)` as soon as each token is sampled."""
         params = dict(max_new_tokens=None, temperature=0.0, top_k=None, top_p=None, seed=None, stop_token_ids=None,
-                      truncate=None)
+                      truncate=None, sliding_window=None, sink_tokens=4)
         unknown = set(kwargs) - set(params)
         if unknown:
             raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")
@@ -181,7 +212,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ scheduling
     def _blocks_for(self, r: _Request) -> int:
-        return self.cache.blocks_needed(len(r.prompt) + r.max_new_tokens)
+        full = self.cache.blocks_needed(len(r.prompt) + r.max_new_tokens)
+        return min(full, r.sliding[1]) if r.sliding else full
+
+    def _make_room(self, r: _Request, num_new: int) -> None:
+        """Sliding window: evict the oldest window blocks until `num_new` more tokens fit."""
+        if not r.sliding:
+            return
+        sinks, most = r.sliding
+        cache = self.cache
+        while cache.blocks_needed(cache.seq_len(r.index) + num_new) > most:
+            cache.evict_block(r.index, sinks)
+            shift_cached_keys(self.model, cache, cache.block_table(r.index)[sinks:], cache.block_size)
 
     def _admit(self) -> None:
         """Admit waiting requests in order while a sequence slot and their worst-case blocks are free,
@@ -192,7 +234,7 @@ class LLMEngine:
             if reserved + self._blocks_for(r) > self.cache.num_blocks:
                 return      # wait for running sequences to finish and free their blocks
             self._waiting.pop(0)
-            r.prefilled = self.cache.add_sequence(r.index, r.prompt)
+            r.prefilled = self.cache.add_sequence(r.index, r.prompt, share=r.sliding is None)
             self._running.append(r)
 
     def step(self) -> list[tuple[int, int]]:
@@ -204,25 +246,30 @@ class LLMEngine:
         for r in self._running:
             if r.in_prefill and budget > 0:
                 n = min(len(r.prompt) - r.prefilled, budget)
+                if r.sliding:   # a chunk must fit next to the sinks and the kept part of the window
+                    n = min(n, (r.sliding[1] - r.sliding[0] - 1) * self.cache.block_size)
                 prefill.append((r, n))
                 budget -= n
         cache, device = self.cache, self.model.device
         tokens, positions, slots, logits_rows = [], [], [], []
+        # Positions are positions in the cache: the absolute ones, unless a sliding window evicted blocks.
         for r in decode:
-            pos = len(r.prompt) + len(r.output) - 1
+            self._make_room(r, 1)
+            pos = cache.seq_len(r.index)
             tokens.append(r.output[-1])
             positions.append(pos)
             slots.append(cache.slots(r.index, 1))
             logits_rows.append(len(tokens) - 1)
         chunks = []
         for r, n in prefill:
-            start = r.prefilled
+            self._make_room(r, n)
+            start, pos = r.prefilled, cache.seq_len(r.index)
             tokens.extend(r.prompt[start:start + n])
-            positions.extend(range(start, start + n))
+            positions.extend(range(pos, pos + n))
             slots.append(cache.slots(r.index, n))
             if start + n == len(r.prompt):
                 logits_rows.append(len(tokens) - 1)
-            chunks.append((n, start + n, cache.block_table(r.index)))
+            chunks.append((n, pos + n, cache.block_table(r.index)))
         batch = StepBatch(
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -231,13 +278,15 @@ class LLMEngine:
         if decode:
             ids = [r.index for r in decode]
             batch.decode_block_tables, batch.decode_seq_lens = cache.block_tables(ids), cache.seq_lens(ids)
-        logits = self.model.forward(batch, cache) if logits_rows else None
+        # Always run the step: a prompt chunk that ends mid-prompt needs no logits, but its K/V must be written.
+        logits = self.model.forward(batch, cache) if tokens else None
         self.steps += 1
 
         produced, row = [], 0
         for r, n in prefill:
             r.prefilled += n
-            cache.mark_computed(r.index, r.prefilled)
+            if not r.sliding:   # sliding-window blocks are rewritten in place: never shared
+                cache.mark_computed(r.index, r.prefilled)
         sampled = [r for r in decode] + [r for r, n in prefill if not r.in_prefill]
         for r in sampled:
             token = sample(logits[row], temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,

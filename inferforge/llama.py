@@ -237,3 +237,20 @@ class LlamaModel:
                                        cu_seqlens_k=batch.prefill_cu_k, max_seqlen_q=batch.prefill_max_q,
                                        max_seqlen_k=batch.prefill_max_k, block_table=tables)
         return out
+
+
+def shift_cached_keys(model: LlamaModel, cache, blocks: list[int], shift: int) -> None:
+    """Re-rotate the keys in `blocks` (every layer) from position p to p - shift.
+
+    RoPE rotates each pair by position * frequency, so moving a key `shift` positions earlier is
+    one more rotation by -shift * frequency; values are position-free and stay as they are."""
+    if not blocks:
+        return
+    angle = -shift * model.inv_freq[None, :]
+    cos, sin = angle.cos(), angle.sin()
+    index = torch.tensor(blocks, dtype=torch.long, device=model.device)
+    for pool in cache.k_pools:
+        keys = pool[index]                                   # [n, block_size, n_kv, d]
+        flat = keys.reshape(-1, keys.shape[2], keys.shape[3])
+        rotated = apply_rope(flat, cos.expand(flat.shape[0], -1), sin.expand(flat.shape[0], -1))
+        pool[index] = rotated.reshape(keys.shape).to(pool.dtype)

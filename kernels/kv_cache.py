@@ -197,12 +197,13 @@ class PagedKVCache:
         return hash((parent, tuple(tokens)))
 
     # ------------------------------------------------------------------ sequences
-    def add_sequence(self, seq_id, token_ids: Sequence[int]) -> int:
+    def add_sequence(self, seq_id, token_ids: Sequence[int], *, share: bool = True) -> int:
         """Register a sequence with its prompt; returns the number of leading prompt tokens whose K/V
-        are already in the cache (whole shared blocks), which need no prefill."""
+        are already in the cache (whole shared blocks), which need no prefill. `share=False` for
+        sequences whose blocks will be rewritten in place (sliding window)."""
         check(seq_id not in self._tables, f"sequence {seq_id!r} is already in the cache")
         table, parent, reused = [], 0, 0
-        full = len(token_ids) // self.block_size
+        full = len(token_ids) // self.block_size if share else 0
         for i in range(full):
             key = self._chain(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
             block = self._prefix.get(key)
@@ -276,6 +277,22 @@ class PagedKVCache:
         self._lens[child_id] = self._lens[parent_id]
         self._computed[child_id] = self._computed[parent_id]
         self._tokens[child_id] = list(self._tokens[parent_id])
+
+    def evict_block(self, seq_id, index: int) -> None:
+        """Drop the `index`-th (full) block of a sequence; the tokens after it move one block earlier.
+
+        For sliding-window attention: keys after it must be re-rotated to their new positions."""
+        table = self._tables[seq_id]
+        check(0 <= index < len(table) - 1, f"cannot evict block {index} of a sequence with {len(table)} blocks")
+        self._release(table.pop(index))
+        bs = self.block_size
+        self._lens[seq_id] -= bs
+        self._computed[seq_id] = max(0, self._computed[seq_id] - bs)
+        del self._tokens[seq_id][index * bs:(index + 1) * bs]
+
+    def cached_tokens(self, seq_id) -> list[int]:
+        """The token ids whose K/V the sequence holds, in cache order."""
+        return self._tokens[seq_id][: self._lens[seq_id]]
 
     def free(self, seq_id) -> None:
         for block in self._tables.pop(seq_id):

@@ -200,3 +200,59 @@ def test_load_of_a_packaged_llama_artifact_returns_the_engine(tiny, tmp_path, re
     (out / "model.safetensors").write_bytes(b"tampered")
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         inferforge.load(out)
+
+
+def test_sliding_window_without_eviction_equals_normal_generation(tiny, reference_outputs):
+    out = engine(tiny, max_num_seqs=4).generate(PROMPTS, max_new_tokens=12, stop_token_ids=[], sliding_window=128,
+                                                sink_tokens=4)
+    assert out == reference_outputs
+
+
+def test_sliding_window_streams_past_the_context_window_in_a_fixed_cache(tiny):
+    from inferforge.llama import apply_rope, rms_norm
+
+    eng = engine(tiny, num_blocks=12)                    # the model's window is 256 tokens
+    prompt = [1] + list(range(10, 60))                   # 51 tokens: the prompt itself gets evicted in part
+    held, checked = [], False
+    stream = eng.stream([prompt], max_new_tokens=300, stop_token_ids=[], sliding_window=40, sink_tokens=4)
+    for n, _ in enumerate(stream, start=1):
+        if n == 300:        # the last token: the sequence has finished and left the cache
+            break
+        table = eng.cache.block_table(0)
+        held.append(len(table))
+        if n == 250:
+            # Layer 0's keys depend only on each token and its position: every cached key must equal
+            # the token's key rotated to its position *in the cache* (sinks first, then the window).
+            model, cache = eng.model, eng.cache
+            tokens = torch.tensor(cache.cached_tokens(0))
+            assert tokens[:16].tolist() == prompt[:16]   # the sink block holds the first tokens
+            layer = model.layers[0]
+            nq, nkv, d = model.spec.n_heads * 16, model.spec.n_kv_heads * 16, 16
+            x = rms_norm(model.embed[tokens], layer["input_layernorm"], model.spec.rms_norm_eps)
+            k = (x @ layer["qkv"].T)[:, nq:nq + nkv].reshape(-1, model.spec.n_kv_heads, d)
+            freqs = torch.arange(len(tokens), dtype=torch.float32)[:, None] * model.inv_freq[None, :]
+            want = apply_rope(k, freqs.cos(), freqs.sin())
+            got = cache.k_pools[0][torch.tensor(table)].reshape(-1, model.spec.n_kv_heads, d)[:len(tokens)]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            checked = True
+    assert n == 300 and checked
+    assert max(held) == 1 + 3 + 1                        # sinks + window + one block of room, never more
+    with pytest.raises(ContextWindowExceeded):           # the same request without the policy is refused
+        eng.generate([prompt], max_new_tokens=300)
+
+
+def test_sliding_window_settings_are_checked(tiny):
+    eng = engine(tiny, max_context=64)
+    with pytest.raises(ContextWindowExceeded, match=r"need 6 blocks of 16 tokens = 96 tokens, more than the 64"):
+        eng.generate([[1, 2]], max_new_tokens=4, sliding_window=60, sink_tokens=4)
+    with pytest.raises(UserInputError, match="choose one context policy"):
+        eng.generate([[1, 2]], max_new_tokens=4, sliding_window=16, truncate="left")
+    with pytest.raises(UserInputError, match="sliding_window needs a float KV cache"):
+        engine(tiny, kv_cache_dtype="fp8").generate([[1, 2]], max_new_tokens=4, sliding_window=16)
+
+
+def test_a_prompt_chunked_alone_writes_every_chunk(tiny):
+    """One request, its prompt split over steps that need no logits: the K/V of every chunk count."""
+    prompt = [1] + list(range(10, 60))
+    want = hf_greedy(tiny, prompt, 6)
+    assert engine(tiny, max_step_tokens=16).generate([prompt], max_new_tokens=6, stop_token_ids=[])[0] == want
