@@ -222,7 +222,8 @@ def cmd_generate(args) -> int:
     tokens, printed = [], ""
     stream = engine.stream([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           truncate="left" if args.truncate_left else None)
+                           truncate="left" if args.truncate_left else None, sliding_window=args.sliding_window,
+                           sink_tokens=args.sink_tokens)
     for _, token in stream:
         tokens.append(token)
         if not args.json:
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "bf16", "fp8"])
     p.add_argument("--max-context", type=int, help="context limit (default: the model's window)")
     p.add_argument("--truncate-left", action="store_true", help="drop the oldest prompt tokens instead of failing")
+    p.add_argument("--sliding-window", type=int, metavar="TOKENS",
+                   help="keep only the most recent TOKENS (plus --sink-tokens) in the cache: an endless stream")
+    p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept with --sliding-window (default 4)")
     _common(p)
     p.set_defaults(func=cmd_generate)
 

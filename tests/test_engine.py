@@ -256,3 +256,21 @@ def test_a_prompt_chunked_alone_writes_every_chunk(tiny):
     prompt = [1] + list(range(10, 60))
     want = hf_greedy(tiny, prompt, 6)
     assert engine(tiny, max_step_tokens=16).generate([prompt], max_new_tokens=6, stop_token_ids=[])[0] == want
+
+
+def test_generate_command_sliding_window(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+    from tests.factories_llama import save_word_tokenizer
+
+    path = save_tiny_llama(tmp_path / "m", max_position_embeddings=64)
+    save_word_tokenizer(path)
+    prompt = " ".join(f"w{i}" for i in range(10, 40))
+    refused = run_cli("generate", path, "--prompt", prompt, "--max-new-tokens", "60")
+    assert refused.returncode == 2 and "exceeds the model's context window (64 tokens)" in refused.stderr
+    proc = run_cli("generate", path, "--prompt", prompt, "--max-new-tokens", "60", "--sliding-window", "16",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    tokens = json.loads(proc.stdout)["tokens"]
+    assert len(tokens) == 60 and 2 not in tokens      # 30 + 60 tokens: past the 64-token window
