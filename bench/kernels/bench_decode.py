@@ -7,7 +7,8 @@ Decode attention is memory-bound: GB/s counts the K/V bytes each call must read
 (2 * context * n_kv_heads * head_dim * bytes, per sequence) against the device-to-device copy
 bandwidth measured in the same run (a copy reads and writes: 2 * bytes / time). Providers:
 `inferforge` (split-K paged kernel), `gather+sdpa` (index the pages into a contiguous tensor, then
-the fastest SDPA backend). append_kv GB/s counts the new K/V read plus written. End to end: a
+the fastest SDPA backend), `flex_attention` (the cache pool as one KV sequence with a paged block
+mask). append_kv GB/s counts the new K/V read plus written. End to end: a
 Llama-3.2-1B-shaped model with random bf16 weights, tokens/s, TTFT (prompt to first token) and
 TPOT (mean time per later token) at batch 1 and 16, against transformers' generate with a static cache.
 """
@@ -50,6 +51,37 @@ def paged_inputs(batch, context, n_heads, n_kv, head_dim, dtype, cache_dtype, de
     return q, k, v, tables, lens, scales
 
 
+def flex_paged(q, k, v, tables, lens, scales, dtype, device):
+    """flex_attention over the whole cache pool as one long KV sequence, with a block mask that
+    keeps, for each sequence, only the slots of its own pages below its length."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        from inferforge.kernels.reference import dequantize_cache
+
+        batch, n_heads, d = q.shape
+        num_blocks, bs, n_kv, _ = k.shape
+        owner = torch.full((batch, num_blocks), -1, dtype=torch.long, device=device)
+        for b in range(batch):
+            owner[b, tables[b].long()] = torch.arange(tables.shape[1], device=device)
+        lens_l = lens.long()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            logical = owner[b, kv_idx // bs]
+            return (logical >= 0) & (logical * bs + kv_idx % bs < lens_l[b])
+
+        mask = create_block_mask(mask_mod, batch, None, 1, num_blocks * bs, device=device)
+        pool_k = dequantize_cache(k, scales, dtype).permute(2, 0, 1, 3).reshape(1, n_kv, -1, d).expand(batch, -1, -1, -1)
+        pool_v = dequantize_cache(v, scales, dtype).permute(2, 0, 1, 3).reshape(1, n_kv, -1, d).expand(batch, -1, -1, -1)
+        run = torch.compile(flex_attention) if device == "cuda" else flex_attention
+        q4 = q[:, :, None]
+        run(q4, pool_k, pool_v, block_mask=mask, enable_gqa=True)
+        return lambda: run(q4, pool_k, pool_v, block_mask=mask, enable_gqa=True)
+    except Exception as e:  # noqa: BLE001 - a provider that cannot run is reported, not fatal
+        print(f"flex_attention skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
+        return None
+
+
 def bench_decode_attention(shapes, device, dtype, copy_gbs):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -71,6 +103,9 @@ def bench_decode_attention(shapes, device, dtype, copy_gbs):
             return sdpa(q[:, :, None], kk, vv, enable_gqa=True)
 
         fns["gather+sdpa"] = gather_sdpa
+        flex = flex_paged(q, k, v, tables, lens, scales, dtype, device)
+        if flex is not None:
+            fns["flex_attention"] = flex
         result = {}
         for name, fn in fns.items():
             ms = time_ms(fn, device)[0]
@@ -181,11 +216,13 @@ def to_markdown(report) -> str:
     if report["copy_gbs"]:
         lines += [f"Device-to-device copy bandwidth measured in this run: {report['copy_gbs']:.0f} GB/s.", ""]
     lines += ["## Paged decode attention (GB/s of K/V read)", "",
-              "| batch | context | KV cache | inferforge | gather+sdpa | inferforge / copy |", "|---|---|---|---|---|---|"]
+              "| batch | context | KV cache | inferforge | gather+sdpa | flex_attention | inferforge / copy |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["decode"]:
         frac = f"{r['fraction_of_copy']:.0%}" if r["fraction_of_copy"] else "-"
-        lines.append(f"| {r['batch']} | {r['context']} | {r['kv_cache']} | {r['results']['inferforge']['gbs']:.3g} | "
-                     f"{r['results']['gather+sdpa']['gbs']:.3g} | {frac} |")
+        cells = [f"{r['results'][n]['gbs']:.3g}" if n in r["results"] else "-"
+                 for n in ("inferforge", "gather+sdpa", "flex_attention")]
+        lines.append(f"| {r['batch']} | {r['context']} | {r['kv_cache']} | " + " | ".join(cells) + f" | {frac} |")
     lines += ["", "## append_kv", "", "| tokens | GB/s |", "|---|---|"]
     lines += [f"| {r['tokens']} | {r['gbs']:.3g} |" for r in report["append"]]
     lines += ["", "## End-to-end decode (TTFT: prompt to first token; TPOT: mean time per later token)", "",

@@ -43,7 +43,20 @@ def test_decode_smoke_run_writes_all_sections(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["decode"][0]["results"]["inferforge"]["gbs"] > 0
     assert report["decode"][0]["results"]["gather+sdpa"]["gbs"] > 0
+    assert report["decode"][0]["results"]["flex_attention"]["gbs"] > 0
     assert report["append"][0]["gbs"] > 0
     assert [r["batch"] for r in report["end_to_end"]] == [1, 2]
     assert all(r["engine_tokens_s"] > 0 and r["hf_tokens_s"] > 0 for r in report["end_to_end"])
     assert "## End-to-end decode" in out.read_text()
+
+
+def test_flex_paged_provider_computes_paged_decode():
+    if torch.cuda.is_available():
+        return
+    from inferforge.bench.kernels.bench_decode import flex_paged, paged_inputs
+    from inferforge.kernels.reference import paged_decode_attention_reference
+
+    q, k, v, tables, lens, scales = paged_inputs(3, 40, 4, 2, 32, torch.float32, torch.float32, "cpu")
+    lens[1] = 7
+    got = flex_paged(q, k, v, tables, lens, scales, torch.float32, "cpu")()[:, :, 0]
+    torch.testing.assert_close(got, paged_decode_attention_reference(q, k, v, tables, lens), atol=1e-5, rtol=1e-5)
