@@ -137,3 +137,30 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
         scores = torch.einsum("hd,khd->hk", q[b].to(compute_dtype), kb) * sm_scale
         out[b] = torch.einsum("hk,khd->hd", torch.softmax(scores, dim=-1), vb)
     return out if compute_dtype == torch.float64 else out.to(q.dtype)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> uint8 [N, K]: even k from the low nibble, odd k from the high one."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] (K even) -> uint8 [N, K // 2], the layout `w4a16_matmul` reads."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def weight_only_matmul_reference(x, w, scales, zeros, bias, *, bits, group_size):
+    """Reference for `w8a16_matmul` (bits=8) and `w4a16_matmul` (bits=4): dequantize, then matmul in
+    float32 (float64 when x is float64)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bits == 8:
+        weight = w.to(compute) * scales.to(compute)[:, None]
+    else:
+        q = unpack_int4(w).to(compute)
+        expand = lambda t: t.to(compute).repeat_interleave(group_size, dim=1)  # noqa: E731
+        weight = (q - expand(zeros)) * expand(scales)
+    out = x.to(compute) @ weight.T
+    if bias is not None:
+        out = out + bias.to(compute)
+    return out.to(x.dtype)
