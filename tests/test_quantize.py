@@ -1,0 +1,79 @@
+"""Weight-only quantization of PyTorch models: SQNR floors, in-place replacement, skips, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from inferforge.errors import UserInputError
+from inferforge.optimize import Int4WeightOnly, Int8WeightOnly, quantize, sqnr_db
+from inferforge.optimize.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from tests.factories_llama import tiny_llama_config
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.weight, std=0.02)      # Gaussian weights, as the floors are stated for
+    return model.eval()
+
+
+@pytest.mark.parametrize("config, floor", [(Int8WeightOnly(), 35.0), (Int4WeightOnly(group_size=128), 15.0),
+                                           (Int4WeightOnly(group_size=32, symmetric=True), 15.0)],
+                         ids=["int8", "int4-g128", "int4-g32-sym"])
+def test_weight_sqnr_floors_and_outputs(config, floor):
+    model = mlp()
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        want = model(x)
+    report = quantize(model, config)
+    assert set(report.layers) == {"0", "2"} and all(v >= floor for v in report.layers.values()), report.layers
+    kinds = {Int8WeightOnly: Int8WeightOnlyLinear, Int4WeightOnly: Int4WeightOnlyLinear}
+    assert isinstance(model[0], kinds[type(config)]) and isinstance(model[2], kinds[type(config)])
+    with torch.no_grad():
+        got = model(x)
+    assert sqnr_db(want, got) >= floor - 3           # the output keeps about the weights' SQNR
+
+
+def test_int8_beats_int4_and_smaller_groups_beat_larger():
+    w8 = min(quantize(mlp(), Int8WeightOnly()).layers.values())
+    g32 = min(quantize(mlp(), Int4WeightOnly(group_size=32)).layers.values())
+    g128 = min(quantize(mlp(), Int4WeightOnly(group_size=128)).layers.values())
+    assert w8 > g32 > g128
+
+
+def test_quantized_layer_computes_x_times_dequantized_weight():
+    model = mlp()
+    quantize(model, Int4WeightOnly(group_size=64))
+    layer = model[0]
+    x = torch.randn(3, 256)
+    want = x @ layer.dequantized_weight().T + layer.bias
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_llama_with_skips():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    ids = torch.randint(3, 256, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = quantize(model, Int8WeightOnly(skip=("lm_head", "*.mlp.down_proj")))
+    assert report.skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    assert len(report.layers) == 2 * 6 and isinstance(model.lm_head, nn.Linear)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert sqnr_db(want, got) > 25
+
+
+def test_bad_configs_are_clear():
+    with pytest.raises(UserInputError, match="group_size must be a power of two >= 16, got 100"):
+        Int4WeightOnly(group_size=100)
+    with pytest.raises(UserInputError, match="method 'gptq' is not available"):
+        Int4WeightOnly(method="gptq")
+    odd = nn.Sequential(nn.Linear(96, 32))
+    with pytest.raises(UserInputError, match=r"0: in_features \(96\) is not a multiple of group_size \(64\)"):
+        quantize(odd, Int4WeightOnly(group_size=64))
+    with pytest.raises(UserInputError, match="no quantization handler for str"):
+        quantize(odd, "int8")
