@@ -9,7 +9,11 @@ Formats:
 - Int8WeightOnly: symmetric int8 per output channel, scale = max|w| / 127.
 - Int4WeightOnly(group_size, symmetric): int4 per group of `group_size` input channels, packed two per
   byte; asymmetric: scale = (max - min) / 15 and an integer zero point, symmetric: scale = max|w| / 7
-  with zero point 8. Method "rtn" (round to nearest).
+  with zero point 8. Method "rtn" (round to nearest) or "gptq" (Frantar et al., 2022): quantize
+  one input column at a time and push each column's rounding error onto the columns not yet
+  quantized, weighted by the inverse Hessian of the layer's inputs from calibration data, so the
+  layer's *output* error is what gets minimized. The Hessians come from one pass of the float
+  model over the calibration batches (not layer by layer through the quantized model).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ class Int4WeightOnly:
     def __post_init__(self):
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise UserInputError(f"Int4WeightOnly: group_size must be a power of two >= 16, got {self.group_size}")
-        if self.method != "rtn":
-            raise UserInputError(f"Int4WeightOnly: method {self.method!r} is not available; supported: 'rtn'")
+        if self.method not in ("rtn", "gptq"):
+            raise UserInputError(f"Int4WeightOnly: method {self.method!r} is not available; supported: 'rtn', 'gptq'")
 
 
 _HANDLERS: dict[type, Callable[[nn.Linear, object, str], nn.Module]] = {}
@@ -111,8 +115,56 @@ def _int8_weight_only(linear: nn.Linear, config: Int8WeightOnly, name: str) -> n
     return Int8WeightOnlyLinear(q, scale.float().contiguous(), bias)
 
 
+def _int4_group_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of w [..., group]."""
+    if symmetric:
+        scales = (w.abs().amax(dim=-1) / 7).clamp(min=1e-12)
+        return scales, torch.full_like(scales, 8.0)
+    lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    return scales, torch.round(-lo / scales).clamp(0, 15)
+
+
+def _int4_codes(w, scales, zeros):
+    return torch.clamp(torch.round(w / scales) + zeros, 0, 15)
+
+
+def _gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int, symmetric: bool, block: int = 128,
+               damp: float = 0.01):
+    """GPTQ with group-wise int4: returns codes [n, k] and per-group scales, zeros [n, k // group]."""
+    w = weight.double().clone()
+    n, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to the later columns.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    scales = torch.zeros(n, k // group, dtype=w.dtype, device=w.device)
+    zeros = torch.zeros_like(scales)
+    block = max(block, group)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w1, err1, hinv1 = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, dtype=w.dtype, device=w.device), hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group == 0:   # the group's parameters from its current (already corrected) weights
+                s, z = _int4_group_params(w1[:, i:i + group], symmetric)
+                scales[:, col // group], zeros[:, col // group] = s, z
+            s, z = scales[:, col // group], zeros[:, col // group]
+            q = _int4_codes(w1[:, i], s, z)
+            codes[:, col] = q
+            err = (w1[:, i] - (q - z) * s) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    return codes, scales.float(), zeros.float()
+
+
 @register_quantize_handler(Int4WeightOnly)
-def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str) -> nn.Module:
+def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hessian=None) -> nn.Module:
     from inferforge.kernels.reference import pack_int4
 
     n, k = linear.weight.shape
@@ -120,17 +172,41 @@ def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str) -> n
     if k % g or k % 2:
         raise UserInputError(f"{name}: in_features ({k}) is not a multiple of group_size ({g}); choose a group_size "
                              f"that divides it or add '{name}' to skip")
-    w = linear.weight.detach().float().reshape(n, k // g, g)
-    if config.symmetric:
-        scales = (w.abs().amax(dim=-1) / 7).clamp(min=1e-12)
-        zeros = torch.full_like(scales, 8.0)
+    if config.method == "gptq":
+        if hessian is None:
+            raise UserInputError(f"{name}: GPTQ saw no calibration input for this layer; check the calibration data "
+                                 f"reaches it or add it to skip")
+        q, scales, zeros = _gptq_int4(linear.weight.detach(), hessian, g, config.symmetric)
     else:
-        lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-        scales = ((hi - lo) / 15).clamp(min=1e-12)
-        zeros = torch.round(-lo / scales).clamp(0, 15)
-    q = torch.clamp(torch.round(w / scales[..., None]) + zeros[..., None], 0, 15).reshape(n, k)
+        w = linear.weight.detach().float().reshape(n, k // g, g)
+        scales, zeros = _int4_group_params(w, config.symmetric)
+        q = _int4_codes(w, scales[..., None], zeros[..., None]).reshape(n, k)
     bias = linear.bias.detach().clone() if linear.bias is not None else None
     return Int4WeightOnlyLinear(pack_int4(q), scales.contiguous(), zeros.contiguous(), bias, g)
+
+
+def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """H = 2/N * sum x x^T over every input row x each named nn.Linear sees on the calibration batches
+    (a tensor batch is passed as model(batch), a dict as model(**batch))."""
+    sums, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: 2 * sums[name] / counts[name] for name in sums}
 
 
 @dataclass
@@ -153,15 +229,26 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> Quanti
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise UserInputError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
-    if calibration is not None or gate is not None:
-        raise UserInputError(f"{type(config).__name__} uses no calibration data and no gate in this version")
+    if gate is not None:
+        raise UserInputError("quantize: accuracy gates for PyTorch models are not available in this version")
+    needs_data = getattr(config, "method", "rtn") == "gptq"
+    if needs_data and calibration is None:
+        raise UserInputError(f"{type(config).__name__}(method='gptq') needs calibration data: "
+                             "quantize(model, config, calibration=[batch, ...])")
+    if not needs_data and calibration is not None:
+        raise UserInputError(f"{type(config).__name__}(method={getattr(config, 'method', 'rtn')!r}) uses no calibration data")
     report = QuantizeReport(config)
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in config.skip):
+                report.skipped.append(name)
+            else:
+                targets.append((name, module))
+    hessians = collect_hessians(model, [n for n, _ in targets], calibration) if needs_data else {}
     for name, linear in targets:
-        if any(fnmatch.fnmatch(name, pattern) for pattern in config.skip):
-            report.skipped.append(name)
-            continue
-        replacement = handler(linear, config, name).to(linear.weight.device)
+        extra = {"hessian": hessians.get(name)} if needs_data else {}
+        replacement = handler(linear, config, name, **extra).to(linear.weight.device)
         report.layers[name] = sqnr_db(linear.weight.detach(), replacement.dequantized_weight())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)

@@ -70,10 +70,44 @@ def test_tiny_llama_with_skips():
 def test_bad_configs_are_clear():
     with pytest.raises(UserInputError, match="group_size must be a power of two >= 16, got 100"):
         Int4WeightOnly(group_size=100)
-    with pytest.raises(UserInputError, match="method 'gptq' is not available"):
-        Int4WeightOnly(method="gptq")
+    with pytest.raises(UserInputError, match="method 'awq' is not available; supported: 'rtn', 'gptq'"):
+        Int4WeightOnly(method="awq")
     odd = nn.Sequential(nn.Linear(96, 32))
     with pytest.raises(UserInputError, match=r"0: in_features \(96\) is not a multiple of group_size \(64\)"):
         quantize(odd, Int4WeightOnly(group_size=64))
     with pytest.raises(UserInputError, match="no quantization handler for str"):
         quantize(odd, "int8")
+
+
+def correlated_inputs(n, k, seed):
+    """Inputs whose features are correlated (a few directions carry most of the energy), as real
+    activations are; one fixed mixing basis, fresh samples per seed."""
+    basis = torch.randn(k, k, generator=torch.Generator().manual_seed(1234))
+    strength = torch.logspace(1, -2, k)
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * strength) @ basis
+
+
+def test_gptq_beats_rtn_on_the_same_layer_and_data():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    nn.init.normal_(layer.weight, std=0.05)
+    calibration = [correlated_inputs(256, 256, seed) for seed in range(4)]
+    held_out = correlated_inputs(512, 256, 99)
+    with torch.no_grad():
+        want = layer(held_out)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = nn.Sequential(nn.Linear(256, 128))
+        model[0].load_state_dict(layer.state_dict())
+        quantize(model, Int4WeightOnly(group_size=64, method=method),
+                 calibration=calibration if method == "gptq" else None)
+        with torch.no_grad():
+            errors[method] = sqnr_db(want, model(held_out))
+    assert errors["gptq"] > errors["rtn"] + 1.0, errors
+
+
+def test_gptq_needs_calibration_and_rtn_refuses_it():
+    with pytest.raises(UserInputError, match="needs calibration data"):
+        quantize(mlp(), Int4WeightOnly(method="gptq"))
+    with pytest.raises(UserInputError, match="uses no calibration data"):
+        quantize(mlp(), Int8WeightOnly(), calibration=[torch.randn(2, 256)])
