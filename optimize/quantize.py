@@ -253,3 +253,81 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> Quanti
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     return report
+
+
+QUANTIZED_FORMAT = "inferforge-quantized/1"
+_CONFIG_TYPES = {cls.__name__: cls for cls in (Int8WeightOnly, Int4WeightOnly)}
+
+
+def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
+    """Write `model.safetensors` (every parameter and buffer, quantized ones included; never pickle)
+    and `quantization.json` (the config, each quantized layer's format and shape, the skipped layers
+    and the per-layer SQNR), atomically."""
+    import dataclasses
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    from inferforge.fileio import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8WeightOnlyLinear):
+            layers[name] = {"format": "int8", "in": module.in_features, "out": module.out_features,
+                            "bias": module.bias is not None}
+        elif isinstance(module, Int4WeightOnlyLinear):
+            layers[name] = {"format": "int4", "in": module.in_features, "out": module.out_features,
+                            "bias": module.bias is not None, "group_size": module.group_size}
+    meta = {"format": QUANTIZED_FORMAT,
+            "config": {"type": type(report.config).__name__, **dataclasses.asdict(report.config)},
+            "layers": layers, "skipped": report.skipped, "sqnr_db": report.layers}
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_model(model, tmp, metadata={"format": QUANTIZED_FORMAT})
+        os.replace(tmp, directory / "model.safetensors")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    atomic_write_text(directory / "quantization.json", json.dumps(meta, indent=2) + "\n")
+
+
+def load_quantized(model: nn.Module, directory) -> nn.Module:
+    """Rebuild the quantized layers listed in `quantization.json` inside `model` (the same
+    architecture, unquantized) and load `model.safetensors` into it; returns the model."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    path = directory / "quantization.json"
+    if not path.is_file():
+        raise UserInputError(f"{directory}: no quantization.json; not a directory written by save_quantized")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != QUANTIZED_FORMAT:
+        raise UserInputError(f"{path}: format {meta.get('format')!r} is not {QUANTIZED_FORMAT}")
+    for name, info in meta["layers"].items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise UserInputError(f"{path}: the model has no layer {name!r}; load into the architecture that was "
+                                 "quantized") from None
+        if not isinstance(current, nn.Linear) or (current.in_features, current.out_features) != (info["in"], info["out"]):
+            raise UserInputError(f"{path}: layer {name!r} is not an nn.Linear({info['in']}, {info['out']}) in this model")
+        n, k = info["out"], info["in"]
+        bias = torch.empty(n) if info["bias"] else None
+        if info["format"] == "int8":
+            shell = Int8WeightOnlyLinear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
+        else:
+            g = info["group_size"]
+            shell = Int4WeightOnlyLinear(torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
+                                         torch.empty(n, k // g), bias, g)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, shell.to(current.weight.device))
+    load_model(model, str(directory / "model.safetensors"), strict=True)
+    return model

@@ -111,3 +111,34 @@ def test_gptq_needs_calibration_and_rtn_refuses_it():
         quantize(mlp(), Int4WeightOnly(method="gptq"))
     with pytest.raises(UserInputError, match="uses no calibration data"):
         quantize(mlp(), Int8WeightOnly(), calibration=[torch.randn(2, 256)])
+
+
+@pytest.mark.parametrize("config", [Int8WeightOnly(skip=("lm_head",)), Int4WeightOnly(group_size=32)],
+                         ids=["int8", "int4"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, config):
+    from transformers import LlamaForCausalLM
+
+    from inferforge.optimize.quantize import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    report = quantize(model, config)
+    save_quantized(model, tmp_path / "q", report)
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "quantization.json"]
+    torch.manual_seed(1)
+    fresh = load_quantized(LlamaForCausalLM(cfg).eval(), tmp_path / "q")   # different random init underneath
+    want, got = model.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ids = torch.randint(3, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+def test_load_into_the_wrong_architecture(tmp_path):
+    from inferforge.optimize.quantize import load_quantized, save_quantized
+
+    model = mlp()
+    save_quantized(model, tmp_path / "q", quantize(model, Int8WeightOnly()))
+    with pytest.raises(UserInputError, match=r"layer '0' is not an nn.Linear\(256, 512\)"):
+        load_quantized(nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 256)), tmp_path / "q")
