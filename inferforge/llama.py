@@ -160,6 +160,9 @@ class LlamaModel:
             layer["gate_up"] = torch.cat([layer.pop("mlp.gate_proj"), layer.pop("mlp.up_proj")])
             self.layers.append(layer)
         self.inv_freq = rope_inv_freq(spec).to(device)
+        # Called as kv_observer(layer, k, v) with each step's new keys (after RoPE) and values,
+        # [tokens, n_kv_heads, head_dim]; KV-cache calibration uses it.
+        self.kv_observer = None
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype | None = None, device="cpu") -> LlamaModel:
@@ -198,6 +201,8 @@ class LlamaModel:
             q = apply_rope(qkv[:, :nq].reshape(-1, spec.n_heads, d), cos, sin)
             k = apply_rope(qkv[:, nq:nq + nkv].reshape(-1, spec.n_kv_heads, d), cos, sin)
             v = qkv[:, nq + nkv:].reshape(-1, spec.n_kv_heads, d)
+            if self.kv_observer is not None:
+                self.kv_observer(i, k, v)
             k_scale = cache.k_scales[i] if cache.quantized else None
             v_scale = cache.v_scales[i] if cache.quantized else None
             append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,

@@ -274,3 +274,21 @@ def test_generate_command_sliding_window(tmp_path):
     assert proc.returncode == 0, proc.stderr
     tokens = json.loads(proc.stdout)["tokens"]
     assert len(tokens) == 60 and 2 not in tokens      # 30 + 60 tokens: past the 64-token window
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_calibrated_quantized_kv_cache(tiny, reference_outputs, kv_dtype):
+    from inferforge.llama import LlamaModel
+    from inferforge.optimize.kv_quant import KVCacheQuant, calibrate_kv_scales
+
+    model = LlamaModel.load(tiny, dtype=torch.float32)
+    calibration = [[1] + list(range(100, 160)), [1] + [9, 8, 7] * 15]
+    k_scales, v_scales = calibrate_kv_scales(model, calibration, KVCacheQuant(dtype=kv_dtype))
+    assert k_scales.shape == (2, 2) and (k_scales > 0).all() and (v_scales > 0).all()
+    out = engine(tiny, max_num_seqs=4, kv_cache_dtype=kv_dtype, kv_scales=(k_scales, v_scales)).generate(
+        PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    if kv_dtype == "int8":      # calibrated int8 keeps every greedy token of this model
+        assert out == reference_outputs
+    else:                       # fp8 has 3 mantissa bits (and the interpreter rounds fp8 writes poorly)
+        assert [o[0] for o in out] == [r[0] for r in reference_outputs]
+        assert sum(a == b for o, r in zip(out, reference_outputs) for a, b in zip(o, r)) >= 0.6 * 48
