@@ -100,6 +100,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    if args.explain:
+        if not args.config:
+            raise UserInputError("--explain needs --config FORMAT (int8-weight-only, int4-g128, w8a8 or fp8)")
+        args.format = args.config
+        return cmd_explain(args)
     alpha = args.smoothquant_alpha
     try:
         alpha = float(alpha)
@@ -238,6 +243,31 @@ def cmd_generate(args) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args) -> int:
+    from inferforge.optimize.explain import explain
+
+    result = explain(args.model, fmt=args.format, batch=args.batch, gpu=args.gpu)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['format']} vs bf16 at batch {result['batch']} on {result['gpu']} "
+                        f"(ridge point {result['layers'][0]['ridge']:.0f} FLOP/byte)")
+    for col in ("layer", "N x K", "bf16 intensity", "bf16 bound", "intensity", "bound", "predicted speed-up"):
+        table.add_column(col, justify="left" if col in ("layer", "bf16 bound", "bound") else "right")
+    for r in result["layers"]:
+        table.add_row(r["layer"], f"{r['n']} x {r['k']}", f"{r['bf16_intensity']:.1f}", r["bf16_bound"],
+                      f"{r['intensity']:.1f}", r["bound"], f"{r['predicted_speedup']:.2f}x")
+    console = Console()
+    console.print(table)
+    verdict = "pays" if result["pays"] else "does not pay"
+    console.print(f"predicted speed-up of the linear layers: {result['predicted_speedup']:.2f}x ({verdict}); "
+                  "an upper bound from the roofline, see inferforge/optimize/explain.py")
+    return EXIT_OK
+
+
 def _common(p, *, json_flag=True):
     if json_flag:
         p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
@@ -287,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  inferforge quantize ./my-bert --min-cosine 0.995 --output runs/my-bert-int8")
     _model_args(p)
     p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
+    p.add_argument("--explain", action="store_true",
+                   help="predict, per layer, whether --config pays at --batch on --gpu (roofline), and run nothing")
+    p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "w8a8", "fp8"], help="format for --explain")
+    p.add_argument("--batch", type=int, default=1, help="tokens per forward pass for --explain (default 1)")
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"], help="GPU for --explain")
     _common(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -327,6 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept with --sliding-window (default 4)")
     _common(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("explain", formatter_class=fmt, help="will a quantization format be faster? (roofline)",
+                       description="Before anything runs: per linear layer of a decoder, arithmetic intensity against the "
+                                   "GPU's ridge point, memory- or compute-bound at the batch, and the predicted speed-up "
+                                   "of the format over bf16.",
+                       epilog="example:\n  inferforge explain ./Llama-3-8B --format int4-g128 --batch 1 --gpu h100")
+    p.add_argument("model", help="Hugging Face decoder directory (config.json)")
+    p.add_argument("--format", required=True, choices=["int8-weight-only", "int4-g128", "w8a8", "fp8"])
+    p.add_argument("--batch", type=int, default=1, help="tokens per forward pass (default 1: decode)")
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"])
+    _common(p)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("plan", formatter_class=fmt, help="KV-cache memory plan: context and concurrency that fit",
                        description="From a decoder's config and safetensors headers (no weights loaded): weights memory, "

@@ -3,7 +3,7 @@ import pytest
 from inferforge.cli import main
 from tests.conftest import run_cli
 
-COMMANDS = ["optimize", "export", "quantize", "bench", "inspect", "plan", "generate"]
+COMMANDS = ["optimize", "export", "quantize", "bench", "inspect", "plan", "generate", "explain"]
 
 
 def test_top_level_help_lists_commands():

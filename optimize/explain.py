@@ -1,0 +1,96 @@
+"""Will it be faster? A roofline prediction per layer, before anything runs.
+
+For a linear layer y[M, N] = x[M, K] W[N, K]^T at batch (tokens) M:
+    work  = 2 M N K FLOPs
+    bytes = activations read + weights read (at the format's bits) + scales + output written
+    time  = max(work / compute peak of the format, bytes / memory bandwidth)
+    arithmetic intensity = work / bytes; the layer is memory-bound below the GPU's ridge point
+    (peak / bandwidth) and compute-bound above it.
+Predicted speed-up of a format = time(bf16) / time(format). Weight-only formats compute at the
+bf16 rate (they dequantize to bf16), W8A8 and FP8 at the int8 / fp8 tensor-core rate. These are
+upper bounds: real kernels lose to launch overhead, dequantization work and imperfect overlap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferforge.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    bf16_tflops: float      # dense
+    int8_tops: float        # dense; fp8 has the same rate on these parts
+    hbm_tbs: float
+
+
+GPUS = {
+    "h100": GPUSpec("NVIDIA H100 SXM", 989.0, 1979.0, 3.35),
+    "h200": GPUSpec("NVIDIA H200 SXM", 989.0, 1979.0, 4.8),
+    "a100": GPUSpec("NVIDIA A100 SXM 80GB", 312.0, 624.0, 2.04),
+    "l40s": GPUSpec("NVIDIA L40S", 362.0, 733.0, 0.864),
+}
+
+# bits per weight, bytes per activation element read, compute rate ("bf16" or "int8"), extra bytes per output channel
+FORMATS = {
+    "bf16": (16, 2, "bf16", 0),
+    "int8-weight-only": (8, 2, "bf16", 4),
+    "int4-g128": (4 + 64 / 128, 2, "bf16", 0),       # + fp32 scale and zero per 128 weights
+    "w8a8": (8, 1, "int8", 4),
+    "fp8": (8, 1, "int8", 4),
+}
+
+
+def layer_shapes(config: dict) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one decoder layer's linears for a Llama-family config."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    inter = config["intermediate_size"]
+    return [("q_proj", heads * head_dim, hidden), ("k_proj", kv, hidden), ("v_proj", kv, hidden),
+            ("o_proj", hidden, heads * head_dim), ("gate_proj", inter, hidden), ("up_proj", inter, hidden),
+            ("down_proj", hidden, inter)]
+
+
+def predict(n: int, k: int, m: int, fmt: str, gpu: GPUSpec) -> dict:
+    bits, act_bytes, rate, per_channel = FORMATS[fmt]
+    work = 2.0 * m * n * k
+    moved = m * k * act_bytes + n * k * bits / 8 + n * per_channel + m * n * 2
+    peak = (gpu.bf16_tflops if rate == "bf16" else gpu.int8_tops) * 1e12
+    time = max(work / peak, moved / (gpu.hbm_tbs * 1e12))
+    ridge = peak / (gpu.hbm_tbs * 1e12)
+    intensity = work / moved
+    return {"flops": work, "bytes": moved, "intensity": intensity, "ridge": ridge,
+            "bound": "memory" if intensity < ridge else "compute", "time_s": time}
+
+
+def explain(model_dir: str | Path, *, fmt: str, batch: int, gpu: str = "h100") -> dict:
+    """Per layer of one decoder block (repeated num_hidden_layers times): intensity, bound and the
+    predicted speed-up of `fmt` over bf16 at `batch` tokens."""
+    if fmt not in FORMATS or fmt == "bf16":
+        raise UserInputError(f"format {fmt!r}: choose one of {', '.join(f for f in FORMATS if f != 'bf16')}")
+    if gpu not in GPUS:
+        raise UserInputError(f"gpu {gpu!r}: choose one of {', '.join(GPUS)}")
+    if batch < 1:
+        raise UserInputError(f"batch must be >= 1, got {batch}")
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face decoder directory")
+    config = json.loads(cfg_path.read_text())
+    spec = GPUS[gpu]
+    rows, base_total, fmt_total = [], 0.0, 0.0
+    for name, n, k in layer_shapes(config):
+        base, quant = predict(n, k, batch, "bf16", spec), predict(n, k, batch, fmt, spec)
+        base_total += base["time_s"]
+        fmt_total += quant["time_s"]
+        rows.append({"layer": name, "n": n, "k": k, "bf16_intensity": base["intensity"], "bf16_bound": base["bound"],
+                     "intensity": quant["intensity"], "ridge": quant["ridge"], "bound": quant["bound"],
+                     "predicted_speedup": base["time_s"] / quant["time_s"]})
+    return {"gpu": spec.name, "format": fmt, "batch": batch, "layers": rows,
+            "predicted_speedup": base_total / fmt_total, "num_hidden_layers": config["num_hidden_layers"],
+            "pays": base_total / fmt_total > 1.0}
