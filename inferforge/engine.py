@@ -12,13 +12,14 @@ context (or the engine's `max_context`), or what the KV cache can hold, is refus
 numbers; `truncate="left"` keeps the most recent prompt tokens that fit instead.
 `sliding_window=W` (with `sink_tokens=S`) runs an endless stream in a fixed cache, as in
 StreamingLLM: the sequence keeps its first S tokens (the attention sinks, whole blocks) and its
-most recent ~W tokens; when a block has to go, the oldest window block is evicted and the keys
-after it are re-rotated one block earlier, so positions are positions in the cache and never run
-past the model's window.
+most recent tokens (between W/2 and W); when blocks have to go, the oldest half of the window is
+evicted and the keys after it are re-rotated to their new, earlier positions, so positions are
+positions in the cache and never run past the model's window.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ def sample(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p
     """One token from float32 logits [vocab]: greedy at temperature 0, else top-k / top-p sampling."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    logits = logits.double() / temperature     # float64: a tiny temperature must not overflow to inf
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -67,7 +68,7 @@ def sample(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest set whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(0) - sorted_probs > top_p
+        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs = probs / probs.sum()
@@ -157,6 +158,9 @@ class LLMEngine:
             raise UserInputError("choose one context policy: truncate='left' or sliding_window")
         if max_new_tokens < 1:
             raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise UserInputError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
+                                 f"{temperature}, top_k={top_k}, top_p={top_p}")
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) and p for p in prompts):
             raise UserInputError("prompts must be a list of non-empty token-id lists")
         vocab = self.model.spec.vocab_size
@@ -168,7 +172,9 @@ class LLMEngine:
                 raise UserInputError(f"prompt {i}: token ids must be ints in [0, {vocab}), got {bad[0]!r}")
             generator = None
             if temperature > 0:
-                generator = torch.Generator().manual_seed((seed if seed is not None else torch.seed()) + i)
+                # Without a seed, draw one from the OS: never touch the user's global torch RNG.
+                base = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
+                generator = torch.Generator().manual_seed(base + i)
             fitted = list(prompt) if sliding else self._fit(list(prompt), max_new_tokens, truncate)
             requests.append(_Request(i, fitted, max_new_tokens, temperature, top_k, top_p, stop, generator,
                                      sliding=sliding))
@@ -200,6 +206,9 @@ class LLMEngine:
         params.update(kwargs)
         if params["max_new_tokens"] is None:
             raise TypeError("max_new_tokens is required")
+        if self._waiting or self._running:
+            raise UserInputError("this engine is already generating (a stream is still open); finish or close it "
+                                 "first, or pass all prompts in one call")
         self._waiting.extend(self._make_requests(prompts, **params))
         try:
             while self._waiting or self._running:
@@ -216,14 +225,22 @@ class LLMEngine:
         return min(full, r.sliding[1]) if r.sliding else full
 
     def _make_room(self, r: _Request, num_new: int) -> None:
-        """Sliding window: evict the oldest window blocks until `num_new` more tokens fit."""
+        """Sliding window: evict the oldest window blocks so `num_new` more tokens fit.
+
+        Half the window goes at once (at least what is needed): every key is then re-rotated about
+        twice in its life, so rounding in a bf16/fp16 cache cannot build up; the kept window varies
+        between half and all of `sliding_window`."""
         if not r.sliding:
             return
         sinks, most = r.sliding
         cache = self.cache
-        while cache.blocks_needed(cache.seq_len(r.index) + num_new) > most:
+        need = cache.blocks_needed(cache.seq_len(r.index) + num_new) - most
+        if need <= 0:
+            return
+        count = min(max(need, (most - sinks - 1) // 2), len(cache.block_table(r.index)) - sinks - 1)
+        for _ in range(count):
             cache.evict_block(r.index, sinks)
-            shift_cached_keys(self.model, cache, cache.block_table(r.index)[sinks:], cache.block_size)
+        shift_cached_keys(self.model, cache, cache.block_table(r.index)[sinks:], count * cache.block_size)
 
     def _admit(self) -> None:
         """Admit waiting requests in order while a sequence slot and their worst-case blocks are free,

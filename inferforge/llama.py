@@ -43,6 +43,7 @@ class LlamaSpec:
     tie_word_embeddings: bool
     attention_bias: bool
     eos_token_ids: tuple[int, ...] = field(default=())
+    sliding_window: int | None = None   # Mistral: each token sees itself and the W - 1 tokens before it
 
     @classmethod
     def from_config(cls, cfg: dict, *, source: str = "config.json") -> LlamaSpec:
@@ -53,6 +54,10 @@ class LlamaSpec:
         n_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        window = cfg.get("sliding_window") if model_type == "mistral" else None
+        if model_type == "qwen2" and cfg.get("use_sliding_window"):
+            raise UserInputError(f"{source}: Qwen2 with use_sliding_window (a window on some layers only) is not "
+                                 "supported")
         scaling = cfg.get("rope_scaling")
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
             raise UserInputError(f"{source}: rope_scaling type {scaling.get('rope_type')!r} is not supported "
@@ -66,6 +71,7 @@ class LlamaSpec:
             rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), eos_token_ids=eos,
+            sliding_window=int(window) if window else None,
         )
 
 
@@ -226,7 +232,7 @@ class LlamaModel:
         if nd:
             out[:nd] = paged_decode_attention(q[:nd].contiguous(), cache.k_pools[layer], cache.v_pools[layer],
                                               batch.decode_block_tables, batch.decode_seq_lens,
-                                              k_scale=k_scale, v_scale=v_scale)
+                                              k_scale=k_scale, v_scale=v_scale, window=self.spec.sliding_window)
         if batch.prefill:
             # Each chunk attends to its cached prefix plus itself, read through its block table.
             # The prefill kernel reads float K/V: for a quantized cache the blocks the chunks use are
@@ -238,7 +244,9 @@ class LlamaModel:
                 tables = tables.to(torch.int32)
                 k_pool = dequantize_cache(k_pool[used], k_scale, q.dtype)
                 v_pool = dequantize_cache(v_pool[used], v_scale, q.dtype)
-            out[nd:] = flash_attention(q[nd:].contiguous(), k_pool, v_pool, causal=True, cu_seqlens_q=batch.prefill_cu_q,
+            window = (self.spec.sliding_window - 1, 0) if self.spec.sliding_window else (-1, -1)
+            out[nd:] = flash_attention(q[nd:].contiguous(), k_pool, v_pool, causal=True, window=window,
+                                       cu_seqlens_q=batch.prefill_cu_q,
                                        cu_seqlens_k=batch.prefill_cu_k, max_seqlen_q=batch.prefill_max_q,
                                        max_seqlen_k=batch.prefill_max_k, block_table=tables)
         return out

@@ -209,6 +209,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, sm_sc
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
                                                 k_scale=k_scale, v_scale=v_scale, window=window)
     splits = num_splits or _num_splits(batch, n_kv, min(capacity, window or capacity), q.device)
+    # The kernel indexes these small vectors with unit stride.
+    seq_lens = seq_lens.contiguous()
+    if k_cache.dtype in QUANTIZED_CACHE_DTYPES:
+        k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
     out = _empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
     partial_out = _empty((batch, n_heads, splits, head_dim), dtype=torch.float32, device=q.device) if splits > 1 else out
     partial_lse = _empty((batch, n_heads, splits), dtype=torch.float32, device=q.device) if splits > 1 else out

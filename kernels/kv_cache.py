@@ -13,7 +13,9 @@ reference copies it first (copy-on-write).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -104,6 +106,10 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=Non
     quant = {torch.int8: QUANT_INT8, torch.float8_e4m3fn: QUANT_FP8}.get(k_cache.dtype, QUANT_NONE)
     if num_tokens == 0:
         return
+    # The kernel indexes these small vectors with unit stride.
+    slot_mapping = slot_mapping.contiguous()
+    if quant:
+        k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
     _append_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k_scale if quant else k, v_scale if quant else v,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
@@ -152,8 +158,8 @@ class PagedKVCache:
         self._lens: dict = {}
         self._tokens: dict = {}
         self._computed: dict = {}           # tokens whose K/V are written, per sequence
-        self._prefix: dict[int, int] = {}   # hash chain of a full, computed block -> block
-        self._block_hash: dict[int, int] = {}
+        self._prefix: dict[bytes, int] = {}   # hash chain of a full, computed block -> block
+        self._block_hash: dict[int, bytes] = {}
         self.allocations = 0                # blocks handed out so far (a statistic)
         self.reused_tokens = 0              # prompt tokens served from shared prefix blocks
 
@@ -193,8 +199,10 @@ class PagedKVCache:
                 self._free.append(block)
 
     @staticmethod
-    def _chain(parent: int, tokens: Sequence[int]) -> int:
-        return hash((parent, tuple(tokens)))
+    def _chain(parent: bytes, tokens: Sequence[int]) -> bytes:
+        """sha256 over the parent block's key and this block's token ids: crafted prompts cannot make two
+        different prefixes collide (Python's hash() could), so no request reads another's K/V."""
+        return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
 
     # ------------------------------------------------------------------ sequences
     def add_sequence(self, seq_id, token_ids: Sequence[int], *, share: bool = True) -> int:
@@ -202,7 +210,7 @@ class PagedKVCache:
         are already in the cache (whole shared blocks), which need no prefill. `share=False` for
         sequences whose blocks will be rewritten in place (sliding window)."""
         check(seq_id not in self._tables, f"sequence {seq_id!r} is already in the cache")
-        table, parent, reused = [], 0, 0
+        table, parent, reused = [], b"", 0
         full = len(token_ids) // self.block_size if share else 0
         for i in range(full):
             key = self._chain(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -259,7 +267,7 @@ class PagedKVCache:
         full blocks become shareable by later sequences with the same prefix."""
         num_tokens = self._lens[seq_id] if num_tokens is None else num_tokens
         tokens, table = self._tokens[seq_id], self._tables[seq_id]
-        parent = 0
+        parent = b""
         for i in range(min(num_tokens, len(tokens)) // self.block_size):
             key = self._chain(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
             self._prefix.setdefault(key, table[i])

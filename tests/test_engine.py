@@ -292,3 +292,44 @@ def test_calibrated_quantized_kv_cache(tiny, reference_outputs, kv_dtype):
     else:                       # fp8 has 3 mantissa bits (and the interpreter rounds fp8 writes poorly)
         assert [o[0] for o in out] == [r[0] for r in reference_outputs]
         assert sum(a == b for o, r in zip(out, reference_outputs) for a, b in zip(o, r)) >= 0.6 * 48
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8)
+    model = MistralForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "mistral")
+    prompt = [1] + list(range(20, 45))                  # longer than the window
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    got = engine(tmp_path / "mistral", max_step_tokens=10).generate([prompt], max_new_tokens=10, stop_token_ids=[])
+    assert got[0] == want[0, len(prompt):].tolist()
+
+
+def test_engine_refuses_a_nested_stream_and_keeps_the_rng(tiny):
+    eng = engine(tiny)
+    stream = eng.stream([[1, 2, 3]], max_new_tokens=4, stop_token_ids=[])
+    next(stream)
+    with pytest.raises(UserInputError, match="already generating"):
+        eng.generate([[1, 2]], max_new_tokens=2)
+    assert len(list(stream)) == 3                      # the open stream is untouched
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    eng.generate([[1, 2]], max_new_tokens=3, temperature=1.0)   # no seed: must not reseed torch's RNG
+    assert torch.equal(torch.rand(1), expected)
+    with pytest.raises(UserInputError, match="top_k >= 1"):
+        eng.generate([[1, 2]], max_new_tokens=2, temperature=1.0, top_k=0)
+
+
+def test_top_p_boundary_keeps_only_what_reaches_it():
+    from inferforge.engine import sample
+
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    drawn = {sample(logits, temperature=1.0, top_k=None, top_p=0.5, generator=torch.Generator().manual_seed(s))
+             for s in range(50)}
+    assert drawn == {0}
