@@ -164,3 +164,12 @@ def weight_only_matmul_reference(x, w, scales, zeros, bias, *, bits, group_size)
     if bias is not None:
         out = out + bias.to(compute)
     return out.to(x.dtype)
+
+
+def int8_matmul_reference(x_q, w_q, x_scale, w_scale, bias=None, *, out_dtype=torch.float16):
+    """Reference for `int8_matmul`: exact integer products (int64 here), then the scales."""
+    acc = (x_q.long() @ w_q.long().T).double()
+    out = acc * x_scale.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(out_dtype)

@@ -48,6 +48,33 @@ class Int4WeightOnly:
             raise UserInputError(f"Int4WeightOnly: method {self.method!r} is not available; supported: 'rtn', 'gptq'")
 
 
+@dataclass(frozen=True)
+class W8A8:
+    """int8 weights (per output channel) and dynamic per-token int8 activations, with SmoothQuant
+    scales from calibration data: activation outliers move into the weights before quantizing."""
+
+    smoothquant_alpha: float = 0.5
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise UserInputError(f"W8A8: smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
+
+
+@dataclass(frozen=True)
+class FP8:
+    """e4m3 weights and dynamically scaled e4m3 activations, per tensor or per row. Native scaled
+    matmul on GPUs with compute capability >= 8.9, an exact emulation elsewhere (e4m3 values,
+    float32 products and accumulation)."""
+
+    granularity: str = "tensor"
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.granularity not in ("tensor", "row"):
+            raise UserInputError(f"FP8: granularity must be 'tensor' or 'row', got {self.granularity!r}")
+
+
 _HANDLERS: dict[type, Callable[[nn.Linear, object, str], nn.Module]] = {}
 
 
@@ -104,6 +131,101 @@ class Int4WeightOnlyLinear(nn.Module):
         from inferforge.kernels import w4a16_matmul
 
         return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size)
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of x [M, K]: (int8 values, float32 scales [M])."""
+    scale = (x.abs().amax(dim=1) / 127).clamp(min=1e-12).float()
+    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class W8A8Linear(nn.Module):
+    def __init__(self, weight_int8, w_scale, smooth, bias):
+        super().__init__()
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("smooth", smooth)          # per input channel: x is divided by it
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.w_scale[:, None] / self.smooth[None, :]
+
+    def forward(self, x):
+        from inferforge.kernels import int8_matmul
+
+        lead = x.shape[:-1]
+        x_q, x_scale = quantize_per_token_int8(x.reshape(-1, self.in_features).float() / self.smooth)
+        out = int8_matmul(x_q, self.weight_int8, x_scale, self.w_scale, self.bias, out_dtype=x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+
+E4M3_MAX = 448.0
+
+
+def quantize_fp8(t: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and float32 scales (a [1] tensor per tensor, or [rows] per row)."""
+    amax = t.abs().amax() if granularity == "tensor" else t.abs().amax(dim=1)
+    scale = (amax.float() / E4M3_MAX).clamp(min=1e-12).reshape(-1)
+    div = scale if granularity == "tensor" else scale[:, None]
+    return (t.float() / div).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, weight_fp8, w_scale, bias, granularity: str):
+        super().__init__()
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("bias", bias)
+        self.granularity = granularity
+        self.in_features, self.out_features = weight_fp8.shape[1], weight_fp8.shape[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        scale = self.w_scale if self.granularity == "tensor" else self.w_scale[:, None]
+        return self.weight_fp8.float() * scale
+
+    @staticmethod
+    def native_available(device) -> bool:
+        return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x_fp8, x_scale = quantize_fp8(x2, self.granularity)
+        if self.native_available(x.device):
+            rows = self.granularity == "row"
+            out = torch._scaled_mm(x_fp8, self.weight_fp8.T, scale_a=x_scale[:, None] if rows else x_scale,
+                                   scale_b=self.w_scale[None, :] if rows else self.w_scale, out_dtype=x.dtype)
+        else:
+            # Exact emulation: the same e4m3 values, float32 products and accumulation.
+            a = x_fp8.float() * (x_scale if self.granularity == "tensor" else x_scale[:, None])
+            out = (a @ self.dequantized_weight().T).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features)
+
+
+@register_quantize_handler(W8A8)
+def _w8a8(linear: nn.Linear, config: W8A8, name: str, act_absmax=None) -> nn.Module:
+    if act_absmax is None:
+        raise UserInputError(f"{name}: W8A8 saw no calibration input for this layer; check the calibration data "
+                             "reaches it or add it to skip")
+    w = linear.weight.detach().float()
+    alpha = config.smoothquant_alpha
+    smooth = (act_absmax.float().clamp(min=1e-5) ** alpha / w.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha))
+    smooth = smooth.clamp(1e-2, 1e2)
+    w_s = w * smooth[None, :]
+    scale = (w_s.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w_s / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    return W8A8Linear(q, scale.float().contiguous(), smooth.float().contiguous(), bias)
+
+
+@register_quantize_handler(FP8)
+def _fp8(linear: nn.Linear, config: FP8, name: str) -> nn.Module:
+    q, scale = quantize_fp8(linear.weight.detach(), config.granularity)
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    return FP8Linear(q, scale, bias, config.granularity)
 
 
 @register_quantize_handler(Int8WeightOnly)
@@ -185,20 +307,10 @@ def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hess
     return Int4WeightOnlyLinear(pack_int4(q), scales.contiguous(), zeros.contiguous(), bias, g)
 
 
-def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
-    """H = 2/N * sum x x^T over every input row x each named nn.Linear sees on the calibration batches
-    (a tensor batch is passed as model(batch), a dict as model(**batch))."""
-    sums, counts, hooks = {}, {}, []
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
-
-    for name in names:
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+def _run_with_hooks(model, names, calibration, record):
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: record(name, args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name in names]
     try:
         with torch.no_grad():
             for batch in calibration:
@@ -206,6 +318,31 @@ def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[st
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_input_absmax(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest |x| each named nn.Linear sees on the calibration batches."""
+    absmax = {}
+
+    def record(name, x):
+        m = x.abs().amax(dim=0).float()
+        absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+
+    _run_with_hooks(model, names, calibration, record)
+    return absmax
+
+
+def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """H = 2/N * sum x x^T over every input row x each named nn.Linear sees on the calibration batches
+    (a tensor batch is passed as model(batch), a dict as model(**batch))."""
+    sums, counts = {}, {}
+
+    def record(name, x):
+        x = x.double()
+        sums[name] = sums.get(name, 0) + x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    _run_with_hooks(model, names, calibration, record)
     return {name: 2 * sums[name] / counts[name] for name in sums}
 
 
@@ -231,12 +368,12 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> Quanti
         raise UserInputError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
     if gate is not None:
         raise UserInputError("quantize: accuracy gates for PyTorch models are not available in this version")
-    needs_data = getattr(config, "method", "rtn") == "gptq"
+    needs_data = getattr(config, "method", "rtn") == "gptq" or isinstance(config, W8A8)
     if needs_data and calibration is None:
-        raise UserInputError(f"{type(config).__name__}(method='gptq') needs calibration data: "
+        raise UserInputError(f"{type(config).__name__} with these settings needs calibration data: "
                              "quantize(model, config, calibration=[batch, ...])")
     if not needs_data and calibration is not None:
-        raise UserInputError(f"{type(config).__name__}(method={getattr(config, 'method', 'rtn')!r}) uses no calibration data")
+        raise UserInputError(f"{type(config).__name__} with these settings uses no calibration data")
     report = QuantizeReport(config)
     targets = []
     for name, module in model.named_modules():
@@ -245,9 +382,14 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> Quanti
                 report.skipped.append(name)
             else:
                 targets.append((name, module))
-    hessians = collect_hessians(model, [n for n, _ in targets], calibration) if needs_data else {}
+    names = [n for n, _ in targets]
+    stats, key = {}, None
+    if isinstance(config, W8A8):
+        stats, key = collect_input_absmax(model, names, calibration), "act_absmax"
+    elif needs_data:
+        stats, key = collect_hessians(model, names, calibration), "hessian"
     for name, linear in targets:
-        extra = {"hessian": hessians.get(name)} if needs_data else {}
+        extra = {key: stats.get(name)} if key else {}
         replacement = handler(linear, config, name, **extra).to(linear.weight.device)
         report.layers[name] = sqnr_db(linear.weight.detach(), replacement.dequantized_weight())
         parent_name, _, child = name.rpartition(".")
@@ -256,7 +398,7 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> Quanti
 
 
 QUANTIZED_FORMAT = "inferforge-quantized/1"
-_CONFIG_TYPES = {cls.__name__: cls for cls in (Int8WeightOnly, Int4WeightOnly)}
+_CONFIG_TYPES = {cls.__name__: cls for cls in (Int8WeightOnly, Int4WeightOnly, W8A8, FP8)}
 
 
 def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
@@ -283,6 +425,12 @@ def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
         elif isinstance(module, Int4WeightOnlyLinear):
             layers[name] = {"format": "int4", "in": module.in_features, "out": module.out_features,
                             "bias": module.bias is not None, "group_size": module.group_size}
+        elif isinstance(module, W8A8Linear):
+            layers[name] = {"format": "w8a8", "in": module.in_features, "out": module.out_features,
+                            "bias": module.bias is not None}
+        elif isinstance(module, FP8Linear):
+            layers[name] = {"format": "fp8", "in": module.in_features, "out": module.out_features,
+                            "bias": module.bias is not None, "granularity": module.granularity}
     meta = {"format": QUANTIZED_FORMAT,
             "config": {"type": type(report.config).__name__, **dataclasses.asdict(report.config)},
             "layers": layers, "skipped": report.skipped, "sqnr_db": report.layers}
@@ -323,6 +471,11 @@ def load_quantized(model: nn.Module, directory) -> nn.Module:
         bias = torch.empty(n) if info["bias"] else None
         if info["format"] == "int8":
             shell = Int8WeightOnlyLinear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
+        elif info["format"] == "w8a8":
+            shell = W8A8Linear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), torch.empty(k), bias)
+        elif info["format"] == "fp8":
+            rows = n if info["granularity"] == "row" else 1
+            shell = FP8Linear(torch.empty(n, k, dtype=torch.float8_e4m3fn), torch.empty(rows), bias, info["granularity"])
         else:
             g = info["group_size"]
             shell = Int4WeightOnlyLinear(torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),

@@ -113,17 +113,23 @@ def test_gptq_needs_calibration_and_rtn_refuses_it():
         quantize(mlp(), Int8WeightOnly(), calibration=[torch.randn(2, 256)])
 
 
-@pytest.mark.parametrize("config", [Int8WeightOnly(skip=("lm_head",)), Int4WeightOnly(group_size=32)],
-                         ids=["int8", "int4"])
+@pytest.mark.parametrize("config", [Int8WeightOnly(skip=("lm_head",)), Int4WeightOnly(group_size=32), "w8a8", "fp8-row"],
+                         ids=["int8", "int4", "w8a8", "fp8-row"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, config):
     from transformers import LlamaForCausalLM
 
+    from inferforge.optimize import FP8, W8A8
     from inferforge.optimize.quantize import load_quantized, save_quantized
 
     torch.manual_seed(0)
     cfg = tiny_llama_config(tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
-    report = quantize(model, config)
+    if config == "w8a8":
+        report = quantize(model, W8A8(), calibration=[torch.randint(3, 256, (2, 16))])
+    elif config == "fp8-row":
+        report = quantize(model, FP8(granularity="row"))
+    else:
+        report = quantize(model, config)
     save_quantized(model, tmp_path / "q", report)
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "quantization.json"]
     torch.manual_seed(1)
@@ -142,3 +148,62 @@ def test_load_into_the_wrong_architecture(tmp_path):
     save_quantized(model, tmp_path / "q", quantize(model, Int8WeightOnly()))
     with pytest.raises(UserInputError, match=r"layer '0' is not an nn.Linear\(256, 512\)"):
         load_quantized(nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 256)), tmp_path / "q")
+
+
+def outlier_inputs(n, seed):
+    """Activations with a few planted outlier channels (30-60x the rest), as LayerNorm outputs have."""
+    x = torch.randn(n, 256, generator=torch.Generator().manual_seed(seed))
+    x[:, [3, 77, 200]] *= torch.tensor([30.0, 60.0, 45.0])
+    return x
+
+
+def test_smoothquant_beats_plain_w8a8_on_outlier_channels():
+    from inferforge.optimize import W8A8
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    calibration = [outlier_inputs(128, s) for s in range(3)]
+    held_out = outlier_inputs(256, 42)
+    with torch.no_grad():
+        want = layer(held_out)
+    scores = {}
+    for alpha in (0.0, 0.5):
+        model = nn.Sequential(nn.Linear(256, 128))
+        model[0].load_state_dict(layer.state_dict())
+        quantize(model, W8A8(smoothquant_alpha=alpha), calibration=calibration)
+        with torch.no_grad():
+            scores[alpha] = sqnr_db(want, model(held_out))
+    assert scores[0.5] > scores[0.0] + 3, scores        # alpha 0 is plain per-token W8A8
+    assert scores[0.5] > 25
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_fp8_emulation_matches_e4m3_casts(granularity):
+    from inferforge.optimize import FP8
+
+    model = mlp()
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want = model(x)
+    report = quantize(model, FP8(granularity=granularity))
+    assert min(report.layers.values()) > 25
+    layer = model[0]
+    # The same computation spelled out with torch's own e4m3 casts.
+    amax = x.abs().amax() if granularity == "tensor" else x.abs().amax(dim=1, keepdim=True)
+    xs = (amax / 448).clamp(min=1e-12)
+    w = layer.weight_fp8.float() * (layer.w_scale if granularity == "tensor" else layer.w_scale[:, None])
+    expected = ((x / xs).to(torch.float8_e4m3fn).float() * xs) @ w.T + layer.bias
+    assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        assert sqnr_db(want, model(x)) > 20
+
+
+def test_w8a8_and_fp8_configs_validate():
+    from inferforge.optimize import FP8, W8A8
+
+    with pytest.raises(UserInputError, match="smoothquant_alpha must be in"):
+        W8A8(smoothquant_alpha=2)
+    with pytest.raises(UserInputError, match="granularity must be 'tensor' or 'row'"):
+        FP8(granularity="block")
+    with pytest.raises(UserInputError, match="needs calibration data"):
+        quantize(mlp(), W8A8())

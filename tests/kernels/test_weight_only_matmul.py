@@ -67,3 +67,18 @@ def test_bad_inputs():
         w4a16_matmul(x, packed, torch.ones(8, 1, device=DEVICE), torch.ones(8, 1, device=DEVICE), group_size=128)
     with pytest.raises(ValueError, match=r"scales must be contiguous float32 \[8, 2\]"):
         w4a16_matmul(x, packed, torch.ones(8, 3, device=DEVICE), torch.ones(8, 2, device=DEVICE), group_size=32)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 40, 96), (33, 64, 160), (70, 17, 64)])
+def test_int8_matmul_is_exact_before_scaling(m, n, k):
+    from inferforge.kernels import int8_matmul
+    from inferforge.kernels.reference import int8_matmul_reference
+
+    x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEVICE)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+    xs, ws = torch.rand(m, device=DEVICE) * 0.01, torch.rand(n, device=DEVICE) * 0.01
+    bias = torch.randn(n, device=DEVICE)
+    got = int8_matmul(x, w, xs, ws, bias, out_dtype=torch.float32)
+    torch.testing.assert_close(got, int8_matmul_reference(x, w, xs, ws, bias, out_dtype=torch.float32), rtol=1e-6, atol=1e-5)
+    ones = int8_matmul(x, w, torch.ones(m, device=DEVICE), torch.ones(n, device=DEVICE), out_dtype=torch.float32)
+    assert torch.equal(ones, (x.long() @ w.long().T).float())     # the int32 accumulation is exact
