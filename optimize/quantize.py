@@ -348,26 +348,35 @@ def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[st
 
 @dataclass
 class QuantizeReport:
-    """Per replaced layer, the weight SQNR in dB; and the layers kept in full precision."""
+    """Per replaced layer, the weight SQNR in dB; the layers kept in full precision (by the config's
+    skip patterns, and by auto_skip to pass the gate); the held-out metrics and the gate's verdict."""
 
     config: object
     layers: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    auto_skipped: list[str] = field(default_factory=list)
+    metrics: dict | None = None
+    gate_failures: list[str] = field(default_factory=list)
 
     def worst(self, n: int = 5) -> list[tuple[str, float]]:
         return sorted(self.layers.items(), key=lambda kv: kv[1])[:n]
 
 
-def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> QuantizeReport:
+def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data=None,
+             auto_skip: bool = False) -> QuantizeReport:
     """Replace the model's nn.Linear layers in place with quantized ones per `config`.
 
-    Returns a `QuantizeReport` with each layer's weight SQNR (dB, vs. the original weights)."""
+    Returns a `QuantizeReport` with each layer's weight SQNR (dB, vs. the original weights). With a
+    `gate` (an `LMGate`) and held-out `eval_data` (token batches), the quantized model is compared
+    with the original (perplexity, top-1 agreement, KL); a missed gate raises `GateFailed`, unless
+    `auto_skip=True`, which restores the layers with the lowest SQNR to full precision one at a
+    time until the gate passes (they are listed in `report.auto_skipped`)."""
+    if gate is not None:
+        return _quantize_gated(model, config, calibration, gate, eval_data, auto_skip)
     handler = _HANDLERS.get(type(config))
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise UserInputError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
-    if gate is not None:
-        raise UserInputError("quantize: accuracy gates for PyTorch models are not available in this version")
     needs_data = getattr(config, "method", "rtn") == "gptq" or isinstance(config, W8A8)
     if needs_data and calibration is None:
         raise UserInputError(f"{type(config).__name__} with these settings needs calibration data: "
@@ -394,6 +403,33 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None) -> Quanti
         report.layers[name] = sqnr_db(linear.weight.detach(), replacement.dequantized_weight())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    return report
+
+
+def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip) -> QuantizeReport:
+    import copy
+
+    from inferforge.errors import GateFailed
+    from inferforge.optimize.lm_eval import compare_lms
+
+    if not eval_data:
+        raise UserInputError("a gate needs held-out eval_data: quantize(..., gate=LMGate(...), eval_data=[batch, ...])")
+    original = copy.deepcopy(model).eval()
+    report = quantize(model, config, calibration=calibration)
+    report.metrics = compare_lms(original, model, eval_data)
+    report.gate_failures = gate.failures(report.metrics)
+    by_sensitivity = [name for name, _ in sorted(report.layers.items(), key=lambda kv: kv[1])]
+    while report.gate_failures and auto_skip and by_sensitivity:
+        name = by_sensitivity.pop(0)                  # the layer with the lowest SQNR goes back to full precision
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, copy.deepcopy(original.get_submodule(name)))
+        report.auto_skipped.append(name)
+        del report.layers[name]
+        report.metrics = compare_lms(original, model, eval_data)
+        report.gate_failures = gate.failures(report.metrics)
+    if report.gate_failures:
+        hint = "" if auto_skip else "; pass auto_skip=True to keep the most sensitive layers in full precision"
+        raise GateFailed(f"quantization gate missed: {'; '.join(report.gate_failures)}{hint}")
     return report
 
 
@@ -433,7 +469,8 @@ def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
                             "bias": module.bias is not None, "granularity": module.granularity}
     meta = {"format": QUANTIZED_FORMAT,
             "config": {"type": type(report.config).__name__, **dataclasses.asdict(report.config)},
-            "layers": layers, "skipped": report.skipped, "sqnr_db": report.layers}
+            "layers": layers, "skipped": report.skipped, "auto_skipped": report.auto_skipped,
+            "metrics": report.metrics, "sqnr_db": report.layers}
     fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=directory)
     os.close(fd)
     try:

@@ -207,3 +207,48 @@ def test_w8a8_and_fp8_configs_validate():
         FP8(granularity="block")
     with pytest.raises(UserInputError, match="needs calibration data"):
         quantize(mlp(), W8A8())
+
+
+def _tiny_lm(seed=0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def test_lm_metrics_and_gate():
+    from inferforge.errors import GateFailed
+    from inferforge.optimize.lm_eval import LMGate, compare_lms
+
+    held_out = [torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    same = compare_lms(_tiny_lm(), _tiny_lm(), held_out)
+    assert same["ppl_increase"] == pytest.approx(0, abs=1e-9) and same["top1_agreement"] == 1 and same["kl"] < 1e-9
+    model = _tiny_lm()
+    report = quantize(model, Int8WeightOnly(), gate=LMGate(max_ppl_increase=0.05, min_top1_agreement=0.9),
+                      eval_data=held_out)
+    assert report.metrics["top1_agreement"] > 0.9 and not report.gate_failures
+    with pytest.raises(GateFailed, match=r"top-1 agreement .* < 100.00%; pass auto_skip=True"):
+        quantize(_tiny_lm(), Int4WeightOnly(group_size=32), gate=LMGate(min_top1_agreement=1.0), eval_data=held_out)
+
+
+def test_auto_skip_restores_the_most_sensitive_layers_until_the_gate_passes():
+    from inferforge.optimize.lm_eval import LMGate
+
+    held_out = [torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    model = _tiny_lm()
+    plain = quantize(_tiny_lm(), Int4WeightOnly(group_size=32))
+    report = quantize(model, Int4WeightOnly(group_size=32), gate=LMGate(max_kl=0.5 * _kl_of(plain, held_out)),
+                      eval_data=held_out, auto_skip=True)
+    assert report.auto_skipped and not report.gate_failures
+    worst_first = [n for n, _ in sorted(plain.layers.items(), key=lambda kv: kv[1])]
+    assert report.auto_skipped == worst_first[:len(report.auto_skipped)]
+    for name in report.auto_skipped:
+        assert isinstance(model.get_submodule(name), nn.Linear)
+
+
+def _kl_of(report, held_out):
+    from inferforge.optimize.lm_eval import compare_lms
+
+    model = _tiny_lm()
+    quantize(model, report.config)
+    return compare_lms(_tiny_lm(), model, held_out)["kl"]

@@ -1,0 +1,64 @@
+"""Accuracy of a quantized language model against its original, and the gate that decides.
+
+On held-out token batches (`[batch, seq]` int64 tensors), with logits from both models:
+    perplexity       = exp(mean next-token cross-entropy)
+    ppl_increase     = ppl(quantized) / ppl(original) - 1
+    top1_agreement   = share of positions where both models' argmax agree
+    kl               = mean KL(original || quantized) of the next-token distributions
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inferforge.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class LMGate:
+    max_ppl_increase: float | None = None      # 0.02 = 2%
+    min_top1_agreement: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self):
+        if all(v is None for v in (self.max_ppl_increase, self.min_top1_agreement, self.max_kl)):
+            raise UserInputError("LMGate needs at least one of max_ppl_increase, min_top1_agreement, max_kl")
+
+    def failures(self, metrics: dict) -> list[str]:
+        out = []
+        if self.max_ppl_increase is not None and metrics["ppl_increase"] > self.max_ppl_increase:
+            out.append(f"perplexity +{metrics['ppl_increase']:.2%} > +{self.max_ppl_increase:.2%}")
+        if self.min_top1_agreement is not None and metrics["top1_agreement"] < self.min_top1_agreement:
+            out.append(f"top-1 agreement {metrics['top1_agreement']:.2%} < {self.min_top1_agreement:.2%}")
+        if self.max_kl is not None and metrics["kl"] > self.max_kl:
+            out.append(f"KL {metrics['kl']:.4f} > {self.max_kl:.4f}")
+        return out
+
+
+def _logits(model, batch):
+    out = model(batch)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+@torch.no_grad()
+def compare_lms(original, quantized, batches) -> dict:
+    """Perplexity of both, its relative increase, top-1 agreement and mean KL over `batches`."""
+    nll_o = nll_q = kl = agree = count = 0.0
+    for batch in batches:
+        lo, lq = _logits(original, batch)[:, :-1], _logits(quantized, batch)[:, :-1]
+        target = batch[:, 1:]
+        nll_o += F.cross_entropy(lo.reshape(-1, lo.shape[-1]), target.reshape(-1), reduction="sum").item()
+        nll_q += F.cross_entropy(lq.reshape(-1, lq.shape[-1]), target.reshape(-1), reduction="sum").item()
+        po = F.log_softmax(lo, -1)
+        kl += F.kl_div(F.log_softmax(lq, -1), po, log_target=True, reduction="sum").item()
+        agree += (lo.argmax(-1) == lq.argmax(-1)).sum().item()
+        count += target.numel()
+    if count == 0:
+        raise UserInputError("compare_lms needs held-out batches with at least two tokens per sequence")
+    ppl_o, ppl_q = math.exp(nll_o / count), math.exp(nll_q / count)
+    return {"ppl_original": ppl_o, "ppl_quantized": ppl_q, "ppl_increase": ppl_q / ppl_o - 1,
+            "top1_agreement": agree / count, "kl": kl / count, "tokens": int(count)}
