@@ -3,9 +3,10 @@
 # kernel benchmarks. Full results go under $OUT; a short table is printed last.
 #
 #   bash scripts/gpu_check.sh              # everything (OUT defaults to ./gpu-results)
-#   bash scripts/gpu_check.sh decode       # one part: tests | attention | decode
+#   bash scripts/gpu_check.sh decode       # one part: tests | attention | decode | quant
 #
-# The parts' time limits (150 + 180 + 200 s) keep one call under the device tool's 10 minutes.
+# Each part has its own time limit (150, 180, 200, 150 s); run `all` or two parts per device call
+# to stay under the device tool's 10 minutes per command.
 # The GPU image has torch and triton but not this project's other dependencies and no internet,
 # so nothing is installed: the inferforge namespace is assembled from the source folders with links.
 set -uo pipefail
@@ -27,11 +28,11 @@ unset TRITON_INTERPRET
 
 part="${1:-all}"
 quick="--quick"; [ "${BENCH_FULL:-0}" = "1" ] && quick=""
-tests_rc=0; attention_rc=0; decode_rc=0
+tests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0
 
 if [ "$part" = all ] || [ "$part" = tests ]; then
   # Correctness, compiled, fp16/fp32/bf16: one fixed config (INFERFORGE_AUTOTUNE=0) so each case compiles once.
-  INFERFORGE_AUTOTUNE=0 timeout 150 python -m pytest tests/kernels -q -x -p no:cacheprovider \
+  INFERFORGE_AUTOTUNE=0 timeout 150 python -m pytest tests/kernels tests/test_quantize.py -q -x -p no:cacheprovider \
     --junitxml="$OUT/kernel-tests.xml" > "$OUT/kernel-tests.log" 2>&1
   tests_rc=$?
 fi
@@ -47,12 +48,18 @@ if [ "$part" = all ] || [ "$part" = decode ]; then
   decode_rc=$?
 fi
 
+if [ "$part" = all ] || [ "$part" = quant ]; then
+  timeout 150 python -m inferforge.bench.kernels.bench_quant_matmul $quick --out "$OUT/quant-matmul.md" \
+    > "$OUT/bench-quant.log" 2>&1
+  quant_rc=$?
+fi
+
 echo
 if [ -f "$OUT/kernel-tests.log" ]; then echo "== kernel tests (exit $tests_rc) =="; tail -n 3 "$OUT/kernel-tests.log"; fi
-for name in attention decode; do
+for name in attention decode quant; do
   log="$OUT/bench-$name.log"; [ -f "$log" ] || continue
-  md="$OUT/attention-bf16.md"; [ "$name" = decode ] && md="$OUT/decode.md"
+  case "$name" in attention) md="$OUT/attention-bf16.md" ;; decode) md="$OUT/decode.md" ;; quant) md="$OUT/quant-matmul.md" ;; esac
   echo "== $name benchmark =="
   if [ -f "$md" ]; then cat "$md"; else tail -n 20 "$log"; fi
 done
-exit $(( tests_rc != 0 || attention_rc != 0 || decode_rc != 0 ))
+exit $(( tests_rc != 0 || attention_rc != 0 || decode_rc != 0 || quant_rc != 0 ))

@@ -60,3 +60,15 @@ def test_flex_paged_provider_computes_paged_decode():
     lens[1] = 7
     got = flex_paged(q, k, v, tables, lens, scales, torch.float32, "cpu")()[:, :, 0]
     torch.testing.assert_close(got, paged_decode_attention_reference(q, k, v, tables, lens), atol=1e-5, rtol=1e-5)
+
+
+def test_quant_matmul_smoke_run(tmp_path):
+    if torch.cuda.is_available():
+        return
+    from inferforge.bench.kernels import bench_quant_matmul
+
+    out = tmp_path / "q.md"
+    assert bench_quant_matmul.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["format"] for r in rows] == ["int8-weight-only", "int4-g128", "w8a8", "fp8"]
+    assert all(r["ms"] > 0 and r["bf16_ms"] > 0 for r in rows)
