@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import torch
+
+from inferforge.bench.kernels.common import environment, time_ms, write_report
 
 
 @dataclass(frozen=True)
@@ -121,24 +121,6 @@ def providers(shape: Shape, inputs, device):
     return fns, skipped
 
 
-def time_ms(fn, device) -> tuple[float, float, float]:
-    """Median, p20 and p80 in milliseconds: CUDA events via triton's do_bench on a GPU, perf_counter elsewhere."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return tuple(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-    import time
-
-    fn()
-    samples = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e3)
-    samples.sort()
-    return samples[1], samples[0], samples[2]
-
-
 def matmul_ceiling_tflops(device, dtype) -> float | None:
     if device != "cuda":
         return None
@@ -146,17 +128,6 @@ def matmul_ceiling_tflops(device, dtype) -> float | None:
     b = torch.randn(8192, 8192, dtype=dtype, device=device)
     ms = time_ms(lambda: a @ b, device)[0]
     return 2 * 8192**3 / ms / 1e9
-
-
-def environment(device) -> dict:
-    import triton
-
-    from inferforge.manifest import git_revision
-
-    return {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "device": device,
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "git_revision": git_revision(),
-            "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
 
 
 def run(shapes, device, dtype) -> dict:
@@ -224,15 +195,7 @@ def main(argv=None) -> int:
         device, dtype = "cuda", getattr(torch, args.dtype)
         shapes = fa3_grid(args.quick) + llama_and_varlen(args.quick)
     report = run(shapes, device, dtype)
-    md = to_markdown(report)
-    if args.out:
-        from pathlib import Path
-
-        from inferforge.fileio import atomic_write_json, atomic_write_text
-
-        atomic_write_text(args.out, md)
-        atomic_write_json(Path(args.out).with_suffix(".json"), report)
-    print(md)
+    write_report(args.out, to_markdown(report), report)
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from inferforge.bench.kernels.bench_attention import environment, time_ms
+from inferforge.bench.kernels.common import environment, time_ms, write_report
 
 
 def copy_bandwidth_gbs(device) -> float | None:
@@ -256,15 +256,7 @@ def main(argv=None) -> int:
               "end_to_end": [] if args.skip_e2e else bench_end_to_end(device, dtype)}
     for r in report["decode"]:
         r["fraction_of_copy"] = r["results"]["inferforge"]["gbs"] / report["copy_gbs"] if report["copy_gbs"] else None
-    md = to_markdown(report)
-    if args.out:
-        from pathlib import Path
-
-        from inferforge.fileio import atomic_write_json, atomic_write_text
-
-        atomic_write_text(args.out, md)
-        atomic_write_json(Path(args.out).with_suffix(".json"), report)
-    print(md)
+    write_report(args.out, to_markdown(report), report)
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from inferforge.bench.kernels.bench_attention import environment, time_ms
+from inferforge.bench.kernels.common import environment, time_ms, write_report
 from inferforge.optimize.explain import GPUS, predict
 
 LLAMA3_8B = [("q/o_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -108,15 +108,7 @@ def main(argv=None) -> int:
         cases += [(f, m, s) for f in ("w8a8", "fp8") for m in ((256, 4096) if args.quick else (256, 1024, 4096))
                   for s in shapes]
     report = {"environment": environment(device), "rows": run(cases, device, dtype, gpu_key)}
-    md = to_markdown(report)
-    if args.out:
-        from pathlib import Path
-
-        from inferforge.fileio import atomic_write_json, atomic_write_text
-
-        atomic_write_text(args.out, md)
-        atomic_write_json(Path(args.out).with_suffix(".json"), report)
-    print(md)
+    write_report(args.out, to_markdown(report), report)
     return 0
 
 
