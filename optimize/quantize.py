@@ -54,11 +54,16 @@ class W8A8:
     scales from calibration data: activation outliers move into the weights before quantizing."""
 
     smoothquant_alpha: float = 0.5
+    observer: str = "minmax"        # how activation ranges are taken: minmax, percentile or mse
     skip: tuple[str, ...] = ()
 
     def __post_init__(self):
+        from inferforge.optimize.calibration import OBSERVERS
+
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise UserInputError(f"W8A8: smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
+        if self.observer not in OBSERVERS:
+            raise UserInputError(f"W8A8: observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
 
 
 @dataclass(frozen=True)
@@ -320,15 +325,27 @@ def _run_with_hooks(model, names, calibration, record):
             h.remove()
 
 
-def collect_input_absmax(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
-    """Per input channel, the largest |x| each named nn.Linear sees on the calibration batches."""
-    absmax = {}
+def collect_input_absmax(model: nn.Module, names: list[str], calibration, observer: str = "minmax",
+                         max_rows: int = 4096) -> dict[str, torch.Tensor]:
+    """Per input channel, the |x| range each named nn.Linear sees on the calibration batches: the
+    maximum over all of them (minmax), or the observer applied to the first `max_rows` input rows."""
+    from inferforge.optimize.calibration import observe_range
+
+    absmax, rows = {}, {}
 
     def record(name, x):
-        m = x.abs().amax(dim=0).float()
-        absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+        if observer == "minmax":
+            m = x.abs().amax(dim=0).float()
+            absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+        else:
+            kept = rows.setdefault(name, [])
+            have = sum(r.shape[0] for r in kept)
+            if have < max_rows:
+                kept.append(x[: max_rows - have].float().cpu())
 
     _run_with_hooks(model, names, calibration, record)
+    for name, kept in rows.items():
+        absmax[name] = observe_range(torch.cat(kept), observer)
     return absmax
 
 
@@ -394,7 +411,7 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data
     names = [n for n, _ in targets]
     stats, key = {}, None
     if isinstance(config, W8A8):
-        stats, key = collect_input_absmax(model, names, calibration), "act_absmax"
+        stats, key = collect_input_absmax(model, names, calibration, observer=config.observer), "act_absmax"
     elif needs_data:
         stats, key = collect_hessians(model, names, calibration), "hessian"
     for name, linear in targets:

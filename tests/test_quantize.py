@@ -252,3 +252,22 @@ def _kl_of(report, held_out):
     model = _tiny_lm()
     quantize(model, report.config)
     return compare_lms(_tiny_lm(), model, held_out)["kl"]
+
+
+@pytest.mark.parametrize("observer", ["percentile", "mse"])
+def test_w8a8_observers_run_and_stay_accurate(observer):
+    from inferforge.optimize import W8A8
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    calibration = [outlier_inputs(128, s) for s in range(3)]
+    held_out = outlier_inputs(256, 42)
+    with torch.no_grad():
+        want = layer(held_out)
+    model = nn.Sequential(nn.Linear(256, 128))
+    model[0].load_state_dict(layer.state_dict())
+    quantize(model, W8A8(observer=observer), calibration=calibration)
+    with torch.no_grad():
+        assert sqnr_db(want, model(held_out)) > 25
+    with pytest.raises(UserInputError, match="observer must be one of"):
+        W8A8(observer="max")
