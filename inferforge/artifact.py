@@ -25,6 +25,10 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         raise ArtifactError(f"{path}: this artifact failed its accuracy gate ({', '.join(failed) or 'unknown'}); "
                             "pass allow_failed=True to load it anyway")
     kind = manifest.get("kind")
+    if kind == "quantized-causal-lm":
+        from inferforge.optimize.llm_quantize import load_quantized_artifact
+
+        return load_quantized_artifact(path, manifest)
     if kind == "causal-lm":
         from inferforge.engine import LLMEngine
 

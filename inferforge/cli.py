@@ -103,8 +103,10 @@ def cmd_quantize(args) -> int:
     if args.explain:
         if not args.config:
             raise UserInputError("--explain needs --config FORMAT (int8-weight-only, int4-g128, w8a8 or fp8)")
-        args.format = args.config
+        args.format = "int4-g128" if args.config == "int4-gptq" else args.config
         return cmd_explain(args)
+    if args.config:
+        return _quantize_llm(args)
     alpha = args.smoothquant_alpha
     try:
         alpha = float(alpha)
@@ -112,6 +114,31 @@ def cmd_quantize(args) -> int:
         pass
     steps = [{"export": {"opset": args.opset}}, {"quantize": {"smoothquant_alpha": alpha}}, "validate"]
     return _adhoc_recipe(args, steps)
+
+
+def _quantize_llm(args) -> int:
+    from inferforge.optimize.llm_quantize import quantize_checkpoint
+    from inferforge.optimize.lm_eval import LMGate
+
+    gate = None
+    if args.max_ppl_increase is not None or args.min_top1_agreement is not None:
+        gate = LMGate(max_ppl_increase=args.max_ppl_increase, min_top1_agreement=args.min_top1_agreement)
+    out = args.output or f"runs/{Path(args.model).name}-{args.config}"
+    manifest = quantize_checkpoint(args.model, out, fmt=args.config, calibration_file=args.calibration,
+                                   num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
+                                   auto_skip=args.auto_skip, skip=tuple(args.skip), group_size=args.group_size,
+                                   progress=_progress(args))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        metrics = manifest.get("validation")
+        print(f"artifact: {Path(out).resolve()}")
+        print(manifest["steps"][0]["summary"])
+        if metrics:
+            print(f"held-out: perplexity {metrics['ppl_original']:.3f} -> {metrics['ppl_quantized']:.3f} "
+                  f"({metrics['ppl_increase']:+.2%}), top-1 agreement {metrics['top1_agreement']:.2%}, "
+                  f"KL {metrics['kl']:.4f}")
+    return EXIT_OK
 
 
 def _parse_target(text: str) -> tuple[int, float]:
@@ -314,12 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", formatter_class=fmt, help="export and quantize to int8 with an accuracy gate",
                        description="Export to ONNX, quantize to int8 with ONNX Runtime (per-channel weights, SmoothQuant "
                                    "chosen on calibration data), validate on held-out sentences.",
-                       epilog="example:\n  inferforge quantize ./my-bert --min-cosine 0.995 --output runs/my-bert-int8")
+                       epilog="examples:\n  inferforge quantize ./my-bert --min-cosine 0.995 --output runs/my-bert-int8\n"
+                              "  inferforge quantize ./Llama-3.2-1B --config int4-gptq --calibration text.txt "
+                              "--max-ppl-increase 0.05 --auto-skip\n"
+                              "  inferforge quantize --explain ./Llama-3.2-1B --config int4-g128 --batch 1")
     _model_args(p)
     p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
     p.add_argument("--explain", action="store_true",
                    help="predict, per layer, whether --config pays at --batch on --gpu (roofline), and run nothing")
-    p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "w8a8", "fp8"], help="format for --explain")
+    p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "w8a8", "fp8"],
+                   help="quantize a causal LM (Llama-family) directory to this format instead of the ONNX int8 "
+                        "path; or the format for --explain")
+    p.add_argument("--calibration", help="with --config: .txt or .jsonl calibration text (needed by int4-gptq, w8a8, gates)")
+    p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (half as many are held out)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-ppl-increase", type=float, help="gate: e.g. 0.02 for +2%% perplexity on held-out text")
+    p.add_argument("--min-top1-agreement", type=float, help="gate: e.g. 0.95")
+    p.add_argument("--auto-skip", action="store_true", help="keep the most sensitive layers in float until the gate passes")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="layers kept in float, e.g. lm_head")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--batch", type=int, default=1, help="tokens per forward pass for --explain (default 1)")
     p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"], help="GPU for --explain")
     _common(p)
