@@ -112,7 +112,8 @@ def cmd_quantize(args) -> int:
         alpha = float(alpha)
     except ValueError:
         pass
-    steps = [{"export": {"opset": args.opset}}, {"quantize": {"smoothquant_alpha": alpha}}, "validate"]
+    quant = {"smoothquant_alpha": alpha, "method": args.method, "calibrate_method": args.calibrate_method}
+    steps = [{"export": {"opset": args.opset}}, {"quantize": quant}, "validate"]
     return _adhoc_recipe(args, steps)
 
 
@@ -347,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "  inferforge quantize --explain ./Llama-3.2-1B --config int4-g128 --batch 1")
     _model_args(p)
     p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
+    p.add_argument("--method", default="dynamic-int8", choices=["dynamic-int8", "static-qdq"],
+                   help="ONNX int8: dynamic activations (CPU serving) or static symmetric QDQ (TensorRT)")
+    p.add_argument("--calibrate-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="activation ranges for --method static-qdq")
     p.add_argument("--explain", action="store_true",
                    help="predict, per layer, whether --config pays at --batch on --gpu (roofline), and run nothing")
     p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "w8a8", "fp8"],

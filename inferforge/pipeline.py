@@ -90,10 +90,25 @@ def _export(ctx: RunContext, cfg: ExportConfig) -> dict:
 
 @step_runner(QuantizeConfig)
 def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
-    from inferforge.optimize.onnx_quantize import quantize_onnx_int8
+    from inferforge.optimize.onnx_quantize import quantize_onnx_int8, quantize_static_qdq
     from inferforge.optimize.validate import cosine_rows
 
     calibration = list(ctx.sentences.calibration)
+    if cfg.method == "static-qdq":
+        out = ctx.work / "onnx-int8" / MODEL_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        batches = [ctx.reference.tokenize(calibration[i:i + 16]) for i in range(0, len(calibration), 16)]
+        with ctx.progress.spinner(f"static QDQ quantization, {cfg.calibrate_method} calibration"):
+            try:
+                record = quantize_static_qdq(ctx.fp32_onnx, out, calibration_batches=batches,
+                                             calibrate_method=cfg.calibrate_method, per_channel=cfg.per_channel,
+                                             exclude_nodes=cfg.exclude_nodes)
+            except ValueError as e:
+                raise UserInputError(f"quantize: {e}") from None
+        ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
+        record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
+        return {"result": record, "summary": f"static QDQ int8 ({cfg.calibrate_method} calibration); size "
+                                             f"{record['size_bytes']['fp32'] / 1e6:.0f} MB -> {record['size_bytes']['int8'] / 1e6:.0f} MB"}
     reference = ctx.reference(calibration)
     tokenize = ctx.reference.tokenize
     batches = [tokenize(calibration[i:i + 16]) for i in range(0, len(calibration), 16)]

@@ -78,7 +78,8 @@ class QuantizeConfig:
     set) or `off`. `exclude_nodes` keeps the named ONNX nodes in float.
     """
 
-    method: str = "dynamic-int8"
+    method: str = "dynamic-int8"          # or "static-qdq" (TensorRT-style symmetric QDQ, calibrated)
+    calibrate_method: str = "minmax"      # static-qdq: minmax, entropy or percentile
     per_channel: bool = True
     smoothquant_alpha: float | str = "auto"
     alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
@@ -89,7 +90,9 @@ class QuantizeConfig:
     def __post_init__(self):
         _require(self.max_auto_excluded >= 0, "max_auto_excluded must be >= 0")
         _require(0 <= self.calibration_margin < 1, "calibration_margin must be in [0, 1)")
-        _require(self.method == "dynamic-int8", "method must be 'dynamic-int8' (the only ONNX method so far)")
+        _require(self.method in ("dynamic-int8", "static-qdq"), "method must be 'dynamic-int8' or 'static-qdq'")
+        _require(self.calibrate_method in ("minmax", "entropy", "percentile"),
+                 "calibrate_method must be 'minmax', 'entropy' or 'percentile'")
         a = self.smoothquant_alpha
         if isinstance(a, str):
             _require(a in ("auto", "off"), "smoothquant_alpha must be a number in [0, 1], 'auto' or 'off'")

@@ -17,7 +17,9 @@ projections have token-dependent outliers that smoothing does not help (measured
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -230,3 +232,44 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
         "candidates": candidates,
         "quantized_ops": "MatMul with constant weights (int8 weights, dynamic per-tensor uint8 activations)",
     }
+
+
+def quantize_static_qdq(fp32_path: str | Path, out_path: str | Path, *,
+                        calibration_batches: Sequence[dict[str, np.ndarray]], calibrate_method: str = "minmax",
+                        per_channel: bool = True, exclude_nodes: Sequence[str] = ()) -> dict:
+    """Static int8 quantization in QDQ format, as TensorRT expects it: symmetric int8 activations
+    and weights (per channel), QuantizeLinear/DequantizeLinear pairs around each MatMul, and
+    activation ranges calibrated on `calibration_batches` with MinMax, Entropy or Percentile."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if calibrate_method not in methods:
+        raise ValueError(f"calibrate_method must be one of {', '.join(methods)}, got {calibrate_method!r}")
+    import onnx
+
+    names = [i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{n: b[n] for n in names} for b in calibration_batches])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    # ONNX Runtime's histogram calibrators print progress to stdout; keep stdout for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                        op_types_to_quantize=["MatMul"], nodes_to_exclude=list(exclude_nodes),
+                        calibrate_method=methods[calibrate_method],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99})
+    return {"method": "static-qdq", "calibrate_method": calibrate_method, "per_channel": per_channel,
+            "excluded_nodes": list(exclude_nodes), "format": "QDQ, symmetric int8 activations and weights"}

@@ -85,3 +85,18 @@ def test_too_few_sentences_is_a_clear_error(tmp_path):
     text.write_text("one sentence\nanother one\n")
     with pytest.raises(UserInputError, match="2 distinct sentences, but calibration_size"):
         pipeline.run_recipe(tiny_recipe(tmp_path / "o", data={"sentences": str(text)}))
+
+
+@pytest.mark.parametrize("calibrate", ["minmax", "percentile", "entropy"])
+def test_static_qdq_quantization(tmp_path, capsys, calibrate):
+    import onnx
+
+    out = tmp_path / f"qdq-{calibrate}"
+    code = main(["quantize", "tests.factories:tiny_bert", "--output", str(out), "-q", "--min-cosine", "0.5",
+                 "--method", "static-qdq", "--calibrate-method", calibrate, "--json", *SMALL])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["validation"]["min_cosine"] > 0.5
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"][1]["result"]["calibrate_method"] == calibrate
