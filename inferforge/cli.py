@@ -103,7 +103,7 @@ def cmd_quantize(args) -> int:
     if args.explain:
         if not args.config:
             raise UserInputError("--explain needs --config FORMAT (int8-weight-only, int4-g128, w8a8 or fp8)")
-        args.format = "int4-g128" if args.config == "int4-gptq" else args.config
+        args.format = "int4-g128" if args.config in ("int4-gptq", "int4-awq") else args.config
         return cmd_explain(args)
     if args.config:
         return _quantize_llm(args)
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation ranges for --method static-qdq")
     p.add_argument("--explain", action="store_true",
                    help="predict, per layer, whether --config pays at --batch on --gpu (roofline), and run nothing")
-    p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "w8a8", "fp8"],
+    p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "int4-awq", "w8a8", "fp8"],
                    help="quantize a causal LM (Llama-family) directory to this format instead of the ONNX int8 "
                         "path; or the format for --explain")
     p.add_argument("--calibration", help="with --config: .txt or .jsonl calibration text (needed by int4-gptq, w8a8, gates)")

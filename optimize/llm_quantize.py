@@ -20,7 +20,7 @@ import torch
 
 from inferforge.errors import UserInputError
 
-FORMATS = ("int8-weight-only", "int4-g128", "int4-gptq", "w8a8", "fp8")
+FORMATS = ("int8-weight-only", "int4-g128", "int4-gptq", "int4-awq", "w8a8", "fp8")
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -31,6 +31,7 @@ def make_config(fmt: str, skip: tuple[str, ...] = (), group_size: int = 128):
     factories = {"int8-weight-only": lambda: Int8WeightOnly(skip=skip),
                  "int4-g128": lambda: Int4WeightOnly(group_size=group_size, skip=skip),
                  "int4-gptq": lambda: Int4WeightOnly(group_size=group_size, method="gptq", skip=skip),
+                 "int4-awq": lambda: Int4WeightOnly(group_size=group_size, method="awq", skip=skip),
                  "w8a8": lambda: W8A8(skip=skip), "fp8": lambda: FP8(skip=skip)}
     if fmt not in factories:
         raise UserInputError(f"--config {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -55,7 +56,7 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     if not (model_dir / "config.json").is_file():
         raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face causal LM directory")
     config = make_config(fmt, tuple(skip), group_size)
-    needs_data = fmt in ("int4-gptq", "w8a8")
+    needs_data = fmt in ("int4-gptq", "int4-awq", "w8a8")
     if (needs_data or gate is not None) and calibration_file is None:
         raise UserInputError(f"--config {fmt}{' with a gate' if gate else ''} needs --calibration FILE (.txt or .jsonl)")
     check_output_dir(out)

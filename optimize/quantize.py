@@ -13,7 +13,10 @@ Formats:
   one input column at a time and push each column's rounding error onto the columns not yet
   quantized, weighted by the inverse Hessian of the layer's inputs from calibration data, so the
   layer's *output* error is what gets minimized. The Hessians come from one pass of the float
-  model over the calibration batches (not layer by layer through the quantized model).
+  model over the calibration batches (not layer by layer through the quantized model). Or "awq"
+  (Lin et al., 2023): input channels that carry large activations matter most, so they are scaled
+  up by s = mean|x|^alpha before rounding (and the input divided by s at run time); alpha is
+  searched per layer to minimize the output error on the calibration inputs.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ class Int4WeightOnly:
     def __post_init__(self):
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise UserInputError(f"Int4WeightOnly: group_size must be a power of two >= 16, got {self.group_size}")
-        if self.method not in ("rtn", "gptq"):
-            raise UserInputError(f"Int4WeightOnly: method {self.method!r} is not available; supported: 'rtn', 'gptq'")
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise UserInputError(f"Int4WeightOnly: method {self.method!r} is not available; supported: 'rtn', 'gptq', "
+                                 "'awq'")
 
 
 @dataclass(frozen=True)
@@ -116,12 +120,13 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    def __init__(self, packed, scales, zeros, bias, group_size: int):
+    def __init__(self, packed, scales, zeros, bias, group_size: int, input_scale=None):
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", bias)
+        self.register_buffer("input_scale", input_scale)     # AWQ: x is divided by it, W was multiplied
         self.group_size = group_size
         self.in_features, self.out_features = packed.shape[1] * 2, packed.shape[0]
 
@@ -130,11 +135,14 @@ class Int4WeightOnlyLinear(nn.Module):
 
         q = unpack_int4(self.packed).float()
         g = self.group_size
-        return (q - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
+        w = (q - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
+        return w if self.input_scale is None else w / self.input_scale[None, :]
 
     def forward(self, x):
         from inferforge.kernels import w4a16_matmul
 
+        if self.input_scale is not None:
+            x = (x / self.input_scale).to(x.dtype)
         return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size)
 
 
@@ -291,7 +299,8 @@ def _gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int, symmetri
 
 
 @register_quantize_handler(Int4WeightOnly)
-def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hessian=None) -> nn.Module:
+def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hessian=None, act_mean=None,
+                      act_sample=None) -> nn.Module:
     from inferforge.kernels.reference import pack_int4
 
     n, k = linear.weight.shape
@@ -299,7 +308,14 @@ def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hess
     if k % g or k % 2:
         raise UserInputError(f"{name}: in_features ({k}) is not a multiple of group_size ({g}); choose a group_size "
                              f"that divides it or add '{name}' to skip")
-    if config.method == "gptq":
+    input_scale = None
+    if config.method == "awq":
+        if act_mean is None:
+            raise UserInputError(f"{name}: AWQ saw no calibration input for this layer; check the calibration data "
+                                 f"reaches it or add it to skip")
+        q, scales, zeros, input_scale = _awq_int4(linear.weight.detach().float(), act_mean, act_sample, g,
+                                                  config.symmetric)
+    elif config.method == "gptq":
         if hessian is None:
             raise UserInputError(f"{name}: GPTQ saw no calibration input for this layer; check the calibration data "
                                  f"reaches it or add it to skip")
@@ -309,7 +325,32 @@ def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hess
         scales, zeros = _int4_group_params(w, config.symmetric)
         q = _int4_codes(w, scales[..., None], zeros[..., None]).reshape(n, k)
     bias = linear.bias.detach().clone() if linear.bias is not None else None
-    return Int4WeightOnlyLinear(pack_int4(q), scales.contiguous(), zeros.contiguous(), bias, g)
+    return Int4WeightOnlyLinear(pack_int4(q), scales.contiguous(), zeros.contiguous(), bias, g, input_scale)
+
+
+def _rtn_int4(w: torch.Tensor, group: int, symmetric: bool):
+    n, k = w.shape
+    grouped = w.reshape(n, k // group, group)
+    scales, zeros = _int4_group_params(grouped, symmetric)
+    q = _int4_codes(grouped, scales[..., None], zeros[..., None]).reshape(n, k)
+    return q, scales, zeros
+
+
+def _awq_int4(w: torch.Tensor, act_mean: torch.Tensor, x: torch.Tensor, group: int, symmetric: bool,
+              grid: int = 20):
+    """Search alpha in [0, 1): s = mean|x|^alpha / normalizer, quantize W * s, score ||x W^T - (x/s) Q^T||."""
+    want = x @ w.T
+    best = None
+    for alpha in torch.arange(grid) / grid:
+        s = act_mean.clamp(min=1e-5) ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        q, scales, zeros = _rtn_int4(w * s[None, :], group, symmetric)
+        g = group
+        deq = (q - zeros.repeat_interleave(g, 1)) * scales.repeat_interleave(g, 1)
+        err = ((x / s) @ deq.T - want).pow(2).mean().item()
+        if best is None or err < best[0]:
+            best = (err, q, scales, zeros, s)
+    return best[1], best[2], best[3], best[4].float().contiguous()
 
 
 def _run_with_hooks(model, names, calibration, record):
@@ -347,6 +388,20 @@ def collect_input_absmax(model: nn.Module, names: list[str], calibration, observ
     for name, kept in rows.items():
         absmax[name] = observe_range(torch.cat(kept), observer)
     return absmax
+
+
+def collect_input_samples(model: nn.Module, names: list[str], calibration, max_rows: int = 2048) -> dict[str, torch.Tensor]:
+    """The first `max_rows` input rows (float32) each named nn.Linear sees on the calibration batches."""
+    rows = {}
+
+    def record(name, x):
+        kept = rows.setdefault(name, [])
+        have = sum(r.shape[0] for r in kept)
+        if have < max_rows:
+            kept.append(x[: max_rows - have].float())
+
+    _run_with_hooks(model, names, calibration, record)
+    return {name: torch.cat(kept) for name, kept in rows.items()}
 
 
 def collect_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
@@ -394,7 +449,7 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise UserInputError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
-    needs_data = getattr(config, "method", "rtn") == "gptq" or isinstance(config, W8A8)
+    needs_data = getattr(config, "method", "rtn") in ("gptq", "awq") or isinstance(config, W8A8)
     if needs_data and calibration is None:
         raise UserInputError(f"{type(config).__name__} with these settings needs calibration data: "
                              "quantize(model, config, calibration=[batch, ...])")
@@ -412,10 +467,16 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data
     stats, key = {}, None
     if isinstance(config, W8A8):
         stats, key = collect_input_absmax(model, names, calibration, observer=config.observer), "act_absmax"
+    elif getattr(config, "method", None) == "awq":
+        stats, key = collect_input_samples(model, names, calibration), "awq"
     elif needs_data:
         stats, key = collect_hessians(model, names, calibration), "hessian"
     for name, linear in targets:
-        extra = {key: stats.get(name)} if key else {}
+        if key == "awq":
+            sample = stats.get(name)
+            extra = {"act_mean": None if sample is None else sample.abs().mean(dim=0), "act_sample": sample}
+        else:
+            extra = {key: stats.get(name)} if key else {}
         replacement = handler(linear, config, name, **extra).to(linear.weight.device)
         report.layers[name] = sqnr_db(linear.weight.detach(), replacement.dequantized_weight())
         parent_name, _, child = name.rpartition(".")
@@ -477,7 +538,8 @@ def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
                             "bias": module.bias is not None}
         elif isinstance(module, Int4WeightOnlyLinear):
             layers[name] = {"format": "int4", "in": module.in_features, "out": module.out_features,
-                            "bias": module.bias is not None, "group_size": module.group_size}
+                            "bias": module.bias is not None, "group_size": module.group_size,
+                            "input_scale": module.input_scale is not None}
         elif isinstance(module, W8A8Linear):
             layers[name] = {"format": "w8a8", "in": module.in_features, "out": module.out_features,
                             "bias": module.bias is not None}
@@ -533,7 +595,8 @@ def load_quantized(model: nn.Module, directory) -> nn.Module:
         else:
             g = info["group_size"]
             shell = Int4WeightOnlyLinear(torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
-                                         torch.empty(n, k // g), bias, g)
+                                         torch.empty(n, k // g), bias, g,
+                                         torch.empty(k) if info.get("input_scale") else None)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, shell.to(current.weight.device))
     load_model(model, str(directory / "model.safetensors"), strict=True)

@@ -70,8 +70,8 @@ def test_tiny_llama_with_skips():
 def test_bad_configs_are_clear():
     with pytest.raises(UserInputError, match="group_size must be a power of two >= 16, got 100"):
         Int4WeightOnly(group_size=100)
-    with pytest.raises(UserInputError, match="method 'awq' is not available; supported: 'rtn', 'gptq'"):
-        Int4WeightOnly(method="awq")
+    with pytest.raises(UserInputError, match="method 'hqq' is not available; supported: 'rtn', 'gptq', 'awq'"):
+        Int4WeightOnly(method="hqq")
     odd = nn.Sequential(nn.Linear(96, 32))
     with pytest.raises(UserInputError, match=r"0: in_features \(96\) is not a multiple of group_size \(64\)"):
         quantize(odd, Int4WeightOnly(group_size=64))
@@ -271,3 +271,35 @@ def test_w8a8_observers_run_and_stay_accurate(observer):
         assert sqnr_db(want, model(held_out)) > 25
     with pytest.raises(UserInputError, match="observer must be one of"):
         W8A8(observer="max")
+
+
+def test_awq_beats_rtn_when_a_few_input_channels_carry_large_activations():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    nn.init.normal_(layer.weight, std=0.05)
+    calibration = [outlier_inputs(128, s) for s in range(3)]
+    held_out = outlier_inputs(256, 42)
+    with torch.no_grad():
+        want = layer(held_out)
+    scores = {}
+    for method in ("rtn", "awq"):
+        model = nn.Sequential(nn.Linear(256, 128))
+        model[0].load_state_dict(layer.state_dict())
+        quantize(model, Int4WeightOnly(group_size=64, method=method),
+                 calibration=calibration if method == "awq" else None)
+        with torch.no_grad():
+            scores[method] = sqnr_db(want, model(held_out))
+    assert scores["awq"] > scores["rtn"] + 1.0, scores
+    assert model[0].input_scale is not None
+
+
+def test_awq_round_trip(tmp_path):
+    from inferforge.optimize.quantize import load_quantized, save_quantized
+
+    model = nn.Sequential(nn.Linear(256, 64))
+    report = quantize(model, Int4WeightOnly(group_size=32, method="awq"), calibration=[outlier_inputs(64, 0)])
+    save_quantized(model, tmp_path / "q", report)
+    fresh = load_quantized(nn.Sequential(nn.Linear(256, 64)), tmp_path / "q")
+    x = outlier_inputs(8, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
