@@ -87,22 +87,28 @@ def correlated_inputs(n, k, seed):
     return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * strength) @ basis
 
 
-def test_gptq_beats_rtn_on_the_same_layer_and_data():
+def int4_output_sqnr(inputs, methods) -> dict[str, float]:
+    """Output SQNR on held-out inputs of one Gaussian Linear(256, 128), quantized with each int4 method
+    (calibration-free for RTN, the same calibration batches for the others)."""
     torch.manual_seed(0)
     layer = nn.Linear(256, 128)
     nn.init.normal_(layer.weight, std=0.05)
-    calibration = [correlated_inputs(256, 256, seed) for seed in range(4)]
-    held_out = correlated_inputs(512, 256, 99)
+    calibration, held_out = inputs
     with torch.no_grad():
         want = layer(held_out)
-    errors = {}
-    for method in ("rtn", "gptq"):
+    scores = {}
+    for method in methods:
         model = nn.Sequential(nn.Linear(256, 128))
         model[0].load_state_dict(layer.state_dict())
-        quantize(model, Int4WeightOnly(group_size=64, method=method),
-                 calibration=calibration if method == "gptq" else None)
+        quantize(model, Int4WeightOnly(group_size=64, method=method), calibration=None if method == "rtn" else calibration)
         with torch.no_grad():
-            errors[method] = sqnr_db(want, model(held_out))
+            scores[method] = sqnr_db(want, model(held_out))
+    return scores
+
+
+def test_gptq_beats_rtn_on_the_same_layer_and_data():
+    inputs = ([correlated_inputs(256, 256, seed) for seed in range(4)], correlated_inputs(512, 256, 99))
+    errors = int4_output_sqnr(inputs, ("rtn", "gptq"))
     assert errors["gptq"] > errors["rtn"] + 1.0, errors
 
 
@@ -274,23 +280,8 @@ def test_w8a8_observers_run_and_stay_accurate(observer):
 
 
 def test_awq_beats_rtn_when_a_few_input_channels_carry_large_activations():
-    torch.manual_seed(0)
-    layer = nn.Linear(256, 128)
-    nn.init.normal_(layer.weight, std=0.05)
-    calibration = [outlier_inputs(128, s) for s in range(3)]
-    held_out = outlier_inputs(256, 42)
-    with torch.no_grad():
-        want = layer(held_out)
-    scores = {}
-    for method in ("rtn", "awq"):
-        model = nn.Sequential(nn.Linear(256, 128))
-        model[0].load_state_dict(layer.state_dict())
-        quantize(model, Int4WeightOnly(group_size=64, method=method),
-                 calibration=calibration if method == "awq" else None)
-        with torch.no_grad():
-            scores[method] = sqnr_db(want, model(held_out))
+    scores = int4_output_sqnr(([outlier_inputs(128, s) for s in range(3)], outlier_inputs(256, 42)), ("rtn", "awq"))
     assert scores["awq"] > scores["rtn"] + 1.0, scores
-    assert model[0].input_scale is not None
 
 
 def test_awq_round_trip(tmp_path):
@@ -298,6 +289,7 @@ def test_awq_round_trip(tmp_path):
 
     model = nn.Sequential(nn.Linear(256, 64))
     report = quantize(model, Int4WeightOnly(group_size=32, method="awq"), calibration=[outlier_inputs(64, 0)])
+    assert model[0].input_scale is not None            # AWQ divides the input by its per-channel scales
     save_quantized(model, tmp_path / "q", report)
     fresh = load_quantized(nn.Sequential(nn.Linear(256, 64)), tmp_path / "q")
     x = outlier_inputs(8, 1)
