@@ -265,37 +265,51 @@ def _int4_codes(w, scales, zeros):
 
 
 def _gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int, symmetric: bool, block: int = 128,
-               damp: float = 0.01):
-    """GPTQ with group-wise int4: returns codes [n, k] and per-group scales, zeros [n, k // group]."""
+               damp: float = 0.01, act_order: bool = True):
+    """GPTQ with group-wise int4: returns codes [n, k] and per-group scales, zeros [n, k // group].
+
+    With `act_order`, columns are quantized in order of decreasing Hessian diagonal (the inputs with
+    the most energy first, so their error can still be compensated by the rest). The groups stay the
+    stored, consecutive ones, so their scales and zeros are fixed up front from the original weights
+    ("static groups"); without act_order each group's parameters come from its corrected weights."""
     w = weight.double().clone()
     n, k = w.shape
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    scales = torch.zeros(n, k // group, dtype=w.dtype, device=w.device)
+    zeros = torch.zeros_like(scales)
+    if act_order:
+        s, z = _int4_group_params(w.reshape(n, k // group, group), symmetric)
+        scales, zeros = s, z
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(k, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
     # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to the later columns.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
-    scales = torch.zeros(n, k // group, dtype=w.dtype, device=w.device)
-    zeros = torch.zeros_like(scales)
     block = max(block, group)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         w1, err1, hinv1 = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, dtype=w.dtype, device=w.device), hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group == 0:   # the group's parameters from its current (already corrected) weights
-                s, z = _int4_group_params(w1[:, i:i + group], symmetric)
-                scales[:, col // group], zeros[:, col // group] = s, z
-            s, z = scales[:, col // group], zeros[:, col // group]
+            g = int(perm[col]) // group          # the stored group of this column
+            if not act_order and col % group == 0:   # parameters from the group's corrected weights
+                scales[:, g], zeros[:, g] = _int4_group_params(w1[:, i:i + group], symmetric)
+            s, z = scales[:, g], zeros[:, g]
             q = _int4_codes(w1[:, i], s, z)
             codes[:, col] = q
             err = (w1[:, i] - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
-    return codes, scales.float(), zeros.float()
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, perm] = codes
+    return unpermuted, scales.float(), zeros.float()
 
 
 @register_quantize_handler(Int4WeightOnly)
