@@ -28,6 +28,9 @@ class LMGate:
         if all(v is None for v in (self.max_ppl_increase, self.min_top1_agreement, self.max_kl)):
             raise UserInputError("LMGate needs at least one of max_ppl_increase, min_top1_agreement, max_kl")
 
+    def evaluate(self, original, quantized, batches) -> dict:
+        return compare_lms(original, quantized, batches)
+
     def failures(self, metrics: dict) -> list[str]:
         out = []
         if self.max_ppl_increase is not None and metrics["ppl_increase"] > self.max_ppl_increase:
@@ -62,3 +65,40 @@ def compare_lms(original, quantized, batches) -> dict:
     ppl_o, ppl_q = math.exp(nll_o / count), math.exp(nll_q / count)
     return {"ppl_original": ppl_o, "ppl_quantized": ppl_q, "ppl_increase": ppl_q / ppl_o - 1,
             "top1_agreement": agree / count, "kl": kl / count, "tokens": int(count)}
+
+
+@dataclass(frozen=True)
+class EncoderGate:
+    """Gate for encoders: cosine similarity of mean-pooled embeddings with the original model."""
+
+    min_cosine: float = 0.99
+    mean_cosine: float | None = None
+
+    def evaluate(self, original, quantized, batches) -> dict:
+        return compare_encoders(original, quantized, batches)
+
+    def failures(self, metrics: dict) -> list[str]:
+        out = []
+        if metrics["min_cosine"] < self.min_cosine:
+            out.append(f"min cosine {metrics['min_cosine']:.4f} < {self.min_cosine:.4f}")
+        if self.mean_cosine is not None and metrics["mean_cosine"] < self.mean_cosine:
+            out.append(f"mean cosine {metrics['mean_cosine']:.4f} < {self.mean_cosine:.4f}")
+        return out
+
+
+@torch.no_grad()
+def compare_encoders(original, quantized, batches) -> dict:
+    """Per sequence, the cosine of the mean-pooled last hidden states (over attention_mask) of both
+    models; `batches` are tokenizer outputs (dicts of tensors). Returns min and mean cosine."""
+    cos = []
+    for batch in batches:
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = []
+        for model in (original, quantized):
+            hidden = model(**batch).last_hidden_state.float()
+            pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        cos.append(F.cosine_similarity(pooled[0].double(), pooled[1].double(), dim=-1))
+    if not cos:
+        raise UserInputError("compare_encoders needs at least one held-out batch")
+    cos = torch.cat(cos)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "sequences": int(cos.numel())}

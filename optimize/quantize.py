@@ -453,8 +453,9 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data
     """Replace the model's nn.Linear layers in place with quantized ones per `config`.
 
     Returns a `QuantizeReport` with each layer's weight SQNR (dB, vs. the original weights). With a
-    `gate` (an `LMGate`) and held-out `eval_data` (token batches), the quantized model is compared
-    with the original (perplexity, top-1 agreement, KL); a missed gate raises `GateFailed`, unless
+    `gate` and held-out `eval_data`, the quantized model is compared with the original (`LMGate`:
+    perplexity, top-1 agreement, KL on token batches; `EncoderGate`: mean-pooled embedding cosine on
+    tokenizer batches); a missed gate raises `GateFailed`, unless
     `auto_skip=True`, which restores the layers with the lowest SQNR to full precision one at a
     time until the gate passes (they are listed in `report.auto_skipped`)."""
     if gate is not None:
@@ -502,13 +503,12 @@ def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip) -> Q
     import copy
 
     from inferforge.errors import GateFailed
-    from inferforge.optimize.lm_eval import compare_lms
 
     if not eval_data:
         raise UserInputError("a gate needs held-out eval_data: quantize(..., gate=LMGate(...), eval_data=[batch, ...])")
     original = copy.deepcopy(model).eval()
     report = quantize(model, config, calibration=calibration)
-    report.metrics = compare_lms(original, model, eval_data)
+    report.metrics = gate.evaluate(original, model, eval_data)
     report.gate_failures = gate.failures(report.metrics)
     by_sensitivity = [name for name, _ in sorted(report.layers.items(), key=lambda kv: kv[1])]
     while report.gate_failures and auto_skip and by_sensitivity:
@@ -517,7 +517,7 @@ def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip) -> Q
         setattr(model.get_submodule(parent) if parent else model, child, copy.deepcopy(original.get_submodule(name)))
         report.auto_skipped.append(name)
         del report.layers[name]
-        report.metrics = compare_lms(original, model, eval_data)
+        report.metrics = gate.evaluate(original, model, eval_data)
         report.gate_failures = gate.failures(report.metrics)
     if report.gate_failures:
         hint = "" if auto_skip else "; pass auto_skip=True to keep the most sensitive layers in full precision"

@@ -295,3 +295,18 @@ def test_awq_round_trip(tmp_path):
     x = outlier_inputs(8, 1)
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_encoder_gate_on_a_bert():
+    from inferforge.errors import GateFailed
+    from inferforge.optimize.lm_eval import EncoderGate
+    from tests.factories import tiny_bert
+
+    model, tokenizer = tiny_bert()
+    held_out = [dict(tokenizer(["a short sentence", "another, somewhat longer sentence here"], padding=True,
+                               return_tensors="pt"))]
+    report = quantize(model, Int8WeightOnly(), gate=EncoderGate(min_cosine=0.99), eval_data=held_out)
+    assert report.metrics["sequences"] == 2 and report.metrics["min_cosine"] > 0.99
+    bert, _ = tiny_bert()
+    with pytest.raises(GateFailed, match=r"min cosine .* < 1.0000"):
+        quantize(bert, Int4WeightOnly(group_size=32), gate=EncoderGate(min_cosine=1.0), eval_data=held_out)
