@@ -58,14 +58,11 @@ def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str 
     `LLMEngine`. Written in a staging directory and moved into place at the end."""
     import json
     import shutil
-    import tempfile
 
     from inferforge.errors import UserInputError
-    from inferforge.fileio import make_public_dir, replace_directory
     from inferforge.llama import LlamaSpec
-    from inferforge.manifest import environment, utc_now, write_manifest
+    from inferforge.manifest import environment, staged_artifact, utc_now, write_manifest
     from inferforge.models import weights_sha256
-    from inferforge.pipeline import check_output_dir
 
     model_dir, out = Path(model_dir), Path(out_dir).resolve()
     if not (model_dir / "config.json").is_file():
@@ -74,11 +71,7 @@ def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str 
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         raise UserInputError(f"{model_dir}: no *.safetensors weights")
-    check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        make_public_dir(staging)
+    with staged_artifact(out) as staging:
         for f in [*weights, *(model_dir / n for n in CHECKPOINT_FILES)]:
             if f.is_file():
                 shutil.copyfile(f, staging / f.name)
@@ -90,8 +83,4 @@ def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str 
             "steps": [{"name": "package", "settings": {}, "duration_s": 0.0, "summary": "weights copied unchanged"}],
             "checks": [], "passed": True, "accuracy_passed": True, "environment": environment(),
         })
-        replace_directory(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out

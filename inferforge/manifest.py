@@ -7,15 +7,18 @@ changed, or where a file appears that the manifest does not list.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from inferforge.errors import ArtifactError
-from inferforge.fileio import atomic_write_json, sha256_file
+from inferforge.errors import ArtifactError, UserInputError
+from inferforge.fileio import atomic_write_json, make_public_dir, replace_directory, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "inferforge-artifact/1"
@@ -88,15 +91,16 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
+def artifact_files(directory: str | Path) -> dict[str, Path]:
+    """Every file under `directory` except the manifest, by relative POSIX path, sorted."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
 def file_hashes(directory: str | Path) -> dict[str, dict]:
     """sha256 and size of every file under `directory` except the manifest, by relative POSIX path."""
-    directory = Path(directory)
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            rel = path.relative_to(directory).as_posix()
-            out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return out
+    return {rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for rel, p in artifact_files(directory).items()}
 
 
 def content_version(files: dict[str, dict]) -> str:
@@ -143,13 +147,35 @@ def verify_artifact(directory: str | Path) -> dict:
         if path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
             raise ArtifactError(f"{directory}: '{name}' does not match its sha256 in {MANIFEST_NAME}; "
                                 "the file was modified or damaged after the run, re-run the recipe")
-    extra = sorted(set(file_hashes_names(directory)) - set(listed))
+    extra = sorted(set(artifact_files(directory)) - set(listed))
     if extra:
         raise ArtifactError(f"{directory}: files not in {MANIFEST_NAME}: {', '.join(extra)}; "
                             "remove them or re-run the recipe")
     return manifest
 
 
-def file_hashes_names(directory: Path) -> list[str]:
-    return [p.relative_to(directory).as_posix() for p in directory.rglob("*")
-            if p.is_file() and p.name != MANIFEST_NAME]
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a directory that holds something other than an earlier artifact."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserInputError(f"output {out} exists and is not a directory; choose another output")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise UserInputError(f"output {out} is a non-empty directory that is not an inferforge artifact; "
+                                 "choose another output (recipe key 'output' or --output) or empty it")
+
+
+@contextlib.contextmanager
+def staged_artifact(out: str | Path):
+    """Build an artifact in a hidden sibling directory and yield it. When the block finishes, it
+    replaces `out` (nothing, or an earlier artifact) with one rename; after an error or an
+    interrupt the staging directory is removed and `out` is untouched."""
+    out = Path(out)
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        make_public_dir(staging)
+        yield staging
+        replace_directory(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)   # gone already after a successful replace

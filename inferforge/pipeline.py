@@ -7,7 +7,6 @@ complete, and never damages the artifact of an earlier run.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 import time
@@ -20,8 +19,8 @@ import numpy as np
 from inferforge.data import SentenceSplit, split_sentences
 from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
-from inferforge.fileio import atomic_write_json, atomic_write_text, make_public_dir, replace_directory
-from inferforge.manifest import MANIFEST_NAME, environment, tool_versions, utc_now, write_manifest
+from inferforge.fileio import atomic_write_json, atomic_write_text
+from inferforge.manifest import environment, staged_artifact, tool_versions, utc_now, write_manifest
 from inferforge.models import ModelSource, materialize
 from inferforge.progress import Progress
 from inferforge.recipe import BenchConfig, ExportConfig, QuantizeConfig, Recipe, ValidateConfig
@@ -234,92 +233,82 @@ def _checks(recipe: Recipe, results: dict, final_provider: str) -> list[dict]:
 # The run
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse to replace a directory that holds something other than an earlier artifact."""
-    if out.exists():
-        if not out.is_dir():
-            raise UserInputError(f"output {out} exists and is not a directory; choose another output")
-        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise UserInputError(f"output {out} is a non-empty directory that is not an inferforge artifact; "
-                                 "choose another output (recipe key 'output' or --output) or empty it")
-
-
 def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
     """Run every step of `recipe` and write the artifact; returns the report (gates may have failed)."""
-    from inferforge.encoder import TorchEncoder
-
     progress = progress or Progress(quiet=True)
     out = recipe.output_dir.resolve()
-    check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    make_public_dir(staging)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     started = time.perf_counter()
-    try:
-        sentences = split_sentences(recipe.data.sentences, recipe.data.calibration_size, recipe.data.held_out_size)
-        with progress.spinner(f"loading {recipe.model}"):
-            source = materialize(recipe.model, work)
-            reference = TorchEncoder(source.path, max_length=recipe.data.max_length)
-        ctx = RunContext(recipe=recipe, source=source, sentences=sentences, work=work, staging=staging,
-                         progress=progress, reference=reference)
-        steps = []
-        for cfg in recipe.steps:
-            name = type(cfg).__name__.removesuffix("Config").lower()
-            t0 = time.perf_counter()
-            outcome = _RUNNERS[type(cfg)](ctx, cfg)
-            record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
-                      "tools": tool_versions(), **outcome}
-            steps.append(record)
-            progress.done(name, record["duration_s"], outcome.get("summary", ""))
+    with staged_artifact(out) as staging:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+        try:
+            report = _run_steps(recipe, progress, out, staging, work, started)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return RunResult(output=out, report=report, passed=report["passed"])
 
-        shutil.copyfile(ctx.final_onnx, staging / MODEL_FILE)
-        from inferforge.optimize.export import copy_tokenizer
 
-        copy_tokenizer(source.path, staging)
-        checks = _checks(recipe, ctx.results, ctx.final_provider)
-        accuracy_passed = all(c["passed"] for c in checks if c["kind"] == "gate")
-        report = {
-            "name": recipe.name,
-            "created": utc_now(),
-            "artifact": str(out),
-            "source": source.to_dict(),
-            "passed": all(c["passed"] for c in checks),
-            "accuracy_passed": accuracy_passed,
-            "checks": checks,
-            "steps": [{k: s[k] for k in ("name", "duration_s", "summary")} for s in steps],
-            "validation": ctx.results.get("validation"),
-            "benchmark": ctx.results.get("benchmark"),
-            "environment": environment(),
-            "total_duration_s": time.perf_counter() - started,
-        }
-        from inferforge.bench.report import render_markdown
+def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, work: Path, started: float) -> dict:
+    """The steps, the reports and the manifest, written into `staging`; returns the report."""
+    from inferforge.encoder import TorchEncoder
 
-        atomic_write_json(staging / "report.json", report)
-        atomic_write_text(staging / "report.md", render_markdown(report))
-        write_manifest(staging, {
-            "name": recipe.name,
-            "created": report["created"],
-            "kind": "sentence-encoder",
-            "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
-                        "normalize": True, "max_length": recipe.data.max_length,
-                        "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
-            "source": source.to_dict(),
-            "recipe": recipe.to_dict(),
-            "steps": steps,
-            "validation": ctx.results.get("validation"),
-            "benchmark": ctx.results.get("benchmark"),
-            "checks": checks,
-            "passed": report["passed"],
-            "accuracy_passed": accuracy_passed,
-            "environment": report["environment"],
-        })
-        replace_directory(staging, out)
-        return RunResult(output=out, report=report, passed=report["passed"])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
+    sentences = split_sentences(recipe.data.sentences, recipe.data.calibration_size, recipe.data.held_out_size)
+    with progress.spinner(f"loading {recipe.model}"):
+        source = materialize(recipe.model, work)
+        reference = TorchEncoder(source.path, max_length=recipe.data.max_length)
+    ctx = RunContext(recipe=recipe, source=source, sentences=sentences, work=work, staging=staging,
+                     progress=progress, reference=reference)
+    steps = []
+    for cfg in recipe.steps:
+        name = type(cfg).__name__.removesuffix("Config").lower()
+        t0 = time.perf_counter()
+        outcome = _RUNNERS[type(cfg)](ctx, cfg)
+        record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
+                  "tools": tool_versions(), **outcome}
+        steps.append(record)
+        progress.done(name, record["duration_s"], outcome.get("summary", ""))
+
+    shutil.copyfile(ctx.final_onnx, staging / MODEL_FILE)
+    from inferforge.optimize.export import copy_tokenizer
+
+    copy_tokenizer(source.path, staging)
+    checks = _checks(recipe, ctx.results, ctx.final_provider)
+    accuracy_passed = all(c["passed"] for c in checks if c["kind"] == "gate")
+    report = {
+        "name": recipe.name,
+        "created": utc_now(),
+        "artifact": str(out),
+        "source": source.to_dict(),
+        "passed": all(c["passed"] for c in checks),
+        "accuracy_passed": accuracy_passed,
+        "checks": checks,
+        "steps": [{k: s[k] for k in ("name", "duration_s", "summary")} for s in steps],
+        "validation": ctx.results.get("validation"),
+        "benchmark": ctx.results.get("benchmark"),
+        "environment": environment(),
+        "total_duration_s": time.perf_counter() - started,
+    }
+    from inferforge.bench.report import render_markdown
+
+    atomic_write_json(staging / "report.json", report)
+    atomic_write_text(staging / "report.md", render_markdown(report))
+    write_manifest(staging, {
+        "name": recipe.name,
+        "created": report["created"],
+        "kind": "sentence-encoder",
+        "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
+                    "normalize": True, "max_length": recipe.data.max_length,
+                    "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
+        "source": source.to_dict(),
+        "recipe": recipe.to_dict(),
+        "steps": steps,
+        "validation": ctx.results.get("validation"),
+        "benchmark": ctx.results.get("benchmark"),
+        "checks": checks,
+        "passed": report["passed"],
+        "accuracy_passed": accuracy_passed,
+        "environment": report["environment"],
+    })
+    return report
 
 
 def gate_failure_message(result: RunResult) -> str:

@@ -87,23 +87,31 @@ def correlated_inputs(n, k, seed):
     return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * strength) @ basis
 
 
-def int4_output_sqnr(inputs, methods) -> dict[str, float]:
-    """Output SQNR on held-out inputs of one Gaussian Linear(256, 128), quantized with each int4 method
-    (calibration-free for RTN, the same calibration batches for the others)."""
+def linear_output_sqnr(inputs, configs: dict, weight_std: float | None = None) -> dict:
+    """Output SQNR on held-out inputs of one seeded Linear(256, 128), quantized with each config
+    (given the calibration batches when it uses them)."""
     torch.manual_seed(0)
     layer = nn.Linear(256, 128)
-    nn.init.normal_(layer.weight, std=0.05)
+    if weight_std is not None:
+        nn.init.normal_(layer.weight, std=weight_std)
     calibration, held_out = inputs
     with torch.no_grad():
         want = layer(held_out)
     scores = {}
-    for method in methods:
+    for key, config in configs.items():
         model = nn.Sequential(nn.Linear(256, 128))
         model[0].load_state_dict(layer.state_dict())
-        quantize(model, Int4WeightOnly(group_size=64, method=method), calibration=None if method == "rtn" else calibration)
+        uses_data = getattr(config, "method", "rtn") != "rtn" or hasattr(config, "smoothquant_alpha")
+        quantize(model, config, calibration=calibration if uses_data else None)
         with torch.no_grad():
-            scores[method] = sqnr_db(want, model(held_out))
+            scores[key] = sqnr_db(want, model(held_out))
     return scores
+
+
+def int4_output_sqnr(inputs, methods) -> dict[str, float]:
+    """Output SQNR of a Gaussian Linear(256, 128) quantized with each int4 method (group 64)."""
+    configs = {m: Int4WeightOnly(group_size=64, method=m) for m in methods}
+    return linear_output_sqnr(inputs, configs, weight_std=0.05)
 
 
 def test_gptq_beats_rtn_on_the_same_layer_and_data():
@@ -163,22 +171,14 @@ def outlier_inputs(n, seed):
     return x
 
 
+def outlier_split():
+    return [outlier_inputs(128, s) for s in range(3)], outlier_inputs(256, 42)
+
+
 def test_smoothquant_beats_plain_w8a8_on_outlier_channels():
     from inferforge.optimize import W8A8
 
-    torch.manual_seed(0)
-    layer = nn.Linear(256, 128)
-    calibration = [outlier_inputs(128, s) for s in range(3)]
-    held_out = outlier_inputs(256, 42)
-    with torch.no_grad():
-        want = layer(held_out)
-    scores = {}
-    for alpha in (0.0, 0.5):
-        model = nn.Sequential(nn.Linear(256, 128))
-        model[0].load_state_dict(layer.state_dict())
-        quantize(model, W8A8(smoothquant_alpha=alpha), calibration=calibration)
-        with torch.no_grad():
-            scores[alpha] = sqnr_db(want, model(held_out))
+    scores = linear_output_sqnr(outlier_split(), {a: W8A8(smoothquant_alpha=a) for a in (0.0, 0.5)})
     assert scores[0.5] > scores[0.0] + 3, scores        # alpha 0 is plain per-token W8A8
     assert scores[0.5] > 25
 
@@ -264,23 +264,13 @@ def _kl_of(report, held_out):
 def test_w8a8_observers_run_and_stay_accurate(observer):
     from inferforge.optimize import W8A8
 
-    torch.manual_seed(0)
-    layer = nn.Linear(256, 128)
-    calibration = [outlier_inputs(128, s) for s in range(3)]
-    held_out = outlier_inputs(256, 42)
-    with torch.no_grad():
-        want = layer(held_out)
-    model = nn.Sequential(nn.Linear(256, 128))
-    model[0].load_state_dict(layer.state_dict())
-    quantize(model, W8A8(observer=observer), calibration=calibration)
-    with torch.no_grad():
-        assert sqnr_db(want, model(held_out)) > 25
+    assert linear_output_sqnr(outlier_split(), {observer: W8A8(observer=observer)})[observer] > 25
     with pytest.raises(UserInputError, match="observer must be one of"):
         W8A8(observer="max")
 
 
 def test_awq_beats_rtn_when_a_few_input_channels_carry_large_activations():
-    scores = int4_output_sqnr(([outlier_inputs(128, s) for s in range(3)], outlier_inputs(256, 42)), ("rtn", "awq"))
+    scores = int4_output_sqnr(outlier_split(), ("rtn", "awq"))
     assert scores["awq"] > scores["rtn"] + 1.0, scores
 
 
