@@ -1,8 +1,12 @@
 import json
 
+import pytest
 import torch
 
 from inferforge.bench.kernels import bench_attention
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the --smoke mode is the CPU path; on a GPU "
+                              "scripts/gpu_check.sh runs the real benchmarks")
 
 
 def test_flops_count_halves_for_causal_and_sums_varlen():
@@ -18,9 +22,8 @@ def test_fa3_grid_keeps_16k_tokens_and_hidden_2048():
         assert s.batch * s.seq == 16384 and s.n_heads * s.head_dim == 2048
 
 
+@cpu_only
 def test_smoke_run_writes_markdown_and_json(tmp_path):
-    if torch.cuda.is_available():
-        return   # the smoke mode is the CPU path; the GPU check runs the real benchmark
     out = tmp_path / "attention.md"
     assert bench_attention.main(["--smoke", "--dtype", "float16", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
@@ -33,9 +36,8 @@ def test_smoke_run_writes_markdown_and_json(tmp_path):
     assert "| smoke gqa s48 causal |" in md and "not a performance number" in md
 
 
+@cpu_only
 def test_decode_smoke_run_writes_all_sections(tmp_path):
-    if torch.cuda.is_available():
-        return
     from inferforge.bench.kernels import bench_decode
 
     out = tmp_path / "decode.md"
@@ -50,9 +52,8 @@ def test_decode_smoke_run_writes_all_sections(tmp_path):
     assert "## End-to-end decode" in out.read_text()
 
 
+@cpu_only
 def test_flex_paged_provider_computes_paged_decode():
-    if torch.cuda.is_available():
-        return
     from inferforge.bench.kernels.bench_decode import flex_paged, paged_inputs
     from inferforge.kernels.reference import paged_decode_attention_reference
 
@@ -62,9 +63,8 @@ def test_flex_paged_provider_computes_paged_decode():
     torch.testing.assert_close(got, paged_decode_attention_reference(q, k, v, tables, lens), atol=1e-5, rtol=1e-5)
 
 
+@cpu_only
 def test_quant_matmul_smoke_run(tmp_path):
-    if torch.cuda.is_available():
-        return
     from inferforge.bench.kernels import bench_quant_matmul
 
     out = tmp_path / "q.md"
