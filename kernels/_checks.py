@@ -30,3 +30,19 @@ def check_last_dim_contiguous(name: str, t) -> None:
     check(t.shape[-1] <= 1 or t.stride(-1) == 1,
           f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}; "
           f"pass {name}.contiguous()")
+
+
+# Tests set this to fill every kernel-written output with garbage (NaN for floats, the most negative
+# value for integers) before launch, so an element the kernel forgets to write fails the comparison.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """torch.empty for a buffer a kernel fills completely; poisoned when POISON_OUTPUTS is set."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        if dtype.is_floating_point:
+            t.fill_(float("nan"))
+        else:
+            t.fill_(torch.iinfo(dtype).min)
+    return t

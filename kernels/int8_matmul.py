@@ -12,21 +12,41 @@ import torch
 import triton
 import triton.language as tl
 
-from inferforge.kernels._checks import check, check_tensor
+from inferforge.kernels._checks import check, check_tensor, new_output
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _configs():
+    if _INTERPRET or os.environ.get("INFERFORGE_AUTOTUNE") == "0":
+        return [triton.Config({"BLOCK_M": 32 if _INTERPRET else 64, "BLOCK_N": 32 if _INTERPRET else 64,
+                               "BLOCK_K": 32 if _INTERPRET else 128}, num_warps=4)]
+    shapes = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+              (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 256, 128, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["m_bucket", "N", "K"])
 @triton.jit
 def _int8_matmul_kernel(
     X, W,                   # int8 [M, K], int8 [N, K]
     XScale, WScale,         # float32 [M], [N]
     Bias, Out,              # [N] (HAS_BIAS), [M, N] in the output dtype
     M, N, K, stride_xm, stride_wn, stride_om,
+    m_bucket,               # next power of two of M: the autotuning key, so every M does not re-tune
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grouped tile order: GROUP_M row-tiles share each column of W while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -63,9 +83,15 @@ def int8_matmul(x_q, w_q, x_scale, w_scale, bias=None, *, out_dtype=torch.float1
         from inferforge.kernels.reference import int8_matmul_reference
 
         return int8_matmul_reference(x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype)
-    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    out = new_output((m, n), out_dtype, x_q.device)
     if m == 0:
         return out
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_matmul_kernel[grid](
+        x_q, w_q, x_scale, w_scale, bias if bias is not None else x_scale, out, m, n, k,
+        x_q.stride(0), w_q.stride(0), out.stride(0), triton.next_power_of_2(m), HAS_BIAS=bias is not None, GROUP_M=8,
+    )
+    return out
     block = 32 if _INTERPRET else 64
     _int8_matmul_kernel[(triton.cdiv(m, block), triton.cdiv(n, block))](
         x_q, w_q, x_scale, w_scale, bias if bias is not None else x_scale, out, m, n, k,

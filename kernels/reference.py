@@ -173,3 +173,20 @@ def int8_matmul_reference(x_q, w_q, x_scale, w_scale, bias=None, *, out_dtype=to
     if bias is not None:
         out = out + bias.double()
     return out.to(out_dtype)
+
+
+def quantize_rows_reference(x, dtype=torch.int8, *, divisor=None, scale=None):
+    """Reference for `quantize_rows`: per-row (or the given per-tensor) symmetric scale, round half to
+    even (int8) or round to nearest e4m3 (torch's cast), clamped to the format's range."""
+    qmax = 127.0 if dtype == torch.int8 else 448.0
+    xf = x.float()
+    if divisor is not None:
+        xf = xf / divisor
+    if scale is None:
+        scale = (xf.abs().amax(dim=1) / qmax).clamp(min=1e-12)
+        v = xf / scale[:, None]
+    else:
+        scale = scale.reshape(1).float()
+        v = xf / scale
+    v = v.clamp(-qmax, qmax)
+    return (torch.round(v) if dtype == torch.int8 else v).to(dtype), scale

@@ -13,12 +13,13 @@ so K is split across programs (split-K) and the float32 partial tiles are summed
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from inferforge.kernels._checks import check, check_dtype, check_tensor
+from inferforge.kernels._checks import check, check_dtype, check_tensor, new_output
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -28,12 +29,13 @@ def _weight_only_kernel(
     X,                      # [M, K] activations
     W,                      # int8 [N, K] (BITS=8) or uint8 [N, K // 2] packed (BITS=4)
     Scales, Zeros,          # float32 [N] (BITS=8) or [N, K // GROUP] (BITS=4)
-    Partial,                # float32 [SPLIT_K, M, N]
+    Bias,                   # [N] (HAS_BIAS and not SPLIT)
+    Out,                    # [M, N] in x's dtype, or float32 partials [SPLITS, M, N] when SPLIT
     M, N, K,
-    stride_xm, stride_wn, stride_sn, stride_pk, stride_pm,
+    stride_xm, stride_wn, stride_sn, stride_ok, stride_om,
     k_per_split,
-    BITS: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -52,7 +54,7 @@ def _weight_only_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if BITS == 8:
             w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0).to(x.dtype)
+                        mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
         else:
             # Unpack BLOCK_K // 2 bytes into BLOCK_K nibbles, then dequantize with the tile's group
             # (BLOCK_K divides GROUP, so one scale and zero per output channel per tile).
@@ -65,50 +67,145 @@ def _weight_only_kernel(
             group = k0 // GROUP
             scale = tl.load(Scales + offs_n * stride_sn + group, mask=n_mask, other=0.0)
             zero = tl.load(Zeros + offs_n * stride_sn + group, mask=n_mask, other=0.0)
-            w = ((q - zero[:, None]) * scale[:, None]).to(x.dtype)
-            w = tl.where(k_mask[None, :], w, 0.0).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            w = tl.where(k_mask[None, :], (q - zero[:, None]) * scale[:, None], 0.0)
+        if BLOCK_M == 1:
+            # Decode (M = 1): a dot product per output channel on the FMA units, no padding to 16 rows.
+            acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
     if BITS == 8:
         acc = acc * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[None, :]
-    tl.store(Partial + split * stride_pk + offs_m[:, None] * stride_pm + offs_n[None, :], acc,
-             mask=m_mask[:, None] & n_mask[None, :])
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(Out + split * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(Out.dtype.element_ty),
+                 mask=out_mask)
 
 
-def _split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, device) -> int:
-    """Enough programs to fill the GPU twice over, each with at least 4 K-blocks of work."""
+@triton.jit
+def _sum_splits_kernel(Partial, Bias, Out, total, N, splits, stride_pk, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # Out[m, n] = sum over splits of Partial[s, m, n] (+ bias[n]), in the output dtype: one launch.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(Partial + s * stride_pk + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: int = 2          # split K until the grid has about waves x (SM count) programs
+
+
+def _default_config(m: int, bits: int, group: int) -> TileConfig:
+    if _INTERPRET:
+        return TileConfig(1 if m == 1 else (16 if m <= 16 else 32), 32, min(group, 32) if bits == 4 else 32)
+    block_k = min(group, 128) if bits == 4 else 128
+    if m == 1:
+        return TileConfig(1, 64, block_k)
+    return TileConfig(16 if m <= 16 else 64, 64, min(block_k, 64) if m > 16 else block_k)
+
+
+def _candidates(m: int, bits: int, group: int) -> list[TileConfig]:
+    """The tile shapes the GPU tuner times for one M range."""
+    ks = [k for k in (64, 128, 256) if bits == 8 or k <= group]
+    if m == 1:
+        return [TileConfig(bm, bn, bk) for bm in (1, 16) for bn in (32, 64, 128) for bk in ks[-2:]]
+    if m <= 16:
+        return [TileConfig(16, bn, bk) for bn in (32, 64, 128) for bk in ks[-2:]]
+    if m <= 64:
+        return [TileConfig(bm, bn, 64) for bm in (32, 64) for bn in (64, 128)]
+    return [TileConfig(bm, bn, 64, num_warps=4 if bm == 64 else 8) for bm in (64, 128) for bn in (64, 128)]
+
+
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def _m_bucket(m: int) -> int:
+    return 1 if m == 1 else triton.next_power_of_2(m)
+
+
+def _pick_config(x2, w, scales, zeros, bias, *, n, k, bits, group) -> TileConfig:
+    """A per-shape tile config: timed once per (M bucket, N, K, format) on a GPU (CUDA-graph replays,
+    so launch overhead does not decide), the fixed default under the interpreter, with
+    INFERFORGE_AUTOTUNE=0, or while a CUDA graph is being captured."""
+    m = x2.shape[0]
+    default = _default_config(m, bits, group)
+    if _INTERPRET or not x2.is_cuda or os.environ.get("INFERFORGE_AUTOTUNE") == "0" \
+            or torch.cuda.is_current_stream_capturing():
+        return default
+    key = (_m_bucket(m), n, k, bits, group, x2.dtype, x2.device.index)
+    if key not in _TUNED:
+        from triton.testing import do_bench_cudagraph
+
+        timed = []
+        for cfg in _candidates(m, bits, group):
+            fn = lambda cfg=cfg: _run(x2, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group, cfg=cfg,  # noqa: E731
+                                      split_k=None)
+            try:
+                timed.append((do_bench_cudagraph(fn, rep=10), cfg))
+            except Exception:  # noqa: BLE001 - a config that does not compile or fit is skipped
+                continue
+        _TUNED[key] = min(timed, key=lambda t: t[0])[1] if timed else default
+    return _TUNED[key]
+
+
+def _split_k(m: int, n: int, k: int, cfg: TileConfig, device) -> int:
+    """Enough programs to fill the GPU `waves` times over, each with at least 4 K-blocks of work."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * block_k), 16))
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    return max(1, min(triton.cdiv(cfg.waves * sms, tiles), k // (4 * cfg.block_k), 16))
 
 
-def _launch(x, w, scales, zeros, bias, *, n, k, bits, group, split_k):
+def _run(x2, w, scales, zeros, bias, *, n, k, bits, group, cfg: TileConfig, split_k):
+    m = x2.shape[0]
+    splits = split_k or _split_k(m, n, k, cfg, x2.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_per_split)
+    out = new_output((m, n), x2.dtype, x2.device)
+    if m == 0:
+        return out
+    dest = new_output((splits, m, n), torch.float32, x2.device) if splits > 1 else out
+    _weight_only_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)](
+        x2, w, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, dest, m, n, k,
+        x2.stride(0), w.stride(0), scales.stride(0), dest.stride(0) if splits > 1 else 0, n, k_per_split,
+        BITS=bits, GROUP=group, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            dest, bias if bias is not None else scales, out, m * n, n, splits, dest.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out
+
+
+def _launch(x, w, scales, zeros, bias, *, n, k, bits, group, split_k, config=None):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
         x2 = x2.contiguous()
-    m = x2.shape[0]
     if not (x.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import weight_only_matmul_reference
 
         return weight_only_matmul_reference(x, w, scales, zeros, bias, bits=bits, group_size=group)
-    block_m = 16 if m <= 16 else (32 if _INTERPRET else 64)
-    block_n = 32 if _INTERPRET else 64
-    block_k = min(group, 32 if _INTERPRET else 64) if bits == 4 else (32 if _INTERPRET else 64)
-    splits = split_k or _split_k(m, n, k, block_m, block_n, block_k, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    if m:
-        _weight_only_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-            x2, w, scales, zeros if zeros is not None else scales, partial, m, n, k,
-            x2.stride(0), w.stride(0), scales.stride(0), partial.stride(0), partial.stride(1), k_per_split,
-            BITS=bits, GROUP=group, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-        )
-    out = partial.sum(0) if splits > 1 else partial[0]
     if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*lead, n)
+        bias = bias.contiguous()
+    cfg = config or _pick_config(x2, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group)
+    return _run(x2, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group, cfg=cfg, split_k=split_k).reshape(*lead, n)
 
 
 def _check_common(x, w, bias):

@@ -146,10 +146,12 @@ class Int4WeightOnlyLinear(nn.Module):
         return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size)
 
 
-def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of x [M, K]: (int8 values, float32 scales [M])."""
-    scale = (x.abs().amax(dim=1) / 127).clamp(min=1e-12).float()
-    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+def quantize_per_token_int8(x: torch.Tensor, divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of `x / divisor` ([M, K]): (int8 values, float32 scales [M]). One fused
+    Triton pass on a GPU; the same arithmetic in torch elsewhere."""
+    from inferforge.kernels import quantize_rows
+
+    return quantize_rows(x, torch.int8, divisor=divisor)
 
 
 class W8A8Linear(nn.Module):
@@ -168,7 +170,7 @@ class W8A8Linear(nn.Module):
         from inferforge.kernels import int8_matmul
 
         lead = x.shape[:-1]
-        x_q, x_scale = quantize_per_token_int8(x.reshape(-1, self.in_features).float() / self.smooth)
+        x_q, x_scale = quantize_per_token_int8(x.reshape(-1, self.in_features), self.smooth)
         out = int8_matmul(x_q, self.weight_int8, x_scale, self.w_scale, self.bias, out_dtype=x.dtype)
         return out.reshape(*lead, self.out_features)
 
@@ -204,12 +206,21 @@ class FP8Linear(nn.Module):
     def forward(self, x):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        x_fp8, x_scale = quantize_fp8(x2, self.granularity)
-        if self.native_available(x.device):
+        # torch._scaled_mm needs both matrix dimensions to be multiples of 16.
+        if self.native_available(x.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            from inferforge.kernels import quantize_rows
+
             rows = self.granularity == "row"
+            # One fused pass quantizes the activations (per-tensor: torch finds the max, the kernel casts).
+            given = None if rows else (torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32) / E4M3_MAX).clamp(min=1e-12).reshape(1)
+            x_fp8, x_scale = quantize_rows(x2, torch.float8_e4m3fn, scale=given)
+            # Row-wise scaling in _scaled_mm produces bfloat16 only.
+            out_dtype = torch.bfloat16 if rows else x.dtype
             out = torch._scaled_mm(x_fp8, self.weight_fp8.T, scale_a=x_scale[:, None] if rows else x_scale,
-                                   scale_b=self.w_scale[None, :] if rows else self.w_scale, out_dtype=x.dtype)
+                                   scale_b=self.w_scale[None, :] if rows else self.w_scale,
+                                   out_dtype=out_dtype).to(x.dtype)
         else:
+            x_fp8, x_scale = quantize_fp8(x2, self.granularity)
             # Exact emulation: the same e4m3 values, float32 products and accumulation.
             a = x_fp8.float() * (x_scale if self.granularity == "tensor" else x_scale[:, None])
             out = (a @ self.dequantized_weight().T).to(x.dtype)

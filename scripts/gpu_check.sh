@@ -4,9 +4,11 @@
 #
 #   bash scripts/gpu_check.sh              # everything (OUT defaults to ./gpu-results)
 #   bash scripts/gpu_check.sh decode       # one part: tests | attention | decode | quant
+#   bash scripts/gpu_check.sh quant-tests quant   # several parts in one call
 #
-# Each part has its own time limit (150, 180, 200, 150 s); run `all` or two parts per device call
-# to stay under the device tool's 10 minutes per command.
+# Parts: tests (every kernel test + quantization), quant-tests (the quantization kernels and layers
+# only), attention, decode, quant. Each has its own time limit (150, 120, 180, 200, 240 s); pick parts
+# so one call stays under the device tool's 10 minutes per command.
 # The GPU image has torch and triton but not this project's other dependencies and no internet,
 # so nothing is installed: the inferforge namespace is assembled from the source folders with links.
 set -uo pipefail
@@ -26,40 +28,51 @@ unset TRITON_INTERPRET
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/environment.txt"
 
-part="${1:-all}"
+parts=" ${*:-all} "
+want() { [[ "$parts" == *" all "* || "$parts" == *" $1 "* ]]; }
 quick="--quick"; [ "${BENCH_FULL:-0}" = "1" ] && quick=""
-tests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0
+tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0
 
-if [ "$part" = all ] || [ "$part" = tests ]; then
+if want tests; then
   # Correctness, compiled, fp16/fp32/bf16: one fixed config (INFERFORGE_AUTOTUNE=0) so each case compiles once.
   INFERFORGE_AUTOTUNE=0 timeout 150 python -m pytest tests/kernels tests/test_quantize.py -q -x -p no:cacheprovider \
     --junitxml="$OUT/kernel-tests.xml" > "$OUT/kernel-tests.log" 2>&1
   tests_rc=$?
 fi
-if [ "$part" = all ] || [ "$part" = attention ]; then
+if want quant-tests; then
+  INFERFORGE_AUTOTUNE=0 timeout 120 python -m pytest tests/kernels/test_weight_only_matmul.py \
+    tests/kernels/test_act_quant.py tests/kernels/test_kv_cache.py tests/test_quantize.py -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/quant-tests.xml" > "$OUT/quant-tests.log" 2>&1
+  qtests_rc=$?
+fi
+if want attention; then
   # Autotuned, bf16; the quick grid by default, BENCH_FULL=1 for every sequence length.
   timeout 180 python -m inferforge.bench.kernels.bench_attention $quick --dtype bfloat16 \
     --out "$OUT/attention-bf16.md" > "$OUT/bench-attention.log" 2>&1
   attention_rc=$?
 fi
-if [ "$part" = all ] || [ "$part" = decode ]; then
+if want decode; then
   timeout 200 python -m inferforge.bench.kernels.bench_decode $quick --out "$OUT/decode.md" \
     > "$OUT/bench-decode.log" 2>&1
   decode_rc=$?
 fi
 
-if [ "$part" = all ] || [ "$part" = quant ]; then
-  timeout 150 python -m inferforge.bench.kernels.bench_quant_matmul $quick --out "$OUT/quant-matmul.md" \
+if want quant; then
+  timeout 240 python -m inferforge.bench.kernels.bench_quant_matmul $quick --out "$OUT/quant-matmul.md" \
     > "$OUT/bench-quant.log" 2>&1
   quant_rc=$?
 fi
 
 echo
 if [ -f "$OUT/kernel-tests.log" ]; then echo "== kernel tests (exit $tests_rc) =="; tail -n 3 "$OUT/kernel-tests.log"; fi
+if [ -f "$OUT/quant-tests.log" ]; then
+  echo "== quantization tests (exit $qtests_rc) =="; grep -E "^(FAILED|ERROR)" "$OUT/quant-tests.log" | head -20
+  tail -n 3 "$OUT/quant-tests.log"
+fi
 for name in attention decode quant; do
   log="$OUT/bench-$name.log"; [ -f "$log" ] || continue
   case "$name" in attention) md="$OUT/attention-bf16.md" ;; decode) md="$OUT/decode.md" ;; quant) md="$OUT/quant-matmul.md" ;; esac
   echo "== $name benchmark =="
   if [ -f "$md" ]; then cat "$md"; else tail -n 20 "$log"; fi
 done
-exit $(( tests_rc != 0 || attention_rc != 0 || decode_rc != 0 || quant_rc != 0 ))
+exit $(( tests_rc != 0 || qtests_rc != 0 || attention_rc != 0 || decode_rc != 0 || quant_rc != 0 ))

@@ -9,11 +9,14 @@ from pathlib import Path
 import torch
 
 
-def time_ms(fn, device) -> tuple[float, float, float]:
-    """Median, p20 and p80 in milliseconds: CUDA events via triton's do_bench on a GPU, perf_counter elsewhere."""
+def time_ms(fn, device, *, graph: bool = False) -> tuple[float, float, float]:
+    """Median, p20 and p80 in milliseconds: CUDA events via triton's do_bench on a GPU (with `graph`,
+    replays of a captured CUDA graph, which leaves out the host's launch overhead), perf_counter elsewhere."""
     if device == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if graph:
+            return tuple(do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8]))
         return tuple(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
     import time
 

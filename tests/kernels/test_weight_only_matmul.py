@@ -3,11 +3,18 @@
 import pytest
 import torch
 
-from inferforge.kernels import w4a16_matmul, w8a16_matmul
+from inferforge.kernels import _checks, w4a16_matmul, w8a16_matmul
 from inferforge.kernels.reference import pack_int4, unpack_int4, weight_only_matmul_reference
+from inferforge.kernels.weight_only_matmul import TileConfig, _candidates, _run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel-written buffer starts as NaN (floats) or the most negative integer."""
+    monkeypatch.setattr(_checks, "POISON_OUTPUTS", True)
 
 
 def close(got, want, dtype):
@@ -45,6 +52,50 @@ def test_w4a16(dtype, m, group):
     want = weight_only_matmul_reference(x.double(), packed, scales.double(), zeros.double(), None, bits=4,
                                         group_size=group)
     close(got, want, dtype)
+
+
+def _int4_case(n, k, group, m, dtype):
+    packed = pack_int4(torch.randint(0, 16, (n, k), device=DEVICE))
+    scales = torch.rand(n, k // group, device=DEVICE) * 0.1
+    zeros = torch.rand(n, k // group, device=DEVICE) * 15
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    bias = torch.randn(n, dtype=dtype, device=DEVICE)
+    want = weight_only_matmul_reference(x.double(), packed, scales.double(), zeros.double(), bias.double(), bits=4,
+                                        group_size=group)
+    return x, packed, scales, zeros, bias, want
+
+
+@pytest.mark.parametrize("split_k", [1, 2, None])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_w4a16_bias_with_and_without_split(m, split_k):
+    x, packed, scales, zeros, bias, want = _int4_case(72, 192, 64, m, torch.float16)
+    got = w4a16_matmul(x, packed, scales, zeros, bias, group_size=64, split_k=split_k)
+    close(got, want, torch.float16)
+
+
+@pytest.mark.parametrize("cfg", [TileConfig(1, 32, 32), TileConfig(16, 32, 32), TileConfig(32, 64, 32)], ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_tile_shape_computes_the_same_function(cfg, bits):
+    # The GPU tuner may pick any of these; each must be right, including BLOCK_M = 1 (the FMA path) at M > 1.
+    m, n, k, group = 5, 40, 128, 32
+    if bits == 4:
+        x, w, scales, zeros, bias, want = _int4_case(n, k, group, m, torch.float16)
+    else:
+        x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+        scales, zeros, group = torch.rand(n, device=DEVICE) * 0.02, None, k
+        bias = torch.randn(n, dtype=torch.float16, device=DEVICE)
+        want = weight_only_matmul_reference(x.double(), w, scales.double(), None, bias.double(), bits=8, group_size=k)
+    for split_k in (1, 3):
+        got = _run(x, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group, cfg=cfg, split_k=split_k)
+        close(got, want, torch.float16)
+
+
+def test_tuner_candidates_respect_the_group():
+    for m in (1, 8, 64, 512):
+        for cfg in _candidates(m, 4, 64):
+            assert cfg.block_k <= 64 and 64 % cfg.block_k == 0
+        assert _candidates(m, 8, 4096)
 
 
 def test_pack_unpack_round_trip():
