@@ -20,7 +20,11 @@ trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/inferforge"
 cp -r inferforge/. "$STAGE/inferforge/"
 for sub in kernels optimize bench; do ln -s "$PWD/$sub" "$STAGE/inferforge/$sub"; done
-export PYTHONPATH="$STAGE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Run from the stage, with the tests copied in: python -m and pytest put the working directory (or the
+# tests' root) first on sys.path, where the repository's own inferforge/ would shadow the assembled one.
+cp -r tests pyproject.toml "$STAGE/"
+cd "$STAGE"
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 
 {
