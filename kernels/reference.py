@@ -168,21 +168,24 @@ def weight_only_matmul_reference(x, w, scales, zeros, bias, *, bits, group_size)
 
 def int8_matmul_reference(x_q, w_q, x_scale, w_scale, bias=None, *, out_dtype=torch.float16):
     """Reference for `int8_matmul`: exact integer products (int64 here), then the scales."""
-    acc = (x_q.long() @ w_q.long().T).double()
-    out = acc * x_scale.double()[:, None] * w_scale.double()[None, :]
+    acc = (x_q.cpu().long() @ w_q.cpu().long().T).double()           # CUDA has no int64 matmul
+    out = acc * x_scale.cpu().double()[:, None] * w_scale.cpu().double()[None, :]
     if bias is not None:
-        out = out + bias.double()
-    return out.to(out_dtype)
+        out = out + bias.cpu().double()
+    return out.to(out_dtype).to(x_q.device)
 
 
-def quantize_rows_reference(x, dtype=torch.int8, *, divisor=None, scale=None):
+def quantize_rows_reference(x, dtype=torch.int8, *, divisor=None, scale=None, per_tensor=False):
     """Reference for `quantize_rows`: per-row (or the given per-tensor) symmetric scale, round half to
     even (int8) or round to nearest e4m3 (torch's cast), clamped to the format's range."""
     qmax = 127.0 if dtype == torch.int8 else 448.0
     xf = x.float()
     if divisor is not None:
         xf = xf / divisor
-    if scale is None:
+    if per_tensor:
+        scale = (xf.abs().amax().reshape(1) / qmax).clamp(min=1e-12) if xf.numel() else torch.full((1,), 1e-12)
+        v = xf / scale
+    elif scale is None:
         scale = (xf.abs().amax(dim=1) / qmax).clamp(min=1e-12)
         v = xf / scale[:, None]
     else:

@@ -25,6 +25,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _accumulate(acc, x, w, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BK] @ w [BLOCK_N, BK]^T, with w already dequantized (float32;
+    masked-off x is zero, so w needs no masking)."""
+    if BLOCK_M == 1:
+        # Decode (M = 1): a dot product per output channel on the FMA units, no padding to 16 rows.
+        return acc + tl.sum(w * x.to(tl.float32), axis=1)[None, :]
+    return acc + tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _weight_only_kernel(
     X,                      # [M, K] activations
     W,                      # int8 [N, K] (BITS=8) or uint8 [N, K // 2] packed (BITS=4)
@@ -47,32 +57,32 @@ def _weight_only_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if BITS == 8:
-            w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
+            acc = _accumulate(acc, x, w, BLOCK_M, DOT_PRECISION)
         else:
-            # Unpack BLOCK_K // 2 bytes into BLOCK_K nibbles, then dequantize with the tile's group
-            # (BLOCK_K divides GROUP, so one scale and zero per output channel per tile).
+            # Byte j of the tile holds k = 2j (low nibble) and 2j + 1 (high nibble). Rather than
+            # interleaving the nibbles back into k order (a register shuffle), the even and odd
+            # columns of x are loaded separately and each meets its own half of the weights.
+            # BLOCK_K divides GROUP, so the tile has one scale and zero per output channel.
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_b[None, :],
-                             mask=n_mask[:, None] & (offs_b < (k_hi + 1) // 2)[None, :], other=0)
-            low = (packed & 0xF).to(tl.float32)
-            high = ((packed >> 4) & 0xF).to(tl.float32)
-            q = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_K])
-            group = k0 // GROUP
-            scale = tl.load(Scales + offs_n * stride_sn + group, mask=n_mask, other=0.0)
-            zero = tl.load(Zeros + offs_n * stride_sn + group, mask=n_mask, other=0.0)
-            w = tl.where(k_mask[None, :], (q - zero[:, None]) * scale[:, None], 0.0)
-        if BLOCK_M == 1:
-            # Decode (M = 1): a dot product per output channel on the FMA units, no padding to 16 rows.
-            acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+            b_mask = 2 * offs_b < k_hi
+            packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0)
+            scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+            zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+            w_even = ((packed & 0xF).to(tl.float32) - zero) * scale
+            w_odd = (((packed >> 4) & 0xF).to(tl.float32) - zero) * scale
+            x_mask = m_mask[:, None] & b_mask[None, :]
+            x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x_rows + 2 * offs_b[None, :] + 1, mask=x_mask, other=0.0)
+            acc = _accumulate(acc, x_even, w_even, BLOCK_M, DOT_PRECISION)
+            acc = _accumulate(acc, x_odd, w_odd, BLOCK_M, DOT_PRECISION)
     if BITS == 8:
         acc = acc * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -118,15 +128,21 @@ def _default_config(m: int, bits: int, group: int) -> TileConfig:
 
 
 def _candidates(m: int, bits: int, group: int) -> list[TileConfig]:
-    """The tile shapes the GPU tuner times for one M range."""
-    ks = [k for k in (64, 128, 256) if bits == 8 or k <= group]
-    if m == 1:
-        return [TileConfig(bm, bn, bk) for bm in (1, 16) for bn in (32, 64, 128) for bk in ks[-2:]]
+    """The tile shapes the GPU tuner times for one M range. At small M the weights are the traffic and
+    the question is how many bytes are in flight: bigger tiles, and more programs (`waves`) through
+    more K splits."""
+    ks = [k for k in (64, 128, 256) if bits == 8 or k <= group][-2:]
+
+    def warps(bm, bn, bk):
+        return 8 if bm * bn >= 8192 or bn * bk >= 16384 else 4
     if m <= 16:
-        return [TileConfig(16, bn, bk) for bn in (32, 64, 128) for bk in ks[-2:]]
-    if m <= 64:
-        return [TileConfig(bm, bn, 64) for bm in (32, 64) for bn in (64, 128)]
-    return [TileConfig(bm, bn, 64, num_warps=4 if bm == 64 else 8) for bm in (64, 128) for bn in (64, 128)]
+        shapes = [(1, bn, bk) for bn in (32, 64, 128) for bk in ks] if m == 1 else []
+        shapes += [(16, bn, bk) for bn in ((64, 128) if m == 1 else (32, 64, 128)) for bk in ks]
+        return [TileConfig(bm, bn, bk, warps(bm, bn, bk), waves=wv) for bm, bn, bk in shapes for wv in (2, 8)]
+    bk = min(128, ks[-1])
+    sizes = (32, 64) if m <= 64 else (64, 128)
+    return [TileConfig(bm, bn, b, warps(bm, bn, b), waves=1 if m > 64 else 2)
+            for bm in sizes for bn in (64, 128) for b in sorted({64, bk})]
 
 
 _TUNED: dict[tuple, TileConfig] = {}
@@ -162,10 +178,10 @@ def _pick_config(x2, w, scales, zeros, bias, *, n, k, bits, group) -> TileConfig
 
 
 def _split_k(m: int, n: int, k: int, cfg: TileConfig, device) -> int:
-    """Enough programs to fill the GPU `waves` times over, each with at least 4 K-blocks of work."""
+    """Enough programs to fill the GPU `waves` times over, each with at least 2 K-blocks of work."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    return max(1, min(triton.cdiv(cfg.waves * sms, tiles), k // (4 * cfg.block_k), 16))
+    return max(1, min(triton.cdiv(cfg.waves * sms, tiles), k // (2 * cfg.block_k), 32))
 
 
 def _run(x2, w, scales, zeros, bias, *, n, k, bits, group, cfg: TileConfig, split_k):

@@ -61,6 +61,8 @@ def predict(n: int, k: int, m: int, fmt: str, gpu: GPUSpec) -> dict:
     bits, act_bytes, rate, per_channel = FORMATS[fmt]
     work = 2.0 * m * n * k
     moved = m * k * act_bytes + n * k * bits / 8 + n * per_channel + m * n * 2
+    if act_bytes == 1:
+        moved += m * k * 3          # quantizing the activations first: read them in bf16, write 8 bits
     peak = (gpu.bf16_tflops if rate == "bf16" else gpu.int8_tops) * 1e12
     time = max(work / peak, moved / (gpu.hbm_tbs * 1e12))
     ridge = peak / (gpu.hbm_tbs * 1e12)
