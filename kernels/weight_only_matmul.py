@@ -25,13 +25,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _accumulate(acc, x, w, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BK] @ w [BLOCK_N, BK]^T, with w already dequantized (float32;
-    masked-off x is zero, so w needs no masking)."""
-    if BLOCK_M == 1:
-        # Decode (M = 1): a dot product per output channel on the FMA units, no padding to 16 rows.
-        return acc + tl.sum(w * x.to(tl.float32), axis=1)[None, :]
-    return acc + tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+def _int_to_float(q_plus_bias, bias: tl.constexpr):
+    # Exact int -> float32 without the (quarter-rate) conversion unit: for 0 <= v < 2**23, the bits
+    # 0x4B000000 | v are the float 2**23 + v. `q_plus_bias` is the int32 value q + bias, bias making it >= 0.
+    return (q_plus_bias | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
 
 
 @triton.jit
@@ -47,6 +44,9 @@ def _weight_only_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # The accumulator is transposed, [BLOCK_N, BLOCK_M]: on the tensor-core path the dequantized
+    # weights are the dot's first operand, which Hopper's wgmma can take straight from registers,
+    # while x (small) goes through shared memory.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -56,42 +56,63 @@ def _weight_only_kernel(
     n_mask = offs_n < N
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if BITS == 8:
+    if BLOCK_M == 1:
+        # Decode (M = 1): elementwise products summed on the FMA units into a [BLOCK_N, width] tile,
+        # reduced once after the loop. Int4: byte j holds k = 2j (low nibble) and 2j + 1 (high), met by
+        # the even and odd entries of x (a tiny, cached vector) instead of re-interleaving the nibbles.
+        WIDTH: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
+        x_row = X + pid_m.to(tl.int64) * stride_xm           # BLOCK_M = 1: the grid has one program per row
+        partial = tl.zeros([BLOCK_N, WIDTH], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if BITS == 8:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                q = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+                x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                partial += _int_to_float(q.to(tl.int32) + 128, 128.0) * x[None, :]
+            else:
+                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                b_mask = 2 * offs_b < k_hi
+                packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0).to(tl.int32)
+                scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+                zero_scaled = scale * tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+                w_even = _int_to_float(packed & 0xF, 0.0) * scale - zero_scaled
+                w_odd = _int_to_float((packed >> 4) & 0xF, 0.0) * scale - zero_scaled
+                x_even = tl.load(x_row + 2 * offs_b, mask=b_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * offs_b + 1, mask=b_mask, other=0.0).to(tl.float32)
+                partial += w_even * x_even[None, :] + w_odd * x_odd[None, :]
+        acc = tl.sum(partial, axis=1)[:, None]
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
-            acc = _accumulate(acc, x, w, BLOCK_M, DOT_PRECISION)
-        else:
-            # Byte j of the tile holds k = 2j (low nibble) and 2j + 1 (high nibble). Rather than
-            # interleaving the nibbles back into k order (a register shuffle), the even and odd
-            # columns of x are loaded separately and each meets its own half of the weights.
-            # BLOCK_K divides GROUP, so the tile has one scale and zero per output channel.
-            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b_mask = 2 * offs_b < k_hi
-            packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0)
-            scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
-            zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
-            w_even = ((packed & 0xF).to(tl.float32) - zero) * scale
-            w_odd = (((packed >> 4) & 0xF).to(tl.float32) - zero) * scale
-            x_mask = m_mask[:, None] & b_mask[None, :]
-            x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=x_mask, other=0.0)
-            x_odd = tl.load(x_rows + 2 * offs_b[None, :] + 1, mask=x_mask, other=0.0)
-            acc = _accumulate(acc, x_even, w_even, BLOCK_M, DOT_PRECISION)
-            acc = _accumulate(acc, x_odd, w_odd, BLOCK_M, DOT_PRECISION)
+            if BITS == 8:
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(x.dtype)
+            else:
+                # Unpack BLOCK_K // 2 bytes into BLOCK_K nibbles in k order; BLOCK_K divides GROUP, so
+                # the tile has one scale and zero per output channel. Masked-off x is zero.
+                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & (2 * offs_b < k_hi)[None, :],
+                                 other=0)
+                q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), ((packed >> 4) & 0xF).to(tl.float32)),
+                               [BLOCK_N, BLOCK_K])
+                scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+                zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+                w = ((q - zero) * scale).to(x.dtype)
+            acc += tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
     if BITS == 8:
-        acc = acc * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
+        acc = acc * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT:
-        tl.store(Out + split * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask)
+        tl.store(Out + split * stride_ok + offs_m[None, :] * stride_om + offs_n[:, None], acc, mask=out_mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(Out.dtype.element_ty),
+            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(Out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc.to(Out.dtype.element_ty),
                  mask=out_mask)
 
 

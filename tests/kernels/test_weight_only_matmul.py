@@ -132,4 +132,4 @@ def test_int8_matmul_is_exact_before_scaling(m, n, k):
     got = int8_matmul(x, w, xs, ws, bias, out_dtype=torch.float32)
     torch.testing.assert_close(got, int8_matmul_reference(x, w, xs, ws, bias, out_dtype=torch.float32), rtol=1e-6, atol=1e-5)
     ones = int8_matmul(x, w, torch.ones(m, device=DEVICE), torch.ones(n, device=DEVICE), out_dtype=torch.float32)
-    assert torch.equal(ones, (x.long() @ w.long().T).float())     # the int32 accumulation is exact
+    assert torch.equal(ones.cpu(), (x.cpu().long() @ w.cpu().long().T).float())   # the int32 accumulation is exact
