@@ -100,6 +100,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    if args.onnx:
+        return _quantize_onnx_artifact(args)
     if args.explain:
         if not args.config:
             raise UserInputError("--explain needs --config FORMAT (int8-weight-only, int4-g128, w8a8 or fp8)")
@@ -107,14 +109,39 @@ def cmd_quantize(args) -> int:
         return cmd_explain(args)
     if args.config:
         return _quantize_llm(args)
-    alpha = args.smoothquant_alpha
-    try:
-        alpha = float(alpha)
-    except ValueError:
-        pass
-    quant = {"smoothquant_alpha": alpha, "method": args.method, "calibrate_method": args.calibrate_method}
+    quant = {"smoothquant_alpha": _smoothquant_alpha(args), "method": args.method,
+             "calibrate_method": args.calibrate_method}
     steps = [{"export": {"opset": args.opset}}, {"quantize": quant}, "validate"]
     return _adhoc_recipe(args, steps)
+
+
+def _smoothquant_alpha(args) -> float | str:
+    try:
+        return float(args.smoothquant_alpha)
+    except ValueError:
+        return args.smoothquant_alpha
+
+
+def _quantize_onnx_artifact(args) -> int:
+    """`quantize ARTIFACT --onnx`: quantize the fp32 model of an export artifact into a new artifact."""
+    from inferforge.artifact_quantize import default_output, quantize_artifact
+    from inferforge.recipe import DataConfig, Gates, QuantizeConfig
+
+    if args.config or args.explain:
+        raise UserInputError(f"--onnx quantizes an ONNX export artifact, {'--config' if args.config else '--explain'} "
+                             "works on a causal LM checkpoint; give one of them, not both")
+    try:
+        quantize = QuantizeConfig(method=args.method, calibrate_method=args.calibrate_method,
+                                  smoothquant_alpha=_smoothquant_alpha(args))
+        gates = Gates(min_cosine=args.min_cosine)
+        data = DataConfig(sentences=args.sentences, calibration_size=args.calibration_size,
+                          held_out_size=args.held_out_size)
+    except ValueError as e:
+        raise UserInputError(f"command line: {e}; fix the flag of that name") from None
+    out = args.output or default_output(args.model, args.method)
+    result = quantize_artifact(args.model, out, quantize=quantize, gates=gates, data=data,
+                               calibration_file=args.calibration, name=args.name, progress=_progress(args))
+    return _finish_run(args, result)
 
 
 def _quantize_llm(args) -> int:
@@ -302,8 +329,9 @@ def _common(p, *, json_flag=True):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def _model_args(p):
-    p.add_argument("model", help="a Hugging Face model directory, 'all-MiniLM-L6-v2' (the demo model) or module:function")
+def _model_args(p, *, model_help=""):
+    p.add_argument("model", help="a Hugging Face model directory, 'all-MiniLM-L6-v2' (the demo model) or "
+                                 "module:function" + model_help)
     p.add_argument("-o", "--output", help="artifact directory (default runs/NAME-COMMAND)")
     p.add_argument("--name", help="artifact name (default: the model directory's name)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -341,12 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", formatter_class=fmt, help="export and quantize to int8 with an accuracy gate",
                        description="Export to ONNX, quantize to int8 with ONNX Runtime (per-channel weights, SmoothQuant "
-                                   "chosen on calibration data), validate on held-out sentences.",
+                                   "chosen on calibration data), validate on held-out sentences. With --onnx, quantize "
+                                   "the fp32 model of an export artifact instead, validated against that model.",
                        epilog="examples:\n  inferforge quantize ./my-bert --min-cosine 0.995 --output runs/my-bert-int8\n"
+                              "  inferforge quantize runs/my-bert-onnx --onnx --method static-qdq --calibrate-method "
+                              "entropy --output runs/my-bert-qdq\n"
                               "  inferforge quantize ./Llama-3.2-1B --config int4-gptq --calibration text.txt "
                               "--max-ppl-increase 0.05 --auto-skip\n"
                               "  inferforge quantize --explain ./Llama-3.2-1B --config int4-g128 --batch 1")
-    _model_args(p)
+    _model_args(p, model_help="; with --onnx, an export artifact directory")
+    p.add_argument("--onnx", action="store_true",
+                   help="MODEL is an artifact written by 'inferforge export': quantize its model.onnx (no re-export)")
     p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
     p.add_argument("--method", default="dynamic-int8", choices=["dynamic-int8", "static-qdq"],
                    help="ONNX int8: dynamic activations (CPU serving) or static symmetric QDQ (TensorRT)")
@@ -357,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "int4-awq", "w8a8", "fp8"],
                    help="quantize a causal LM (Llama-family) directory to this format instead of the ONNX int8 "
                         "path; or the format for --explain")
-    p.add_argument("--calibration", help="with --config: .txt or .jsonl calibration text (needed by int4-gptq, w8a8, gates)")
+    p.add_argument("--calibration", help="with --config: .txt or .jsonl calibration text (needed by int4-gptq, w8a8, "
+                                         "gates); with --onnx: calibration sentences, .txt one per line or .jsonl "
+                                         "\"text\" fields (default: the first --calibration-size of --sentences)")
     p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (half as many are held out)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-ppl-increase", type=float, help="gate: e.g. 0.02 for +2%% perplexity on held-out text")

@@ -7,10 +7,11 @@ complete, and never damages the artifact of an earlier run.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,22 +24,36 @@ from inferforge.fileio import atomic_write_json, atomic_write_text
 from inferforge.manifest import environment, staged_artifact, tool_versions, utc_now, write_manifest
 from inferforge.models import ModelSource, materialize
 from inferforge.progress import Progress
-from inferforge.recipe import BenchConfig, ExportConfig, QuantizeConfig, Recipe, ValidateConfig
+from inferforge.recipe import (
+    BenchConfig,
+    DataConfig,
+    ExportConfig,
+    Gates,
+    QuantizeConfig,
+    Recipe,
+    Targets,
+    ValidateConfig,
+)
 
 MODEL_FILE = "model.onnx"
 
 
 @dataclass
 class RunContext:
-    """What the steps share: inputs, the reference model, and the paths and results produced so far."""
+    """What the steps share: inputs, the reference model, and the paths and results produced so far.
 
-    recipe: Recipe
+    `reference` is the model every candidate is compared with: the source PyTorch model in a recipe
+    run, the fp32 ONNX model of the parent artifact when an export artifact is quantized.
+    """
+
+    data: DataConfig
+    gates: Gates
     source: ModelSource
     sentences: SentenceSplit
     work: Path                  # scratch space, deleted at the end
     staging: Path               # becomes the artifact
     progress: Progress
-    reference: object = None    # TorchEncoder of the source model
+    reference: object = None    # a SentenceEncoder: TorchEncoder of the source model, or OnnxEncoder
     fp32_onnx: Path | None = None
     final_onnx: Path | None = None
     final_provider: str = "onnx-fp32"
@@ -47,7 +62,7 @@ class RunContext:
     def encoder(self, onnx_path: Path, threads: int | None = None):
         from inferforge.encoder import OnnxEncoder
 
-        return OnnxEncoder(onnx_path, self.reference.tokenizer, max_length=self.recipe.data.max_length, threads=threads)
+        return OnnxEncoder(onnx_path, self.reference.tokenizer, max_length=self.data.max_length, threads=threads)
 
 
 _RUNNERS: dict[type, Callable[[RunContext, object], dict]] = {}
@@ -124,7 +139,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
         record = quantize_onnx_int8(ctx.fp32_onnx, out, calibration_batches=batches, score=score,
                                     per_channel=cfg.per_channel, smoothquant_alpha=cfg.smoothquant_alpha,
                                     alpha_grid=cfg.alpha_grid, exclude_nodes=cfg.exclude_nodes,
-                                    target_min_cosine=ctx.recipe.gates.min_cosine + cfg.calibration_margin,
+                                    target_min_cosine=ctx.gates.min_cosine + cfg.calibration_margin,
                                     max_auto_excluded=cfg.max_auto_excluded,
                                     on_candidate=lambda label, s: task.advance())
     except ValueError as e:
@@ -202,28 +217,29 @@ def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
 # Gates and targets
 
 
-def _checks(recipe: Recipe, results: dict, final_provider: str) -> list[dict]:
+def check_results(gates: Gates, targets: Targets, results: dict, final_provider: str) -> list[dict]:
+    """The gates and targets against the measured results, each with `passed`."""
     checks = []
     val = results.get("validation")
     if val:
         checks.append({"name": "min cosine (held-out)", "kind": "gate", "measured": val["min_cosine"],
-                       "op": ">=", "limit": recipe.gates.min_cosine})
-        if recipe.gates.mean_cosine is not None:
+                       "op": ">=", "limit": gates.min_cosine})
+        if gates.mean_cosine is not None:
             checks.append({"name": "mean cosine (held-out)", "kind": "gate", "measured": val["mean_cosine"],
-                           "op": ">=", "limit": recipe.gates.mean_cosine})
+                           "op": ">=", "limit": gates.mean_cosine})
     bench = results.get("benchmark")
     if bench:
         rows = {(r["provider"], r["batch_size"]): r for r in bench["results"]}
-        for t in recipe.targets.latency:
+        for t in targets.latency:
             r = rows[(final_provider, t.batch_size)]
             checks.append({"name": f"{final_provider} {t.percentile} latency, batch {t.batch_size} (ms)",
                            "kind": "target", "measured": r[f"{t.percentile}_ms"], "op": "<=", "limit": t.max_ms})
-        if recipe.targets.min_speedup is not None:
-            r = rows.get((final_provider, recipe.targets.speedup_batch_size))
+        if targets.min_speedup is not None:
+            r = rows.get((final_provider, targets.speedup_batch_size))
             if r and r["speedup_vs_onnx_fp32"]:
                 checks.append({"name": f"{final_provider} p50 speedup over onnx-fp32, batch {r['batch_size']}",
                                "kind": "target", "measured": r["speedup_vs_onnx_fp32"], "op": ">=",
-                               "limit": recipe.targets.min_speedup})
+                               "limit": targets.min_speedup})
     for c in checks:
         c["passed"] = c["measured"] >= c["limit"] if c["op"] == ">=" else c["measured"] <= c["limit"]
     return checks
@@ -233,17 +249,25 @@ def _checks(recipe: Recipe, results: dict, final_provider: str) -> list[dict]:
 # The run
 
 
+@contextlib.contextmanager
+def staged_run(out: Path):
+    """Yield (staging, work): the directory that becomes the artifact `out` when the block finishes
+    (see `staged_artifact`), and scratch space next to it that is always deleted."""
+    with staged_artifact(out) as staging:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+        try:
+            yield staging, work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
     """Run every step of `recipe` and write the artifact; returns the report (gates may have failed)."""
     progress = progress or Progress(quiet=True)
     out = recipe.output_dir.resolve()
     started = time.perf_counter()
-    with staged_artifact(out) as staging:
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
-        try:
-            report = _run_steps(recipe, progress, out, staging, work, started)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    with staged_run(out) as (staging, work):
+        report = _run_steps(recipe, progress, out, staging, work, started)
     return RunResult(output=out, report=report, passed=report["passed"])
 
 
@@ -255,54 +279,70 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     with progress.spinner(f"loading {recipe.model}"):
         source = materialize(recipe.model, work)
         reference = TorchEncoder(source.path, max_length=recipe.data.max_length)
-    ctx = RunContext(recipe=recipe, source=source, sentences=sentences, work=work, staging=staging,
-                     progress=progress, reference=reference)
+    ctx = RunContext(data=recipe.data, gates=recipe.gates, source=source, sentences=sentences, work=work,
+                     staging=staging, progress=progress, reference=reference)
+    steps = run_steps(ctx, recipe.steps)
+    checks = check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
+    return write_run_outputs(ctx, name=recipe.name, out=out, tokenizer_dir=source.path, steps=steps, checks=checks,
+                             started=started, provenance={"recipe": recipe.to_dict()})
+
+
+def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
+    """Run each step config with its registered runner; returns one record per step for the manifest."""
     steps = []
-    for cfg in recipe.steps:
+    for cfg in configs:
         name = type(cfg).__name__.removesuffix("Config").lower()
         t0 = time.perf_counter()
         outcome = _RUNNERS[type(cfg)](ctx, cfg)
         record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
                   "tools": tool_versions(), **outcome}
         steps.append(record)
-        progress.done(name, record["duration_s"], outcome.get("summary", ""))
+        ctx.progress.done(name, record["duration_s"], outcome.get("summary", ""))
+    return steps
 
-    shutil.copyfile(ctx.final_onnx, staging / MODEL_FILE)
+
+def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: Path, steps: list[dict],
+                      checks: list[dict], started: float, provenance: dict, report_extra: dict | None = None) -> dict:
+    """Write the final model, the tokenizer, report.json, report.md and the manifest into `ctx.staging`.
+
+    `provenance` (the recipe, or the parent artifact) goes into the manifest, `report_extra` into
+    the report. Returns the report.
+    """
+    from inferforge.bench.report import render_markdown
     from inferforge.optimize.export import copy_tokenizer
 
-    copy_tokenizer(source.path, staging)
-    checks = _checks(recipe, ctx.results, ctx.final_provider)
+    shutil.copyfile(ctx.final_onnx, ctx.staging / MODEL_FILE)
+    copy_tokenizer(tokenizer_dir, ctx.staging)
     accuracy_passed = all(c["passed"] for c in checks if c["kind"] == "gate")
     report = {
-        "name": recipe.name,
+        "name": name,
         "created": utc_now(),
         "artifact": str(out),
-        "source": source.to_dict(),
+        "source": ctx.source.to_dict(),
         "passed": all(c["passed"] for c in checks),
         "accuracy_passed": accuracy_passed,
         "checks": checks,
         "steps": [{k: s[k] for k in ("name", "duration_s", "summary")} for s in steps],
         "validation": ctx.results.get("validation"),
         "benchmark": ctx.results.get("benchmark"),
+        **(report_extra or {}),
         "environment": environment(),
         "total_duration_s": time.perf_counter() - started,
     }
-    from inferforge.bench.report import render_markdown
-
-    atomic_write_json(staging / "report.json", report)
-    atomic_write_text(staging / "report.md", render_markdown(report))
-    write_manifest(staging, {
-        "name": recipe.name,
+    atomic_write_json(ctx.staging / "report.json", report)
+    atomic_write_text(ctx.staging / "report.md", render_markdown(report))
+    write_manifest(ctx.staging, {
+        "name": name,
         "created": report["created"],
         "kind": "sentence-encoder",
         "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
-                    "normalize": True, "max_length": recipe.data.max_length,
+                    "normalize": True, "max_length": ctx.data.max_length,
                     "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
-        "source": source.to_dict(),
-        "recipe": recipe.to_dict(),
+        "source": report["source"],
+        **provenance,
         "steps": steps,
-        "validation": ctx.results.get("validation"),
-        "benchmark": ctx.results.get("benchmark"),
+        "validation": report["validation"],
+        "benchmark": report["benchmark"],
         "checks": checks,
         "passed": report["passed"],
         "accuracy_passed": accuracy_passed,
@@ -311,9 +351,15 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     return report
 
 
+def missed_message(checks: list[dict]) -> str:
+    """'missed: NAME: measured X, required >= Y; ...' for the checks that did not pass."""
+    lines = [f"{c['name']}: measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}"
+             for c in checks if not c["passed"]]
+    return "missed: " + "; ".join(lines)
+
+
 def gate_failure_message(result: RunResult) -> str:
-    lines = [f"{c['name']}: measured {c['measured']:.4g}, required {c['op']} {c['limit']:.4g}" for c in result.failures]
-    return "missed: " + "; ".join(lines) + f" (details in {result.output / 'report.md'})"
+    return missed_message(result.failures) + f" (details in {result.output / 'report.md'})"
 
 
 def raise_on_failure(result: RunResult) -> RunResult:
