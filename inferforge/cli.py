@@ -79,7 +79,10 @@ def cmd_optimize(args) -> int:
     recipe = load_recipe(args.recipe or builtin_recipe_path("demo"))
     if args.output:
         recipe = dataclasses.replace(recipe, output=args.output)
-    return _finish_run(args, run_recipe(recipe, progress=_progress(args)))
+    result = run_recipe(recipe, progress=_progress(args))
+    if recipe.kind == "causal-lm":
+        return _print_quantized(args, result.report, result.output)
+    return _finish_run(args, result)
 
 
 def _adhoc_recipe(args, steps: list) -> int:
@@ -156,11 +159,16 @@ def _quantize_llm(args) -> int:
                                    num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
                                    auto_skip=args.auto_skip, skip=tuple(args.skip), group_size=args.group_size,
                                    progress=_progress(args))
+    return _print_quantized(args, manifest, Path(out).resolve())
+
+
+def _print_quantized(args, manifest: dict, out: Path) -> int:
+    """What `quantize --config` and a causal-LM recipe print: the manifest as JSON, or a summary."""
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         metrics = manifest.get("validation")
-        print(f"artifact: {Path(out).resolve()}")
+        print(f"artifact: {out}")
         print(manifest["steps"][0]["summary"])
         if metrics:
             print(f"held-out: perplexity {metrics['ppl_original']:.3f} -> {metrics['ppl_quantized']:.3f} "
@@ -353,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", formatter_class=fmt, help="run a recipe (default: the built-in demo)",
                        description="Run a YAML recipe: export, quantize, validate against the source model, benchmark, "
-                                   "and write an artifact with its manifest and reports.",
+                                   "and write an artifact with its manifest and reports; or quantize a causal LM "
+                                   "(a recipe whose one step is 'quantize' with a 'config', as quantize --config).",
                        epilog="examples:\n  inferforge optimize\n  inferforge optimize recipe.yaml --output runs/v2 --json")
     p.add_argument("recipe", nargs="?", help="recipe YAML file (default: the built-in all-MiniLM-L6-v2 int8 demo)")
     p.add_argument("-o", "--output", help="artifact directory (overrides the recipe's 'output')")

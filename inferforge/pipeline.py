@@ -1,5 +1,8 @@
 """Run a recipe: model -> export -> quantize -> validate -> bench -> artifact with manifest and reports.
 
+A causal-LM recipe (one `quantize` step with a `config`) runs `quantize_checkpoint`, the code
+behind `inferforge quantize --config`: the same artifact, with the normalized recipe in its manifest.
+
 Everything is built in a staging directory next to the output and moved into place only when the
 run has finished, so an interrupted or failed run never leaves a half-written artifact that looks
 complete, and never damages the artifact of an earlier run.
@@ -262,13 +265,33 @@ def staged_run(out: Path):
 
 
 def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
-    """Run every step of `recipe` and write the artifact; returns the report (gates may have failed)."""
+    """Run every step of `recipe` and write the artifact; returns the report (gates may have failed).
+
+    A causal-LM recipe returns the manifest as its report; its gate is checked before anything is
+    written, and a missed one raises `GateFailed` and leaves no artifact."""
     progress = progress or Progress(quiet=True)
+    if recipe.kind == "causal-lm":
+        return _run_causal_lm(recipe, progress)
     out = recipe.output_dir.resolve()
     started = time.perf_counter()
     with staged_run(out) as (staging, work):
         report = _run_steps(recipe, progress, out, staging, work, started)
     return RunResult(output=out, report=report, passed=report["passed"])
+
+
+def _run_causal_lm(recipe: Recipe, progress: Progress) -> RunResult:
+    from inferforge.optimize.llm_quantize import quantize_checkpoint
+    from inferforge.optimize.lm_eval import LMGate
+
+    (cfg,) = recipe.steps
+    gate = LMGate(**asdict(cfg.gate)) if cfg.gate is not None else None
+    started = time.perf_counter()
+    manifest = quantize_checkpoint(recipe.model, recipe.output_dir, fmt=cfg.config, calibration_file=cfg.calibration,
+                                   num_samples=cfg.num_samples, seq_len=cfg.seq_len, gate=gate,
+                                   auto_skip=cfg.auto_skip, skip=cfg.skip, group_size=cfg.group_size,
+                                   progress=progress, name=recipe.name, recipe=recipe.to_dict())
+    progress.done("quantize", time.perf_counter() - started, manifest["steps"][0]["summary"])
+    return RunResult(output=recipe.output_dir.resolve(), report=manifest, passed=manifest["passed"])
 
 
 def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, work: Path, started: float) -> dict:

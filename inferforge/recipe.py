@@ -14,6 +14,21 @@ A recipe is YAML::
     targets: {latency: [{batch_size: 8, percentile: p95, max_ms: 100}], min_speedup: 1.5}
     output: runs/minilm-int8
 
+A causal LM (a local Llama / Mistral / Qwen2 directory) takes one step, `quantize` with a `config`
+(the formats of `inferforge quantize --config`); the `config` key is what selects this form::
+
+    model: checkpoints/llama             # name defaults to the output directory's name
+    output: runs/llama-int4
+    steps:
+      - quantize:
+          config: int4-awq
+          calibration: data/calib.txt    # .txt (one text per line) or .jsonl
+          num_samples: 64
+          seq_len: 256
+          skip: [lm_head]
+          auto_skip: true
+          gate: {max_ppl_increase: 2%, min_top1_agreement: 0.9}
+
 `load_recipe` validates everything before any work starts: unknown keys (with a suggestion for a
 misspelling), wrong types, bad values and missing files raise one `RecipeError` naming the key and,
 where YAML gives it, the line.
@@ -24,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +57,10 @@ BENCH_PROVIDERS = ("pytorch-fp32", "onnx-fp32", "onnx-int8")
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+class Fraction(float):
+    """An annotation for shares: a number (0.02) or a percentage string ('2%'); parsed to a plain float."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,56 @@ class QuantizeConfig:
             _require(0.0 <= a <= 1.0, "smoothquant_alpha must be a number in [0, 1], 'auto' or 'off'")
         _require(len(self.alpha_grid) > 0 and all(0 <= x <= 1 for x in self.alpha_grid),
                  "alpha_grid must be a non-empty list of numbers in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LMGateConfig:
+    """Limits on the held-out comparison of the quantized causal LM with the original (see `LMGate`)."""
+
+    max_ppl_increase: Fraction | None = None      # 0.02 or '2%': perplexity may rise by at most 2%
+    min_top1_agreement: Fraction | None = None    # 0.9 or '90%': share of positions with the same argmax
+    max_kl: float | None = None                   # mean KL(original || quantized) per token
+
+    def __post_init__(self):
+        _require(any(v is not None for v in dataclasses.astuple(self)),
+                 "gate needs at least one of max_ppl_increase, min_top1_agreement, max_kl")
+        _require(self.max_ppl_increase is None or 0 <= self.max_ppl_increase <= 1,
+                 "max_ppl_increase must be between 0 and 1 (a share: 0.02 or '2%' allows +2% perplexity)")
+        _require(self.min_top1_agreement is None or 0 <= self.min_top1_agreement <= 1,
+                 "min_top1_agreement must be between 0 and 1 (0.9 or '90%')")
+        _require(self.max_kl is None or self.max_kl >= 0, "max_kl must be >= 0")
+
+
+@dataclass(frozen=True)
+class LLMQuantizeConfig:
+    """Quantize a causal LM in PyTorch, as `inferforge quantize MODEL --config FORMAT` does.
+
+    The first `num_samples` sequences of `seq_len` tokens from `calibration` calibrate, the next
+    `num_samples // 2` are held out for the metrics and the `gate`; `auto_skip` keeps the most
+    sensitive layers in float until the gate passes; `skip` patterns (fnmatch) stay in float.
+    """
+
+    config: str
+    calibration: str | None = None
+    num_samples: int = 16
+    seq_len: int = 128
+    skip: tuple[str, ...] = ()
+    auto_skip: bool = False
+    group_size: int = 128
+    gate: LMGateConfig | None = None
+
+    def __post_init__(self):
+        from inferforge.optimize.llm_quantize import CALIBRATED_FORMATS, FORMATS
+
+        _require(self.config in FORMATS, f"config {self.config!r} is not a format; choose one of {', '.join(FORMATS)}")
+        _require(self.num_samples >= 1, "num_samples must be >= 1")
+        _require(self.seq_len >= 2, "seq_len must be >= 2 (the metrics predict each next token)")
+        _require(self.group_size >= 1, "group_size must be >= 1")
+        for needs, why in ((self.config in CALIBRATED_FORMATS, f"config {self.config}"), (self.gate, "a gate")):
+            _require(not needs or self.calibration is not None,
+                     f"{why} needs calibration text: add calibration: FILE (.txt or .jsonl)")
+        _require(not self.auto_skip or self.gate is not None,
+                 "auto_skip keeps layers in float until the gate passes; add a gate, e.g. gate: {max_ppl_increase: 2%}")
 
 
 @dataclass(frozen=True)
@@ -179,7 +249,19 @@ STEP_CONFIGS: dict[str, type] = {
     "validate": ValidateConfig,
     "bench": BenchConfig,
 }
-STEP_NAMES = {cls: name for name, cls in STEP_CONFIGS.items()}
+# Step name -> {selecting key: config type}: a step written with that key takes the other form.
+STEP_FORMS: dict[str, dict[str, type]] = {"quantize": {"config": LLMQuantizeConfig}}
+STEP_NAMES = {cls: name for name, cls in STEP_CONFIGS.items()} | {
+    cls: name for name, forms in STEP_FORMS.items() for cls in forms.values()}
+# How an error names each form of a step, so a key of the other form gets a pointed message.
+FORM_NAMES = {QuantizeConfig: "the ONNX int8 quantize step (written without 'config')",
+              LLMQuantizeConfig: "the causal-LM quantize step (selected by 'config: FORMAT')"}
+# Top-level keys of the encoder path, and what a causal-LM recipe uses instead.
+ENCODER_ONLY_KEYS = {
+    "data": "the causal-LM quantize step reads its text from 'calibration'",
+    "gates": "a causal-LM recipe sets its gate in the quantize step: gate: {max_ppl_increase: 2%, min_top1_agreement: 0.9}",
+    "targets": "latency targets need the bench step, which a causal-LM recipe does not have",
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +278,11 @@ class Recipe:
         _require(bool(self.name.strip()), "name must not be empty")
         _require(len(self.steps) > 0, "steps must list at least one step")
         kinds = [type(s) for s in self.steps]
+        if LLMQuantizeConfig in kinds:
+            _require(kinds == [LLMQuantizeConfig],
+                     "a causal-LM recipe (quantize with 'config') has the one step 'quantize', which validates on "
+                     "held-out text itself; export, validate and bench belong to the ONNX encoder path")
+            return
         _require(kinds[0] is ExportConfig, "the first step must be 'export' (every later step works on the ONNX model)")
         _require(len(set(kinds)) == len(kinds), "each step may appear once")
         if BenchConfig in kinds:
@@ -212,6 +299,11 @@ class Recipe:
     def output_dir(self) -> Path:
         return Path(self.output or f"runs/{self.name}")
 
+    @property
+    def kind(self) -> str:
+        """'causal-lm' (one PyTorch quantize step) or 'sentence-encoder' (the ONNX path)."""
+        return "causal-lm" if isinstance(self.steps[0], LLMQuantizeConfig) else "sentence-encoder"
+
     def step(self, cls: type):
         return next((s for s in self.steps if isinstance(s, cls)), None)
 
@@ -220,6 +312,9 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["steps"] = [{STEP_NAMES[type(s)]: dataclasses.asdict(s)} for s in self.steps]
         d["output"] = str(self.output_dir)
+        if self.kind == "causal-lm":
+            for key in ENCODER_ONLY_KEYS:
+                del d[key]
         return json.loads(json.dumps(d))   # plain JSON types: tuples become lists
 
 
@@ -279,13 +374,17 @@ def _type_name(tp) -> str:
         return "null"
     if dataclasses.is_dataclass(tp):
         return "mapping"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
+    return {int: "integer", float: "number", Fraction: "number or percentage such as '2%'", str: "string",
+            bool: "true/false"}.get(tp, str(tp))
 
 
 def _convert(tp, value, path):
     """Coerce one YAML value to the annotated type, or raise _Invalid naming the key."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        mapping_type = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+        if mapping_type is not None and isinstance(value, dict):
+            return _build(mapping_type, value, path)   # its own message names the key that is wrong
         for arg in typing.get_args(tp):
             try:
                 return _convert(arg, value, path)
@@ -311,6 +410,14 @@ def _convert(tp, value, path):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif tp is Fraction:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                return float(value.strip()[:-1]) / 100
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -323,6 +430,23 @@ def _unknown_key(key, known, path):
     return _Invalid(path + (key,), f"unknown key '{key}' ({hint})")
 
 
+def _other_form_key(cls, key, path):
+    """The error for a key that belongs to another form of the same step, or None."""
+    if cls not in FORM_NAMES:
+        return None
+    for other, form in FORM_NAMES.items():
+        if other is not cls and key in {f.name for f in dataclasses.fields(other)}:
+            fix = f"; add config: FORMAT ({', '.join(_llm_formats())})" if other is LLMQuantizeConfig else ""
+            return _Invalid(path + (key,), f"'{key}' belongs to {form}, but this is {FORM_NAMES[cls]}{fix}")
+    return None
+
+
+def _llm_formats() -> tuple[str, ...]:
+    from inferforge.optimize.llm_quantize import FORMATS
+
+    return FORMATS
+
+
 def _build(cls, value, path):
     if value is None:
         value = {}
@@ -332,8 +456,8 @@ def _build(cls, value, path):
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, v in value.items():
-        if key not in hints:
-            raise _unknown_key(key, known, path)
+        if key not in known:
+            raise _other_form_key(cls, key, path) or _unknown_key(key, known, path)
         kwargs[key] = _convert(hints[key], v, path + (key,))
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -356,7 +480,9 @@ def _build_step(value, path):
         raise _Invalid(path, "each step is a name ('validate') or a one-key mapping ('export: {opset: 17}')")
     if name not in STEP_CONFIGS:
         raise _unknown_key(name, list(STEP_CONFIGS), path)
-    return _build(STEP_CONFIGS[name], settings, path + (name,))
+    forms = STEP_FORMS.get(name, {}).items()
+    cls = next((form for key, form in forms if isinstance(settings, dict) and key in settings), STEP_CONFIGS[name])
+    return _build(cls, settings, path + (name,))
 
 
 def recipe_from_dict(data: Any, *, source: str = "recipe", lines: _Lines | None = None,
@@ -370,20 +496,27 @@ def recipe_from_dict(data: Any, *, source: str = "recipe", lines: _Lines | None 
         for key in data:
             if key not in known:
                 raise _unknown_key(key, known, ())
-        for key in ("name", "model", "steps"):
+        for key in ("model", "steps"):
             if key not in data:
                 raise _Invalid((), f"missing required key '{key}'")
         steps = data["steps"]
         if not isinstance(steps, list):
             raise _Invalid(("steps",), "steps must be a list")
+        steps = tuple(_build_step(s, ("steps", i)) for i, s in enumerate(steps))
+        if any(isinstance(s, LLMQuantizeConfig) for s in steps):
+            for key, instead in ENCODER_ONLY_KEYS.items():
+                if key in data:
+                    raise _Invalid((key,), f"'{key}' belongs to the ONNX encoder path; {instead}")
+        output = _convert(str, data.get("output", ""), ("output",))
+        model = _convert(str, data["model"], ("model",))
         kwargs = {
-            "name": _convert(str, data["name"], ("name",)),
-            "model": _convert(str, data["model"], ("model",)),
-            "steps": tuple(_build_step(s, ("steps", i)) for i, s in enumerate(steps)),
+            "name": _convert(str, data["name"], ("name",)) if "name" in data else _default_name(output, model),
+            "model": model,
+            "steps": steps,
             "data": _build(DataConfig, data.get("data"), ("data",)),
             "gates": _build(Gates, data.get("gates"), ("gates",)),
             "targets": _build(Targets, data.get("targets"), ("targets",)),
-            "output": _convert(str, data.get("output", ""), ("output",)),
+            "output": output,
         }
         if base_dir is not None:
             kwargs = _resolve_paths(kwargs, base_dir)
@@ -400,6 +533,11 @@ def recipe_from_dict(data: Any, *, source: str = "recipe", lines: _Lines | None 
         raise RecipeError(f"{where}: {_fmt_path(e.path)}: {e.message}") from None
 
 
+def _default_name(output: str, model: str) -> str:
+    """A recipe without a name is named after its output directory, or else its model."""
+    return Path(output).name or re.sub(r"[^\w.-]+", "-", Path(model).name or model).strip("-") or "model"
+
+
 def _resolve_paths(kwargs: dict, base_dir: Path) -> dict:
     """Relative file paths in a recipe file are relative to the recipe file, not the working directory."""
     from inferforge.models import looks_like_path
@@ -409,6 +547,10 @@ def _resolve_paths(kwargs: dict, base_dir: Path) -> dict:
     data = kwargs["data"]
     if data.sentences != "demo" and not Path(data.sentences).is_absolute():
         kwargs["data"] = dataclasses.replace(data, sentences=str(base_dir / data.sentences))
+    kwargs["steps"] = tuple(
+        dataclasses.replace(s, calibration=str(base_dir / s.calibration))
+        if isinstance(s, LLMQuantizeConfig) and s.calibration and not Path(s.calibration).is_absolute() else s
+        for s in kwargs["steps"])
     return kwargs
 
 
@@ -422,6 +564,31 @@ def _check_paths(recipe: Recipe) -> None:
     if recipe.data.sentences != "demo" and not Path(recipe.data.sentences).is_file():
         raise _Invalid(("data", "sentences"), f"file not found: {recipe.data.sentences} "
                                               "(give a text file with one sentence per line, or 'demo')")
+    if recipe.kind == "causal-lm":
+        _check_causal_lm(recipe)
+
+
+def _check_causal_lm(recipe: Recipe) -> None:
+    from inferforge.models import looks_like_path
+
+    if not looks_like_path(recipe.model):
+        raise _Invalid(("model",), f"'{recipe.model}' is not a checkpoint directory; the causal-LM quantize step "
+                                   "needs a local Hugging Face Llama / Mistral / Qwen2 directory")
+    try:
+        config = json.loads((Path(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Invalid(("model",), f"{recipe.model}/config.json is not valid JSON ({e})") from None
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForCausalLM") for a in architectures):
+        found = ", ".join(map(str, architectures)) or f"model_type {config.get('model_type')!r}"
+        raise _Invalid(("model",), f"'{recipe.model}' holds {found}, not a causal LM (config.json architectures "
+                                   "has no *ForCausalLM); for an encoder drop 'config' from the quantize step and "
+                                   "start the steps with export")
+    (step,) = recipe.steps
+    if step.calibration is not None and not Path(step.calibration).is_file():
+        raise _Invalid(("steps", 0, "quantize", "calibration"),
+                       f"file not found: {step.calibration} (give a .txt file, one text per line, or a .jsonl "
+                       "file with a \"text\" field per line)")
 
 
 def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:

@@ -21,6 +21,7 @@ import torch
 from inferforge.errors import UserInputError
 
 FORMATS = ("int8-weight-only", "int4-g128", "int4-gptq", "int4-awq", "w8a8", "fp8")
+CALIBRATED_FORMATS = ("int4-gptq", "int4-awq", "w8a8")   # these need calibration text
 
 
 def make_config(fmt: str, skip: tuple[str, ...] = (), group_size: int = 128):
@@ -38,8 +39,10 @@ def make_config(fmt: str, skip: tuple[str, ...] = (), group_size: int = 128):
 
 def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, num_samples: int = 16,
                         seq_len: int = 128, gate=None, auto_skip: bool = False, skip: tuple[str, ...] = (),
-                        group_size: int = 128, progress=None) -> dict:
-    """Quantize `model_dir` to the artifact `out_dir`; returns the manifest."""
+                        group_size: int = 128, progress=None, name: str | None = None,
+                        recipe: dict | None = None) -> dict:
+    """Quantize `model_dir` to the artifact `out_dir`; returns the manifest. `name` (default: the
+    output directory's name) and the normalized `recipe`, when a recipe ran this, go to the manifest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inferforge.artifact import CHECKPOINT_FILES
@@ -60,7 +63,7 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     if not (model_dir / "config.json").is_file():
         raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face causal LM directory")
     config = make_config(fmt, tuple(skip), group_size)
-    needs_data = fmt in ("int4-gptq", "int4-awq", "w8a8")
+    needs_data = fmt in CALIBRATED_FORMATS
     if (needs_data or gate is not None) and calibration_file is None:
         raise UserInputError(f"--config {fmt}{' with a gate' if gate else ''} needs --calibration FILE (.txt or .jsonl)")
     check_output_dir(out)
@@ -83,12 +86,12 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     checks = [{"name": "gate", "kind": "gate", "passed": True, "limits": dataclasses.asdict(gate)}] if gate else []
     with staged_artifact(out) as staging:
         save_quantized(model, staging, report)
-        for name in CHECKPOINT_FILES:
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, staging / name)
+        for file_name in CHECKPOINT_FILES:
+            if (model_dir / file_name).is_file():
+                shutil.copyfile(model_dir / file_name, staging / file_name)
         worst = [{"layer": n, "sqnr_db": v} for n, v in report.worst(5)]
         manifest = write_manifest(staging, {
-            "name": out.name, "created": utc_now(), "kind": "quantized-causal-lm",
+            "name": name or out.name, "created": utc_now(), "kind": "quantized-causal-lm",
             "runtime": {"format": fmt, "loader": "transformers AutoModelForCausalLM + inferforge quantized layers"},
             "source": {"model": str(model_dir), "path": str(model_dir.resolve()), "weights_sha256": weights_sha256(model_dir)},
             "steps": [{"name": "quantize", "settings": {"format": fmt, "skip": list(skip), "group_size": group_size,
@@ -101,6 +104,7 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
                              "calibration_sha256": calibration_sha},
             "validation": report.metrics, "checks": checks, "passed": True, "accuracy_passed": True,
             "environment": environment(),
+            **({"recipe": recipe} if recipe is not None else {}),
         })
     return manifest
 

@@ -34,3 +34,13 @@ def save_word_tokenizer(path: Path, vocab_size: int = 256) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+
+
+def save_word_text(path: Path, *, lines: int = 40, words: int = 40, vocab_size: int = 256, seed: int = 0) -> Path:
+    """Calibration text for `save_word_tokenizer`: `lines` lines of `words` random words, seeded."""
+    import random
+
+    rng = random.Random(seed)
+    text = [" ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(words)) for _ in range(lines)]
+    Path(path).write_text("\n".join(text) + "\n")
+    return Path(path)

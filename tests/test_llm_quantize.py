@@ -1,7 +1,6 @@
 """`inferforge quantize MODEL --config ...` on a tiny Llama checkpoint, and `inferforge.load` of the artifact."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 import inferforge
 from inferforge.cli import main
 from inferforge.optimize.quantize import Int8WeightOnlyLinear
-from tests.factories_llama import save_tiny_llama, save_word_tokenizer
+from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +16,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm")
     path = save_tiny_llama(root / "tiny")
     save_word_tokenizer(path)
-    rng = random.Random(0)
-    lines = [" ".join(f"w{rng.randrange(3, 256)}" for _ in range(40)) for _ in range(40)]
-    (root / "cal.txt").write_text("\n".join(lines) + "\n")
-    return path, root / "cal.txt"
+    return path, save_word_text(root / "cal.txt")
 
 
 def test_quantize_command_writes_a_loadable_artifact(checkpoint, tmp_path, capsys):
