@@ -98,6 +98,18 @@ def ceilings(device) -> dict:
     return out
 
 
+def _tuned_tile(fmt: str, m: int, n: int, k: int) -> str | None:
+    """The weight-only tile the GPU tuner chose for this case, for the report."""
+    from inferforge.kernels.weight_only_matmul import _TUNED, _m_bucket
+
+    bits = {"int8-weight-only": 8, "int4-g128": 4}.get(fmt)
+    hits = [cfg for key, cfg in _TUNED.items() if key[:5] == (_m_bucket(m), n, k, bits, k if bits == 8 else 128)]
+    if not hits:
+        return None
+    c = hits[0]
+    return f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} waves{c.waves}"
+
+
 def run(cases, device, dtype, gpu_key):
     rows = []
     spec = GPUS.get(gpu_key)
@@ -108,10 +120,11 @@ def run(cases, device, dtype, gpu_key):
         pred = predict(n, k, m, fmt, spec)["time_s"] if spec else None
         pred_base = predict(n, k, m, "bf16", spec)["time_s"] if spec else None
         moved = predict(n, k, m, fmt, GPUS["h100"])["bytes"]
-        rows.append({"format": fmt, "m": m, "layer": label, "n": n, "k": k, "ms": ms, "bf16_ms": base,
+        tuned = _tuned_tile(fmt, m, n, k)
+        rows.append({"format": fmt, "m": m, "layer": label, "n": n, "k": k, "ms": ms, "bf16_ms": base, "tile": tuned,
                      "speedup": base / ms, "tflops": 2 * m * n * k / ms / 1e9, "gbs": moved / ms / 1e6,
                      "predicted_speedup": pred_base / pred if spec else None})
-        print(f"{fmt} M={m} {label}: {base / ms:.2f}x bf16", file=sys.stderr, flush=True)
+        print(f"{fmt} M={m} {label}: {base / ms:.2f}x bf16 (tile {tuned})", file=sys.stderr, flush=True)
     return rows
 
 
@@ -145,13 +158,13 @@ def to_markdown(report) -> str:
                   + (f", fp8 {ceil['fp8_tflops']:.0f} TFLOP/s." if "fp8_tflops" in ceil else "."),
                   "Timed as CUDA-graph replays over rotating weight copies (no L2 hits); `predicted` is "
                   "`inferforge quantize --explain`'s roofline; `% BW` is GB/s over the measured copy bandwidth.", ""]
-    lines += ["| format | M | layer (N x K) | ms | bf16 ms | speed-up | predicted | TFLOP/s | GB/s | % BW |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| format | M | layer (N x K) | ms | bf16 ms | speed-up | predicted | TFLOP/s | GB/s | % BW | tuned tile |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         pred = f"{r['predicted_speedup']:.2f}x" if r["predicted_speedup"] else "-"
         bw = f"{100 * r['gbs'] / ceil['copy_gbs']:.0f}%" if ceil else "-"
         lines.append(f"| {r['format']} | {r['m']} | {r['layer']} ({r['n']}x{r['k']}) | {r['ms']:.4g} | {r['bf16_ms']:.4g} | "
-                     f"{r['speedup']:.2f}x | {pred} | {r['tflops']:.3g} | {r['gbs']:.3g} | {bw} |")
+                     f"{r['speedup']:.2f}x | {pred} | {r['tflops']:.3g} | {r['gbs']:.3g} | {bw} | {r.get('tile') or '-'} |")
     if env["device"] == "cuda":
         lines += ["", *verdicts(report["rows"])]
     return "\n".join(lines) + "\n"
