@@ -32,17 +32,6 @@ def _int_to_float(q_plus_bias, bias: tl.constexpr):
 
 
 @triton.jit
-def _load_weight_tile(w_rows, k0, k_hi, n_mask, BITS: tl.constexpr, WIDTH: tl.constexpr):
-    # The raw [BLOCK_N, WIDTH] weight tile at k0 (int8 values, or bytes of two int4): zeros past k_hi,
-    # where the mask also skips the memory access.
-    if BITS == 8:
-        offs = k0 + tl.arange(0, WIDTH)
-        return tl.load(w_rows + offs[None, :], mask=n_mask[:, None] & (offs < k_hi)[None, :], other=0)
-    offs = k0 // 2 + tl.arange(0, WIDTH)
-    return tl.load(w_rows + offs[None, :], mask=n_mask[:, None] & (2 * offs < k_hi)[None, :], other=0)
-
-
-@triton.jit
 def _weight_only_kernel(
     X,                      # [M, K] activations
     W,                      # int8 [N, K] (BITS=8) or uint8 [N, K // 2] packed (BITS=4)
@@ -76,20 +65,17 @@ def _weight_only_kernel(
         WIDTH: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
         x_row = X + pid_m.to(tl.int64) * stride_xm           # BLOCK_M = 1: the grid has one program per row
         partial = tl.zeros([BLOCK_N, WIDTH], dtype=tl.float32)
-        # The loads are not software-pipelined by the compiler here (no dot), so the next weight tile is
-        # requested before this one is used: two tiles in flight per program instead of one.
-        w_next = _load_weight_tile(w_rows, k_lo, k_hi, n_mask, BITS, WIDTH)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            w_tile = w_next
-            w_next = _load_weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, BITS, WIDTH)
             if BITS == 8:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_row + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-                partial += _int_to_float(w_tile.to(tl.int32) + 128, 128.0) * x[None, :]
+                k_mask = offs_k < k_hi
+                q = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+                x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                partial += _int_to_float(q.to(tl.int32) + 128, 128.0) * x[None, :]
             else:
                 offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 b_mask = 2 * offs_b < k_hi
-                packed = w_tile.to(tl.int32)
+                packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0).to(tl.int32)
                 scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
                 zero_scaled = scale * tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
                 w_even = _int_to_float(packed & 0xF, 0.0) * scale - zero_scaled
