@@ -65,9 +65,20 @@ def _print_summary(report: dict) -> None:
         for col in ("check", "measured", "limit", "result"):
             table.add_column(col)
         for c in report["checks"]:
-            table.add_row(c["name"], f"{c['measured']:.4g}", f"{c['op']} {c['limit']:.4g}",
-                          "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]")
+            if "measured" in c:
+                measured, limit = f"{c['measured']:.4g}", f"{c['op']} {c['limit']:.4g}"
+            else:   # a quantization gate: its limits, with the measurements under "validation"
+                measured = "-"
+                limit = ", ".join(f"{k} {v}" for k, v in (c.get("limits") or {}).items() if v is not None)
+            table.add_row(c["name"], measured, limit, "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]")
         console.print(table)
+    validation = report.get("validation")
+    if report.get("kind") == "quantized-causal-lm" and validation:
+        console.print("validation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in validation.items()))
+        worst = (report.get("quantization") or {}).get("worst_layers") or []
+        if worst:
+            console.print("lowest SQNR: " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f} dB" for w in worst))
 
 
 def cmd_optimize(args) -> int:
@@ -217,7 +228,8 @@ def cmd_inspect(args) -> int:
     console = Console()
     src = manifest["source"]
     console.print(f"[bold]{manifest['name']}[/bold]  version {manifest['version']}  created {manifest['created']}")
-    console.print(f"kind {manifest['kind']}, runtime {manifest['runtime']['provider']} ({manifest['runtime']['model']})")
+    runtime = ", ".join(f"{k} {v}" for k, v in manifest.get("runtime", {}).items())
+    console.print(f"kind {manifest['kind']}, runtime: {runtime}")
     console.print(f"source {src['model']}  weights sha256 {src['weights_sha256']}")
     console.print(f"hashes: [green]all {len(manifest['files'])} files verified[/green]")
     steps = Table(title="steps")

@@ -545,13 +545,11 @@ def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
     and the per-layer SQNR), atomically."""
     import dataclasses
     import json
-    import os
-    import tempfile
     from pathlib import Path
 
     from safetensors.torch import save_model
 
-    from inferforge.fileio import atomic_write_text
+    from inferforge.fileio import atomic_write_text, atomic_write_via
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -574,13 +572,7 @@ def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
             "config": {"type": type(report.config).__name__, **dataclasses.asdict(report.config)},
             "layers": layers, "skipped": report.skipped, "auto_skipped": report.auto_skipped,
             "metrics": report.metrics, "sqnr_db": report.layers}
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_model(model, tmp, metadata={"format": QUANTIZED_FORMAT})
-        os.replace(tmp, directory / "model.safetensors")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_via(directory / "model.safetensors", lambda tmp: save_model(model, tmp, metadata={"format": QUANTIZED_FORMAT}))
     atomic_write_text(directory / "quantization.json", json.dumps(meta, indent=2) + "\n")
 
 

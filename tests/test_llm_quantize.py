@@ -40,6 +40,13 @@ def test_quantize_command_writes_a_loadable_artifact(checkpoint, tmp_path, capsy
     quantize(reference, Int8WeightOnly(skip=("lm_head",)))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+    # Every file gets the usual permissions (the weights were once left 0600 by their temp file).
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["manifest.json"], modes
+    # `inspect` reads a quantized LLM's manifest (it used to expect an encoder's runtime).
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "format int8-weight-only" in printed and "top1_agreement" in printed and "lowest SQNR" in printed
 
 
 def test_gate_and_auto_skip(checkpoint, tmp_path, capsys):
