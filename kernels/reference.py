@@ -150,16 +150,20 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
+def dequantize_weight_only_reference(w, scales, zeros, *, bits, group_size, compute=torch.float32):
+    """The dense [N, K] weights of a w8a16 (bits=8) or w4a16 (bits=4) layer."""
+    if bits == 8:
+        return w.to(compute) * scales.to(compute)[:, None]
+    q = unpack_int4(w).to(compute)
+    expand = lambda t: t.to(compute).repeat_interleave(group_size, dim=1)  # noqa: E731
+    return (q - expand(zeros)) * expand(scales)
+
+
 def weight_only_matmul_reference(x, w, scales, zeros, bias, *, bits, group_size):
     """Reference for `w8a16_matmul` (bits=8) and `w4a16_matmul` (bits=4): dequantize, then matmul in
     float32 (float64 when x is float64)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if bits == 8:
-        weight = w.to(compute) * scales.to(compute)[:, None]
-    else:
-        q = unpack_int4(w).to(compute)
-        expand = lambda t: t.to(compute).repeat_interleave(group_size, dim=1)  # noqa: E731
-        weight = (q - expand(zeros)) * expand(scales)
+    weight = dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group_size, compute=compute)
     out = x.to(compute) @ weight.T
     if bias is not None:
         out = out + bias.to(compute)

@@ -129,6 +129,31 @@ def _sum_splits_kernel(Partial, Bias, Out, total, N, splits, stride_pk, HAS_BIAS
     tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequantize_kernel(W, Scales, Zeros, Out, N, K, stride_wn, stride_sn,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Out [N, K] (x's dtype) = the dequantized weights; BLOCK_K divides GROUP for int4.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = offs_n < N
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    if BITS == 8:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        w = w * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[:, None]
+    else:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & (2 * offs_b < K)[None, :], other=0)
+        q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), ((packed >> 4) & 0xF).to(tl.float32)), [BLOCK_N, BLOCK_K])
+        scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+        zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+        w = (q - zero) * scale
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+    tl.store(Out + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(Out.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int
@@ -137,6 +162,10 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 2          # split K until the grid has about waves x (SM count) programs
+    # Instead of the fused kernel: dequantize the weights to x's dtype in one pass, then torch's
+    # matmul (cuBLAS). Costs a weight-sized temporary and 2-2.5x the weight-only bytes, but at prefill
+    # sizes the tensor cores run at full speed; the tuner times it against the fused tiles for M > 16.
+    dequantize_first: bool = False
 
 
 def _default_config(m: int, bits: int, group: int) -> TileConfig:
@@ -163,9 +192,10 @@ def _candidates(m: int, bits: int, group: int) -> list[TileConfig]:
     bk = min(128, ks[-1])
     sizes = (32, 64) if m <= 64 else (64, 128)
     return [TileConfig(bm, bn, b, warps(bm, bn, b), waves=1 if m > 64 else 2)
-            for bm in sizes for bn in (64, 128) for b in sorted({64, bk})]
+            for bm in sizes for bn in (64, 128) for b in sorted({64, bk})] + [_DEQUANTIZE_FIRST]
 
 
+_DEQUANTIZE_FIRST = TileConfig(0, 64, 64, dequantize_first=True)
 _TUNED: dict[tuple, TileConfig] = {}
 
 
@@ -205,8 +235,28 @@ def _split_k(m: int, n: int, k: int, cfg: TileConfig, device) -> int:
     return max(1, min(triton.cdiv(cfg.waves * sms, tiles), k // (2 * cfg.block_k), 32))
 
 
+def dequantize(w, scales, zeros, *, bits: int, group: int, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """The weights as a dense `[N, K]` tensor of `dtype`, in one Triton pass (the reference elsewhere)."""
+    n = w.shape[0]
+    out = new_output((n, k), dtype, w.device)
+    if not (w.is_cuda or _INTERPRET):
+        from inferforge.kernels.reference import dequantize_weight_only_reference
+
+        return dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group).to(dtype)
+    block_n = 32 if _INTERPRET else 64
+    block_k = min(group, 32 if _INTERPRET else 128) if bits == 4 else (32 if _INTERPRET else 128)
+    if n and k:
+        _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            w, scales, zeros if zeros is not None else scales, out, n, k, w.stride(0), scales.stride(0),
+            BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
 def _run(x2, w, scales, zeros, bias, *, n, k, bits, group, cfg: TileConfig, split_k):
     m = x2.shape[0]
+    if cfg.dequantize_first:
+        dense = dequantize(w, scales, zeros, bits=bits, group=group, dtype=x2.dtype, k=k)
+        return torch.nn.functional.linear(x2, dense, bias)
     splits = split_k or _split_k(m, n, k, cfg, x2.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_per_split)

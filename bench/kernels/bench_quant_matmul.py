@@ -107,6 +107,8 @@ def _tuned_tile(fmt: str, m: int, n: int, k: int) -> str | None:
     if not hits:
         return None
     c = hits[0]
+    if c.dequantize_first:
+        return "dequantize + cuBLAS"
     return f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} waves{c.waves}"
 
 

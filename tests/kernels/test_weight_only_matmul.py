@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from inferforge.kernels import _checks, w4a16_matmul, w8a16_matmul
-from inferforge.kernels.reference import pack_int4, unpack_int4, weight_only_matmul_reference
-from inferforge.kernels.weight_only_matmul import TileConfig, _candidates, _run
+from inferforge.kernels.reference import (
+    dequantize_weight_only_reference,
+    pack_int4,
+    unpack_int4,
+    weight_only_matmul_reference,
+)
+from inferforge.kernels.weight_only_matmul import TileConfig, _candidates, _run, dequantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -73,7 +78,8 @@ def test_w4a16_bias_with_and_without_split(m, split_k):
     close(got, want, torch.float16)
 
 
-@pytest.mark.parametrize("cfg", [TileConfig(1, 32, 32), TileConfig(16, 32, 32), TileConfig(32, 64, 32)], ids=str)
+@pytest.mark.parametrize("cfg", [TileConfig(1, 32, 32), TileConfig(16, 32, 32), TileConfig(32, 64, 32),
+                                 TileConfig(0, 32, 32, dequantize_first=True)], ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_every_tile_shape_computes_the_same_function(cfg, bits):
     # The GPU tuner may pick any of these; each must be right, including BLOCK_M = 1 (the FMA path) at M > 1.
@@ -96,6 +102,23 @@ def test_tuner_candidates_respect_the_group():
         for cfg in _candidates(m, 4, 64):
             assert cfg.block_k <= 64 and 64 % cfg.block_k == 0
         assert _candidates(m, 8, 4096)
+        # Dequantize-then-cuBLAS competes only where the tensor cores have work (M > 16).
+        assert any(c.dequantize_first for c in _candidates(m, 4, 128)) == (m > 16)
+
+
+@pytest.mark.parametrize("bits, k, group", [(8, 100, 100), (4, 192, 64), (4, 256, 32)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_matches_the_reference(bits, k, group, dtype):
+    n = 70
+    if bits == 8:
+        w, scales, zeros = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE), torch.rand(n, device=DEVICE), None
+    else:
+        w = pack_int4(torch.randint(0, 16, (n, k), device=DEVICE))
+        scales, zeros = torch.rand(n, k // group, device=DEVICE), torch.rand(n, k // group, device=DEVICE) * 15
+    got = dequantize(w, scales, zeros, bits=bits, group=group, dtype=dtype, k=k)
+    want = dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group).to(dtype)
+    assert got.shape == (n, k) and got.dtype == dtype
+    assert torch.equal(got, want)               # one float32 multiply per weight, then one rounding
 
 
 def test_pack_unpack_round_trip():
