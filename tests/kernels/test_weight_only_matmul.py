@@ -156,3 +156,17 @@ def test_int8_matmul_is_exact_before_scaling(m, n, k):
     torch.testing.assert_close(got, int8_matmul_reference(x, w, xs, ws, bias, out_dtype=torch.float32), rtol=1e-6, atol=1e-5)
     ones = int8_matmul(x, w, torch.ones(m, device=DEVICE), torch.ones(n, device=DEVICE), out_dtype=torch.float32)
     assert torch.equal(ones.cpu(), (x.cpu().long() @ w.cpu().long().T).float())   # the int32 accumulation is exact
+
+
+def test_tuning_reads_weight_copies_beyond_l2(monkeypatch):
+    from types import SimpleNamespace
+
+    from inferforge.kernels import weight_only_matmul as wom
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=1000))
+    w = torch.randint(-127, 128, (10, 30), dtype=torch.int8)               # 300 bytes: 7 copies read 2100 >= 2 x L2
+    copies = wom._weights_beyond_l2(w, "cuda")
+    assert len(copies) == 7 and copies[0] is w
+    assert all(torch.equal(c, w) and c.data_ptr() != w.data_ptr() for c in copies[1:])
+    big = torch.zeros(5000, dtype=torch.int8)
+    assert wom._weights_beyond_l2(big, "cuda") == [big]                   # larger than L2 already: no copies
