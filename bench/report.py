@@ -39,7 +39,8 @@ def render_markdown(report: dict) -> str:
     val = report.get("validation")
     if val:
         lines += ["## Accuracy (held-out sentences)", "",
-                  f"{val['sentences']} sentences not used for calibration. Cosine similarity with the source model: "
+                  f"{val['sentences']} sentences not used for calibration. Cosine similarity with "
+                  f"{(report.get('quantization') or {}).get('reference') or 'the source model'}: "
                   f"min **{val['min_cosine']:.4f}**, 1st percentile {val['p01_cosine']:.4f}, mean **{val['mean_cosine']:.4f}**.",
                   "", "Lowest-scoring sentences:", ""]
         for w in val["worst"]:

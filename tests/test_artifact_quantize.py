@@ -70,7 +70,8 @@ def test_dynamic_int8_from_an_export_artifact(export_artifact, tmp_path, capsys)
     assert manifest["steps"][0]["settings"]["method"] == "dynamic-int8"
     assert [c["name"] for c in manifest["checks"]] == ["min cosine (held-out)"] and manifest["accuracy_passed"]
     assert json.loads((out / "report.json").read_text())["parent"] == manifest["parent"]
-    assert "min cosine (held-out)" in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "min cosine (held-out)" in report_md and "Cosine similarity with onnx-fp32 model of the parent" in report_md
 
     # The gate compared the int8 model with the parent's fp32 ONNX model on the held-out sentences.
     model, reference = inferforge.load(out), inferforge.load(export_artifact)
