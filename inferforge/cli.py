@@ -123,6 +123,10 @@ def cmd_quantize(args) -> int:
         return cmd_explain(args)
     if args.config:
         return _quantize_llm(args)
+    if args.calibration:
+        raise UserInputError("--calibration FILE is read by --config (causal LMs) and --onnx (export artifacts); a "
+                             "model directory is calibrated on --sentences (the first --calibration-size of them), "
+                             "or export it first and run `inferforge quantize ARTIFACT --onnx --calibration FILE`")
     quant = {"smoothquant_alpha": _smoothquant_alpha(args), "method": args.method,
              "calibrate_method": args.calibrate_method}
     steps = [{"export": {"opset": args.opset}}, {"quantize": quant}, "validate"]

@@ -46,3 +46,12 @@ def test_inspect_of_a_non_artifact_exits_2(tmp_path):
     proc = run_cli("inspect", tmp_path)
     assert proc.returncode == 2
     assert "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_calibration_file_on_a_model_directory_is_refused_not_ignored(tmp_path, capsys):
+    cal = tmp_path / "cal.txt"
+    cal.write_text("a sentence\n")
+    assert main(["quantize", str(tmp_path), "--calibration", str(cal), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--calibration FILE is read by --config" in err and "--onnx --calibration FILE" in err
+    assert not (tmp_path / "out").exists()
