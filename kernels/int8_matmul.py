@@ -92,10 +92,3 @@ def int8_matmul(x_q, w_q, x_scale, w_scale, bias=None, *, out_dtype=torch.float1
         x_q.stride(0), w_q.stride(0), out.stride(0), triton.next_power_of_2(m), HAS_BIAS=bias is not None, GROUP_M=8,
     )
     return out
-    block = 32 if _INTERPRET else 64
-    _int8_matmul_kernel[(triton.cdiv(m, block), triton.cdiv(n, block))](
-        x_q, w_q, x_scale, w_scale, bias if bias is not None else x_scale, out, m, n, k,
-        x_q.stride(0), w_q.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_M=block, BLOCK_N=block, BLOCK_K=32 if _INTERPRET else 128, num_warps=4,
-    )
-    return out

@@ -32,6 +32,19 @@ def _int_to_float(q_plus_bias, bias: tl.constexpr):
 
 
 @triton.jit
+def _dequantize_int4_tile(w_rows, Scales, Zeros, offs_n, n_mask, k0, k_hi, stride_sn,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The float32 [BLOCK_N, BLOCK_K] weights at k0: BLOCK_K // 2 bytes unpacked into nibbles in k
+    # order, (q - zero) * scale with the tile's group (BLOCK_K divides GROUP: one scale and zero per row).
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & (2 * offs_b < k_hi)[None, :], other=0)
+    q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), ((packed >> 4) & 0xF).to(tl.float32)), [BLOCK_N, BLOCK_K])
+    scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+    zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+    return (q - zero) * scale
+
+
+@triton.jit
 def _weight_only_kernel(
     X,                      # [M, K] activations
     W,                      # int8 [N, K] (BITS=8) or uint8 [N, K // 2] packed (BITS=4)
@@ -92,17 +105,9 @@ def _weight_only_kernel(
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if BITS == 8:
                 w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(x.dtype)
-            else:
-                # Unpack BLOCK_K // 2 bytes into BLOCK_K nibbles in k order; BLOCK_K divides GROUP, so
-                # the tile has one scale and zero per output channel. Masked-off x is zero.
-                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & (2 * offs_b < k_hi)[None, :],
-                                 other=0)
-                q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), ((packed >> 4) & 0xF).to(tl.float32)),
-                               [BLOCK_N, BLOCK_K])
-                scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
-                zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
-                w = ((q - zero) * scale).to(x.dtype)
+            else:   # masked-off x is zero, so the weights past k_hi need no mask
+                w = _dequantize_int4_tile(w_rows, Scales, Zeros, offs_n, n_mask, k0, k_hi, stride_sn,
+                                          GROUP, BLOCK_N, BLOCK_K).to(x.dtype)
             acc += tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
     if BITS == 8:
         acc = acc * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[:, None]
@@ -137,20 +142,13 @@ def _dequantize_kernel(W, Scales, Zeros, Out, N, K, stride_wn, stride_sn,
     k0 = tl.program_id(1) * BLOCK_K
     n_mask = offs_n < N
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = n_mask[:, None] & (offs_k < K)[None, :]
     if BITS == 8:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = n_mask[:, None] & (offs_k < K)[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=mask, other=0).to(tl.float32)
         w = w * tl.load(Scales + offs_n, mask=n_mask, other=0.0)[:, None]
     else:
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_rows + offs_b[None, :], mask=n_mask[:, None] & (2 * offs_b < K)[None, :], other=0)
-        q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), ((packed >> 4) & 0xF).to(tl.float32)), [BLOCK_N, BLOCK_K])
-        scale = tl.load(Scales + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
-        zero = tl.load(Zeros + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
-        w = (q - zero) * scale
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        w = _dequantize_int4_tile(w_rows, Scales, Zeros, offs_n, n_mask, k0, K, stride_sn, GROUP, BLOCK_N, BLOCK_K)
     tl.store(Out + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -255,11 +253,11 @@ def _split_k(m: int, n: int, k: int, cfg: TileConfig, device) -> int:
 def dequantize(w, scales, zeros, *, bits: int, group: int, dtype: torch.dtype, k: int) -> torch.Tensor:
     """The weights as a dense `[N, K]` tensor of `dtype`, in one Triton pass (the reference elsewhere)."""
     n = w.shape[0]
-    out = new_output((n, k), dtype, w.device)
     if not (w.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import dequantize_weight_only_reference
 
         return dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group).to(dtype)
+    out = new_output((n, k), dtype, w.device)
     block_n = 32 if _INTERPRET else 64
     block_k = min(group, 32 if _INTERPRET else 128) if bits == 4 else (32 if _INTERPRET else 128)
     if n and k:
@@ -297,7 +295,7 @@ def _run(x2, w, scales, zeros, bias, *, n, k, bits, group, cfg: TileConfig, spli
     return out
 
 
-def _launch(x, w, scales, zeros, bias, *, n, k, bits, group, split_k, config=None):
+def _launch(x, w, scales, zeros, bias, *, n, k, bits, group, split_k):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
@@ -308,7 +306,7 @@ def _launch(x, w, scales, zeros, bias, *, n, k, bits, group, split_k, config=Non
         return weight_only_matmul_reference(x, w, scales, zeros, bias, bits=bits, group_size=group)
     if bias is not None:
         bias = bias.contiguous()
-    cfg = config or _pick_config(x2, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group)
+    cfg = _pick_config(x2, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group)
     return _run(x2, w, scales, zeros, bias, n=n, k=k, bits=bits, group=group, cfg=cfg, split_k=split_k).reshape(*lead, n)
 
 

@@ -146,14 +146,6 @@ class Int4WeightOnlyLinear(nn.Module):
         return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size)
 
 
-def quantize_per_token_int8(x: torch.Tensor, divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of `x / divisor` ([M, K]): (int8 values, float32 scales [M]). One fused
-    Triton pass on a GPU; the same arithmetic in torch elsewhere."""
-    from inferforge.kernels import quantize_rows
-
-    return quantize_rows(x, torch.int8, divisor=divisor)
-
-
 class W8A8Linear(nn.Module):
     def __init__(self, weight_int8, w_scale, smooth, bias):
         super().__init__()
@@ -167,10 +159,11 @@ class W8A8Linear(nn.Module):
         return self.weight_int8.float() * self.w_scale[:, None] / self.smooth[None, :]
 
     def forward(self, x):
-        from inferforge.kernels import int8_matmul
+        from inferforge.kernels import int8_matmul, quantize_rows
 
         lead = x.shape[:-1]
-        x_q, x_scale = quantize_per_token_int8(x.reshape(-1, self.in_features), self.smooth)
+        # Per-token int8 of x / smooth: one fused Triton pass on a GPU, the same arithmetic in torch elsewhere.
+        x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features), torch.int8, divisor=self.smooth)
         out = int8_matmul(x_q, self.weight_int8, x_scale, self.w_scale, self.bias, out_dtype=x.dtype)
         return out.reshape(*lead, self.out_features)
 
