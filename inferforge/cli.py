@@ -1,19 +1,36 @@
 """The `inferforge` command line.
 
-Exit codes: 0 success, 1 an accuracy gate or latency target was missed, 2 bad input (recipe, path,
-flag), 130 interrupted.
+Exit codes:
+    0    success
+    1    an accuracy gate or a latency target was missed
+    2    bad input: a recipe, a path, a flag, a corrupt or truncated model file (one-line message)
+    3    the environment: a full disk, missing permissions, a read-only output; or an unexpected error,
+         whose traceback goes to a log file named in the message (`--debug` prints it instead)
+    130  interrupted (Ctrl-C); no artifact is written, an earlier one is untouched
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
 from inferforge.errors import GateFailed, InferforgeError, UserInputError
 
-EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = ("exit codes:\n  0    ok\n  1    an accuracy gate or latency target was missed\n"
+                   "  2    bad input (recipe, path, flag, corrupt model file)\n"
+                   "  3    environment (disk full, permissions, read-only output) or an unexpected error, whose\n"
+                   "       traceback goes to a log file named in the message (--debug prints it instead)\n"
+                   "  130  interrupted")
+# OSError numbers that are the machine's doing, not the input's: exit 3.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
+                       errno.ENFILE, errno.ENOMEM, errno.EIO}
+# OSError numbers that point at a path the user gave: exit 2.
+_INPUT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -351,6 +368,8 @@ def _common(p, *, json_flag=True):
     if json_flag:
         p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    # Also accepted after the command; documented once, in the top-level help.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _model_args(p, *, model_help=""):
@@ -370,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inferforge", formatter_class=fmt,
                      description="Optimize, validate and benchmark models against accuracy gates and latency targets.",
                      epilog="examples:\n  inferforge optimize                 # the built-in demo, end to end\n"
-                            "  inferforge optimize my-recipe.yaml\n  inferforge inspect runs/minilm-int8\n"
-                            "exit codes: 0 ok, 1 gate or target missed, 2 bad input")
+                            "  inferforge optimize my-recipe.yaml\n  inferforge inspect runs/minilm-int8\n\n"
+                            + EXIT_CODES_HELP)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error instead of writing it to a log file")
     parser.add_argument("--version", action="version", version=f"inferforge {__import__('inferforge').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -524,6 +545,58 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no artifact was written (an earlier artifact, if any, is untouched)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno in _ENVIRONMENT_ERRNOS or e.errno in _INPUT_ERRNOS:
+            return _os_error(e)
+        return _unexpected(e, args)
+    except MemoryError:
+        print("error: out of memory; close other programs, or use a smaller batch or model", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except Exception as e:   # noqa: BLE001 - the last resort: a short message and the traceback in a log
+        return _unexpected(e, args)
+
+
+def _os_error(e: OSError) -> int:
+    """A failed file operation as one line: the path, the reason and what to do about it."""
+    where = f"{e.filename}: " if e.filename else ""
+    reason = e.strerror or str(e)
+    if e.errno in _INPUT_ERRNOS:
+        print(f"error: {where}{reason}; check the path", file=sys.stderr)
+        return EXIT_INPUT
+    fixes = {errno.ENOSPC: "free disk space or choose another --output",
+             errno.EDQUOT: "free disk space or choose another --output",
+             errno.EROFS: "choose a writable --output directory",
+             errno.EACCES: "check the permissions, or choose a writable --output directory",
+             errno.EPERM: "check the permissions, or choose a writable --output directory"}
+    print(f"error: {where}{reason}; {fixes.get(e.errno, 'check the machine and run again')}", file=sys.stderr)
+    return EXIT_ENVIRONMENT
+
+
+def _unexpected(e: BaseException, args) -> int:
+    """An exception nothing above expects: exit 3 with a one-line message and the traceback in a log file
+    (`--debug` or INFERFORGE_DEBUG=1: the traceback on stderr instead)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    summary = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    if getattr(args, "debug", False) or os.environ.get("INFERFORGE_DEBUG") == "1":
+        print(text, end="", file=sys.stderr)
+        print(f"error: unexpected {summary}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    log_dir = Path(os.environ.get("INFERFORGE_LOG_DIR") or Path(tempfile.gettempdir()) / "inferforge-logs")
+    log = log_dir / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"inferforge {' '.join(sys.argv[1:])}\n\n{text}", encoding="utf-8")
+    except OSError:
+        print(text, end="", file=sys.stderr)
+        log = None
+    where = f"the traceback is in {log}" if log else "the traceback is above"
+    print(f"error: unexpected {summary[:300]}\n{where}; run again with --debug to print it, and please report "
+          "it with that file", file=sys.stderr)
+    return EXIT_ENVIRONMENT
 
 
 if __name__ == "__main__":

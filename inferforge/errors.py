@@ -1,4 +1,9 @@
-"""Errors a user can act on. The CLI maps each to an exit code and prints its message, no traceback."""
+"""Errors a user can act on. The CLI maps each to an exit code and prints its message, no traceback.
+
+    GateFailed          exit 1  an accuracy gate or a latency target was missed
+    UserInputError      exit 2  bad input: a recipe, a path, a flag, a corrupt or truncated file
+    EnvironmentFailure  exit 3  the machine: a full disk, missing permissions, a read-only output
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ class InferforgeError(Exception):
     exit_code = 2
 
 
-class UserInputError(InferforgeError):
-    """Bad input: a recipe, a path, a flag or an argument (exit code 2)."""
+class UserInputError(InferforgeError, ValueError):
+    """Bad input: a recipe, a path, a flag or an argument (exit code 2).
+
+    Also a `ValueError`, so Python callers that catch `ValueError` for bad arguments catch it too."""
 
     exit_code = 2
 
@@ -21,6 +28,12 @@ class RecipeError(UserInputError):
 
 class ArtifactError(UserInputError):
     """An artifact directory that is incomplete, tampered with or not an artifact at all."""
+
+
+class EnvironmentFailure(InferforgeError):
+    """The machine, not the input: a full disk, missing permissions, a read-only output (exit code 3)."""
+
+    exit_code = 3
 
 
 class GateFailed(InferforgeError):

@@ -1,6 +1,9 @@
 """KV-cache memory planning: how much context and concurrency fit in a memory budget.
 
-    weights         = sum of the checkpoint's tensor sizes (in the serving dtype)
+    weights         = sum of the checkpoint's tensor sizes (in the serving dtype); for a directory with
+                      config.json only, the parameters of a Llama-family decoder counted from the config
+                      (embeddings, per layer q/k/v/o and the gated MLP and two norms, final norm, lm_head
+                      unless tied) at `torch_dtype` (bf16 when unset)
     kv_bytes/token  = 2 (K and V) * layers * n_kv_heads * head_dim * bytes(kv dtype)
     kv_budget       = memory * (1 - reserve) - weights
     max_context(c)  = kv_budget / (c * kv_bytes/token), rounded down to whole cache blocks, capped at
@@ -12,12 +15,11 @@
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inferforge.checkpoint_files import read_config, read_safetensors_header
 from inferforge.errors import UserInputError
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1,
@@ -34,7 +36,7 @@ def parse_bytes(text: str | int | float) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise UserInputError(f"memory {text!r}: give a size such as 80GiB, 24GB or 512MiB")
+        raise UserInputError(f"--memory {text!r}: give a size such as 80GiB, 24GB or 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
@@ -55,53 +57,74 @@ class ModelShape:
     weight_bytes: int
     parameters: int
     weights_dtype: str
+    weights_from: str = "safetensors headers"     # or "config.json" when the directory has no weights
 
 
 def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None) -> ModelShape:
     """Shape of a Hugging Face decoder from config.json and the safetensors headers (no weights loaded)."""
     model_dir = Path(model_dir)
+    cfg = read_config(model_dir, what="a Hugging Face decoder directory")
     cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face model directory")
-    cfg = json.loads(cfg_path.read_text())
     try:
-        layers, n_heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+        layers, n_heads, hidden = (int(cfg[k]) for k in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
     except KeyError as e:
         raise UserInputError(f"{cfg_path}: missing {e.args[0]}; is this a decoder (Llama, Mistral, Qwen2) config?") from None
     n_kv = cfg.get("num_key_value_heads") or n_heads
     head_dim = cfg.get("head_dim") or hidden // n_heads
     params, stored = 0, 0
     for f in sorted(model_dir.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        for info in read_safetensors_header(f).values():
             n = 1
             for s in info["shape"]:
                 n *= s
             params += n
             stored += n * _SAFETENSORS_BYTES.get(info["dtype"], 2)
+    source = "safetensors headers"
+    stored_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
     if params == 0:
-        raise UserInputError(f"{model_dir}: no *.safetensors weights to size the model from")
+        params, source = _parameters_from_config(cfg, cfg_path), "config.json"
+        stored_dtype = stored_dtype if stored_dtype in DTYPE_BYTES else "bf16"
+        stored = int(params * DTYPE_BYTES[stored_dtype])
     if weights_dtype:
-        weight_bytes, dtype = int(params * _dtype_bytes(weights_dtype, "weights dtype")), weights_dtype
+        weight_bytes, dtype = int(params * _dtype_bytes(weights_dtype, "--weights-dtype")), weights_dtype
     else:
-        weight_bytes, dtype = stored, str(cfg.get("torch_dtype") or cfg.get("dtype") or "as stored")
+        weight_bytes, dtype = stored, stored_dtype or "as stored"
     return ModelShape(layers, n_heads, n_kv, head_dim, hidden, int(cfg.get("max_position_embeddings", 0)),
-                      weight_bytes, params, dtype)
+                      weight_bytes, params, dtype, source)
+
+
+def _parameters_from_config(cfg: dict, cfg_path: Path) -> int:
+    """Parameters of a Llama-family decoder from its config (see the module docstring)."""
+    try:
+        hidden, inter, vocab = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
+    except KeyError as e:
+        raise UserInputError(f"{cfg_path.parent}: no *.safetensors weights, and config.json lacks {e.args[0]} to count "
+                             "the parameters from; add the weights or the key") from None
+    heads = int(cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv = (cfg.get("num_key_value_heads") or heads) * head_dim
+    attention = hidden * heads * head_dim + 2 * hidden * kv + heads * head_dim * hidden
+    if cfg.get("attention_bias") or cfg.get("model_type") == "qwen2":
+        attention += heads * head_dim + 2 * kv
+    per_layer = attention + 3 * hidden * inter + 2 * hidden
+    embeddings = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    return int(cfg["num_hidden_layers"]) * per_layer + embeddings + hidden
 
 
 def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf16", weights_dtype: str | None = None,
          max_context: int | None = None, concurrency: int | None = None, block_size: int = 16,
          reserve: float = 0.10) -> dict:
     """Memory plan for serving `model_dir` in `memory`: see the module docstring for the formulas."""
-    shape = read_model_shape(model_dir, weights_dtype=weights_dtype)
-    total = parse_bytes(memory)
+    for value, flag in ((max_context, "--max-context"), (concurrency, "--concurrency"), (block_size, "block_size")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserInputError(f"{flag} must be a whole number >= 1, got {value!r}")
     if not 0 <= reserve < 1:
-        raise UserInputError(f"reserve must be in [0, 1), got {reserve}")
-    kv_per_token = 2 * shape.layers * shape.n_kv_heads * shape.head_dim * _dtype_bytes(kv_cache_dtype, "kv cache dtype")
+        raise UserInputError(f"--reserve must be in [0, 1), got {reserve}")
+    total = parse_bytes(memory)
+    if total <= 0:
+        raise UserInputError(f"--memory must be more than 0 bytes, got {memory!r}")
+    shape = read_model_shape(model_dir, weights_dtype=weights_dtype)
+    kv_per_token = 2 * shape.layers * shape.n_kv_heads * shape.head_dim * _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype")
     budget = total * (1 - reserve) - shape.weight_bytes
     if budget <= 0:
         raise UserInputError(f"the weights ({shape.weight_bytes / 2**30:.2f} GiB) do not fit in {memory} with "
@@ -116,11 +139,12 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     def concurrency_for(n: int) -> int:
         return tokens // (-(-n // block_size) * block_size)
 
-    contexts = sorted({1024, 4096, 8192, 32768, 131072, *([max_context] if max_context else [])})
-    concurrencies = sorted({1, 8, 32, 128, *([concurrency] if concurrency else [])})
+    contexts = sorted({1024, 4096, 8192, 32768, 131072, *([max_context] if max_context is not None else [])})
+    concurrencies = sorted({1, 8, 32, 128, *([concurrency] if concurrency is not None else [])})
     return {
         "model": str(model_dir), "memory_bytes": total, "reserve": reserve, "kv_cache_dtype": kv_cache_dtype,
-        "model_shape": asdict(shape), "weight_bytes": shape.weight_bytes, "kv_bytes_per_token": kv_per_token,
+        "model_shape": asdict(shape), "weight_bytes": shape.weight_bytes, "weights_from": shape.weights_from,
+        "kv_bytes_per_token": kv_per_token,
         "kv_budget_bytes": int(budget), "kv_tokens": tokens, "block_size": block_size,
         "max_context_by_concurrency": [{"concurrency": c, "max_context": context_for(c)} for c in concurrencies],
         "max_concurrency_by_context": [{"context": n, "max_concurrency": concurrency_for(n),
