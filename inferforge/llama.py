@@ -13,7 +13,6 @@ New K/V are written to the paged cache with `append_kv` before attention reads t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,13 +173,13 @@ class LlamaModel:
     def load(cls, path: str | Path, *, dtype: torch.dtype | None = None, device="cpu") -> LlamaModel:
         from safetensors.torch import load_file
 
+        from inferforge.checkpoint_files import check_safetensors_files, read_config
+
         path = Path(path)
         cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise UserInputError(f"{path}: no config.json; give a Hugging Face checkpoint directory")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_config(path, what="a Hugging Face checkpoint directory")
         spec = LlamaSpec.from_config(cfg, source=str(cfg_path))
-        files = sorted(path.glob("*.safetensors"))
+        files = check_safetensors_files(path)   # a truncated file: a message naming it, not a SafetensorError
         if not files:
             raise UserInputError(f"{path}: no *.safetensors weights")
         weights = {}

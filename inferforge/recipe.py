@@ -566,6 +566,31 @@ def _check_paths(recipe: Recipe) -> None:
                                               "(give a text file with one sentence per line, or 'demo')")
     if recipe.kind == "causal-lm":
         _check_causal_lm(recipe)
+    else:
+        _check_encoder_dir(recipe)
+
+
+def _check_encoder_dir(recipe: Recipe) -> None:
+    """The ONNX path reads a local directory's config.json and weights: refuse a causal LM, a corrupt config
+    or a truncated safetensors file before any work starts."""
+    from inferforge.checkpoint_files import check_safetensors_files, read_config
+    from inferforge.errors import UserInputError
+    from inferforge.models import looks_like_path
+
+    if not looks_like_path(recipe.model):
+        return
+    try:
+        config = read_config(recipe.model)
+        check_safetensors_files(recipe.model)
+    except UserInputError as e:
+        raise _Invalid(("model",), str(e)) from None
+    architectures = [str(a) for a in config.get("architectures") or []]
+    causal = [a for a in architectures if a.endswith("ForCausalLM")]
+    if causal:
+        raise _Invalid(("model",), f"'{recipe.model}' holds {causal[0]}, a causal LM; export and the ONNX int8 path "
+                                   "take encoders. Quantize it with `inferforge quantize DIR --config FORMAT` (or a "
+                                   "recipe whose one step is a quantize with a config), run it with "
+                                   "`inferforge generate DIR`")
 
 
 def _check_causal_lm(recipe: Recipe) -> None:

@@ -46,6 +46,7 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inferforge.artifact import CHECKPOINT_FILES
+    from inferforge.checkpoint_files import check_safetensors_files, read_config
     from inferforge.manifest import (
         check_output_dir,
         environment,
@@ -60,8 +61,8 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     from inferforge.optimize.quantize import quantize, save_quantized
 
     model_dir, out = Path(model_dir), Path(out_dir).resolve()
-    if not (model_dir / "config.json").is_file():
-        raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face causal LM directory")
+    read_config(model_dir, what="a Hugging Face causal LM directory")   # named errors for a corrupt config.json
+    check_safetensors_files(model_dir)                                  # or a truncated safetensors file
     config = make_config(fmt, tuple(skip), group_size)
     needs_data = fmt in CALIBRATED_FORMATS
     if (needs_data or gate is not None) and calibration_file is None:
