@@ -285,6 +285,9 @@ def cmd_plan(args) -> int:
     gib = 2**30
     shape = result["model_shape"]
     console = Console()
+    if result["weights_from"] == "config.json":
+        console.print("no *.safetensors in the directory: the weights' size is computed from config.json "
+                      f"({shape['parameters']:,} parameters of a Llama-family decoder at {shape['weights_dtype']})")
     console.print(f"[bold]{args.model}[/bold]: {shape['layers']} layers, {shape['n_heads']} heads / "
                   f"{shape['n_kv_heads']} KV heads x {shape['head_dim']}, context window {shape['context_window']}")
     console.print(f"memory {result['memory_bytes'] / gib:.1f} GiB, {result['reserve']:.0%} reserved; weights "
@@ -349,6 +352,9 @@ def cmd_explain(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if not result["native"]:
+        print(f"{result['format']} on {result['gpu']}: {result['note']}")
+        return EXIT_OK
     table = Table(title=f"{result['format']} vs bf16 at batch {result['batch']} on {result['gpu']} "
                         f"(ridge point {result['layers'][0]['ridge']:.0f} FLOP/byte)")
     for col in ("layer", "N x K", "bf16 intensity", "bf16 bound", "intensity", "bound", "predicted speed-up"):
@@ -380,8 +386,10 @@ def _model_args(p, *, model_help=""):
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--min-cosine", type=float, default=0.99, help="accuracy gate on held-out sentences (default 0.99)")
     p.add_argument("--sentences", default="demo", help="text file, one sentence per line (default: shipped sentences)")
-    p.add_argument("--calibration-size", type=int, default=160)
-    p.add_argument("--held-out-size", type=int, default=320)
+    p.add_argument("--calibration-size", type=int, default=160,
+                   help="sentences of --sentences that choose the quantization settings (default 160)")
+    p.add_argument("--held-out-size", type=int, default=320,
+                   help="other sentences of --sentences the accuracy gate is measured on (default 320)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="layers kept in float, e.g. lm_head")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--batch", type=int, default=1, help="tokens per forward pass for --explain (default 1)")
-    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"], help="GPU for --explain")
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"],
+                   help="GPU for --explain (default h100)")
     _common(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -456,14 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "length; exit 1 if a --target is missed.",
                        epilog="example:\n  inferforge bench runs/minilm-int8 --batch-sizes 1 8 --target 8:40 --compare-source")
     p.add_argument("artifact", help="artifact directory")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N",
+                   help="batch sizes to time, each separately (default 1 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per input (default 128)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per batch size first (default 5)")
+    p.add_argument("--iterations", type=int, default=30, help="timed runs per batch size and provider (default 30)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
     p.add_argument("--target", type=_parse_target, action="append", default=[], metavar="BATCH:MS",
                    help="latency target, e.g. 8:40 (batch 8 within 40 ms at --percentile); repeatable")
-    p.add_argument("--percentile", choices=["p50", "p90", "p95", "p99"], default="p95")
+    p.add_argument("--percentile", choices=["p50", "p90", "p95", "p99"], default="p95",
+                   help="latency quantile that --target limits (default p95)")
     p.add_argument("--compare-source", action="store_true", help="also time the source PyTorch model, interleaved")
     _common(p)
     p.set_defaults(func=cmd_bench)
@@ -495,9 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the format over bf16.",
                        epilog="example:\n  inferforge explain ./Llama-3-8B --format int4-g128 --batch 1 --gpu h100")
     p.add_argument("model", help="Hugging Face decoder directory (config.json)")
-    p.add_argument("--format", required=True, choices=["int8-weight-only", "int4-g128", "w8a8", "fp8"])
+    p.add_argument("--format", required=True, choices=["int8-weight-only", "int4-g128", "w8a8", "fp8"],
+                   help="quantization format to predict against bf16")
     p.add_argument("--batch", type=int, default=1, help="tokens per forward pass (default 1: decode)")
-    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"])
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"],
+                   help="GPU whose peak rates and memory bandwidth are used (default h100)")
     _common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -509,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  inferforge plan ./Llama-3.2-1B --memory 24GB --kv-cache-dtype fp8 --max-context 32768")
     p.add_argument("model", help="Hugging Face decoder directory (config.json and *.safetensors)")
     p.add_argument("--memory", required=True, help="memory budget, e.g. 80GiB or 24GB")
-    p.add_argument("--kv-cache-dtype", default="bf16", choices=["fp32", "fp16", "bf16", "fp8", "int8"])
+    p.add_argument("--kv-cache-dtype", default="bf16", choices=["fp32", "fp16", "bf16", "fp8", "int8"],
+                   help="KV cache element type (default bf16)")
     p.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16", "fp8", "int8", "int4"],
                    help="serving dtype of the weights (default: as stored)")
     p.add_argument("--max-context", type=int, help="also report this context length")
