@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,3 +48,14 @@ def new_output(shape, dtype, device) -> torch.Tensor:
         else:
             t.fill_(torch.iinfo(dtype).min)
     return t
+
+
+# How often each op ran its PyTorch reference because the Triton path was not available (a CPU tensor
+# without TRITON_INTERPRET=1). The kernel tests assert it stays empty: a test whose kernel silently fell
+# back would compare the reference with itself and pass whatever the kernel does.
+REFERENCE_FALLBACKS: Counter[str] = Counter()
+
+
+def reference_fallback(op: str) -> None:
+    """Record that `op` ran its PyTorch reference instead of the Triton kernel."""
+    REFERENCE_FALLBACKS[op] += 1

@@ -343,8 +343,10 @@ def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
                   block_table=block_table)
     if _use_triton(q):
         return attention_triton(q, k, v, **kwargs)
+    from inferforge.kernels._checks import reference_fallback
     from inferforge.kernels.reference import attention_reference
 
+    reference_fallback("flash_attention")
     return attention_reference(q, k, v, **kwargs)
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferforge.kernels._checks import check, check_dtype, check_tensor
+from inferforge.kernels._checks import check, check_dtype, check_tensor, reference_fallback
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 QUANTIZED_CACHE_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -206,6 +206,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, sm_sc
     if not (q.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import paged_decode_attention_reference
 
+        reference_fallback("paged_decode_attention")
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
                                                 k_scale=k_scale, v_scale=v_scale, window=window)
     splits = num_splits or _num_splits(batch, n_kv, min(capacity, window or capacity), q.device)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferforge.kernels._checks import check, check_tensor, new_output
+from inferforge.kernels._checks import check, check_tensor, new_output, reference_fallback
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -82,6 +82,7 @@ def int8_matmul(x_q, w_q, x_scale, w_scale, bias=None, *, out_dtype=torch.float1
     if not (x_q.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import int8_matmul_reference
 
+        reference_fallback("int8_matmul")
         return int8_matmul_reference(x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype)
     out = new_output((m, n), out_dtype, x_q.device)
     if m == 0:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferforge.kernels._checks import check, check_tensor
+from inferforge.kernels._checks import check, check_tensor, reference_fallback
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
@@ -101,6 +101,7 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=Non
     if not (k.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import append_kv_reference
 
+        reference_fallback("append_kv")
         append_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
         return
     quant = {torch.int8: QUANT_INT8, torch.float8_e4m3fn: QUANT_FP8}.get(k_cache.dtype, QUANT_NONE)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferforge.kernels._checks import check, check_dtype, check_tensor, new_output
+from inferforge.kernels._checks import check, check_dtype, check_tensor, new_output, reference_fallback
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -256,6 +256,7 @@ def dequantize(w, scales, zeros, *, bits: int, group: int, dtype: torch.dtype, k
     if not (w.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import dequantize_weight_only_reference
 
+        reference_fallback("dequantize")
         return dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group).to(dtype)
     out = new_output((n, k), dtype, w.device)
     block_n = 32 if _INTERPRET else 64
@@ -303,6 +304,7 @@ def _launch(x, w, scales, zeros, bias, *, n, k, bits, group, split_k):
     if not (x.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import weight_only_matmul_reference
 
+        reference_fallback(f"w{bits}a16_matmul")
         return weight_only_matmul_reference(x, w, scales, zeros, bias, bits=bits, group_size=group)
     if bias is not None:
         bias = bias.contiguous()
