@@ -69,6 +69,7 @@ def test_bad_inputs():
         quantize_rows(x, scale=torch.ones(1, device=DEVICE), per_tensor=True)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("per_tensor", [False, True])
@@ -83,6 +84,7 @@ def test_fp8_rows_match_torch_casts(dtype, per_tensor):
         assert torch.equal(static.cpu().view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -102,6 +104,7 @@ def test_native_fp8_linear_matches_the_emulation(granularity, dtype):
     assert rel < 1e-2, f"native fp8 vs emulation: relative error {rel:.2e}"
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_w8a8_linear_on_gpu_matches_cpu(dtype):

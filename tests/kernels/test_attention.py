@@ -142,6 +142,7 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(out, flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True))
 
 
+@pytest.mark.gpu
 @gpu_only
 def test_bf16_long_sequence_gpu():
     assert_close_to_reference(rand(2, 1000, 16, 128, dtype=torch.bfloat16), rand(2, 1000, 4, 128, dtype=torch.bfloat16),

@@ -149,9 +149,9 @@ def test_append_kv_matches_reference_and_skips_padding(cache_dtype):
     assert torch.equal(k_cache[5, 15], k[3])
 
 
-FP8_WRITE = pytest.param(FP8, id="fp8", marks=pytest.mark.skipif(
+FP8_WRITE = pytest.param(FP8, id="fp8", marks=[pytest.mark.gpu, pytest.mark.skipif(
     DEVICE != "cuda", reason="Triton's interpreter rounds float32 -> fp8 wrongly when rounding carries into the next "
-                             "power of two (125.9 -> 64); fp8 writes are checked on the GPU"))
+                             "power of two (125.9 -> 64); fp8 writes are checked on the GPU")])
 
 
 @pytest.mark.parametrize("cache_dtype", [pytest.param(torch.int8, id="int8"), FP8_WRITE])
