@@ -70,6 +70,7 @@ SLOW_TESTS = {
     "tests/test_engine.py::test_generate_command_streams_text",                                     # 37 s
     "tests/test_llm_quantize.py::test_gate_and_auto_skip",                                          # 49 s
     "tests/test_llm_recipe.py::test_recipe_run_matches_the_quantize_command",                       # 42 s
+    "tests/test_quantize.py::test_auto_skip_restores_the_most_sensitive_layers_until_the_gate_passes",  # 79 s
 }
 
 
