@@ -149,6 +149,7 @@ def test_bf16_long_sequence_gpu():
                               rand(2, 1000, 4, 128, dtype=torch.bfloat16), causal=True)
 
 
+@pytest.mark.reference_fallback
 def test_reference_runs_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.setattr(attention_module, "_INTERPRET", False)
     q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))

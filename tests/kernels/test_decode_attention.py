@@ -189,6 +189,7 @@ def test_append_kv_bad_input():
                   device=DEVICE), k_cache, k_cache.clone(), torch.tensor([0, 1, 2], device=DEVICE))
 
 
+@pytest.mark.reference_fallback
 def test_reference_runs_on_cpu_without_the_interpreter(monkeypatch):
     if DEVICE == "cuda":
         pytest.skip("CPU dispatch only")
