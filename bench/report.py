@@ -19,7 +19,8 @@ def render_markdown(report: dict) -> str:
     lines = [f"# inferforge report: {report['name']}", ""]
     lines += [f"- Created: {report['created']}",
               f"- Source model: `{report['source']['model']}` (weights sha256 `{report['source']['weights_sha256'][:16]}...`)",
-              f"- Artifact: `{report['artifact']}`",
+              f"- Artifact: `{report['artifact']}`" if report.get("artifact") else
+              "- Artifact: none written (a gate or target was missed; an earlier artifact at this output is unchanged)",
               f"- Result: **{_ok(report['passed'])}**", ""]
 
     checks = report.get("checks", [])
@@ -35,6 +36,8 @@ def render_markdown(report: dict) -> str:
         for s in steps:
             lines.append(f"| {s['name']} | {s['duration_s']:.1f} | {s.get('summary', '')} |")
         lines.append("")
+    if report.get("skipped_steps"):
+        lines += [f"Not run because the accuracy gate failed: {', '.join(report['skipped_steps'])}.", ""]
 
     val = report.get("validation")
     if val:
