@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -552,7 +553,7 @@ def _resolve_paths(kwargs: dict, base_dir: Path, *, resolve_output: bool = True)
     from inferforge.models import looks_like_path
 
     if resolve_output and kwargs["output"] and not Path(kwargs["output"]).is_absolute():
-        kwargs["output"] = str(base_dir / kwargs["output"])
+        kwargs["output"] = os.path.normpath(base_dir / kwargs["output"])
     if looks_like_path(kwargs["model"]) and not Path(kwargs["model"]).is_absolute():
         kwargs["model"] = str(base_dir / kwargs["model"])
     data = kwargs["data"]

@@ -74,9 +74,10 @@ def _check_public_key(path: Path) -> None:
 
 def _mismatch_summary(detail: str) -> str:
     """model-signing's "Signature mismatch: [...]" as the files that differ: "changed: a, b; added: c"."""
+    detail = detail.replace("\\'", "'")   # the list is printed with repr(): quotes may come escaped
     changed = re.findall(r"Hash mismatch for '([^']+)'", detail)
-    added = re.findall(r"Extra files found in model '[^']*': ([^\"\]]+)", detail)
-    removed = re.findall(r"Missing files in model '[^']*': ([^\"\]]+)", detail)
+    added = re.findall(r"Extra files found in model '[^']*': ([^'\"\]]+)", detail)
+    removed = re.findall(r"Missing files in model '[^']*': ([^'\"\]]+)", detail)
     parts = [f"{what}: {', '.join(names)}" for what, names in
              (("changed", changed), ("added", added), ("removed", removed)) if names]
     return "; ".join(parts) or detail[:200]
