@@ -27,7 +27,7 @@ def render_markdown(report: dict) -> str:
     if checks:
         lines += ["## Gates and targets", "", "| check | measured | limit | result |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c['name']} | {c['measured']:.4g} | {c['op']} {c['limit']:.4g} | {_ok(c['passed'])} |")
+            lines.append(f"| {c['name']} | {c['measured']:.6g} | {c['op']} {c['limit']:.6g} | {_ok(c['passed'])} |")
         lines.append("")
 
     steps = report.get("steps", [])

@@ -357,6 +357,7 @@ def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
         if failed:
             summary += "; gate missed: " + "; ".join(
                 f"{c['name']} measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}" for c in failed)
+            record["summary"] = summary
         ctx.progress.done(name, record["duration_s"], summary, passed=not failed)
         if failed:
             ctx.skipped_steps = [_step_name(c) for c in configs[i + 1:]]

@@ -172,6 +172,15 @@ def _tampered(export_artifact, tmp_path):
     return art
 
 
+def _edited_manifest(export_artifact, tmp_path):
+    art = tmp_path / "edited"
+    shutil.copytree(export_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["validation"]["min_cosine"] = 1.0
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return art
+
+
 def _model_dir(export_artifact, tmp_path):
     (tmp_path / "hf").mkdir()
     shutil.copyfile(export_artifact / "config.json", tmp_path / "hf" / "config.json")
@@ -202,8 +211,10 @@ def _quantized(export_artifact, tmp_path):
     (_causal_lm_artifact, "--config FORMAT"),
     (_without_model, "artifact holds no model.onnx; --onnx needs an ONNX export artifact"),
     (_tampered, "'model.onnx' does not match its sha256"),
+    (_edited_manifest, "manifest.json was edited after the run"),
     (_quantized, "already quantized (onnx-int8); give the fp32 export artifact"),
-], ids=["missing", "model-dir", "causal-lm-dir", "causal-lm-artifact", "no-model", "tampered", "quantized"])
+], ids=["missing", "model-dir", "causal-lm-dir", "causal-lm-artifact", "no-model", "tampered", "edited-manifest",
+        "quantized"])
 def test_bad_inputs_are_clear_errors(export_artifact, tmp_path, capsys, make_input, message):
     source = make_input(export_artifact, tmp_path)
     out = tmp_path / "out"

@@ -123,7 +123,9 @@ def test_failed_gate_stops_the_run_before_the_benchmark(tmp_path, monkeypatch):
     assert report["skipped_steps"] == ["bench"] and report["benchmark"] is None
     assert report["validation"]["min_cosine"] == measured < 1.0
     md = (tmp_path / "art.failed" / "report.md").read_text()
-    assert "Not run because the accuracy gate failed: bench." in md and "min cosine (held-out)" in md
+    assert "Not run because the accuracy gate failed: bench." in md
+    assert f"| min cosine (held-out) | {measured:.6g} | >= 1 | FAIL |" in md
+    assert f"gate missed: min cosine (held-out) measured {measured:.6g}" in report["steps"][-1]["summary"]
 
 
 def test_recipe_artifact_records_the_sentences_sha256(tmp_path):

@@ -15,8 +15,8 @@ from inferforge.manifest import SIGNATURE_NAME, verify_artifact, write_manifest
 from inferforge.signing import sign_artifact, verify_signature
 
 
-def write_key_pair(directory, name="key", curve=ec.SECP256R1()):
-    key = ec.generate_private_key(curve)
+def write_key_pair(directory, name="key"):
+    key = ec.generate_private_key(ec.SECP256R1())
     private, public = directory / f"{name}-private.pem", directory / f"{name}-public.pem"
     private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
