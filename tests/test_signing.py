@@ -206,3 +206,20 @@ def test_signing_and_verifying_use_no_network(artifact, keys, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     sign_artifact(artifact, private)
     verify_signature(artifact, public)
+
+
+def test_interrupted_signing_keeps_the_earlier_signature(artifact, keys, tmp_path, monkeypatch):
+    private, public = keys
+    before = sign_artifact(artifact, private).read_bytes()
+    other_private, _ = write_key_pair(tmp_path, "other")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sign_artifact(artifact, other_private)
+    monkeypatch.undo()
+    assert (artifact / SIGNATURE_NAME).read_bytes() == before          # the old signature, whole
+    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "model.onnx", SIGNATURE_NAME, "sub"]
+    verify_signature(artifact, public)
