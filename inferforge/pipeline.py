@@ -328,9 +328,10 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
                      staging=staging, progress=progress, reference=reference)
     steps = run_steps(ctx, recipe.steps)
     checks = check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
-    data = sentence_record(sentences, calibration_source=recipe.data.sentences, held_out_source=recipe.data.sentences)
+    sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
+                                      held_out_source=recipe.data.sentences)
     return write_run_outputs(ctx, name=recipe.name, out=out, tokenizer_dir=source.path, steps=steps, checks=checks,
-                             started=started, provenance={"recipe": recipe.to_dict(), "data": data})
+                             started=started, provenance={"recipe": recipe.to_dict(), "data": sentence_hashes})
 
 
 def _step_name(cfg) -> str:
