@@ -164,7 +164,7 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
                          progress=progress, reference=OnnxEncoder(fp32, tokenizer, max_length=data.max_length),
                          fp32_onnx=fp32, final_onnx=fp32)
         steps = run_steps(ctx, (quantize, validate))
-        checks = check_results(gates, Targets(), ctx.results, ctx.final_provider)
+        checks = ctx.step_checks + check_results(gates, Targets(), ctx.results, ctx.final_provider)
         quantization = {"method": quantize.method,
                         "reference": f"onnx-fp32 model of the parent artifact {artifact.name}", **sentences}
         # The report names the parent by its directory; the manifest keeps its local path.

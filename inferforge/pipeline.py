@@ -75,6 +75,7 @@ class RunContext:
     final_provider: str = "onnx-fp32"
     results: dict = field(default_factory=dict)
     skipped_steps: list = field(default_factory=list)   # names of the steps not run after a failed gate
+    step_checks: list = field(default_factory=list)     # gates a step checked itself and missed (GateFailed.check)
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
         from inferforge.encoder import OnnxEncoder
@@ -327,7 +328,7 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     ctx = RunContext(data=recipe.data, gates=recipe.gates, source=source, sentences=sentences, work=work,
                      staging=staging, progress=progress, reference=reference)
     steps = run_steps(ctx, recipe.steps)
-    checks = check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
+    checks = ctx.step_checks + check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
     sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
                                       held_out_source=recipe.data.sentences)
     return write_run_outputs(ctx, name=recipe.name, out=out, tokenizer_dir=source.path, steps=steps, checks=checks,
@@ -341,18 +342,26 @@ def _step_name(cfg) -> str:
 def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
     """Run each step config with its registered runner; returns one record per step for the manifest.
 
-    After a step whose accuracy gate fails (the validate step), the later steps are not run: their
-    names go to `ctx.skipped_steps`, and the failed step's line shows the measured values and limits."""
+    After a step whose accuracy gate fails (the validate step, or a step that raises `GateFailed`
+    with the check it missed, as the export's ONNX-vs-PyTorch check does), the later steps are not
+    run: their names go to `ctx.skipped_steps`, a raised check goes to `ctx.step_checks`, and the
+    failed step's line shows the measured values and limits."""
     steps = []
     configs = list(configs)
     for i, cfg in enumerate(configs):
         name = _step_name(cfg)
         t0 = time.perf_counter()
-        outcome = _RUNNERS[type(cfg)](ctx, cfg)
+        try:
+            outcome = _RUNNERS[type(cfg)](ctx, cfg)
+        except GateFailed as e:
+            if e.check is None:   # nothing measured to report: the run fails as the step says
+                raise
+            ctx.step_checks.append({**e.check, "passed": False})
+            outcome = {"summary": str(e)}
         record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
                   "tools": tool_versions(), **outcome}
         steps.append(record)
-        failed = [c for c in check_results(ctx.gates, Targets(), ctx.results, ctx.final_provider)
+        failed = [c for c in ctx.step_checks + check_results(ctx.gates, Targets(), ctx.results, ctx.final_provider)
                   if c["kind"] == "gate" and not c["passed"]]
         summary = outcome.get("summary", "")
         if failed:

@@ -222,3 +222,18 @@ def test_static_qdq_quantization(tmp_path, capsys, calibrate):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"][1]["result"]["calibrate_method"] == calibrate
+
+
+def test_failed_export_check_publishes_nothing_and_reports_the_measurement(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert pipeline.run_recipe(tiny_recipe(out)).passed
+    before = snapshot(out)
+    # No export matches PyTorch to 1e-12: the export step's own gate fails, validate is not run.
+    result = pipeline.run_recipe(tiny_recipe(out, steps=[{"export": {"atol": 1e-12}}, "validate"]))
+    assert not result.passed and snapshot(out) == before
+    (check,) = result.failures
+    assert check["name"] == "ONNX Runtime vs PyTorch max abs diff (export)" and check["limit"] == 1e-12
+    assert check["measured"] > 1e-12
+    report = json.loads((tmp_path / "art.failed" / "report.json").read_text())
+    assert report["skipped_steps"] == ["validate"] and report["checks"] == [check]
+    assert "the export is not faithful" in report["steps"][0]["summary"]
