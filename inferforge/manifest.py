@@ -150,6 +150,9 @@ def read_manifest(directory: str | Path) -> dict:
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: not a directory; give the artifact directory a run wrote (it holds {MANIFEST_NAME})")
     path = directory / MANIFEST_NAME
+    if not path.is_file() and directory.name.endswith(FAILED_SUFFIX) and (directory / "report.md").is_file():
+        raise ArtifactError(f"{directory}: the reports of a run that missed a gate or target, not an artifact (none "
+                            f"was written); read {directory / 'report.md'}, then fix the run and re-run it")
     if not path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST_NAME}; this is not an inferforge artifact, or its run did not finish")
     try:

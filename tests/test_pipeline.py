@@ -58,6 +58,8 @@ def test_failed_gate_keeps_the_earlier_artifact_and_writes_a_failed_report(tmp_p
     md = (failed / "report.md").read_text()
     assert "Result: **FAIL**" in md and "none written" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-int8", "tiny-int8.failed"]   # no staging left
+    with pytest.raises(ArtifactError, match="the reports of a run that missed a gate or target, not an artifact"):
+        inferforge.load(failed)
 
     assert main([*quantize, "--min-cosine", "0.5"]) == 0        # a passing run removes the stale failure report
     assert not failed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-int8"]
