@@ -190,3 +190,22 @@ def test_recipe_keeps_the_model_as_written(tmp_path):
     assert "model_as_written" not in recipe.to_dict()
     msg = error_of(tmp_path, GOOD + "model_as_written: x\n")       # not a recipe key
     assert "unknown key 'model_as_written'" in msg
+
+
+def test_optimize_without_a_recipe_writes_the_demo_in_the_working_directory(tmp_path, monkeypatch):
+    from inferforge import pipeline
+
+    seen = []
+
+    def capture(recipe, progress=None):
+        seen.append(recipe)
+        raise KeyboardInterrupt   # stop before any work
+
+    monkeypatch.setattr(pipeline, "run_recipe", capture)
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "-q"]) == 130
+    assert seen[0].output_dir == Path("runs/minilm-int8")                  # not inside the installed package
+    (tmp_path / "sub").mkdir()
+    recipe = write(tmp_path / "sub", GOOD + "output: out\n")
+    assert main(["optimize", str(recipe), "-q"]) == 130
+    assert seen[1].output_dir == tmp_path / "sub" / "out"
