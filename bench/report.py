@@ -19,14 +19,15 @@ def render_markdown(report: dict) -> str:
     lines = [f"# inferforge report: {report['name']}", ""]
     lines += [f"- Created: {report['created']}",
               f"- Source model: `{report['source']['model']}` (weights sha256 `{report['source']['weights_sha256'][:16]}...`)",
-              f"- Artifact: `{report['artifact']}`",
+              f"- Artifact: `{report['artifact']}`" if report.get("artifact") else
+              "- Artifact: none written (a gate or target was missed; an earlier artifact at this output is unchanged)",
               f"- Result: **{_ok(report['passed'])}**", ""]
 
     checks = report.get("checks", [])
     if checks:
         lines += ["## Gates and targets", "", "| check | measured | limit | result |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c['name']} | {c['measured']:.4g} | {c['op']} {c['limit']:.4g} | {_ok(c['passed'])} |")
+            lines.append(f"| {c['name']} | {c['measured']:.6g} | {c['op']} {c['limit']:.6g} | {_ok(c['passed'])} |")
         lines.append("")
 
     steps = report.get("steps", [])
@@ -35,6 +36,8 @@ def render_markdown(report: dict) -> str:
         for s in steps:
             lines.append(f"| {s['name']} | {s['duration_s']:.1f} | {s.get('summary', '')} |")
         lines.append("")
+    if report.get("skipped_steps"):
+        lines += [f"Not run because the accuracy gate failed: {', '.join(report['skipped_steps'])}.", ""]
 
     val = report.get("validation")
     if val:

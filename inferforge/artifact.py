@@ -8,18 +8,26 @@ from inferforge.errors import ArtifactError
 from inferforge.manifest import verify_artifact
 
 
-def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False, **engine_kwargs):
+def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False,
+         verify_signature: str | Path | None = None, **engine_kwargs):
     """Load the artifact directory `path` written by a run.
 
-    Verifies every file against the manifest first (a tampered or incomplete artifact raises
+    Verifies the manifest and every file against it first (a tampered or incomplete artifact raises
     `ArtifactError`) and refuses an artifact whose accuracy gate failed unless `allow_failed=True`.
+    With `verify_signature="public.pem"`, the artifact must also carry a signature made by the
+    matching private key (`inferforge sign`) over exactly these files; otherwise `ArtifactError`.
     For a sentence encoder it returns a callable with the source model's signature:
     `model(sentences: list[str]) -> np.ndarray [n, hidden] float32` (L2-normalized, mean-pooled).
     For a Llama-family model (kind `causal-lm`) it returns an `inferforge.engine.LLMEngine`
     (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
     """
     path = Path(path)
-    manifest = verify_artifact(path)
+    if verify_signature is not None:
+        from inferforge.signing import verify_signature as check_signature
+
+        manifest = check_signature(path, verify_signature)
+    else:
+        manifest = verify_artifact(path)
     if not manifest.get("accuracy_passed", False) and not allow_failed:
         failed = [c["name"] for c in manifest.get("checks", []) if c.get("kind") == "gate" and not c.get("passed")]
         raise ArtifactError(f"{path}: this artifact failed its accuracy gate ({', '.join(failed) or 'unknown'}); "

@@ -5,31 +5,29 @@ export): `model.onnx` in fp32, the tokenizer files and a manifest. Its hashes ar
 recipe pipeline's own quantize and validate steps run on it, with one difference: every candidate is
 compared with the artifact's fp32 ONNX model instead of the PyTorch source model (which may no longer
 be around). The gate is the same (min cosine of mean-pooled embeddings on held-out sentences); a
-missed gate raises `GateFailed` and writes nothing. The new artifact's manifest records its parent
-(path, content version, sha256 of the parent's manifest and model), the settings and the sha256 of
-the calibration and held-out sentences.
+missed gate writes no artifact (an earlier one at the output is unchanged) and leaves the reports in
+`OUT.failed/`. The new artifact's manifest records its parent (path, content version, sha256 of the
+parent's manifest and model), the settings and the sha256 of the calibration and held-out sentences.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from inferforge.data import SentenceSplit, read_sentences, split_sentences
-from inferforge.errors import GateFailed, UserInputError
+from inferforge.data import SentenceSplit, read_sentences, sentence_record, split_sentences
+from inferforge.errors import UserInputError
 from inferforge.fileio import sha256_file
-from inferforge.manifest import MANIFEST_NAME, read_manifest, verify_artifact
+from inferforge.manifest import MANIFEST_NAME, failed_report_dir, read_manifest, verify_artifact
 from inferforge.models import ModelSource
 from inferforge.pipeline import (
     MODEL_FILE,
     RunContext,
     RunResult,
     check_results,
-    missed_message,
     run_steps,
     staged_run,
     write_run_outputs,
@@ -88,10 +86,6 @@ def check_export_artifact(path: str | Path) -> dict:
     return manifest
 
 
-def _sha256_lines(lines) -> str:
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
 def _sentences(data: DataConfig, calibration_file: str | Path | None) -> tuple[SentenceSplit, dict]:
     """Calibration and held-out sentences (never overlapping) and a record of them for the manifest.
 
@@ -111,12 +105,8 @@ def _sentences(data: DataConfig, calibration_file: str | Path | None) -> tuple[S
             raise UserInputError(f"{data.sentences}: {len(held_out)} sentences not in the calibration file, but "
                                  f"--held-out-size is {data.held_out_size}; lower it or give more text with --sentences")
         split = SentenceSplit(calibration, held_out)
-    record = {"calibration_source": str(calibration_file or data.sentences),
-              "calibration_sentences": len(split.calibration),
-              "calibration_sha256": _sha256_lines(split.calibration),
-              "held_out_source": data.sentences, "held_out_sentences": len(split.held_out),
-              "held_out_sha256": _sha256_lines(split.held_out)}
-    return split, record
+    return split, sentence_record(split, calibration_source=str(calibration_file or data.sentences),
+                                  held_out_source=data.sentences)
 
 
 def _copy_verified_model(artifact: Path, manifest: dict, dest: Path) -> Path:
@@ -140,8 +130,8 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
     `quantize` picks the method (dynamic int8 with SmoothQuant, or static symmetric QDQ with its
     calibration method), `gates.min_cosine` the accuracy gate against the artifact's fp32 model on
     held-out sentences (from `data`, see `_sentences` for `calibration_file`). The sequence length is
-    the parent's. Raises `GateFailed` (and writes nothing) when a gate is missed. `inferforge.load(out)`
-    loads the result.
+    the parent's. When a gate is missed, nothing is written at `out` and the result's `failure_report`
+    (`OUT.failed/`) holds the reports. `inferforge.load(out)` loads the result.
     """
     quantize, gates = quantize or QuantizeConfig(), gates or Gates()
     data, validate = data or DataConfig(), validate or ValidateConfig()
@@ -153,7 +143,7 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
                              "--output")
     started = time.perf_counter()
     data = replace(data, max_length=parent["runtime"]["max_length"])
-    split, sentence_record = _sentences(data, calibration_file)
+    split, sentences = _sentences(data, calibration_file)
     from transformers import AutoTokenizer
 
     from inferforge.encoder import OnnxEncoder
@@ -174,16 +164,17 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
                          progress=progress, reference=OnnxEncoder(fp32, tokenizer, max_length=data.max_length),
                          fp32_onnx=fp32, final_onnx=fp32)
         steps = run_steps(ctx, (quantize, validate))
-        checks = check_results(gates, Targets(), ctx.results, ctx.final_provider)
-        if not all(c["passed"] for c in checks):
-            raise GateFailed(f"{missed_message(checks)}; no artifact was written (the parent {artifact} is unchanged)")
-        quantization = {"method": quantize.method, "reference": f"onnx-fp32 model of the parent artifact {artifact}",
-                        **sentence_record}
+        checks = ctx.step_checks + check_results(gates, Targets(), ctx.results, ctx.final_provider)
+        quantization = {"method": quantize.method,
+                        "reference": f"onnx-fp32 model of the parent artifact {artifact.name}", **sentences}
+        # The report names the parent by its directory; the manifest keeps its local path.
         report = write_run_outputs(ctx, name=name or f"{parent['name']}-{_SUFFIX[quantize.method]}", out=out,
                                    tokenizer_dir=artifact, steps=steps, checks=checks, started=started,
                                    provenance={"parent": parent_record, "quantization": quantization},
-                                   report_extra={"parent": parent_record, "quantization": quantization})
-    return RunResult(output=out, report=report, passed=True)
+                                   report_extra={"parent": {**parent_record, "path": artifact.name},
+                                                 "quantization": quantization})
+    passed = report["passed"]
+    return RunResult(output=out, report=report, passed=passed, failure_report=None if passed else failed_report_dir(out))
 
 
 def default_output(artifact: str | Path, method: str) -> Path:

@@ -50,12 +50,14 @@ def _progress(args):
 def _finish_run(args, result) -> int:
     from inferforge.pipeline import gate_failure_message
 
-    out = result.output
+    out = result.output if result.passed else result.failure_report
     if args.json:
         print(json.dumps(result.report, indent=2, default=str))
     else:
         _print_summary(result.report)
-        print(f"artifact: {out}\nreport:   {out / 'report.md'}\n          {out / 'report.json'}")
+        if result.passed:
+            print(f"artifact: {out}")
+        print(f"report:   {out / 'report.md'}\n          {out / 'report.json'}")
     if not result.passed:
         print(f"FAILED: {gate_failure_message(result)}", file=sys.stderr)
         return EXIT_GATE
@@ -104,7 +106,10 @@ def cmd_optimize(args) -> int:
     from inferforge.pipeline import run_recipe
     from inferforge.recipe import builtin_recipe_path, load_recipe
 
-    recipe = load_recipe(args.recipe or builtin_recipe_path("demo"))
+    if args.recipe:
+        recipe = load_recipe(args.recipe)   # a relative 'output' is relative to the recipe file
+    else:                                   # the built-in demo writes runs/minilm-int8 in the working directory
+        recipe = load_recipe(builtin_recipe_path("demo"), output_relative_to_recipe=False)
     if args.output:
         recipe = dataclasses.replace(recipe, output=args.output)
     result = run_recipe(recipe, progress=_progress(args))
@@ -235,11 +240,28 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def cmd_sign(args) -> int:
+    from inferforge.signing import sign_artifact
+
+    signature = sign_artifact(args.artifact, args.key)
+    print(f"signed: {signature}\nverify: inferforge inspect {args.artifact} --verify-signature PUBLIC.pem")
+    return EXIT_OK
+
+
 def cmd_inspect(args) -> int:
-    from inferforge.manifest import read_manifest, verify_artifact
+    from inferforge.manifest import SIGNATURE_NAME, read_manifest, verify_artifact
 
     manifest = read_manifest(args.artifact)
-    verify_artifact(args.artifact)   # raises ArtifactError (exit 2) when tampered or incomplete
+    verify_artifact(args.artifact)   # raises ArtifactError (exit 2) when the manifest or a file was changed
+    if args.verify_signature:
+        from inferforge.signing import verify_signature
+
+        verify_signature(args.artifact, args.verify_signature)
+        signature = f"[green]signature verified with {args.verify_signature}[/green]"
+    elif (Path(args.artifact) / SIGNATURE_NAME).is_file():
+        signature = f"signed ({SIGNATURE_NAME}), not verified: pass --verify-signature PUBLIC.pem"
+    else:
+        signature = "not signed"
     if args.json:
         print(json.dumps(manifest, indent=2))
         return EXIT_OK
@@ -252,7 +274,7 @@ def cmd_inspect(args) -> int:
     runtime = ", ".join(f"{k} {v}" for k, v in manifest.get("runtime", {}).items())
     console.print(f"kind {manifest['kind']}, runtime: {runtime}")
     console.print(f"source {src['model']}  weights sha256 {src['weights_sha256']}")
-    console.print(f"hashes: [green]all {len(manifest['files'])} files verified[/green]")
+    console.print(f"hashes: [green]manifest and all {len(manifest['files'])} files verified[/green]; {signature}")
     steps = Table(title="steps")
     for col in ("step", "seconds", "summary"):
         steps.add_column(col)
@@ -533,12 +555,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", formatter_class=fmt, help="verify and print an artifact's manifest",
-                       description="Verify every file's sha256 and print what the artifact came from, how it was made "
-                                   "and what it measured.",
-                       epilog="example:\n  inferforge inspect runs/minilm-int8")
+                       description="Verify the manifest's digest and every file's sha256 (and, with "
+                                   "--verify-signature, the signature) and print what the artifact came from, how it "
+                                   "was made and what it measured.",
+                       epilog="example:\n  inferforge inspect runs/minilm-int8 --verify-signature public.pem")
     p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--verify-signature", metavar="PUBLIC.pem",
+                   help="also check the artifact's signature (inferforge sign) with this PEM public key")
     _common(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("sign", formatter_class=fmt, help="sign an artifact with a private key (model-signing)",
+                       description="Verify the artifact, then sign every file in it (manifest included) with an "
+                                   "elliptic-curve private key using OpenSSF model-signing; the signature is written "
+                                   "to model.sig inside the artifact. No network is used.",
+                       epilog="example:\n  openssl ecparam -name prime256v1 -genkey -noout -out private.pem\n"
+                              "  openssl ec -in private.pem -pubout -out public.pem\n"
+                              "  inferforge sign runs/minilm-int8 --key private.pem\n"
+                              "  inferforge inspect runs/minilm-int8 --verify-signature public.pem")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--key", required=True, metavar="PRIVATE.pem",
+                   help="PEM elliptic-curve private key (P-256, P-384 or P-521), unencrypted")
+    p.set_defaults(func=cmd_sign)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +44,16 @@ def split_sentences(source: str, calibration_size: int, held_out_size: int) -> S
     held_out = tuple(sentences[calibration_size:need])
     assert not set(calibration) & set(held_out)
     return SentenceSplit(calibration, held_out)
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    """sha256 of the sentences joined by newlines (UTF-8): the identity of a calibration or held-out set."""
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def sentence_record(split: SentenceSplit, *, calibration_source: str, held_out_source: str) -> dict:
+    """What an artifact's manifest records about its data: the sources, counts and sha256 of each set."""
+    return {"calibration_source": calibration_source, "calibration_sentences": len(split.calibration),
+            "calibration_sha256": sha256_lines(split.calibration),
+            "held_out_source": held_out_source, "held_out_sentences": len(split.held_out),
+            "held_out_sha256": sha256_lines(split.held_out)}

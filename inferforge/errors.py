@@ -37,10 +37,14 @@ class EnvironmentFailure(InferforgeError):
 
 
 class GateFailed(InferforgeError):
-    """An accuracy gate or a latency target was missed (exit code 1)."""
+    """An accuracy gate or a latency target was missed (exit code 1).
+
+    `check`, when given, is the missed check as a run report records it (name, kind, measured, op,
+    limit), so that a run can report it; `report_dir` is where the failed run's reports are."""
 
     exit_code = 1
 
-    def __init__(self, message: str, *, report_dir: str | None = None):
+    def __init__(self, message: str, *, report_dir: str | None = None, check: dict | None = None):
         super().__init__(message)
         self.report_dir = report_dir
+        self.check = check

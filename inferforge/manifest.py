@@ -1,8 +1,14 @@
 """The artifact manifest: what an artifact came from, how it was made, what it measured, and its hashes.
 
 An artifact is a directory of model files plus `manifest.json`. The manifest lists every other file
-with its sha256 and size; `verify_artifact` refuses a directory where any listed file is missing or
-changed, or where a file appears that the manifest does not list.
+with its sha256 and size, and carries `manifest_sha256`, the sha256 of its own canonical JSON without
+that field; `verify_artifact` refuses a directory where the manifest was edited, where any listed file
+is missing or changed, or where a file appears that the manifest does not list. The digest catches
+edits and damage; against someone who recomputes it, sign the artifact (`inferforge.signing`): the
+signature file `model.sig` covers every file, the manifest included.
+
+A run whose gates or targets fail publishes no artifact: `write_failed_report` puts its reports in
+the sibling directory `OUT.failed/`, and the next run that publishes an artifact at `OUT` removes it.
 """
 
 from __future__ import annotations
@@ -18,10 +24,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from inferforge.errors import ArtifactError, UserInputError
-from inferforge.fileio import atomic_write_json, make_public_dir, replace_directory, sha256_file
+from inferforge.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    make_public_dir,
+    replace_directory,
+    sha256_file,
+)
 
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "model.sig"          # written by `inferforge sign`; not listed in the manifest
+DIGEST_KEY = "manifest_sha256"
 FORMAT = "inferforge-artifact/1"
+FAILED_SUFFIX = ".failed"
+REPORT_FILES = ("report.md", "report.json")
 
 
 def _version(module: str) -> str | None:
@@ -92,10 +108,10 @@ def utc_now() -> str:
 
 
 def artifact_files(directory: str | Path) -> dict[str, Path]:
-    """Every file under `directory` except the manifest, by relative POSIX path, sorted."""
+    """Every file under `directory` except the manifest and the signature, by relative POSIX path, sorted."""
     directory = Path(directory)
-    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != MANIFEST_NAME}
+    files = {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {rel: p for rel, p in files.items() if rel not in (MANIFEST_NAME, SIGNATURE_NAME)}
 
 
 def file_hashes(directory: str | Path) -> dict[str, dict]:
@@ -111,10 +127,20 @@ def content_version(files: dict[str, dict]) -> str:
     return h.hexdigest()[:12]
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces, UTF-8), without `manifest_sha256`."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def write_manifest(directory: str | Path, manifest: dict) -> dict:
-    """Hash the directory's files into `manifest` and write it atomically; returns the full manifest."""
+    """Hash the directory's files into `manifest`, add the manifest's own digest and write it atomically;
+    returns the full manifest (as it reads back from the file)."""
     files = file_hashes(directory)
     full = {"format": FORMAT, **manifest, "version": content_version(files), "files": files}
+    full = json.loads(json.dumps(full, default=str))   # the digest covers exactly what a reader gets back
+    full[DIGEST_KEY] = manifest_digest(full)
     atomic_write_json(Path(directory) / MANIFEST_NAME, full)
     return full
 
@@ -124,6 +150,9 @@ def read_manifest(directory: str | Path) -> dict:
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: not a directory; give the artifact directory a run wrote (it holds {MANIFEST_NAME})")
     path = directory / MANIFEST_NAME
+    if not path.is_file() and directory.name.endswith(FAILED_SUFFIX) and (directory / "report.md").is_file():
+        raise ArtifactError(f"{directory}: the reports of a run that missed a gate or target, not an artifact (none "
+                            f"was written); read {directory / 'report.md'}, then fix the run and re-run it")
     if not path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST_NAME}; this is not an inferforge artifact, or its run did not finish")
     try:
@@ -139,6 +168,12 @@ def verify_artifact(directory: str | Path) -> dict:
     """Check every file against the manifest; returns the manifest or raises ArtifactError naming the file."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if DIGEST_KEY not in manifest:
+        raise ArtifactError(f"{directory}: {MANIFEST_NAME} has no {DIGEST_KEY}, so its content cannot be checked (it "
+                            "was edited, or written by an older inferforge); re-run the recipe to rebuild the artifact")
+    if manifest_digest(manifest) != manifest[DIGEST_KEY]:
+        raise ArtifactError(f"{directory}: {MANIFEST_NAME} was edited after the run (its content does not match its "
+                            f"{DIGEST_KEY}); restore the original manifest or re-run the recipe")
     listed = manifest["files"]
     for name, info in listed.items():
         path = directory / name
@@ -155,20 +190,61 @@ def verify_artifact(directory: str | Path) -> dict:
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to replace a directory that holds something other than an earlier artifact."""
+    """Refuse to replace a directory that holds something other than an earlier artifact, or whose
+    `OUT.failed` sibling holds something other than a failed run's reports."""
     if out.exists():
         if not out.is_dir():
             raise UserInputError(f"output {out} exists and is not a directory; choose another output")
         if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
             raise UserInputError(f"output {out} is a non-empty directory that is not an inferforge artifact; "
                                  "choose another output (recipe key 'output' or --output) or empty it")
+    failed = failed_report_dir(out)
+    if failed.exists() and (not failed.is_dir() or any(p.name not in REPORT_FILES for p in failed.iterdir())):
+        raise UserInputError(f"{failed} holds something other than a failed run's reports, and a failed run at {out} "
+                             "would replace it; move it away or choose another output")
+
+
+def failed_report_dir(out: str | Path) -> Path:
+    """`OUT.failed`: where a run that missed a gate or target leaves its reports instead of an artifact."""
+    out = Path(out)
+    return out.with_name(out.name + FAILED_SUFFIX)
+
+
+def write_failed_report(out: str | Path, files: dict[str, str]) -> Path:
+    """Write a failed run's reports (`{"report.md": text, "report.json": text}`) to `OUT.failed/` and
+    return that directory. `out` itself is not touched. The directory is built beside it and moved into
+    place with one rename, replacing the report of an earlier failed run. Every path that refuses to
+    publish an artifact because a check failed calls this before raising or returning the failure."""
+    out = Path(out)
+    unknown = set(files) - set(REPORT_FILES)
+    if unknown:
+        raise ValueError(f"a failed run's report holds only {', '.join(REPORT_FILES)}, not {', '.join(sorted(unknown))}")
+    target = failed_report_dir(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        make_public_dir(staging)
+        for name, text in files.items():
+            atomic_write_text(staging / name, text)
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def remove_failed_report(out: str | Path) -> None:
+    """Remove a stale `OUT.failed/` once a run has published an artifact at `out`."""
+    failed = failed_report_dir(out)
+    if failed.is_dir() and all(p.name in REPORT_FILES for p in failed.iterdir()):
+        shutil.rmtree(failed, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def staged_artifact(out: str | Path):
-    """Build an artifact in a hidden sibling directory and yield it. When the block finishes, it
-    replaces `out` (nothing, or an earlier artifact) with one rename; after an error or an
-    interrupt the staging directory is removed and `out` is untouched."""
+    """Build an artifact in a hidden sibling directory and yield it. When the block finishes with a
+    manifest written, it replaces `out` (nothing, or an earlier artifact) with one rename and removes
+    a stale `OUT.failed/`. A block that writes no manifest (a run that failed its checks), an error or
+    an interrupt publishes nothing: the staging directory is removed and `out` is untouched."""
     out = Path(out)
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +252,8 @@ def staged_artifact(out: str | Path):
     try:
         make_public_dir(staging)
         yield staging
-        replace_directory(staging, out)
+        if (staging / MANIFEST_NAME).is_file():
+            replace_directory(staging, out)
+            remove_failed_report(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)   # gone already after a successful replace

@@ -4,13 +4,18 @@ A causal-LM recipe (one `quantize` step with a `config`) runs `quantize_checkpoi
 behind `inferforge quantize --config`: the same artifact, with the normalized recipe in its manifest.
 
 Everything is built in a staging directory next to the output and moved into place only when the
-run has finished, so an interrupted or failed run never leaves a half-written artifact that looks
-complete, and never damages the artifact of an earlier run.
+run has finished and passed every gate and target, so an interrupted or failed run never leaves a
+half-written artifact that looks complete, and never replaces or damages the artifact of an earlier
+run. A run that misses a gate or target writes its reports to `OUT.failed/` instead (see
+`inferforge.manifest.write_failed_report`). A failed accuracy gate stops the run: later steps (the
+benchmark) are skipped, and the report says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -20,11 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from inferforge.data import SentenceSplit, split_sentences
+from inferforge.data import SentenceSplit, sentence_record, split_sentences
 from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
-from inferforge.fileio import atomic_write_json, atomic_write_text
-from inferforge.manifest import environment, staged_artifact, tool_versions, utc_now, write_manifest
+from inferforge.fileio import atomic_write_text
+from inferforge.manifest import (
+    environment,
+    failed_report_dir,
+    staged_artifact,
+    tool_versions,
+    utc_now,
+    write_failed_report,
+    write_manifest,
+)
 from inferforge.models import ModelSource, materialize
 from inferforge.progress import Progress
 from inferforge.recipe import (
@@ -61,6 +74,8 @@ class RunContext:
     final_onnx: Path | None = None
     final_provider: str = "onnx-fp32"
     results: dict = field(default_factory=dict)
+    skipped_steps: list = field(default_factory=list)   # names of the steps not run after a failed gate
+    step_checks: list = field(default_factory=list)     # gates a step checked itself and missed (GateFailed.check)
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
         from inferforge.encoder import OnnxEncoder
@@ -81,9 +96,13 @@ def step_runner(config_type: type):
 
 @dataclass
 class RunResult:
+    """`output` holds the new artifact only when `passed`; otherwise nothing was written there (an
+    earlier artifact is unchanged) and the run's reports are in `failure_report` (`OUT.failed`)."""
+
     output: Path
     report: dict
     passed: bool
+    failure_report: Path | None = None
 
     @property
     def failures(self) -> list[dict]:
@@ -265,7 +284,9 @@ def staged_run(out: Path):
 
 
 def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
-    """Run every step of `recipe` and write the artifact; returns the report (gates may have failed).
+    """Run every step of `recipe`; returns the result. The artifact is written only when every gate
+    and target passed; otherwise `result.failure_report` (`OUT.failed/`) holds the reports and `out`
+    is untouched.
 
     A causal-LM recipe returns the manifest as its report; its gate is checked before anything is
     written, and a missed one raises `GateFailed` and leaves no artifact."""
@@ -276,7 +297,8 @@ def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult
     started = time.perf_counter()
     with staged_run(out) as (staging, work):
         report = _run_steps(recipe, progress, out, staging, work, started)
-    return RunResult(output=out, report=report, passed=report["passed"])
+    failure_report = None if report["passed"] else failed_report_dir(out)
+    return RunResult(output=out, report=report, passed=report["passed"], failure_report=failure_report)
 
 
 def _run_causal_lm(recipe: Recipe, progress: Progress) -> RunResult:
@@ -301,59 +323,100 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     sentences = split_sentences(recipe.data.sentences, recipe.data.calibration_size, recipe.data.held_out_size)
     with progress.spinner(f"loading {recipe.model}"):
         source = materialize(recipe.model, work)
+        source = dataclasses.replace(source, spec=recipe.model_as_written or recipe.model)
         reference = TorchEncoder(source.path, max_length=recipe.data.max_length)
     ctx = RunContext(data=recipe.data, gates=recipe.gates, source=source, sentences=sentences, work=work,
                      staging=staging, progress=progress, reference=reference)
     steps = run_steps(ctx, recipe.steps)
-    checks = check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
+    checks = ctx.step_checks + check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
+    sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
+                                      held_out_source=recipe.data.sentences)
     return write_run_outputs(ctx, name=recipe.name, out=out, tokenizer_dir=source.path, steps=steps, checks=checks,
-                             started=started, provenance={"recipe": recipe.to_dict()})
+                             started=started, provenance={"recipe": recipe.to_dict(), "data": sentence_hashes})
+
+
+def _step_name(cfg) -> str:
+    return type(cfg).__name__.removesuffix("Config").lower()
 
 
 def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
-    """Run each step config with its registered runner; returns one record per step for the manifest."""
+    """Run each step config with its registered runner; returns one record per step for the manifest.
+
+    After a step whose accuracy gate fails (the validate step, or a step that raises `GateFailed`
+    with the check it missed, as the export's ONNX-vs-PyTorch check does), the later steps are not
+    run: their names go to `ctx.skipped_steps`, a raised check goes to `ctx.step_checks`, and the
+    failed step's line shows the measured values and limits."""
     steps = []
-    for cfg in configs:
-        name = type(cfg).__name__.removesuffix("Config").lower()
+    configs = list(configs)
+    for i, cfg in enumerate(configs):
+        name = _step_name(cfg)
         t0 = time.perf_counter()
-        outcome = _RUNNERS[type(cfg)](ctx, cfg)
+        try:
+            outcome = _RUNNERS[type(cfg)](ctx, cfg)
+        except GateFailed as e:
+            if e.check is None:   # nothing measured to report: the run fails as the step says
+                raise
+            ctx.step_checks.append({**e.check, "passed": False})
+            outcome = {"summary": str(e)}
         record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
                   "tools": tool_versions(), **outcome}
         steps.append(record)
-        ctx.progress.done(name, record["duration_s"], outcome.get("summary", ""))
+        failed = [c for c in ctx.step_checks + check_results(ctx.gates, Targets(), ctx.results, ctx.final_provider)
+                  if c["kind"] == "gate" and not c["passed"]]
+        summary = outcome.get("summary", "")
+        if failed:
+            summary += "; gate missed: " + "; ".join(
+                f"{c['name']} measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}" for c in failed)
+            record["summary"] = summary
+        ctx.progress.done(name, record["duration_s"], summary, passed=not failed)
+        if failed:
+            ctx.skipped_steps = [_step_name(c) for c in configs[i + 1:]]
+            if ctx.skipped_steps:
+                ctx.progress.print(f"  skipped: {', '.join(ctx.skipped_steps)} (the accuracy gate failed)")
+            break
     return steps
 
 
 def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: Path, steps: list[dict],
                       checks: list[dict], started: float, provenance: dict, report_extra: dict | None = None) -> dict:
-    """Write the final model, the tokenizer, report.json, report.md and the manifest into `ctx.staging`.
+    """Write the final model, the tokenizer, report.json, report.md and the manifest into `ctx.staging`;
+    when a gate or target failed, write only the reports, to `OUT.failed/` (`ctx.staging` then holds
+    no manifest, so `staged_artifact` publishes nothing).
 
     `provenance` (the recipe, or the parent artifact) goes into the manifest, `report_extra` into
-    the report. Returns the report.
+    the report. The reports are portable: they name the artifact by its directory name and the source
+    model as the recipe wrote it; the manifest also keeps the source's local path (for
+    `bench --compare-source`). Returns the report.
     """
     from inferforge.bench.report import render_markdown
     from inferforge.optimize.export import copy_tokenizer
 
-    shutil.copyfile(ctx.final_onnx, ctx.staging / MODEL_FILE)
-    copy_tokenizer(tokenizer_dir, ctx.staging)
     accuracy_passed = all(c["passed"] for c in checks if c["kind"] == "gate")
+    passed = all(c["passed"] for c in checks)
     report = {
         "name": name,
         "created": utc_now(),
-        "artifact": str(out),
-        "source": ctx.source.to_dict(),
-        "passed": all(c["passed"] for c in checks),
+        "artifact": out.name if passed else None,
+        "source": {"model": ctx.source.spec, "weights_sha256": ctx.source.weights_sha256},
+        "passed": passed,
         "accuracy_passed": accuracy_passed,
         "checks": checks,
         "steps": [{k: s[k] for k in ("name", "duration_s", "summary")} for s in steps],
+        "skipped_steps": list(ctx.skipped_steps),
         "validation": ctx.results.get("validation"),
         "benchmark": ctx.results.get("benchmark"),
         **(report_extra or {}),
         "environment": environment(),
         "total_duration_s": time.perf_counter() - started,
     }
-    atomic_write_json(ctx.staging / "report.json", report)
-    atomic_write_text(ctx.staging / "report.md", render_markdown(report))
+    reports = {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": render_markdown(report)}
+    if not passed:
+        write_failed_report(out, reports)
+        return report
+    shutil.copyfile(ctx.final_onnx, ctx.staging / MODEL_FILE)
+    copy_tokenizer(tokenizer_dir, ctx.staging)
+    for file_name, text in reports.items():
+        atomic_write_text(ctx.staging / file_name, text)
     write_manifest(ctx.staging, {
         "name": name,
         "created": report["created"],
@@ -361,13 +424,13 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
                     "normalize": True, "max_length": ctx.data.max_length,
                     "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
-        "source": report["source"],
+        "source": ctx.source.to_dict(),
         **provenance,
         "steps": steps,
         "validation": report["validation"],
         "benchmark": report["benchmark"],
         "checks": checks,
-        "passed": report["passed"],
+        "passed": passed,
         "accuracy_passed": accuracy_passed,
         "environment": report["environment"],
     })
@@ -382,10 +445,11 @@ def missed_message(checks: list[dict]) -> str:
 
 
 def gate_failure_message(result: RunResult) -> str:
-    return missed_message(result.failures) + f" (details in {result.output / 'report.md'})"
+    return (missed_message(result.failures) + f"; no artifact was written ({result.output} is unchanged); "
+            f"report: {result.failure_report / 'report.md'}")
 
 
 def raise_on_failure(result: RunResult) -> RunResult:
     if not result.passed:
-        raise GateFailed(gate_failure_message(result), report_dir=str(result.output))
+        raise GateFailed(gate_failure_message(result), report_dir=str(result.failure_report))
     return result

@@ -50,9 +50,11 @@ class Progress:
         with self.console.status(description):
             yield
 
-    def done(self, step: str, seconds: float, summary: str = "") -> None:
+    def done(self, step: str, seconds: float, summary: str = "", *, passed: bool = True) -> None:
+        """One line per finished step: a check mark, or a cross when the step's gate failed."""
         if not self.quiet:
-            self.console.print(f"[green]✓[/green] {step:<9} {seconds:6.1f}s  {summary}")
+            mark = "[green]✓[/green]" if passed else "[red]✗[/red]"
+            self.console.print(f"{mark} {step:<9} {seconds:6.1f}s  {summary}", highlight=False)
 
     def print(self, *args, **kwargs) -> None:
         if not self.quiet:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -273,6 +274,9 @@ class Recipe:
     gates: Gates = field(default_factory=Gates)
     targets: Targets = field(default_factory=Targets)
     output: str = ""
+    # `model` as the recipe file wrote it, before relative paths were resolved; what reports show,
+    # so that they do not carry the directories of the machine that made them. Not a recipe key.
+    model_as_written: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         _require(bool(self.name.strip()), "name must not be empty")
@@ -310,6 +314,7 @@ class Recipe:
     def to_dict(self) -> dict:
         """The normalized recipe: every default filled in, as written to the manifest."""
         d = dataclasses.asdict(self)
+        del d["model_as_written"]
         d["steps"] = [{STEP_NAMES[type(s)]: dataclasses.asdict(s)} for s in self.steps]
         d["output"] = str(self.output_dir)
         if self.kind == "causal-lm":
@@ -486,13 +491,16 @@ def _build_step(value, path):
 
 
 def recipe_from_dict(data: Any, *, source: str = "recipe", lines: _Lines | None = None,
-                     base_dir: Path | None = None, check_paths: bool = True) -> Recipe:
-    """Validate plain data (as loaded from YAML) into a `Recipe`, or raise `RecipeError`."""
+                     base_dir: Path | None = None, check_paths: bool = True, resolve_output: bool = True) -> Recipe:
+    """Validate plain data (as loaded from YAML) into a `Recipe`, or raise `RecipeError`.
+
+    With `base_dir` (the recipe file's directory), relative paths are made relative to it: the
+    model, the sentence and calibration files, and `output` unless `resolve_output` is False."""
     lines = lines or _Lines(None)
     try:
         if not isinstance(data, dict):
             raise _Invalid((), "a recipe is a mapping with keys name, model, steps, ...")
-        known = [f.name for f in dataclasses.fields(Recipe)]
+        known = [f.name for f in dataclasses.fields(Recipe) if f.name != "model_as_written"]
         for key in data:
             if key not in known:
                 raise _unknown_key(key, known, ())
@@ -517,9 +525,10 @@ def recipe_from_dict(data: Any, *, source: str = "recipe", lines: _Lines | None 
             "gates": _build(Gates, data.get("gates"), ("gates",)),
             "targets": _build(Targets, data.get("targets"), ("targets",)),
             "output": output,
+            "model_as_written": model,
         }
         if base_dir is not None:
-            kwargs = _resolve_paths(kwargs, base_dir)
+            kwargs = _resolve_paths(kwargs, base_dir, resolve_output=resolve_output)
         try:
             recipe = Recipe(**kwargs)
         except ValueError as e:
@@ -538,10 +547,13 @@ def _default_name(output: str, model: str) -> str:
     return Path(output).name or re.sub(r"[^\w.-]+", "-", Path(model).name or model).strip("-") or "model"
 
 
-def _resolve_paths(kwargs: dict, base_dir: Path) -> dict:
-    """Relative file paths in a recipe file are relative to the recipe file, not the working directory."""
+def _resolve_paths(kwargs: dict, base_dir: Path, *, resolve_output: bool = True) -> dict:
+    """Relative file paths in a recipe file are relative to the recipe file, not the working directory.
+    A written `output` is one of them; without one the artifact goes to runs/NAME in the working directory."""
     from inferforge.models import looks_like_path
 
+    if resolve_output and kwargs["output"] and not Path(kwargs["output"]).is_absolute():
+        kwargs["output"] = os.path.normpath(base_dir / kwargs["output"])
     if looks_like_path(kwargs["model"]) and not Path(kwargs["model"]).is_absolute():
         kwargs["model"] = str(base_dir / kwargs["model"])
     data = kwargs["data"]
@@ -616,17 +628,21 @@ def _check_causal_lm(recipe: Recipe) -> None:
                        "file with a \"text\" field per line)")
 
 
-def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:
-    """Read and validate a YAML recipe file. Raises `RecipeError` with the key and line on any problem."""
+def load_recipe(path: str | Path, *, check_paths: bool = True, output_relative_to_recipe: bool = True) -> Recipe:
+    """Read and validate a YAML recipe file. Raises `RecipeError` with the key and line on any problem.
+
+    Relative paths in it are relative to the recipe file, `output` included; a built-in recipe is
+    loaded with `output_relative_to_recipe=False` so that its artifact lands in the working directory."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    return parse_recipe(text, source=str(path), base_dir=path.resolve().parent, check_paths=check_paths)
+    return parse_recipe(text, source=str(path), base_dir=path.resolve().parent, check_paths=check_paths,
+                        resolve_output=output_relative_to_recipe)
 
 
 def parse_recipe(text: str, *, source: str = "recipe", base_dir: Path | None = None,
-                 check_paths: bool = True) -> Recipe:
+                 check_paths: bool = True, resolve_output: bool = True) -> Recipe:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -635,7 +651,8 @@ def parse_recipe(text: str, *, source: str = "recipe", base_dir: Path | None = N
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e)
         raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
-    return recipe_from_dict(data, source=source, lines=_Lines(node), base_dir=base_dir, check_paths=check_paths)
+    return recipe_from_dict(data, source=source, lines=_Lines(node), base_dir=base_dir, check_paths=check_paths,
+                            resolve_output=resolve_output)
 
 
 def builtin_recipe_path(name: str = "demo") -> Path:

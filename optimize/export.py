@@ -75,5 +75,7 @@ def check_export(reference, exported, sentences, *, atol: float) -> dict:
     if max_diff > atol:
         raise GateFailed(f"export: ONNX Runtime's output differs from PyTorch by up to {max_diff:.2e} "
                          f"(tolerance {atol:.0e}); the export is not faithful. Try another opset "
-                         "(steps[0].export.opset) or report the model.")
+                         "(steps[0].export.opset) or report the model.",
+                         check={"name": "ONNX Runtime vs PyTorch max abs diff (export)", "kind": "gate",
+                                "measured": max_diff, "op": "<=", "limit": atol})
     return result

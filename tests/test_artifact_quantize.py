@@ -69,7 +69,10 @@ def test_dynamic_int8_from_an_export_artifact(export_artifact, tmp_path, capsys)
     assert quant["calibration_sha256"] == hashlib.sha256("\n".join(calibration).encode()).hexdigest()
     assert manifest["steps"][0]["settings"]["method"] == "dynamic-int8"
     assert [c["name"] for c in manifest["checks"]] == ["min cosine (held-out)"] and manifest["accuracy_passed"]
-    assert json.loads((out / "report.json").read_text())["parent"] == manifest["parent"]
+    # The report is portable: the parent by its directory name, no path of this machine.
+    assert json.loads((out / "report.json").read_text())["parent"] == {**manifest["parent"], "path": "tiny-onnx"}
+    for name in ("report.json", "report.md"):
+        assert str(export_artifact.parent) not in (out / name).read_text()
     report_md = (out / "report.md").read_text()
     assert "min cosine (held-out)" in report_md and "Cosine similarity with onnx-fp32 model of the parent" in report_md
 
@@ -131,17 +134,23 @@ def test_calibration_file_is_used_and_hashed(export_artifact, tmp_path, capsys):
     assert quant["held_out_sha256"] == hashlib.sha256("\n".join(held).encode()).hexdigest()
 
 
-def test_missed_gate_exits_1_and_writes_nothing(export_artifact, tmp_path, capsys):
+def test_missed_gate_exits_1_and_writes_only_a_failure_report(export_artifact, tmp_path, capsys):
     out = tmp_path / "strict"
+    failed = tmp_path / "strict.failed"
     assert quantize(export_artifact, out, "--min-cosine", "1.0") == 1
     err = capsys.readouterr().err
     assert "missed: min cosine (held-out)" in err and "no artifact was written" in err
-    assert list(tmp_path.iterdir()) == []                   # no artifact, no staging or scratch directory
+    assert f"report: {failed / 'report.md'}" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["strict.failed"]   # no artifact, no staging or scratch directory
+    report = json.loads((failed / "report.json").read_text())
+    assert report["passed"] is False and report["checks"][0]["measured"] < 1.0 and report["parent"]["name"] == "tiny"
+    assert "Result: **FAIL**" in (failed / "report.md").read_text()
 
-    assert quantize(export_artifact, out) == 0              # an earlier artifact survives a failed run
+    assert quantize(export_artifact, out) == 0              # a passing run removes the stale failure report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict"]
     before = snapshot(out)
-    assert quantize(export_artifact, out, "--min-cosine", "1.0") == 1
-    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["strict"]
+    assert quantize(export_artifact, out, "--min-cosine", "1.0") == 1   # an earlier artifact survives a failed run
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["strict", "strict.failed"]
 
 
 def _without_model(export_artifact, tmp_path):
@@ -160,6 +169,15 @@ def _tampered(export_artifact, tmp_path):
     data = bytearray((art / "model.onnx").read_bytes())
     data[-1] ^= 1
     (art / "model.onnx").write_bytes(bytes(data))
+    return art
+
+
+def _edited_manifest(export_artifact, tmp_path):
+    art = tmp_path / "edited"
+    shutil.copytree(export_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["validation"]["min_cosine"] = 1.0
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return art
 
 
@@ -193,8 +211,10 @@ def _quantized(export_artifact, tmp_path):
     (_causal_lm_artifact, "--config FORMAT"),
     (_without_model, "artifact holds no model.onnx; --onnx needs an ONNX export artifact"),
     (_tampered, "'model.onnx' does not match its sha256"),
+    (_edited_manifest, "manifest.json was edited after the run"),
     (_quantized, "already quantized (onnx-int8); give the fp32 export artifact"),
-], ids=["missing", "model-dir", "causal-lm-dir", "causal-lm-artifact", "no-model", "tampered", "quantized"])
+], ids=["missing", "model-dir", "causal-lm-dir", "causal-lm-artifact", "no-model", "tampered", "edited-manifest",
+        "quantized"])
 def test_bad_inputs_are_clear_errors(export_artifact, tmp_path, capsys, make_input, message):
     source = make_input(export_artifact, tmp_path)
     out = tmp_path / "out"

@@ -1,11 +1,22 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from inferforge.errors import ArtifactError
+from inferforge.errors import ArtifactError, UserInputError
 from inferforge.fileio import atomic_write_bytes, atomic_write_text, sha256_file
-from inferforge.manifest import MANIFEST_NAME, read_manifest, verify_artifact, write_manifest
+from inferforge.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    manifest_digest,
+    read_manifest,
+    staged_artifact,
+    verify_artifact,
+    write_failed_report,
+    write_manifest,
+)
 
 
 @pytest.fixture
@@ -97,3 +108,92 @@ def test_atomic_write_creates_parents_and_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's private 0600
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(accuracy_passed=True),
+    lambda m: m.update(passed=True),
+    lambda m: m["validation"].update(min_cosine=0.999),
+    lambda m: m["files"]["model.onnx"].update(bytes=1),
+    lambda m: m.pop("validation"),
+])
+def test_edited_manifest_is_refused(tmp_path, edit):
+    d = tmp_path / "artifact"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(os.urandom(256))
+    written = write_manifest(d, {"name": "t", "kind": "sentence-encoder", "passed": False, "accuracy_passed": False,
+                                 "validation": {"min_cosine": 0.97}})
+    assert written["manifest_sha256"] == manifest_digest(written)
+    edit(written)
+    (d / MANIFEST_NAME).write_text(json.dumps(written, indent=2))
+    with pytest.raises(ArtifactError, match="manifest.json was edited after the run .*restore the original manifest"):
+        verify_artifact(d)
+
+
+def test_manifest_without_its_digest_is_refused(artifact):
+    d, written = artifact
+    del written["manifest_sha256"]
+    (d / MANIFEST_NAME).write_text(json.dumps(written))
+    with pytest.raises(ArtifactError, match="has no manifest_sha256.*re-run the recipe"):
+        verify_artifact(d)
+
+
+def test_reformatted_manifest_still_verifies(artifact):
+    d, written = artifact
+    (d / MANIFEST_NAME).write_text(json.dumps(dict(reversed(list(written.items()))), indent=4))   # same content
+    assert verify_artifact(d) == written
+
+
+def test_edited_manifest_is_refused_by_load_and_inspect(tmp_path):
+    import inferforge
+    from inferforge.cli import main
+
+    d = tmp_path / "artifact"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(os.urandom(256))
+    manifest = write_manifest(d, {"name": "t", "kind": "sentence-encoder", "passed": False, "accuracy_passed": False,
+                                  "checks": [{"name": "min cosine (held-out)", "kind": "gate", "passed": False}]})
+    manifest.update(passed=True, accuracy_passed=True)   # make a failed artifact look like a passing one
+    manifest["checks"][0]["passed"] = True
+    (d / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ArtifactError, match="was edited after the run"):
+        inferforge.load(d)
+    proc = subprocess.run([sys.executable, "-m", "inferforge", "inspect", str(d)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "was edited after the run" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert main(["bench", str(d), "--batch-sizes", "1"]) == 2
+
+
+def test_signature_file_is_not_part_of_the_manifest(artifact):
+    d, written = artifact
+    (d / SIGNATURE_NAME).write_text("{}")
+    assert verify_artifact(d) == written                          # not a "file not in manifest"
+    assert SIGNATURE_NAME not in write_manifest(d, {"name": "t"})["files"]
+    (d / "sub" / SIGNATURE_NAME).write_text("{}")                 # only the top-level one is the signature
+    with pytest.raises(ArtifactError, match="files not in manifest.json: sub/model.sig"):
+        verify_artifact(d)
+
+
+def test_failed_report_replaces_an_older_one_and_a_published_artifact_removes_it(tmp_path):
+    out = tmp_path / "art"
+    failed = write_failed_report(out, {"report.md": "first", "report.json": "{}"})
+    assert failed == tmp_path / "art.failed" and not out.exists()
+    write_failed_report(out, {"report.md": "second"})
+    assert sorted(p.name for p in failed.iterdir()) == ["report.md"] and (failed / "report.md").read_text() == "second"
+    with staged_artifact(out) as staging:                         # a block that writes no manifest publishes nothing
+        (staging / "model.onnx").write_bytes(b"x")
+    assert not out.exists() and failed.is_dir()
+    with staged_artifact(out) as staging:
+        (staging / "model.onnx").write_bytes(b"x")
+        write_manifest(staging, {"name": "t"})
+    verify_artifact(out)
+    assert not failed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_a_foreign_dot_failed_directory_is_not_replaced(tmp_path):
+    (tmp_path / "art.failed").mkdir()
+    (tmp_path / "art.failed" / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="holds something other than a failed run's reports"):
+        with staged_artifact(tmp_path / "art"):
+            pass
+    assert (tmp_path / "art.failed" / "notes.txt").read_text() == "mine"

@@ -1,5 +1,6 @@
 import dataclasses
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,44 @@ def test_cli_bad_recipe_exits_2_without_traceback(tmp_path, capsys, text, fragme
 def test_cli_missing_recipe_file(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "nope.yaml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_relative_output_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    recipe = load_recipe(write(tmp_path / "recipes", GOOD + "output: ../runs/x\n"))
+    assert recipe.output_dir == tmp_path / "runs" / "x" and recipe.name == "test"
+    assert load_recipe(write(tmp_path, GOOD + "output: /abs/out\n")).output_dir == Path("/abs/out")
+    assert load_recipe(write(tmp_path / "recipes", GOOD)).output_dir == Path("runs/test")   # no output: runs/NAME here
+    # The built-in demo writes runs/minilm-int8 in the working directory, not inside the package.
+    demo = load_recipe(builtin_recipe_path("demo"), output_relative_to_recipe=False)
+    assert demo.output_dir == Path("runs/minilm-int8")
+
+
+def test_recipe_keeps_the_model_as_written(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    recipe = load_recipe(write(tmp_path, GOOD.replace("all-MiniLM-L6-v2", "./m")), check_paths=False)
+    assert recipe.model == str(tmp_path / "m") and recipe.model_as_written == "./m"
+    assert "model_as_written" not in recipe.to_dict()
+    msg = error_of(tmp_path, GOOD + "model_as_written: x\n")       # not a recipe key
+    assert "unknown key 'model_as_written'" in msg
+
+
+def test_optimize_without_a_recipe_writes_the_demo_in_the_working_directory(tmp_path, monkeypatch):
+    from inferforge import pipeline
+
+    seen = []
+
+    def capture(recipe, progress=None):
+        seen.append(recipe)
+        raise KeyboardInterrupt   # stop before any work
+
+    monkeypatch.setattr(pipeline, "run_recipe", capture)
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "-q"]) == 130
+    assert seen[0].output_dir == Path("runs/minilm-int8")                  # not inside the installed package
+    (tmp_path / "sub").mkdir()
+    recipe = write(tmp_path / "sub", GOOD + "output: out\n")
+    assert main(["optimize", str(recipe), "-q"]) == 130
+    assert seen[1].output_dir == tmp_path / "sub" / "out"
