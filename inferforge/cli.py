@@ -163,17 +163,29 @@ def _quantize_onnx_artifact(args) -> int:
 
 
 def _quantize_llm(args) -> int:
-    from inferforge.optimize.llm_quantize import quantize_checkpoint
+    from inferforge.optimize.llm_quantize import DEFAULT_GATE, quantize_checkpoint
     from inferforge.optimize.lm_eval import LMGate
 
-    gate = None
-    if args.max_ppl_increase is not None or args.min_top1_agreement is not None:
-        gate = LMGate(max_ppl_increase=args.max_ppl_increase, min_top1_agreement=args.min_top1_agreement)
+    limits = args.max_ppl_increase is not None or args.min_top1_agreement is not None
+    gate = DEFAULT_GATE
+    if args.no_gate:
+        if limits or args.auto_skip:
+            raise UserInputError("--no-gate turns the gate off; drop --max-ppl-increase, --min-top1-agreement and "
+                                 "--auto-skip, or drop --no-gate")
+        gate = None
+    elif limits:   # a limit given on the command line replaces that default; the other default stays
+        default = LMGate.default(args.config)
+        gate = LMGate(max_ppl_increase=default.max_ppl_increase if args.max_ppl_increase is None else args.max_ppl_increase,
+                      min_top1_agreement=(default.min_top1_agreement if args.min_top1_agreement is None
+                                          else args.min_top1_agreement))
+    for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len)):
+        if value < (2 if flag == "--seq-len" else 1):
+            raise UserInputError(f"{flag} must be >= {2 if flag == '--seq-len' else 1}, got {value}")
     out = args.output or f"runs/{Path(args.model).name}-{args.config}"
     manifest = quantize_checkpoint(args.model, out, fmt=args.config, calibration_file=args.calibration,
                                    num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
                                    auto_skip=args.auto_skip, skip=tuple(args.skip), group_size=args.group_size,
-                                   progress=_progress(args))
+                                   max_float_share=args.max_float_share, progress=_progress(args))
     return _print_quantized(args, manifest, Path(out).resolve())
 
 
@@ -189,7 +201,21 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
             print(f"held-out: perplexity {metrics['ppl_original']:.3f} -> {metrics['ppl_quantized']:.3f} "
                   f"({metrics['ppl_increase']:+.2%}), top-1 agreement {metrics['top1_agreement']:.2%}, "
                   f"KL {metrics['kl']:.4f}")
+        gate = manifest.get("gate") or {}
+        print(f"gate: PASS ({gate['note']})" if gate.get("enabled") else f"gate: OFF, {gate.get('note', 'not checked')}")
     return EXIT_OK
+
+
+def _share(text: str) -> float:
+    """A share on the command line, as recipes take it: 0.02 or 2%."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share such as 0.05 or 5%, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 (0% and 100%), got {text!r}")
+    return value
 
 
 def _parse_target(text: str) -> tuple[int, float]:
@@ -400,7 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "  inferforge quantize runs/my-bert-onnx --onnx --method static-qdq --calibrate-method "
                               "entropy --output runs/my-bert-qdq\n"
                               "  inferforge quantize ./Llama-3.2-1B --config int4-gptq --calibration text.txt "
-                              "--max-ppl-increase 0.05 --auto-skip\n"
+                              "--max-ppl-increase 5% --auto-skip\n"
+                              "  inferforge quantize ./Llama-3.2-1B --config int8-weight-only --no-gate\n"
+                              "--config gate (default on): held-out perplexity increase <= 5% (int8-weight-only, "
+                              "w8a8, fp8) or 15% (int4-*), top-1 agreement >= 90%; held out: the last third of the "
+                              "--calibration sequences\n"
                               "  inferforge quantize --explain ./Llama-3.2-1B --config int4-g128 --batch 1")
     _model_args(p, model_help="; with --onnx, an export artifact directory")
     p.add_argument("--onnx", action="store_true",
@@ -418,10 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="with --config: .txt or .jsonl calibration text (needed by int4-gptq, w8a8, "
                                          "gates); with --onnx: calibration sentences, .txt one per line or .jsonl "
                                          "\"text\" fields (default: the first --calibration-size of --sentences)")
-    p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (half as many are held out)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-ppl-increase", type=float, help="gate: e.g. 0.02 for +2%% perplexity on held-out text")
-    p.add_argument("--min-top1-agreement", type=float, help="gate: e.g. 0.95")
+    p.add_argument("--num-samples", type=int, default=16,
+                   help="with --config: calibration sequences read from --calibration; half as many more are held "
+                        "out for the gate (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="with --config: tokens per sequence (default 128)")
+    p.add_argument("--max-ppl-increase", type=_share, metavar="SHARE",
+                   help="gate: largest held-out perplexity increase, 0.05 or 5%% (default 5%% for int8-weight-only, "
+                        "w8a8 and fp8, 15%% for int4-*)")
+    p.add_argument("--min-top1-agreement", type=_share, metavar="SHARE",
+                   help="gate: smallest share of held-out positions where the quantized model's next-token argmax "
+                        "is the original's, 0.9 or 90%% (default 90%%)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="with --config: write the artifact without comparing it with the original (the manifest "
+                        "and report say the gate was off); without it the default gate applies")
+    p.add_argument("--max-float-share", type=_share, default=0.5, metavar="SHARE",
+                   help="with --config: fail when more than this share of the linear layers stays in float "
+                        "(--skip and --auto-skip together), 0.5 or 50%% (default 50%%)")
     p.add_argument("--auto-skip", action="store_true", help="keep the most sensitive layers in float until the gate passes")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="layers kept in float, e.g. lm_head")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
