@@ -186,7 +186,7 @@ class LLMQuantizeConfig:
     skip: tuple[str, ...] = ()
     auto_skip: bool = False
     group_size: int = 128
-    gate: LMGateConfig | str | None = "default"
+    gate: None | LMGateConfig | str = "default"   # None first: `gate: null` is refused, not read as {}
     max_float_share: Fraction = 0.5
 
     def __post_init__(self):
@@ -197,8 +197,8 @@ class LLMQuantizeConfig:
         _require(self.seq_len >= 2, "seq_len must be >= 2 (the metrics predict each next token)")
         _require(self.group_size >= 1, "group_size must be >= 1")
         _require(0 <= self.max_float_share <= 1, "max_float_share must be between 0 and 1 (0.5 or '50%')")
-        _require(self.gate is not None, "gate: null is ambiguous; leave gate out for the default gate, or write "
-                                        "gate: none to turn it off")
+        _require(self.gate is not None, "gate must not be null (ambiguous): leave gate out for the default gate, or "
+                                        "write gate: none to turn it off")
         _require(not isinstance(self.gate, str) or self.gate in ("default", "none"),
                  f"gate must be a mapping of limits, 'default' or 'none' (off), got {self.gate!r}")
         if self.gate == "default":

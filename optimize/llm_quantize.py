@@ -142,14 +142,15 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
         raise UserInputError(f"{names['auto_skip']} keeps layers in float until the gate passes; it cannot run with "
                              f"{names['no_gate']}")
     needs_data = fmt in CALIBRATED_FORMATS
+    if calibration_file is None and needs_data:
+        raise UserInputError(f"--config {fmt} needs {names['calibration']} (.txt or .jsonl): it calibrates on that "
+                             "text, and the gate compares with the original on the part held out")
     if calibration_file is None and gate is not None:
         raise UserInputError(
             f"--config {fmt} checks a gate ({gate.describe()}) on held-out text: pass {names['calibration']} (.txt, "
             f"one text per line, or .jsonl; {num_samples + max(1, num_samples // 2)} sequences of {seq_len} tokens "
             f"are read, the last third held out), or {names['no_gate']} to write the artifact unchecked "
             "(its manifest then says the gate was off)")
-    if calibration_file is None and needs_data:
-        raise UserInputError(f"--config {fmt} calibrates on text: pass {names['calibration']} (.txt or .jsonl)")
     check_output_dir(out)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -180,7 +181,7 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
         hint = "" if auto_skip else f"; {names['auto_skip']} keeps the most sensitive layers in float"
         raise GateFailed(f"quantization gate missed: {'; '.join(report.gate_failures)} (limits: {gate.describe()}); "
                          f"no artifact was written{hint}, or try a milder format: {MILDER[fmt]}")
-    if len(float_layers) > allowed:
+    if len(float_layers) > allowed or not report.layers:
         raise _float_share_failure(fmt, float_layers, len(linears), max_float_share, names)
     if original is not None:
         report.metrics = compare_lms(original, model, held_out)
