@@ -142,7 +142,7 @@ def test_missed_gate_exits_1_and_leaves_no_artifact(root, tmp_path, capsys):
      "      gate: {max_ppl_increase: null, min_top1_agreement: null}\n",
      ["gate needs at least one of max_ppl_increase, min_top1_agreement, max_kl", "write gate: none"]),
     ("      gate:\n        max_ppl_increase: 5%\n        min_top1_agreement: 0.5\n", "      gate: null\n",
-     ["line 10", "gate must not be null", "gate: none to turn it off"]),
+     ["line 11", "gate must not be null", "gate: none to turn it off"]),
     ("      gate:\n        max_ppl_increase: 5%\n        min_top1_agreement: 0.5\n", "      gate: disabled\n",
      ["gate must be a mapping of limits, 'default' or 'none'"]),
     ("calibration: cal.txt", "calibration: cal.txt\n      max_float_share: 150%",
