@@ -247,8 +247,8 @@ def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, 
             if (model_dir / file_name).is_file():
                 shutil.copyfile(model_dir / file_name, staging / file_name)
         # The reports carry no absolute paths: the source as it was given, the artifact by name.
-        report_json = {**body, "artifact": out.name, "source": {k: body["source"][k] for k in ("model", "weights_sha256")},
-                       "sqnr_db": report.layers}
+        report_json = {**body, "artifact": out.name, "sqnr_db": report.layers,
+                       "source": {"model": model_dir.name, "weights_sha256": body["source"]["weights_sha256"]}}
         atomic_write_json(staging / "report.json", report_json)
         atomic_write_text(staging / "report.md", render_causal_lm_markdown(report_json))
         return write_manifest(staging, {**body, **({"recipe": recipe} if recipe is not None else {})})
