@@ -627,6 +627,11 @@ def _check_causal_lm(recipe: Recipe) -> None:
         raise _Invalid(("model",), f"'{recipe.model}' holds {found}, not a causal LM (config.json architectures "
                                    "has no *ForCausalLM); for an encoder drop 'config' from the quantize step and "
                                    "start the steps with export")
+    from inferforge.llama import SUPPORTED
+
+    if config.get("model_type") not in SUPPORTED:
+        raise _Invalid(("model",), f"'{recipe.model}' is a {config.get('model_type')!r} causal LM; quantized artifacts "
+                                   f"run on the engine, which runs {', '.join(SUPPORTED)} checkpoints")
     (step,) = recipe.steps
     if step.calibration is not None and not Path(step.calibration).is_file():
         raise _Invalid(("steps", 0, "quantize", "calibration"),

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from inferforge.errors import UserInputError
 
-
 # The gate `inferforge quantize LLAMA_DIR --config FORMAT` (and the recipe form) applies unless it is
 # turned off explicitly. Real quantization of real models lands well inside these limits: int8
 # weight-only adds well under 1% perplexity, W8A8 (SmoothQuant) and FP8 about 1-3% on 1-8B models;

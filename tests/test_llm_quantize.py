@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import inferforge
 from inferforge.cli import main
 from inferforge.optimize.llm_quantize import load_as_transformers
 from inferforge.optimize.quantize import Int8WeightOnlyLinear
@@ -185,6 +184,14 @@ def test_an_encoder_with_a_language_model_format_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds BertModel, not a causal LM" in err and "`inferforge quantize MODEL`" in err and "--onnx" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_a_causal_lm_the_engine_cannot_run_is_refused(tmp_path, capsys):
+    neox = tmp_path / "neox"
+    neox.mkdir()
+    (neox / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    assert main(["quantize", str(neox), "--config", "int8-weight-only", "--no-gate", "--output", str(tmp_path / "o")]) == 2
+    assert "model_type 'gpt_neox' is not supported" in capsys.readouterr().err
 
 
 def test_help_describes_every_llm_flag():

@@ -47,6 +47,9 @@ def root(tmp_path_factory):
     save_word_text(root / "cal.txt")
     (root / "bert").mkdir()
     (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (root / "neox").mkdir()
+    (root / "neox" / "config.json").write_text(json.dumps({"model_type": "gpt_neox",
+                                                           "architectures": ["GPTNeoXForCausalLM"]}))
     return root
 
 
@@ -152,6 +155,7 @@ def test_missed_gate_exits_1_and_leaves_no_artifact(root, tmp_path, capsys):
     ("skip: [lm_head]", "auto_skip: true\n      skip: lm_head", ["steps[0].quantize.skip", "expected a list"]),
     ("model: tiny", "model: bert", ["line 1", "holds BertModel, not a causal LM", "drop 'config'"]),
     ("model: tiny", "model: all-MiniLM-L6-v2", ["is not a checkpoint directory"]),
+    ("model: tiny", "model: neox", ["line 1", "is a 'gpt_neox' causal LM", "llama, mistral, qwen2"]),
     ("steps:\n", "gates: {min_cosine: 0.99}\nsteps:\n",
      ["line 3", "'gates' belongs to the ONNX encoder path", "gate: {max_ppl_increase: 2%"]),
     ("steps:\n", "steps:\n  - export\n", ["has the one step 'quantize'"]),
