@@ -149,3 +149,24 @@ def test_reports_and_inspect(artifacts, capsys):
     assert "engine inferforge.engine.LLMEngine" in printed
     off = json.loads((artifacts["fp8"] / "report.json").read_text())
     assert off["gate"]["enabled"] is False and "**Off**" in (artifacts["fp8"] / "report.md").read_text()
+
+
+def test_bench_formulas_on_a_recorded_timeline(monkeypatch):
+    """TTFT, TPOT (first token excluded), E2E and tokens/s from known token times, no real clock involved."""
+    from inferforge.bench import llm_bench
+
+    # Submitted at t=10 s; request 0 gets tokens at 11, 12, 13; request 1 at 11, 14, 17.
+    events = [(0, 11.0), (1, 11.0), (0, 12.0), (1, 14.0), (0, 13.0), (1, 17.0)]
+    clock = iter([10.0] + [t for _, t in events])
+    monkeypatch.setattr(llm_bench.time, "perf_counter", lambda: next(clock))
+
+    class Engine:
+        def stream(self, prompts, *, max_new_tokens, stop_token_ids):
+            assert max_new_tokens == 3 and stop_token_ids == []
+            yield from ((index, 7) for index, _ in events)
+
+    ttft, tpot, e2e, tokens_per_s = llm_bench._run_once(Engine(), [[1, 2], [1, 3]], 3)
+    assert ttft == [1000.0, 1000.0]
+    assert tpot == [1000.0, 3000.0]          # (13 - 11) / 2 and (17 - 11) / 2 seconds, in ms
+    assert e2e == [3000.0, 7000.0]
+    assert tokens_per_s == pytest.approx(2 * 3 / 7)
