@@ -37,8 +37,10 @@ MILDER = {"int4-g128": "int4-awq or int4-gptq (calibrated), or int8-weight-only"
           "int8-weight-only": "none is milder: keep this model in float, or check the held-out text"}
 # How messages name the options: the command line's flags, or a recipe's keys.
 CLI_NAMES = {"auto_skip": "--auto-skip", "no_gate": "--no-gate", "calibration": "--calibration FILE",
+             "num_samples": "--num-samples", "seq_len": "--seq-len",
              "max_float_share": "--max-float-share", "gate": "--max-ppl-increase / --min-top1-agreement"}
 RECIPE_NAMES = {"auto_skip": "auto_skip: true", "no_gate": "gate: none", "calibration": "calibration: FILE",
+                "num_samples": "num_samples", "seq_len": "seq_len",
                 "max_float_share": "max_float_share", "gate": "gate: {max_ppl_increase: ..., min_top1_agreement: ...}"}
 DEFAULT_GATE = "default"
 
@@ -163,8 +165,11 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     data_record = None
     if calibration_file is not None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        batches = load_token_batches(calibration_file, tokenizer, num_samples=num_samples + max(1, num_samples // 2),
-                                     seq_len=seq_len, progress=progress)
+        held = max(1, num_samples // 2)
+        hint = (f"{num_samples + held} were asked for ({num_samples} to calibrate, {held} held out for the gate): give "
+                f"more text or lower {names['num_samples']} / {names['seq_len']}")
+        batches = load_token_batches(calibration_file, tokenizer, num_samples=num_samples + held, seq_len=seq_len,
+                                     progress=progress, too_short_hint=hint)
         calibration, held_out = batches[:num_samples], batches[num_samples:]
         data_record = {"file": Path(calibration_file).name, "seq_len": seq_len,
                        "calibration_sequences": len(calibration), "held_out_sequences": len(held_out),

@@ -78,11 +78,16 @@ def test_gate_and_auto_skip(checkpoint, tmp_path, capsys):
 
 
 def test_quantize_config_errors(checkpoint, tmp_path, capsys):
-    path, _ = checkpoint
+    path, cal = checkpoint
     assert main(["quantize", str(path), "--config", "w8a8", "--output", str(tmp_path / "x")]) == 2
     assert "needs --calibration FILE" in capsys.readouterr().err
     assert main(["quantize", str(path), "--config", "int4-g128", "--no-gate", "--output", str(tmp_path / "y"), "-q"]) == 2
     assert "in_features (64) is not a multiple of group_size (128)" in capsys.readouterr().err
+    assert main(["quantize", str(path), "--config", "int8-weight-only", "--calibration", str(cal), "--num-samples",
+                 "40", "--seq-len", "64", "--output", str(tmp_path / "z"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "60 were asked for (40 to calibrate, 20 held out for the gate): give more text or lower --num-samples / " \
+           "--seq-len" in err
 
 
 def _quantize(path, cal, out, *extra):
