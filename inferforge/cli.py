@@ -178,9 +178,9 @@ def _quantize_llm(args) -> int:
         gate = LMGate(max_ppl_increase=default.max_ppl_increase if args.max_ppl_increase is None else args.max_ppl_increase,
                       min_top1_agreement=(default.min_top1_agreement if args.min_top1_agreement is None
                                           else args.min_top1_agreement))
-    for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len)):
-        if value < (2 if flag == "--seq-len" else 1):
-            raise UserInputError(f"{flag} must be >= {2 if flag == '--seq-len' else 1}, got {value}")
+    if args.num_samples < 1 or args.seq_len < 2:
+        raise UserInputError(f"--num-samples must be >= 1 and --seq-len >= 2 (each token predicts the next), got "
+                             f"{args.num_samples} and {args.seq_len}")
     out = args.output or f"runs/{Path(args.model).name}-{args.config}"
     manifest = quantize_checkpoint(args.model, out, fmt=args.config, calibration_file=args.calibration,
                                    num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
