@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from inferforge.errors import UserInputError
 
@@ -57,7 +58,7 @@ def _run_once(engine, prompts, output_len: int) -> tuple[list[float], list[float
 
 def bench_llm(artifact: str | Path, *, batch_sizes=(1, 8), prompt_len: int = 128, output_len: int = 64,
               warmup: int = 1, iterations: int = 10, targets=(), metric: str = "tpot", percentile: str = "p95",
-              progress=None, **engine_kwargs) -> dict:
+              threads: int | None = None, progress=None, **engine_kwargs) -> dict:
     """Measure a causal-LM artifact with the engine; see the module docstring for the definitions.
 
     `targets` are (batch_size, max_ms) checked on `metric` (ttft, tpot or e2e) at `percentile`.
@@ -77,6 +78,8 @@ def bench_llm(artifact: str | Path, *, batch_sizes=(1, 8), prompt_len: int = 128
     if missing:
         raise UserInputError(f"--target names batch size {missing[0]}, which --batch-sizes does not include")
     progress = progress or Progress(quiet=True)
+    if threads:
+        torch.set_num_threads(threads)
     largest = max(batch_sizes)
     engine = inferforge.load(artifact, max_num_seqs=largest, max_context=prompt_len + output_len,
                              max_step_tokens=largest * prompt_len, **engine_kwargs)
@@ -115,7 +118,8 @@ def bench_llm(artifact: str | Path, *, batch_sizes=(1, 8), prompt_len: int = 128
         "model": {"kind": manifest["kind"], "format": manifest.get("runtime", {}).get("format", "float"),
                   "dtype": str(engine.model.dtype).removeprefix("torch."), "device": str(engine.model.device)},
         "llm_benchmark": {"prompt_len": prompt_len, "output_len": output_len, "warmup": warmup,
-                          "iterations": iterations, "target_metric": metric, "target_percentile": percentile,
+                          "iterations": iterations, "threads": torch.get_num_threads(), "target_metric": metric,
+                          "target_percentile": percentile,
                           "results": results, "definitions": DEFINITIONS},
         "checks": checks, "passed": all(c["passed"] for c in checks), "environment": environment(),
     }

@@ -238,7 +238,7 @@ def cmd_bench(args) -> int:
         report = bench_llm(args.artifact, batch_sizes=args.batch_sizes, prompt_len=args.seq_len,
                            output_len=args.output_len, warmup=args.warmup, iterations=args.iterations,
                            targets=args.target, metric=args.metric, percentile=args.percentile,
-                           progress=_progress(args))
+                           threads=args.threads, progress=_progress(args))
         if args.json:
             print(json.dumps(report, indent=2))
         else:
