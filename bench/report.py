@@ -70,3 +70,76 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     lines += ["## Definitions", "", FORMULAS, ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal LMs: quantized artifacts (`quantize --config`) and the engine benchmark (`bench` on them).
+
+LM_FORMULAS = (
+    "On the held-out token sequences (never used for calibration), with logits of the original and the "
+    "quantized model at every position: perplexity = exp(mean next-token cross-entropy); perplexity "
+    "increase = ppl(quantized) / ppl(original) - 1; top-1 agreement = share of positions where both "
+    "models' argmax agree; KL = mean KL(original || quantized) of the next-token distributions. Layers "
+    "kept in float = layers skipped by pattern + layers restored by auto-skip; a run fails when they "
+    "exceed max_float_share of the model's linear layers. Weight SQNR = 10 log10(|W|^2 / |W - W_q|^2)."
+)
+
+
+def _limit(c: dict) -> str:
+    return f"{c['op']} {c['limit']:.4g}"
+
+
+def render_causal_lm_markdown(report: dict) -> str:
+    """report.md of a quantized causal-LM artifact: what was quantized, what stayed in float, the
+    held-out metrics against the gate (or that the gate was off), the data hashes, the environment."""
+    q, gate = report["quantization"], report["gate"]
+    lines = [f"# inferforge report: {report['name']}", "",
+             f"- Created: {report['created']}",
+             f"- Source model: `{report['source']['model']}` (weights sha256 `{report['source']['weights_sha256'][:16]}...`)",
+             f"- Artifact: `{report['artifact']}` (kind {report['kind']}, format **{q['format']}**; "
+             "`inferforge.load` returns an `LLMEngine` running the quantized layers on inferforge's kernels)",
+             f"- Result: **{_ok(report['passed'])}**", ""]
+    lines += ["## Gate", ""]
+    if gate["enabled"]:
+        limits = ", ".join(f"{k} {v:.4g}" for k, v in gate["limits"].items() if v is not None)
+        lines.append(f"On: {gate['note']} ({limits}).")
+    else:
+        lines.append(f"**Off**: {gate['note']}.")
+    defaults = gate["default_limits"]
+    lines += [f"Default for {q['format']}: perplexity increase <= {defaults['max_ppl_increase']:.0%}, top-1 agreement "
+              f">= {defaults['min_top1_agreement']:.0%}.", "",
+              "| check | measured | limit | result |", "|---|---|---|---|"]
+    for c in report["checks"]:
+        lines.append(f"| {c['name']} | {c['measured']:.4g} | {_limit(c)} | {_ok(c['passed'])} |")
+    lines.append("")
+    val = report.get("validation")
+    lines += ["## Held-out comparison with the original", ""]
+    if val:
+        lines += [f"{val['tokens']} predicted tokens: perplexity {val['ppl_original']:.4f} -> {val['ppl_quantized']:.4f} "
+                  f"(**{val['ppl_increase']:+.2%}**), top-1 agreement **{val['top1_agreement']:.2%}**, "
+                  f"KL {val['kl']:.5f} per token.", ""]
+    else:
+        lines += ["Not measured (no held-out text).", ""]
+    lines += ["## Layers", "",
+              f"{q['layers_quantized']} of {q['layers_total']} linear layers quantized; "
+              f"{len(q['skipped']) + len(q['auto_skipped'])} kept in float ({q['float_share']:.0%}, at most "
+              f"{q['max_float_share']:.0%} allowed).", ""]
+    lines.append(f"- Skipped by pattern: {', '.join(q['skipped']) or 'none'}")
+    lines.append(f"- Kept in float by auto-skip (lowest SQNR first): {', '.join(q['auto_skipped']) or 'none'}")
+    if q["worst_layers"]:
+        lines.append("- Lowest weight SQNR: " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f} dB" for w in q["worst_layers"]))
+    lines.append("")
+    data = q.get("data")
+    lines += ["## Data", ""]
+    if data:
+        lines += [f"- File: `{data['file']}`, sequences of {data['seq_len']} tokens: {data['calibration_sequences']} "
+                  f"for calibration, {data['held_out_sequences']} held out",
+                  f"- Calibration tokens sha256: `{data['calibration_sha256']}`",
+                  f"- Held-out tokens sha256: `{data['held_out_sha256']}`", ""]
+    else:
+        lines += ["No calibration or held-out text was given.", ""]
+    env = report.get("environment", {})
+    if env:
+        lines += ["## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
+    lines += ["## Definitions", "", LM_FORMULAS, ""]
+    return "\n".join(lines)

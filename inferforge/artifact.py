@@ -18,7 +18,8 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     matching private key (`inferforge sign`) over exactly these files; otherwise `ArtifactError`.
     For a sentence encoder it returns a callable with the source model's signature:
     `model(sentences: list[str]) -> np.ndarray [n, hidden] float32` (L2-normalized, mean-pooled).
-    For a Llama-family model (kind `causal-lm`) it returns an `inferforge.engine.LLMEngine`
+    For a Llama-family model (kind `causal-lm`, or `quantized-causal-lm` from `quantize --config`,
+    whose quantized layers run on inferforge's kernels) it returns an `inferforge.engine.LLMEngine`
     (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
     """
     path = Path(path)
@@ -33,11 +34,7 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         raise ArtifactError(f"{path}: this artifact failed its accuracy gate ({', '.join(failed) or 'unknown'}); "
                             "pass allow_failed=True to load it anyway")
     kind = manifest.get("kind")
-    if kind == "quantized-causal-lm":
-        from inferforge.optimize.llm_quantize import load_quantized_artifact
-
-        return load_quantized_artifact(path, manifest)
-    if kind == "causal-lm":
+    if kind in ("causal-lm", "quantized-causal-lm"):
         from inferforge.engine import LLMEngine
 
         engine = LLMEngine.from_pretrained(path, **engine_kwargs)

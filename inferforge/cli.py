@@ -185,17 +185,29 @@ def _quantize_onnx_artifact(args) -> int:
 
 
 def _quantize_llm(args) -> int:
-    from inferforge.optimize.llm_quantize import quantize_checkpoint
+    from inferforge.optimize.llm_quantize import DEFAULT_GATE, quantize_checkpoint
     from inferforge.optimize.lm_eval import LMGate
 
-    gate = None
-    if args.max_ppl_increase is not None or args.min_top1_agreement is not None:
-        gate = LMGate(max_ppl_increase=args.max_ppl_increase, min_top1_agreement=args.min_top1_agreement)
+    limits = args.max_ppl_increase is not None or args.min_top1_agreement is not None
+    gate = DEFAULT_GATE
+    if args.no_gate:
+        if limits or args.auto_skip:
+            raise UserInputError("--no-gate turns the gate off; drop --max-ppl-increase, --min-top1-agreement and "
+                                 "--auto-skip, or drop --no-gate")
+        gate = None
+    elif limits:   # a limit given on the command line replaces that default; the other default stays
+        default = LMGate.default(args.config)
+        gate = LMGate(max_ppl_increase=default.max_ppl_increase if args.max_ppl_increase is None else args.max_ppl_increase,
+                      min_top1_agreement=(default.min_top1_agreement if args.min_top1_agreement is None
+                                          else args.min_top1_agreement))
+    if args.num_samples < 1 or args.seq_len < 2:
+        raise UserInputError(f"--num-samples must be >= 1 and --seq-len >= 2 (each token predicts the next), got "
+                             f"{args.num_samples} and {args.seq_len}")
     out = args.output or f"runs/{Path(args.model).name}-{args.config}"
     manifest = quantize_checkpoint(args.model, out, fmt=args.config, calibration_file=args.calibration,
                                    num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
                                    auto_skip=args.auto_skip, skip=tuple(args.skip), group_size=args.group_size,
-                                   progress=_progress(args))
+                                   max_float_share=args.max_float_share, progress=_progress(args))
     return _print_quantized(args, manifest, Path(out).resolve())
 
 
@@ -211,7 +223,21 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
             print(f"held-out: perplexity {metrics['ppl_original']:.3f} -> {metrics['ppl_quantized']:.3f} "
                   f"({metrics['ppl_increase']:+.2%}), top-1 agreement {metrics['top1_agreement']:.2%}, "
                   f"KL {metrics['kl']:.4f}")
+        gate = manifest.get("gate") or {}
+        print(f"gate: PASS ({gate['note']})" if gate.get("enabled") else f"gate: OFF, {gate.get('note', 'not checked')}")
     return EXIT_OK
+
+
+def _share(text: str) -> float:
+    """A share on the command line, as recipes take it: 0.02 or 2%."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share such as 0.05 or 5%, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 (0% and 100%), got {text!r}")
+    return value
 
 
 def _parse_target(text: str) -> tuple[int, float]:
@@ -224,7 +250,26 @@ def _parse_target(text: str) -> tuple[int, float]:
 
 def cmd_bench(args) -> int:
     from inferforge.bench.artifact_bench import bench_artifact
+    from inferforge.bench.llm_bench import LLM_KINDS, bench_llm, render_llm_bench
+    from inferforge.manifest import read_manifest
 
+    if read_manifest(args.artifact).get("kind") in LLM_KINDS:
+        if args.compare_source:
+            raise UserInputError("--compare-source times an encoder's PyTorch source; it is not available for a "
+                                 "causal-LM artifact: bench the source checkpoint's own artifact instead")
+        report = bench_llm(args.artifact, batch_sizes=args.batch_sizes, prompt_len=args.seq_len,
+                           output_len=args.output_len, warmup=args.warmup, iterations=args.iterations,
+                           targets=args.target, metric=args.metric, percentile=args.percentile,
+                           threads=args.threads, progress=_progress(args))
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            render_llm_bench(report)
+            _print_summary(report)
+        if not report["passed"]:
+            print(f"FAILED: {'; '.join(c['name'] for c in report['checks'] if not c['passed'])}", file=sys.stderr)
+            return EXIT_GATE
+        return EXIT_OK
     report = bench_artifact(args.artifact, batch_sizes=args.batch_sizes, seq_len=args.seq_len,
                             warmup=args.warmup, iterations=args.iterations, threads=args.threads,
                             compare_source=args.compare_source, targets=args.target,
@@ -333,9 +378,47 @@ def cmd_plan(args) -> int:
     return EXIT_OK
 
 
-def cmd_generate(args) -> int:
+def _check_generate_flags(args) -> None:
+    """The sampling and context flags, checked here so a message names the flag that was typed."""
+    for flag, value, ok, want in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
+                                  ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
+                                  ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
+                                  ("--max-context", args.max_context, args.max_context is None or args.max_context >= 1,
+                                   ">= 1"),
+                                  ("--sliding-window", args.sliding_window,
+                                   args.sliding_window is None or args.sliding_window >= 1, ">= 1"),
+                                  ("--sink-tokens", args.sink_tokens, args.sink_tokens >= 0, ">= 0")):
+        if not ok:
+            raise UserInputError(f"{flag} must be {want}, got {value}")
+    if args.truncate_left and args.sliding_window is not None:
+        raise UserInputError("choose one context policy: --truncate-left or --sliding-window")
+
+
+def _generation_engine(args):
+    """The engine for `generate`: an artifact through `inferforge.load` (hashes verified), or a checkpoint."""
     from inferforge.engine import LLMEngine
 
+    kwargs = {"kv_cache_dtype": args.kv_cache_dtype, "max_num_seqs": 1, "max_context": args.max_context}
+    path = Path(args.model)
+    if (path / "manifest.json").is_file():
+        import inferforge
+        from inferforge.bench.llm_bench import LLM_KINDS
+        from inferforge.manifest import read_manifest
+
+        kind = read_manifest(path).get("kind")
+        if kind not in LLM_KINDS:
+            raise UserInputError(f"{path} is a {kind} artifact; generate runs causal-LM artifacts (from "
+                                 "`inferforge quantize LLAMA_DIR --config FORMAT`) and Llama-family checkpoints")
+        return inferforge.load(path, **kwargs)
+    return LLMEngine.from_pretrained(path, **kwargs)
+
+
+def cmd_generate(args) -> int:
+    from inferforge.engine import ContextWindowExceeded
+
+    _check_generate_flags(args)
+    engine = _generation_engine(args)
     try:
         from transformers import AutoTokenizer
 
@@ -343,19 +426,20 @@ def cmd_generate(args) -> int:
     except (OSError, ValueError) as e:
         raise UserInputError(f"{args.model}: cannot load a tokenizer from the model directory ({e})") from None
     prompt = tokenizer(args.prompt)["input_ids"]
-    engine = LLMEngine.from_pretrained(args.model, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1,
-                                       max_context=args.max_context)
     tokens, printed = [], ""
     stream = engine.stream([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            truncate="left" if args.truncate_left else None, sliding_window=args.sliding_window,
                            sink_tokens=args.sink_tokens)
-    for _, token in stream:
-        tokens.append(token)
-        if not args.json:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            print(text[len(printed):], end="", flush=True)
-            printed = text
+    try:
+        for _, token in stream:
+            tokens.append(token)
+            if not args.json:
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+    except ContextWindowExceeded as e:
+        raise UserInputError(e.cli_message) from None
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"prompt_tokens": len(prompt), "tokens": tokens, "text": text}))
@@ -451,7 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "  inferforge quantize runs/my-bert-onnx --onnx --method static-qdq --calibrate-method "
                               "entropy --output runs/my-bert-qdq\n"
                               "  inferforge quantize ./Llama-3.2-1B --config int4-gptq --calibration text.txt "
-                              "--max-ppl-increase 0.05 --auto-skip\n"
+                              "--max-ppl-increase 5% --auto-skip\n"
+                              "  inferforge quantize ./Llama-3.2-1B --config int8-weight-only --no-gate\n"
+                              "--config gate (default on): held-out perplexity increase <= 5% (int8-weight-only, "
+                              "w8a8, fp8) or 15% (int4-*), top-1 agreement >= 90%; held out: the last third of the "
+                              "--calibration sequences\n"
                               "  inferforge quantize --explain ./Llama-3.2-1B --config int4-g128 --batch 1")
     _model_args(p, model_help="; with --onnx, an export artifact directory")
     p.add_argument("--onnx", action="store_true",
@@ -469,10 +557,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="with --config: .txt or .jsonl calibration text (needed by int4-gptq, w8a8, "
                                          "gates); with --onnx: calibration sentences, .txt one per line or .jsonl "
                                          "\"text\" fields (default: the first --calibration-size of --sentences)")
-    p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (half as many are held out)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-ppl-increase", type=float, help="gate: e.g. 0.02 for +2%% perplexity on held-out text")
-    p.add_argument("--min-top1-agreement", type=float, help="gate: e.g. 0.95")
+    p.add_argument("--num-samples", type=int, default=16,
+                   help="with --config: calibration sequences read from --calibration; half as many more are held "
+                        "out for the gate (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="with --config: tokens per sequence (default 128)")
+    p.add_argument("--max-ppl-increase", type=_share, metavar="SHARE",
+                   help="gate: largest held-out perplexity increase, 0.05 or 5%% (default 5%% for int8-weight-only, "
+                        "w8a8 and fp8, 15%% for int4-*)")
+    p.add_argument("--min-top1-agreement", type=_share, metavar="SHARE",
+                   help="gate: smallest share of held-out positions where the quantized model's next-token argmax "
+                        "is the original's, 0.9 or 90%% (default 90%%)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="with --config: write the artifact without comparing it with the original (the manifest "
+                        "and report say the gate was off); without it the default gate applies")
+    p.add_argument("--max-float-share", type=_share, default=0.5, metavar="SHARE",
+                   help="with --config: fail when more than this share of the linear layers stays in float "
+                        "(--skip and --auto-skip together), 0.5 or 50%% (default 50%%)")
     p.add_argument("--auto-skip", action="store_true", help="keep the most sensitive layers in float until the gate passes")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="layers kept in float, e.g. lm_head")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
@@ -486,12 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure an artifact's latency (p50/p90/p95/p99) at fixed batch sizes and sequence "
                                    "length; exit 1 if a --target is missed.",
                        epilog="example:\n  inferforge bench runs/minilm-int8 --batch-sizes 1 8 --target 8:40 --compare-source")
-    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("artifact", help="artifact directory (a sentence encoder, or a causal LM: generation latency)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N",
-                   help="batch sizes to time, each separately (default 1 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per input (default 128)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per batch size first (default 5)")
-    p.add_argument("--iterations", type=int, default=30, help="timed runs per batch size and provider (default 30)")
+                   help="batch sizes to measure (default 1 8); causal LM: requests submitted together")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per sequence (default 128); causal LM: prompt tokens")
+    p.add_argument("--output-len", type=int, default=32,
+                   help="causal LM: tokens generated per request (default 32)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
+    p.add_argument("--iterations", type=int, default=30, help="timed iterations per batch size (default 30)")
+    p.add_argument("--metric", choices=["ttft", "tpot", "e2e"], default="tpot",
+                   help="causal LM: what --target limits, time to first token, time per output token after the "
+                        "first, or end-to-end request latency (default tpot)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
     p.add_argument("--target", type=_parse_target, action="append", default=[], metavar="BATCH:MS",
                    help="latency target, e.g. 8:40 (batch 8 within 40 ms at --percentile); repeatable")
@@ -506,14 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "engine and stream a completion of --prompt.",
                        epilog="example:\n  inferforge generate ./Llama-3.2-1B --prompt 'The capital of France is' "
                               "--max-new-tokens 20")
-    p.add_argument("model", help="Hugging Face decoder directory (config.json, *.safetensors, tokenizer files)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("model", help="Hugging Face decoder directory (config.json, *.safetensors, tokenizer files), or "
+                                 "a causal-LM artifact (quantize --config)")
+    p.add_argument("--prompt", required=True, help="text to complete, tokenized with the model's tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "bf16", "fp8"])
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens whose probabilities add up to P "
+                                               "(default 1: all)")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: a random one)")
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="KV cache dtype (default: the model's dtype)")
     p.add_argument("--max-context", type=int, help="context limit (default: the model's window)")
     p.add_argument("--truncate-left", action="store_true", help="drop the oldest prompt tokens instead of failing")
     p.add_argument("--sliding-window", type=int, metavar="TOKENS",

@@ -32,7 +32,12 @@ from inferforge.llama import LlamaModel, StepBatch, shift_cached_keys
 
 
 class ContextWindowExceeded(UserInputError):
-    """A request does not fit the model's context window or the KV cache."""
+    """A request does not fit the model's context window or the KV cache. `cli_message` says the
+    same with the command line's flags (`inferforge generate`) instead of Python arguments."""
+
+    def __init__(self, message: str, *, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = cli_message or message
 
 
 @dataclass
@@ -127,9 +132,12 @@ class LLMEngine:
                 else f"what the KV cache can hold ({capacity} tokens in {self.cache.num_blocks} blocks)")
         if truncate == "left" and max_new_tokens < limit:
             return prompt[len(prompt) - (limit - max_new_tokens):]
+        problem = f"prompt ({len(prompt)} tokens) + {{}} ({max_new_tokens}) = {total} exceeds {what}"
         raise ContextWindowExceeded(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds {what}; "
-            "shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep the most recent tokens")
+            problem.format("max_new_tokens") + "; shorten the prompt, lower max_new_tokens, or pass truncate='left' "
+            "to keep the most recent tokens",
+            cli_message=problem.format("--max-new-tokens") + "; shorten --prompt, lower --max-new-tokens, or pass "
+            "--truncate-left to keep the most recent tokens")
 
     def _sliding_plan(self, sliding_window: int | None, sink_tokens: int) -> tuple[int, int] | None:
         if sliding_window is None:
@@ -144,9 +152,11 @@ class LLMEngine:
         most = sinks + -(-sliding_window // bs) + 1          # one block of room for new tokens
         limit = min(self.max_context, self.cache.num_blocks * bs)
         if most * bs > limit:
+            need = (f"need {most} blocks of {bs} tokens = {most * bs} tokens, more than the {limit} the model's window "
+                    "and the KV cache allow")
             raise ContextWindowExceeded(
-                f"sink_tokens ({sink_tokens}) + sliding_window ({sliding_window}) need {most} blocks of {bs} tokens "
-                f"= {most * bs} tokens, more than the {limit} the model's window and the KV cache allow")
+                f"sink_tokens ({sink_tokens}) + sliding_window ({sliding_window}) {need}",
+                cli_message=f"--sink-tokens ({sink_tokens}) + --sliding-window ({sliding_window}) {need}; lower them")
         return sinks, most
 
     def _make_requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, truncate,

@@ -9,6 +9,11 @@ is split by what each sequence is doing this step:
   causally: `flash_attention` in its paged mode reads the K/V through the block table (variable
   length; causal aligned to the bottom right does exactly this).
 New K/V are written to the paged cache with `append_kv` before attention reads them.
+
+A quantized artifact (`inferforge quantize --config`, with quantization.json) loads its quantized
+linear layers as the modules of `inferforge.optimize.quantize`, running on the toolkit's
+weight-only, int8 and fp8 kernels (see `inferforge/llama_quantized.py`); layers kept in float stay
+dense weights.
 """
 
 from __future__ import annotations
@@ -137,32 +142,54 @@ class StepBatch:
         self.prefill_max_q, self.prefill_max_k = max(lens_q), max(lens_k)
 
 
-class LlamaModel:
-    """Weights and the forward pass. Use `LlamaModel.load(dir, dtype=..., device=...)`."""
+def _linear(x: torch.Tensor, op, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection: a dense weight `[out, in]` through `F.linear`, or a quantized module (bias inside)."""
+    return F.linear(x, op, bias) if isinstance(op, torch.Tensor) else op(x)
 
-    def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], *, dtype, device):
+
+class LlamaModel:
+    """Weights and the forward pass. Use `LlamaModel.load(dir, dtype=..., device=...)`.
+
+    `quantized` maps transformers layer names (`model.layers.0.self_attn.q_proj`, `lm_head`) to the
+    quantized modules that replace those dense weights."""
+
+    def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], *, dtype, device,
+                 quantized: dict | None = None):
+        from inferforge.llama_quantized import fused_projection
+
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        quantized = quantized or {}
+        if "model.embed_tokens.weight" not in weights and spec.tie_word_embeddings and "lm_head.weight" in weights:
+            weights = {**weights, "model.embed_tokens.weight": weights["lm_head.weight"]}   # one copy of a tied pair
 
         def w(name):
             if name not in weights:
                 raise UserInputError(f"checkpoint is missing tensor {name!r}")
             return weights[name].to(device=device, dtype=dtype)
 
+        def proj(name):   # a dense weight, or the quantized module of that layer
+            return quantized[name] if name in quantized else w(name + ".weight")
+
+        def bias(name):
+            return w(name + ".bias") if spec.attention_bias and name not in quantized else None
+
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if spec.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        if "lm_head" in quantized:
+            self.lm_head = quantized["lm_head"]
+        else:
+            self.lm_head = self.embed if spec.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         self.layers = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
-            layer = {name: w(p + name + ".weight") for name in (
-                "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-            # q, k and v as one matmul; gate and up as another.
-            layer["qkv"] = torch.cat([layer.pop("self_attn.q_proj"), layer.pop("self_attn.k_proj"),
-                                      layer.pop("self_attn.v_proj")])
-            layer["qkv_bias"] = (torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-                                 if spec.attention_bias else None)
-            layer["gate_up"] = torch.cat([layer.pop("mlp.gate_proj"), layer.pop("mlp.up_proj")])
+            layer = {name: w(p + name + ".weight") for name in ("input_layernorm", "post_attention_layernorm")}
+            layer["self_attn.o_proj"] = proj(p + "self_attn.o_proj")
+            layer["mlp.down_proj"] = proj(p + "mlp.down_proj")
+            # q, k and v as one matmul; gate and up as another (quantized ones where the format allows).
+            qkv = [p + f"self_attn.{n}_proj" for n in "qkv"]
+            layer["qkv"], layer["qkv_bias"] = fused_projection([proj(n) for n in qkv], [bias(n) for n in qkv])
+            gate_up = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+            layer["gate_up"], _ = fused_projection([proj(n) for n in gate_up], [None, None])
             self.layers.append(layer)
         self.inv_freq = rope_inv_freq(spec).to(device)
         # Called as kv_observer(layer, k, v) with each step's new keys (after RoPE) and values,
@@ -188,7 +215,11 @@ class LlamaModel:
         if dtype is None:
             stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
             dtype = getattr(torch, stored) if torch.device(device).type == "cuda" else torch.float32
-        return cls(spec, weights, dtype=dtype, device=device)
+        from inferforge.llama_quantized import read_quantization, take_quantized_linears
+
+        meta = read_quantization(path)
+        quantized = take_quantized_linears(meta, weights, device) if meta else None
+        return cls(spec, weights, dtype=dtype, device=device, quantized=quantized)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
@@ -202,7 +233,7 @@ class LlamaModel:
         nq, nkv, d = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.head_dim
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer["input_layernorm"], spec.rms_norm_eps)
-            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])
+            qkv = _linear(x, layer["qkv"], layer["qkv_bias"])
             q = apply_rope(qkv[:, :nq].reshape(-1, spec.n_heads, d), cos, sin)
             k = apply_rope(qkv[:, nq:nq + nkv].reshape(-1, spec.n_kv_heads, d), cos, sin)
             v = qkv[:, nq + nkv:].reshape(-1, spec.n_kv_heads, d)
@@ -213,12 +244,12 @@ class LlamaModel:
             append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,
                       k_scale=k_scale, v_scale=v_scale)
             attn = self._attention(q, k, v, batch, cache, i)
-            h = h + F.linear(attn.reshape(-1, nq), layer["self_attn.o_proj"])
+            h = h + _linear(attn.reshape(-1, nq), layer["self_attn.o_proj"])
             x = rms_norm(h, layer["post_attention_layernorm"], spec.rms_norm_eps)
-            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer["mlp.down_proj"])
+            gate, up = _linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            h = h + _linear(F.silu(gate) * up, layer["mlp.down_proj"])
         h = rms_norm(h[batch.logits_rows], self.norm, spec.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return _linear(h, self.lm_head).float()
 
     def _attention(self, q, k, v, batch: StepBatch, cache, layer: int) -> torch.Tensor:
         from inferforge.kernels import flash_attention, paged_decode_attention

@@ -302,16 +302,17 @@ def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult
 
 
 def _run_causal_lm(recipe: Recipe, progress: Progress) -> RunResult:
-    from inferforge.optimize.llm_quantize import quantize_checkpoint
+    from inferforge.optimize.llm_quantize import RECIPE_NAMES, quantize_checkpoint
     from inferforge.optimize.lm_eval import LMGate
 
     (cfg,) = recipe.steps
-    gate = LMGate(**asdict(cfg.gate)) if cfg.gate is not None else None
+    gate = None if cfg.gate == "none" else LMGate(**asdict(cfg.gate))   # the recipe filled in the defaults
     started = time.perf_counter()
     manifest = quantize_checkpoint(recipe.model, recipe.output_dir, fmt=cfg.config, calibration_file=cfg.calibration,
                                    num_samples=cfg.num_samples, seq_len=cfg.seq_len, gate=gate,
                                    auto_skip=cfg.auto_skip, skip=cfg.skip, group_size=cfg.group_size,
-                                   progress=progress, name=recipe.name, recipe=recipe.to_dict())
+                                   max_float_share=cfg.max_float_share, progress=progress, name=recipe.name,
+                                   recipe=recipe.to_dict(), names=RECIPE_NAMES)
     progress.done("quantize", time.perf_counter() - started, manifest["steps"][0]["summary"])
     return RunResult(output=recipe.output_dir.resolve(), report=manifest, passed=manifest["passed"])
 

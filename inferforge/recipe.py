@@ -27,7 +27,8 @@ A causal LM (a local Llama / Mistral / Qwen2 directory) takes one step, `quantiz
           seq_len: 256
           skip: [lm_head]
           auto_skip: true
-          gate: {max_ppl_increase: 2%, min_top1_agreement: 0.9}
+          gate: {max_ppl_increase: 2%, min_top1_agreement: 0.9}   # or leave out: the format's default; none: off
+          max_float_share: 50%           # fail when more layers than this stay in float
 
 `load_recipe` validates everything before any work starts: unknown keys (with a suggestion for a
 misspelling), wrong types, bad values and missing files raise one `RecipeError` naming the key and,
@@ -123,22 +124,48 @@ class QuantizeConfig:
                  "alpha_grid must be a non-empty list of numbers in [0, 1]")
 
 
+class _FormatDefault:
+    """A gate limit not written in the recipe: the format's default (`LMGate.default`) fills it in."""
+
+    def __repr__(self):
+        return "DEFAULT"
+
+    def __deepcopy__(self, memo):   # one instance, so `is DEFAULT` holds after dataclasses.asdict
+        return self
+
+
+DEFAULT = _FormatDefault()
+
+
 @dataclass(frozen=True)
 class LMGateConfig:
-    """Limits on the held-out comparison of the quantized causal LM with the original (see `LMGate`)."""
+    """Limits on the held-out comparison of the quantized causal LM with the original (see `LMGate`).
 
-    max_ppl_increase: Fraction | None = None      # 0.02 or '2%': perplexity may rise by at most 2%
-    min_top1_agreement: Fraction | None = None    # 0.9 or '90%': share of positions with the same argmax
+    A limit left out takes the format's default (max_ppl_increase, min_top1_agreement); `null`
+    turns that one limit off."""
+
+    max_ppl_increase: Fraction | None = DEFAULT   # 0.02 or '2%': perplexity may rise by at most 2%
+    min_top1_agreement: Fraction | None = DEFAULT  # 0.9 or '90%': share of positions with the same argmax
     max_kl: float | None = None                   # mean KL(original || quantized) per token
 
     def __post_init__(self):
         _require(any(v is not None for v in dataclasses.astuple(self)),
-                 "gate needs at least one of max_ppl_increase, min_top1_agreement, max_kl")
-        _require(self.max_ppl_increase is None or 0 <= self.max_ppl_increase <= 1,
+                 "gate needs at least one of max_ppl_increase, min_top1_agreement, max_kl; to turn the gate off "
+                 "write gate: none")
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v is not DEFAULT}
+        _require("max_ppl_increase" not in given or 0 <= given["max_ppl_increase"] <= 1,
                  "max_ppl_increase must be between 0 and 1 (a share: 0.02 or '2%' allows +2% perplexity)")
-        _require(self.min_top1_agreement is None or 0 <= self.min_top1_agreement <= 1,
+        _require("min_top1_agreement" not in given or 0 <= given["min_top1_agreement"] <= 1,
                  "min_top1_agreement must be between 0 and 1 (0.9 or '90%')")
-        _require(self.max_kl is None or self.max_kl >= 0, "max_kl must be >= 0")
+        _require("max_kl" not in given or given["max_kl"] >= 0, "max_kl must be >= 0")
+
+    def with_defaults(self, fmt: str) -> LMGateConfig:
+        """The limits left out filled in with `fmt`'s defaults."""
+        from inferforge.optimize.lm_eval import LMGate
+
+        default = LMGate.default(fmt)
+        return dataclasses.replace(self, **{k: getattr(default, k) for k in ("max_ppl_increase", "min_top1_agreement")
+                                            if getattr(self, k) is DEFAULT})
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,9 @@ class LLMQuantizeConfig:
     The first `num_samples` sequences of `seq_len` tokens from `calibration` calibrate, the next
     `num_samples // 2` are held out for the metrics and the `gate`; `auto_skip` keeps the most
     sensitive layers in float until the gate passes; `skip` patterns (fnmatch) stay in float.
+    The gate is on by default with the format's limits (`LMGate.default`); a `gate` mapping sets
+    limits (the ones left out keep their defaults), and only `gate: none` turns it off. A run that
+    keeps more than `max_float_share` of the linear layers in float fails.
     """
 
     config: str
@@ -157,7 +187,8 @@ class LLMQuantizeConfig:
     skip: tuple[str, ...] = ()
     auto_skip: bool = False
     group_size: int = 128
-    gate: LMGateConfig | None = None
+    gate: None | LMGateConfig | str = "default"   # None first: `gate: null` is refused, not read as {}
+    max_float_share: Fraction = 0.5
 
     def __post_init__(self):
         from inferforge.optimize.llm_quantize import CALIBRATED_FORMATS, FORMATS
@@ -166,11 +197,23 @@ class LLMQuantizeConfig:
         _require(self.num_samples >= 1, "num_samples must be >= 1")
         _require(self.seq_len >= 2, "seq_len must be >= 2 (the metrics predict each next token)")
         _require(self.group_size >= 1, "group_size must be >= 1")
-        for needs, why in ((self.config in CALIBRATED_FORMATS, f"config {self.config}"), (self.gate, "a gate")):
-            _require(not needs or self.calibration is not None,
-                     f"{why} needs calibration text: add calibration: FILE (.txt or .jsonl)")
-        _require(not self.auto_skip or self.gate is not None,
-                 "auto_skip keeps layers in float until the gate passes; add a gate, e.g. gate: {max_ppl_increase: 2%}")
+        _require(0 <= self.max_float_share <= 1, "max_float_share must be between 0 and 1 (0.5 or '50%')")
+        _require(self.gate is not None, "gate must not be null (ambiguous): leave gate out for the default gate, or "
+                                        "write gate: none to turn it off")
+        _require(not isinstance(self.gate, str) or self.gate in ("default", "none"),
+                 f"gate must be a mapping of limits, 'default' or 'none' (off), got {self.gate!r}")
+        if self.gate == "default":
+            object.__setattr__(self, "gate", LMGateConfig())
+        if isinstance(self.gate, LMGateConfig):
+            object.__setattr__(self, "gate", self.gate.with_defaults(self.config))
+        _require(self.config not in CALIBRATED_FORMATS or self.calibration is not None,
+                 f"config {self.config} needs calibration text: add calibration: FILE (.txt or .jsonl)")
+        _require(self.gate == "none" or self.calibration is not None,
+                 "the gate (on by default) compares with the original on held-out text: add calibration: FILE "
+                 "(.txt or .jsonl; the last third of the sequences read is held out), or write gate: none to turn "
+                 "the gate off")
+        _require(not self.auto_skip or self.gate != "none",
+                 "auto_skip keeps layers in float until the gate passes; it cannot run with gate: none")
 
 
 @dataclass(frozen=True)
@@ -621,6 +664,11 @@ def _check_causal_lm(recipe: Recipe) -> None:
         raise _Invalid(("model",), f"'{recipe.model}' holds {found}, not a causal LM (config.json architectures "
                                    "has no *ForCausalLM); for an encoder drop 'config' from the quantize step and "
                                    "start the steps with export")
+    from inferforge.llama import SUPPORTED
+
+    if config.get("model_type") not in SUPPORTED:
+        raise _Invalid(("model",), f"'{recipe.model}' is a {config.get('model_type')!r} causal LM; quantized artifacts "
+                                   f"run on the engine, which runs {', '.join(SUPPORTED)} checkpoints")
     (step,) = recipe.steps
     if step.calibration is not None and not Path(step.calibration).is_file():
         raise _Invalid(("steps", 0, "quantize", "calibration"),

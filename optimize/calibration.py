@@ -47,8 +47,11 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def load_token_batches(path, tokenizer, *, num_samples: int = 32, seq_len: int = 256, progress=None) -> list[torch.Tensor]:
-    """`num_samples` batches `[1, seq_len]` of consecutive tokens from the file's documents."""
+def load_token_batches(path, tokenizer, *, num_samples: int = 32, seq_len: int = 256, progress=None,
+                       too_short_hint: str | None = None) -> list[torch.Tensor]:
+    """`num_samples` batches `[1, seq_len]` of consecutive tokens from the file's documents.
+    `too_short_hint` replaces the end of the message for a file with too little text (what was asked
+    for and the fix, in the caller's terms)."""
     if num_samples < 1 or seq_len < 2:
         raise UserInputError("num_samples must be >= 1 and seq_len >= 2")
     texts = read_texts(path)
@@ -65,8 +68,8 @@ def load_token_batches(path, tokenizer, *, num_samples: int = 32, seq_len: int =
         task.close()
     available = len(stream) // seq_len
     if available < num_samples:
-        raise UserInputError(f"{path}: {len(stream)} tokens make {available} sequences of {seq_len}; "
-                             f"{num_samples} were asked for: give more text or lower num_samples / seq_len")
+        hint = too_short_hint or f"{num_samples} were asked for: give more text or lower num_samples / seq_len"
+        raise UserInputError(f"{path}: {len(stream)} tokens make {available} sequences of {seq_len}; {hint}")
     return [torch.tensor(stream[i * seq_len:(i + 1) * seq_len]).unsqueeze(0) for i in range(num_samples)]
 
 

@@ -452,7 +452,8 @@ class QuantizeReport:
 
 
 def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data=None,
-             auto_skip: bool = False) -> QuantizeReport:
+             auto_skip: bool = False, max_auto_skipped: int | None = None,
+             raise_on_gate: bool = True) -> QuantizeReport:
     """Replace the model's nn.Linear layers in place with quantized ones per `config`.
 
     Returns a `QuantizeReport` with each layer's weight SQNR (dB, vs. the original weights). With a
@@ -460,9 +461,12 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data
     perplexity, top-1 agreement, KL on token batches; `EncoderGate`: mean-pooled embedding cosine on
     tokenizer batches); a missed gate raises `GateFailed`, unless
     `auto_skip=True`, which restores the layers with the lowest SQNR to full precision one at a
-    time until the gate passes (they are listed in `report.auto_skipped`)."""
+    time until the gate passes (they are listed in `report.auto_skipped`), at most `max_auto_skipped`
+    of them when given. With `raise_on_gate=False` a missed gate is returned in
+    `report.gate_failures` instead of raised (the caller words the message)."""
     if gate is not None:
-        return _quantize_gated(model, config, calibration, gate, eval_data, auto_skip)
+        return _quantize_gated(model, config, calibration, gate, eval_data, auto_skip, max_auto_skipped,
+                               raise_on_gate)
     handler = _HANDLERS.get(type(config))
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
@@ -502,7 +506,8 @@ def quantize(model: nn.Module, config, *, calibration=None, gate=None, eval_data
     return report
 
 
-def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip) -> QuantizeReport:
+def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip, max_auto_skipped=None,
+                    raise_on_gate=True) -> QuantizeReport:
     import copy
 
     from inferforge.errors import GateFailed
@@ -514,6 +519,8 @@ def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip) -> Q
     report.metrics = gate.evaluate(original, model, eval_data)
     report.gate_failures = gate.failures(report.metrics)
     by_sensitivity = [name for name, _ in sorted(report.layers.items(), key=lambda kv: kv[1])]
+    if max_auto_skipped is not None:
+        by_sensitivity = by_sensitivity[:max(0, max_auto_skipped)]
     while report.gate_failures and auto_skip and by_sensitivity:
         name = by_sensitivity.pop(0)                  # the layer with the lowest SQNR goes back to full precision
         parent, _, child = name.rpartition(".")
@@ -522,7 +529,7 @@ def _quantize_gated(model, config, calibration, gate, eval_data, auto_skip) -> Q
         del report.layers[name]
         report.metrics = gate.evaluate(original, model, eval_data)
         report.gate_failures = gate.failures(report.metrics)
-    if report.gate_failures:
+    if report.gate_failures and raise_on_gate:
         hint = "" if auto_skip else "; pass auto_skip=True to keep the most sensitive layers in full precision"
         raise GateFailed(f"quantization gate missed: {'; '.join(report.gate_failures)}{hint}")
     return report
@@ -592,21 +599,25 @@ def load_quantized(model: nn.Module, directory) -> nn.Module:
                                  "quantized") from None
         if not isinstance(current, nn.Linear) or (current.in_features, current.out_features) != (info["in"], info["out"]):
             raise UserInputError(f"{path}: layer {name!r} is not an nn.Linear({info['in']}, {info['out']}) in this model")
-        n, k = info["out"], info["in"]
-        bias = torch.empty(n) if info["bias"] else None
-        if info["format"] == "int8":
-            shell = Int8WeightOnlyLinear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
-        elif info["format"] == "w8a8":
-            shell = W8A8Linear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), torch.empty(k), bias)
-        elif info["format"] == "fp8":
-            rows = n if info["granularity"] == "row" else 1
-            shell = FP8Linear(torch.empty(n, k, dtype=torch.float8_e4m3fn), torch.empty(rows), bias, info["granularity"])
-        else:
-            g = info["group_size"]
-            shell = Int4WeightOnlyLinear(torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
-                                         torch.empty(n, k // g), bias, g,
-                                         torch.empty(k) if info.get("input_scale") else None)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, shell.to(current.weight.device))
+        setattr(model.get_submodule(parent) if parent else model, child, quantized_shell(info).to(current.weight.device))
     load_model(model, str(directory / "model.safetensors"), strict=True)
     return model
+
+
+def quantized_shell(info: dict) -> nn.Module:
+    """An empty quantized layer for one `quantization.json` layer entry, to load its tensors into."""
+    n, k = info["out"], info["in"]
+    bias = torch.empty(n) if info["bias"] else None
+    if info["format"] == "int8":
+        return Int8WeightOnlyLinear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
+    if info["format"] == "w8a8":
+        return W8A8Linear(torch.empty(n, k, dtype=torch.int8), torch.empty(n), torch.empty(k), bias)
+    if info["format"] == "fp8":
+        rows = n if info["granularity"] == "row" else 1
+        return FP8Linear(torch.empty(n, k, dtype=torch.float8_e4m3fn), torch.empty(rows), bias, info["granularity"])
+    if info["format"] == "int4":
+        g = info["group_size"]
+        return Int4WeightOnlyLinear(torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
+                                    torch.empty(n, k // g), bias, g, torch.empty(k) if info.get("input_scale") else None)
+    raise UserInputError(f"quantized layer format {info['format']!r} is not known to this version of inferforge")

@@ -10,6 +10,7 @@ import torch
 import inferforge
 from inferforge.cli import main
 from inferforge.errors import RecipeError
+from inferforge.optimize.llm_quantize import load_as_transformers
 from inferforge.optimize.quantize import Int4WeightOnlyLinear
 from inferforge.recipe import (
     LLMQuantizeConfig,
@@ -46,6 +47,9 @@ def root(tmp_path_factory):
     save_word_text(root / "cal.txt")
     (root / "bert").mkdir()
     (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (root / "neox").mkdir()
+    (root / "neox" / "config.json").write_text(json.dumps({"model_type": "gpt_neox",
+                                                           "architectures": ["GPTNeoXForCausalLM"]}))
     return root
 
 
@@ -89,7 +93,9 @@ def test_recipe_run_matches_the_quantize_command(root, tmp_path):
     assert manifest["name"] == "from-recipe" and manifest["recipe"]["steps"][0]["quantize"]["config"] == "int4-awq"
     assert manifest["recipe"]["steps"][0]["quantize"]["gate"]["max_ppl_increase"] == pytest.approx(0.05)
     assert manifest["quantization"]["skipped"] == ["lm_head"] and manifest["quantization"]["calibration_sha256"]
-    assert manifest["checks"][0]["limits"]["min_top1_agreement"] == 0.5 and manifest["passed"]
+    assert manifest["gate"]["limits"]["min_top1_agreement"] == 0.5 and manifest["passed"]
+    assert manifest["checks"][1] | {"measured": None} == {"name": "top-1 agreement (held-out)", "kind": "gate",
+                                                         "measured": None, "op": ">=", "limit": 0.5, "passed": True}
     assert manifest["validation"]["tokens"] == 2 * 15       # num_samples // 2 held-out sequences of 16
 
     cli_out = tmp_path / "from-cli"
@@ -97,16 +103,22 @@ def test_recipe_run_matches_the_quantize_command(root, tmp_path):
                  "--num-samples", "4", "--seq-len", "16", "--group-size", "32", "--skip", "lm_head",
                  "--max-ppl-increase", "0.05", "--min-top1-agreement", "0.5", "--output", str(cli_out), "-q"]) == 0
     cli_manifest = json.loads((cli_out / "manifest.json").read_text())
-    assert manifest["files"] == cli_manifest["files"]       # every file, weights included, byte for byte
+    def model_files(m):   # the reports differ in name, time and duration
+        return {k: v for k, v in m["files"].items() if not k.startswith("report.")}
+
+    assert model_files(manifest) == model_files(cli_manifest)     # every model file, weights included, byte for byte
     for key in ("quantization", "validation", "checks", "source"):
         assert manifest[key] == cli_manifest[key], key
 
-    model = inferforge.load(out)
+    model = load_as_transformers(out)
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int4WeightOnlyLinear)
     assert type(model.lm_head) is torch.nn.Linear
     ids = torch.randint(3, 256, (1, 12))
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, inferforge.load(cli_out)(ids).logits)
+        assert torch.equal(model(ids).logits, load_as_transformers(cli_out)(ids).logits)
+    engine = inferforge.load(out)             # the engine, with AWQ's int4 layers on the w4a16 kernel
+    assert engine.manifest["recipe"] == manifest["recipe"]
+    assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())["gate"]["enabled"]
 
 
 def test_missed_gate_exits_1_and_leaves_no_artifact(root, tmp_path, capsys):
@@ -129,13 +141,21 @@ def test_missed_gate_exits_1_and_leaves_no_artifact(root, tmp_path, capsys):
     ("max_ppl_increase: 5%", "max_ppl_increase: 200%", ["gate.max_ppl_increase", "between 0 and 1"]),
     ("max_ppl_increase: 5%", "max_ppl_incrase: 0.05", ["line 12", "did you mean 'max_ppl_increase'"]),
     ("min_top1_agreement: 0.5", "min_top1_agreement: true", ["gate.min_top1_agreement", "expected number"]),
-    ("      gate:\n        max_ppl_increase: 5%\n        min_top1_agreement: 0.5\n", "      gate: {}\n",
-     ["gate needs at least one of max_ppl_increase, min_top1_agreement, max_kl"]),
+    ("      gate:\n        max_ppl_increase: 5%\n        min_top1_agreement: 0.5\n",
+     "      gate: {max_ppl_increase: null, min_top1_agreement: null}\n",
+     ["gate needs at least one of max_ppl_increase, min_top1_agreement, max_kl", "write gate: none"]),
+    ("      gate:\n        max_ppl_increase: 5%\n        min_top1_agreement: 0.5\n", "      gate: null\n",
+     ["line 11", "gate must not be null", "gate: none to turn it off"]),
+    ("      gate:\n        max_ppl_increase: 5%\n        min_top1_agreement: 0.5\n", "      gate: disabled\n",
+     ["gate must be a mapping of limits, 'default' or 'none'"]),
+    ("calibration: cal.txt", "calibration: cal.txt\n      max_float_share: 150%",
+     ["max_float_share must be between 0 and 1"]),
     ("      calibration: cal.txt\n", "", ["config int4-awq needs calibration text: add calibration: FILE"]),
     ("calibration: cal.txt", "calibration: missing.txt", ["line 6", "steps[0].quantize.calibration", "file not found"]),
     ("skip: [lm_head]", "auto_skip: true\n      skip: lm_head", ["steps[0].quantize.skip", "expected a list"]),
     ("model: tiny", "model: bert", ["line 1", "holds BertModel, not a causal LM", "drop 'config'"]),
     ("model: tiny", "model: all-MiniLM-L6-v2", ["is not a checkpoint directory"]),
+    ("model: tiny", "model: neox", ["line 1", "is a 'gpt_neox' causal LM", "llama, mistral, qwen2"]),
     ("steps:\n", "gates: {min_cosine: 0.99}\nsteps:\n",
      ["line 3", "'gates' belongs to the ONNX encoder path", "gate: {max_ppl_increase: 2%"]),
     ("steps:\n", "steps:\n  - export\n", ["has the one step 'quantize'"]),
@@ -148,9 +168,40 @@ def test_validation_errors(root, old, new, fragments):
         assert fragment in msg, (fragment, msg)
 
 
-def test_auto_skip_needs_a_gate(root):
-    text = RECIPE.format(output="out/x").split("      gate:")[0] + "      auto_skip: true\n"
-    assert "auto_skip keeps layers in float until the gate passes; add a gate" in error_of(root, text)
+def test_auto_skip_needs_the_gate_on(root):
+    text = RECIPE.format(output="out/x").split("      gate:")[0] + "      auto_skip: true\n      gate: none\n"
+    assert "auto_skip keeps layers in float until the gate passes; it cannot run with gate: none" in error_of(root, text)
+
+
+def test_the_gate_is_on_unless_the_recipe_says_none(root):
+    """Item 3, recipe form: no gate key gives the format's default gate; a partial gate keeps the other default;
+    only `gate: none` turns it off, and then no calibration text is needed."""
+    base = RECIPE.format(output="out/x").split("      gate:")[0]
+    (step,) = load_recipe(write(root, base)).steps
+    assert (step.gate.max_ppl_increase, step.gate.min_top1_agreement) == (0.15, 0.9)        # int4-awq's defaults
+    (step,) = load_recipe(write(root, base + "      gate: {max_ppl_increase: 3%}\n")).steps
+    assert (step.gate.max_ppl_increase, step.gate.min_top1_agreement) == (pytest.approx(0.03), 0.9)
+    int8 = base.replace("config: int4-awq", "config: int8-weight-only").replace("      calibration: cal.txt\n", "")
+    assert "the gate (on by default) compares with the original on held-out text: add calibration: FILE" in \
+        error_of(root, int8)
+    (step,) = load_recipe(write(root, int8 + "      gate: none\n      max_float_share: 20%\n")).steps
+    assert step.gate == "none" and step.max_float_share == pytest.approx(0.2)
+    recipe = load_recipe(write(root, int8 + "      gate: none\n"))
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+
+
+def test_recipe_without_a_gate_key_runs_the_default_gate_and_float_share(root, tmp_path, capsys):
+    out = tmp_path / "default-gate"
+    text = (RECIPE.format(output=out).split("      gate:")[0].replace("config: int4-awq", "config: int8-weight-only")
+            .replace("skip: [lm_head]", "skip: [lm_head, '*.mlp.*', '*.o_proj']"))      # 9 of 15 layers in float
+    assert main(["optimize", str(write(root, text, "default.yaml")), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "not quantized enough" in err and "or allow more with max_float_share" in err and not out.exists()
+    assert main(["optimize", str(write(root, text + "      max_float_share: 60%\n", "default.yaml")), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gate"]["enabled"] and manifest["gate"]["limits"]["max_ppl_increase"] == 0.05
+    assert manifest["recipe"]["steps"][0]["quantize"]["gate"]["min_top1_agreement"] == 0.9
+    assert manifest["quantization"]["float_share"] == pytest.approx(9 / 15)
 
 
 def test_causal_lm_key_in_the_onnx_quantize_step_points_at_config(root):

@@ -1,0 +1,172 @@
+"""Quantized causal-LM artifacts work with the other commands (issue 9, item 5): `inferforge.load`
+returns the engine running the quantized layers on inferforge's kernels, token for token as the
+transformers model with the same layers; `generate`, `bench` and `inspect` accept the artifacts."""
+
+import json
+
+import pytest
+import torch
+
+import inferforge
+from inferforge.cli import main
+from inferforge.engine import LLMEngine
+from inferforge.llama_quantized import ConcatLinear
+from inferforge.optimize.llm_quantize import load_as_transformers
+from inferforge.optimize.quantize import FP8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
+
+PROMPTS = [[1, 5, 9, 200, 17], [1, 99, 42]]
+FORMATS = {
+    # int8 with the gate on; lm_head and one of layer 0's q/k/v stay in float (a mixed fused projection).
+    "int8": ["--config", "int8-weight-only", "--skip", "lm_head", "--skip", "model.layers.0.self_attn.k_proj"],
+    "int4": ["--config", "int4-g128", "--group-size", "32", "--no-gate"],      # q/k/v fused into one int4 module
+    "fp8": ["--config", "fp8", "--no-gate"],                                  # per-tensor scales: run one by one
+}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm-artifacts")
+    tiny = save_tiny_llama(root / "tiny")
+    save_word_tokenizer(tiny)
+    cal = save_word_text(root / "cal.txt")
+    out = {"tiny": tiny}
+    for name, args in FORMATS.items():
+        out[name] = root / name
+        assert main(["quantize", str(tiny), *args, "--calibration", str(cal), "--num-samples", "4", "--seq-len", "16",
+                     "--output", str(out[name]), "-q"]) == 0
+    return out
+
+
+def transformers_greedy(artifact, prompt, n):
+    model = load_as_transformers(artifact)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_load_returns_the_engine_matching_transformers_token_for_token(artifacts, name):
+    engine = inferforge.load(artifacts[name], dtype=torch.float32, device="cpu", max_num_seqs=2)
+    assert isinstance(engine, LLMEngine) and engine.manifest["kind"] == "quantized-causal-lm"
+    layers = engine.model.layers
+    if name == "int8":
+        assert isinstance(layers[1]["qkv"], Int8WeightOnlyLinear)                     # fused: same per-row scheme
+        assert isinstance(layers[0]["qkv"], ConcatLinear)                             # k_proj kept in float
+        assert isinstance(layers[0]["qkv"].parts[0], Int8WeightOnlyLinear)
+        assert isinstance(layers[0]["gate_up"], Int8WeightOnlyLinear)
+        assert isinstance(engine.model.lm_head, torch.Tensor)                         # skipped: dense
+    elif name == "int4":
+        assert isinstance(layers[0]["qkv"], Int4WeightOnlyLinear) and layers[0]["qkv"].out_features == 64 + 2 * 32
+        assert isinstance(layers[0]["mlp.down_proj"], Int4WeightOnlyLinear)
+    else:
+        assert isinstance(layers[0]["qkv"], ConcatLinear) and isinstance(layers[0]["qkv"].parts[1], FP8Linear)
+        assert isinstance(engine.model.lm_head, FP8Linear)
+    got = engine.generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    assert got == [transformers_greedy(artifacts[name], p, 6) for p in PROMPTS]
+
+
+def test_generate_accepts_an_artifact(artifacts, capsys):
+    from transformers import AutoTokenizer
+
+    art = artifacts["int8"]
+    assert main(["generate", str(art), "--prompt", "w5 w9 w200", "--max-new-tokens", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    prompt = AutoTokenizer.from_pretrained(art)("w5 w9 w200")["input_ids"]
+    assert printed["prompt_tokens"] == len(prompt) == 4
+    assert printed["tokens"] == transformers_greedy(art, prompt, 5)
+    # The artifact is verified first: a changed file is refused.
+    (art / "report.md").write_text((art / "report.md").read_text() + "edited\n")
+    try:
+        assert main(["generate", str(art), "--prompt", "w5", "--max-new-tokens", "2"]) == 2
+        assert "'report.md' does not match its sha256" in capsys.readouterr().err
+    finally:
+        (art / "report.md").write_text((art / "report.md").read_text().removesuffix("edited\n"))
+
+
+def test_generate_messages_name_the_flags(artifacts, capsys):
+    tiny = artifacts["tiny"]
+    assert main(["generate", str(tiny), "--prompt", "w5 w9", "--max-new-tokens", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's context window (256 tokens)" in err and "--truncate-left" in err
+    assert "--max-new-tokens (300)" in err and "truncate='left'" not in err and "max_new_tokens" not in err
+    assert main(["generate", str(tiny), "--prompt", "w5", "--top-k", "0"]) == 2
+    assert "--top-k must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["generate", str(tiny), "--prompt", "w5", "--truncate-left", "--sliding-window", "32"]) == 2
+    assert "choose one context policy: --truncate-left or --sliding-window" in capsys.readouterr().err
+
+
+def test_bench_measures_generation_with_the_engine(artifacts, capsys):
+    """Targets are checked on the stated metric; limits no machine can miss (1e9 ms) or meet (1e-6 ms) keep the
+    test independent of the machine's speed."""
+    args = ["bench", str(artifacts["int4"]), "--batch-sizes", "1", "2", "--seq-len", "6", "--output-len", "3",
+            "--warmup", "0", "--iterations", "2", "--metric", "ttft", "--percentile", "p90", "--json", "-q"]
+    assert main([*args, "--target", "1:1e9", "--target", "2:1e-6"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    bench = report["llm_benchmark"]
+    assert report["model"]["format"] == "int4-g128" and (bench["prompt_len"], bench["output_len"]) == (6, 3)
+    assert [r["batch_size"] for r in bench["results"]] == [1, 2]
+    assert [r["requests"] for r in bench["results"]] == [2, 4]
+    for r in bench["results"]:
+        for metric in ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s"):
+            q = r[metric]
+            assert 0 < q["p50"] <= q["p90"] <= q["p95"] <= q["p99"], (metric, q)
+        assert r["e2e_ms"]["p50"] >= r["ttft_ms"]["p50"]
+    one, two = report["checks"]
+    assert one["name"] == "TTFT p90, batch 1 (ms)" and one["passed"] and not two["passed"]
+    assert two["measured"] == bench["results"][1]["ttft_ms"]["p90"] and two["limit"] == 1e-6
+    assert "TPOT: (time of a request's last token - time of its first token) / (output_len - 1)" in bench["definitions"]
+
+
+def test_bench_accepts_a_packaged_checkpoint(artifacts, tmp_path, capsys):
+    from inferforge.artifact import package_checkpoint
+
+    art = package_checkpoint(artifacts["tiny"], tmp_path / "plain")
+    assert main(["bench", str(art), "--batch-sizes", "1", "--seq-len", "4", "--output-len", "2", "--warmup", "0",
+                 "--iterations", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT" in out and "tokens/s" in out
+    assert main(["bench", str(art), "--compare-source", "-q"]) == 2
+    assert "--compare-source" in capsys.readouterr().err
+
+
+def test_reports_and_inspect(artifacts, capsys):
+    art = artifacts["int8"]
+    report = json.loads((art / "report.json").read_text())
+    md = (art / "report.md").read_text()
+    assert report["quantization"]["skipped"] == ["model.layers.0.self_attn.k_proj", "lm_head"]
+    assert report["gate"]["enabled"] and report["gate"]["limits"]["min_top1_agreement"] == 0.9
+    assert report["quantization"]["data"]["held_out_sha256"] and report["environment"]["torch"]
+    for text in ("## Gate", "| top-1 agreement (held-out) |", ">= 0.9 | PASS", "Skipped by pattern: "
+                 "model.layers.0.self_attn.k_proj, lm_head", "Held-out tokens sha256", "## Environment", "perplexity = exp"):
+        assert text in md, text
+    root = str(art.parent)
+    assert root not in md and root not in (art / "report.json").read_text()     # no paths of this machine
+    assert main(["inspect", str(art)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())     # rich wraps long lines
+    assert "all" in printed and "files verified" in printed and "top-1 agreement (held-out)" in printed
+    assert "engine inferforge.engine.LLMEngine" in printed
+    off = json.loads((artifacts["fp8"] / "report.json").read_text())
+    assert off["gate"]["enabled"] is False and "**Off**" in (artifacts["fp8"] / "report.md").read_text()
+
+
+def test_bench_formulas_on_a_recorded_timeline(monkeypatch):
+    """TTFT, TPOT (first token excluded), E2E and tokens/s from known token times, no real clock involved."""
+    from inferforge.bench import llm_bench
+
+    # Submitted at t=10 s; request 0 gets tokens at 11, 12, 13; request 1 at 11, 14, 17.
+    events = [(0, 11.0), (1, 11.0), (0, 12.0), (1, 14.0), (0, 13.0), (1, 17.0)]
+    clock = iter([10.0] + [t for _, t in events])
+    monkeypatch.setattr(llm_bench.time, "perf_counter", lambda: next(clock))
+
+    class Engine:
+        def stream(self, prompts, *, max_new_tokens, stop_token_ids):
+            assert max_new_tokens == 3 and stop_token_ids == []
+            yield from ((index, 7) for index, _ in events)
+
+    ttft, tpot, e2e, tokens_per_s = llm_bench._run_once(Engine(), [[1, 2], [1, 3]], 3)
+    assert ttft == [1000.0, 1000.0]
+    assert tpot == [1000.0, 3000.0]          # (13 - 11) / 2 and (17 - 11) / 2 seconds, in ms
+    assert e2e == [3000.0, 7000.0]
+    assert tokens_per_s == pytest.approx(2 * 3 / 7)
