@@ -70,12 +70,12 @@ class DataConfig:
     sentences: str = "demo"
     calibration_size: int = 160
     held_out_size: int = 320
-    max_length: int = 128
+    max_length: int | None = None     # tokens per input; None: the source model's own limit
 
     def __post_init__(self):
         _require(self.calibration_size >= 1, "calibration_size must be >= 1")
         _require(self.held_out_size >= 1, "held_out_size must be >= 1")
-        _require(1 <= self.max_length <= 8192, "max_length must be between 1 and 8192")
+        _require(self.max_length is None or 1 <= self.max_length <= 8192, "max_length must be between 1 and 8192")
 
 
 @dataclass(frozen=True)
