@@ -123,7 +123,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
         return float(cos.min()), float(cos.mean())
 
     static = cfg.method == "static-qdq"
-    n = (1 if cfg.smoothquant_alpha != "auto" else len(cfg.alpha_grid) + 1) + cfg.max_auto_excluded
+    n = (1 if cfg.smoothquant_alpha != "auto" else len(cfg.alpha_grid) + 1) + cfg.auto_exclusion_bound
     label = f"static QDQ, {cfg.calibrate_method} calibration" if static else "dynamic int8"
     task = ctx.progress.task(f"quantizing ({label}): choosing settings on calibration data", total=n)
     out = ctx.work / "onnx-int8" / MODEL_FILE
@@ -131,7 +131,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
     common = dict(calibration_batches=batches, score=score, per_channel=cfg.per_channel,
                   smoothquant_alpha=cfg.smoothquant_alpha, alpha_grid=cfg.alpha_grid, exclude_nodes=cfg.exclude_nodes,
                   target_min_cosine=ctx.gates.min_cosine + cfg.calibration_margin,
-                  max_auto_excluded=cfg.max_auto_excluded, on_candidate=lambda label, s: task.advance())
+                  max_auto_excluded=cfg.auto_exclusion_bound, on_candidate=lambda label, s: task.advance())
     try:
         if static:
             record = quantize_static_qdq(ctx.fp32_onnx, out, calibrate_method=cfg.calibrate_method, **common)
@@ -143,6 +143,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
         task.close()
     ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
     record["calibration_texts"] = len(calibration)
+    record["max_auto_excluded"] = cfg.auto_exclusion_bound
     record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
     method = f"static QDQ ({cfg.calibrate_method} calibration)" if static else "dynamic int8"
     return {"result": record,

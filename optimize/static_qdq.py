@@ -132,6 +132,8 @@ def write_qdq(source: str | Path, out: str | Path, stats: dict[str, dict[str, fl
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         op_types_to_quantize=["MatMul"], nodes_to_exclude=list(exclude_nodes),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       # QDQ on the inputs only: a MatMul's output stays float.
+                                       "OpTypesToExcludeOutputQuantization": ["MatMul"],
                                        "TensorQuantOverrides": overrides})
 
 
