@@ -70,6 +70,7 @@ def test_sensitive_activations_are_kept_in_float_until_the_target(tiny_onnx, tmp
     assert len(record["auto_excluded"]) >= 1 and record["excluded_nodes"]
     sqnr = [e["estimated_sqnr_db"] for e in record["auto_excluded"]]
     assert sqnr == sorted(sqnr)                                    # lowest estimated SQNR first
+    assert record["auto_excluded"][0]["activation"] == record["lowest_sqnr_activations"][0]["activation"]
     assert all(e["nodes"] and e["activation"] for e in record["auto_excluded"])
 
 

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import run_cli
 
 
-@pytest.mark.slow   # about 5 minutes on 2 CPU cores: every candidate is scored on 220 calibration texts
+@pytest.mark.slow   # about 5 minutes on 2 busy CPU cores: each candidate is scored on 220 calibration texts
 def test_static_qdq_passes_the_gate_on_minilm(tmp_path):
     out = tmp_path / "minilm-qdq"
     proc = run_cli("quantize", "all-MiniLM-L6-v2", "--method", "static-qdq", "--output", out, "--json", "-q",
@@ -23,7 +23,7 @@ def test_static_qdq_passes_the_gate_on_minilm(tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["steps"][1]["result"]
-    assert record["method"] == "static-qdq" and record["calibration_min_cosine"] >= 0.993
+    assert record["method"] == "static-qdq" and record["calibration_min_cosine"] >= 0.99
     # What was kept in float, and why, is recorded; most MatMuls stay quantized.
     excluded = record["excluded_nodes"]
     assert excluded == [n for e in record["auto_excluded"] for n in e["nodes"]]
