@@ -74,7 +74,7 @@ def _print_summary(report: dict) -> None:
         console.print(table)
     validation = report.get("validation")
     if validation and validation.get("buckets"):
-        table = Table(title=f"held-out cosine by input length (cut at {validation.get('max_length', '?')} tokens)")
+        table = Table(title=f"held-out cosine, inputs up to {validation.get('max_length', '?')} tokens")
         for col in ("bucket", "texts", "tokens", "min", "mean"):
             table.add_column(col, justify="left" if col == "bucket" else "right")
         for name, b in validation["buckets"].items():

@@ -87,3 +87,19 @@ def test_bad_max_length_is_refused(bad, tmp_path):
     with pytest.raises(UserInputError, match="max_length must be between 1 and 8192"):
         recipe_from_dict({"model": "tests.factories:tiny_bert", "steps": ["export"], "data": {"max_length": bad},
                           "output": str(tmp_path / "o")})
+
+
+def test_command_summary_shows_each_bucket(capsys):
+    from inferforge.cli import _print_summary
+
+    val = validation(short=bucket(0.983, 0.996, n=80), ordinary=bucket(0.995, 0.998, n=320),
+                     long=bucket(0.992, 0.997, n=40))
+    val["max_length"] = 256
+    checks = pipeline.check_results(Gates(min_cosine=0.99), Targets(), {"validation": val}, "onnx-int8")
+    _print_summary({"validation": val, "checks": checks})
+    out = capsys.readouterr().out
+    assert "inputs up to 256 tokens" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 5}
+    assert "80" in rows["short"] and "0.9830" in rows["short"] and "0.9960" in rows["short"]
+    assert "320" in rows["ordinary"] and "0.9950" in rows["ordinary"]
+    assert "min cosine (held-out), short" in out and "FAIL" in out
