@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from inferforge.data import SentenceSplit, read_sentences, split_sentences
+from inferforge.data import SentenceSplit, bucketed, read_sentences, split_sentences
 from inferforge.errors import GateFailed, UserInputError
 from inferforge.fileio import sha256_file
 from inferforge.manifest import MANIFEST_NAME, read_manifest, verify_artifact
@@ -28,7 +28,6 @@ from inferforge.pipeline import (
     MODEL_FILE,
     RunContext,
     RunResult,
-    bucketed,
     check_results,
     missed_message,
     run_steps,

@@ -129,3 +129,11 @@ def with_length_buckets(split: SentenceSplit, *, count_tokens: Callable[[str], i
     labels = ("short",) * len(held_short) + ("ordinary",) * len(split.held_out) + ("long",) * len(held_long)
     assert not set(calibration) & set(held_out)
     return replace(split, calibration=calibration, held_out=held_out, held_out_buckets=labels)
+
+
+def bucketed(split: SentenceSplit, tokenizer, max_length: int) -> SentenceSplit:
+    """`with_length_buckets` with a Hugging Face tokenizer counting the tokens (special tokens included)."""
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, truncation=False)["input_ids"])
+
+    return with_length_buckets(split, count_tokens=count_tokens, max_tokens=max_length)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inferforge.data import SentenceSplit, split_sentences, with_length_buckets
+from inferforge.data import SentenceSplit, bucketed, split_sentences
 from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
 from inferforge.fileio import atomic_write_json, atomic_write_text
@@ -321,14 +321,6 @@ def resolve_max_length(data: DataConfig, model_dir: Path) -> tuple[DataConfig, s
         return data, "recipe data.max_length"
     max_length, origin = source_max_length(model_dir)
     return replace(data, max_length=max_length), f"source model ({origin})"
-
-
-def bucketed(split: SentenceSplit, tokenizer, max_length: int) -> SentenceSplit:
-    """`split` with short queries and long passages (up to `max_length` tokens) in both sets."""
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, truncation=False)["input_ids"])
-
-    return with_length_buckets(split, count_tokens=count_tokens, max_tokens=max_length)
 
 
 def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:

@@ -11,11 +11,10 @@ from transformers import AutoTokenizer
 
 import inferforge
 from inferforge.cli import main
-from inferforge.data import SentenceSplit, read_sentences, split_sentences
+from inferforge.data import SentenceSplit, bucketed, read_sentences, split_sentences
 from inferforge.fileio import sha256_file
 from inferforge.manifest import verify_artifact, write_manifest
 from inferforge.optimize.validate import cosine_rows
-from inferforge.pipeline import bucketed
 
 CAL, HELD = 16, 24
 SIZES = ["--calibration-size", str(CAL), "--held-out-size", str(HELD)]

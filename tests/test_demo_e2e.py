@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 import inferforge
-from inferforge.data import split_sentences
+from inferforge.data import bucketed, split_sentences
 from inferforge.encoder import TorchEncoder
 from inferforge.errors import ArtifactError
 from inferforge.fileio import sha256_file
 from inferforge.models import demo_model_dir
 from inferforge.optimize.validate import cosine_rows
-from inferforge.pipeline import bucketed
 from tests.conftest import run_cli
 
 
