@@ -40,13 +40,13 @@ def render_markdown(report: dict) -> str:
     val = report.get("validation")
     if val:
         reference = (report.get("quantization") or {}).get("reference") or "the source model"
-        lines += ["## Accuracy (held-out sentences)", "",
+        lines += ["## Accuracy (held-out texts)", "",
                   f"{val['sentences']} texts not used for calibration. Cosine similarity with {reference}: "
                   f"min **{val['min_cosine']:.4f}**, 1st percentile {val['p01_cosine']:.4f}, mean **{val['mean_cosine']:.4f}**.", ""]
         buckets = val.get("buckets") or {}
         if buckets:
             gates = {c.get("bucket"): c for c in report.get("checks", []) if c.get("bucket") and c["name"].startswith("min")}
-            lines += [f"The gate holds in every length bucket (inputs cut at {val.get('max_length', '?')} tokens): "
+            lines += [f"The gate applies to each length bucket (inputs cut at {val.get('max_length', '?')} tokens): "
                       "short = the first 1-3 words of sentences, ordinary = whole sentences, long = consecutive "
                       "sentences joined up to the model's maximum length.", "",
                       "| bucket | texts | tokens | min cosine | mean cosine | 1st percentile | gate |",
