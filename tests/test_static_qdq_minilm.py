@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import run_cli
 
 
-@pytest.mark.slow   # about 5 minutes on 2 busy CPU cores: each candidate is scored on 220 calibration texts
+@pytest.mark.slow   # 2.5-5 minutes on 2 CPU cores: each candidate is scored on 220 calibration texts
 def test_static_qdq_passes_the_gate_on_minilm(tmp_path):
     out = tmp_path / "minilm-qdq"
     proc = run_cli("quantize", "all-MiniLM-L6-v2", "--method", "static-qdq", "--output", out, "--json", "-q",
