@@ -7,7 +7,8 @@ FORMULAS = (
     "`seq_len` tokens, tokenization excluded; pN is the N-th percentile over the timed iterations. "
     "Throughput = batch_size / p50 latency. Speedup = p50 latency of ONNX fp32 / p50 latency of the "
     "provider, both measured interleaved in the same run. Cosine: similarity of the L2-normalized "
-    "mean-pooled embeddings of the source PyTorch model and the optimized model, per held-out sentence."
+    "mean-pooled embeddings of the source PyTorch model and the optimized model, per held-out text; "
+    "min and mean are taken per length bucket and over all texts."
 )
 
 
@@ -41,13 +42,29 @@ def render_markdown(report: dict) -> str:
 
     val = report.get("validation")
     if val:
-        lines += ["## Accuracy (held-out sentences)", "",
-                  f"{val['sentences']} sentences not used for calibration. Cosine similarity with "
-                  f"{(report.get('quantization') or {}).get('reference') or 'the source model'}: "
-                  f"min **{val['min_cosine']:.4f}**, 1st percentile {val['p01_cosine']:.4f}, mean **{val['mean_cosine']:.4f}**.",
-                  "", "Lowest-scoring sentences:", ""]
+        reference = (report.get("quantization") or {}).get("reference") or "the source model"
+        lines += ["## Accuracy (held-out texts)", "",
+                  f"{val['sentences']} texts not used for calibration. Cosine similarity with {reference}: "
+                  f"min **{val['min_cosine']:.4f}**, 1st percentile {val['p01_cosine']:.4f}, mean **{val['mean_cosine']:.4f}**.", ""]
+        buckets = val.get("buckets") or {}
+        if buckets:
+            gates = {c.get("bucket"): c for c in report.get("checks", []) if c.get("bucket") and c["name"].startswith("min")}
+            lines += [f"The gate applies to each length bucket (inputs cut at {val.get('max_length', '?')} tokens): "
+                      "short = the first 1-3 words of sentences, ordinary = whole sentences, long = consecutive "
+                      "sentences joined up to the model's maximum length.", "",
+                      "| bucket | texts | tokens | min cosine | mean cosine | 1st percentile | gate |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, b in buckets.items():
+                tokens = "-".join(str(t) for t in b.get("tokens", [])) or "-"
+                gate = gates.get(name)
+                verdict = f"{_ok(gate['passed'])} (>= {gate['limit']:.4g})" if gate else "-"
+                lines.append(f"| {name} | {b['sentences']} | {tokens} | {b['min_cosine']:.4f} | {b['mean_cosine']:.4f} | "
+                             f"{b['p01_cosine']:.4f} | {verdict} |")
+            lines.append("")
+        lines += ["Lowest-scoring texts:", ""]
         for w in val["worst"]:
-            lines.append(f"- {w['cosine']:.4f}: {w['sentence']}")
+            text = w["sentence"] if len(w["sentence"]) <= 160 else w["sentence"][:157] + "..."
+            lines.append(f"- {w['cosine']:.4f}: {text}")
         lines.append("")
 
     bench = report.get("benchmark")

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from inferforge.data import SentenceSplit, read_sentences, sentence_record, split_sentences
+from inferforge.data import SentenceSplit, bucketed, read_sentences, sentence_record, split_sentences
 from inferforge.errors import UserInputError
 from inferforge.fileio import sha256_file
 from inferforge.manifest import MANIFEST_NAME, failed_report_dir, read_manifest, verify_artifact
@@ -86,12 +86,13 @@ def check_export_artifact(path: str | Path) -> dict:
     return manifest
 
 
-def _sentences(data: DataConfig, calibration_file: str | Path | None) -> tuple[SentenceSplit, dict]:
-    """Calibration and held-out sentences (never overlapping) and a record of them for the manifest.
+def _sentences(data: DataConfig, calibration_file: str | Path | None, tokenizer) -> tuple[SentenceSplit, dict]:
+    """Calibration and held-out texts (never overlapping) and a record of them for the manifest.
 
     Without `calibration_file`, `data.sentences` is split as in a recipe run. With it, the file's
     first `calibration_size` distinct lines (.txt) or "text" fields (.jsonl) calibrate, and the
-    held-out sentences are the first `held_out_size` of `data.sentences` not among them.
+    held-out sentences are the first `held_out_size` of `data.sentences` not among them. Either way
+    both sets get the recipe run's length buckets (short queries and long passages, `bucketed`).
     """
     if calibration_file is None:
         split = split_sentences(data.sentences, data.calibration_size, data.held_out_size)
@@ -105,8 +106,11 @@ def _sentences(data: DataConfig, calibration_file: str | Path | None) -> tuple[S
             raise UserInputError(f"{data.sentences}: {len(held_out)} sentences not in the calibration file, but "
                                  f"--held-out-size is {data.held_out_size}; lower it or give more text with --sentences")
         split = SentenceSplit(calibration, held_out)
-    return split, sentence_record(split, calibration_source=str(calibration_file or data.sentences),
-                                  held_out_source=data.sentences)
+    split = bucketed(split, tokenizer, data.max_length)
+    record = sentence_record(split, calibration_source=str(calibration_file or data.sentences),
+                             held_out_source=data.sentences)
+    record["held_out_buckets"] = {name: len(idx) for name, idx in split.buckets().items()}
+    return split, record
 
 
 def _copy_verified_model(artifact: Path, manifest: dict, dest: Path) -> Path:
@@ -143,7 +147,6 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
                              "--output")
     started = time.perf_counter()
     data = replace(data, max_length=parent["runtime"]["max_length"])
-    split, sentences = _sentences(data, calibration_file)
     from transformers import AutoTokenizer
 
     from inferforge.encoder import OnnxEncoder
@@ -153,6 +156,7 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
     except (OSError, ValueError) as e:
         raise UserInputError(f"{artifact}: cannot load the tokenizer from the artifact ({e}); re-export the "
                              "model with `inferforge export`") from None
+    split, sentences = _sentences(data, calibration_file, tokenizer)
     source = ModelSource(spec=parent["source"]["model"], path=Path(parent["source"]["path"]),
                          weights_sha256=parent["source"]["weights_sha256"])
     parent_record = {"path": str(artifact), "name": parent["name"], "version": parent["version"],
@@ -162,7 +166,8 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
         fp32 = _copy_verified_model(artifact, parent, work / "onnx-fp32")
         ctx = RunContext(data=data, gates=gates, source=source, sentences=split, work=work, staging=staging,
                          progress=progress, reference=OnnxEncoder(fp32, tokenizer, max_length=data.max_length),
-                         fp32_onnx=fp32, final_onnx=fp32)
+                         fp32_onnx=fp32, final_onnx=fp32,
+                         max_length_origin=f"parent artifact ({parent['runtime'].get('max_length_origin', 'runtime.max_length')})")
         steps = run_steps(ctx, (quantize, validate))
         checks = ctx.step_checks + check_results(gates, Targets(), ctx.results, ctx.final_provider)
         quantization = {"method": quantize.method,

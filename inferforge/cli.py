@@ -92,6 +92,14 @@ def _print_summary(report: dict) -> None:
             table.add_row(c["name"], measured, limit, "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]")
         console.print(table)
     validation = report.get("validation")
+    if validation and validation.get("buckets"):
+        table = Table(title=f"held-out cosine, inputs up to {validation.get('max_length', '?')} tokens")
+        for col in ("bucket", "texts", "tokens", "min", "mean"):
+            table.add_column(col, justify="left" if col == "bucket" else "right")
+        for name, b in validation["buckets"].items():
+            table.add_row(name, str(b["sentences"]), "-".join(map(str, b.get("tokens", []))),
+                          f"{b['min_cosine']:.4f}", f"{b['mean_cosine']:.4f}")
+        console.print(table)
     if report.get("kind") == "quantized-causal-lm" and validation:
         console.print("validation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in validation.items()))

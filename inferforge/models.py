@@ -104,3 +104,34 @@ def materialize(spec: str, workdir: Path) -> ModelSource:
     else:
         path = Path(spec).resolve()
     return ModelSource(spec=spec, path=path, weights_sha256=weights_sha256(path))
+
+
+def source_max_length(model_dir: str | Path) -> tuple[int, str]:
+    """The longest input, in tokens, the source model is meant for, and where that number comes from.
+
+    sentence-transformers' `sentence_bert_config.json` `max_seq_length` first (what the source model
+    cuts inputs at, e.g. 256 for all-MiniLM-L6-v2), else the smaller of the tokenizer's
+    `model_max_length` and the config's `max_position_embeddings`.
+    """
+    import json
+
+    def read(name: str) -> dict:
+        try:
+            data = json.loads((Path(model_dir) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def valid(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8192
+
+    value = read("sentence_bert_config.json").get("max_seq_length")
+    if valid(value):
+        return value, "sentence_bert_config.json max_seq_length"
+    limits = [(v, origin) for v, origin in (
+        (read("tokenizer_config.json").get("model_max_length"), "tokenizer_config.json model_max_length"),
+        (read("config.json").get("max_position_embeddings"), "config.json max_position_embeddings")) if valid(v)]
+    if not limits:
+        raise UserInputError(f"{model_dir}: no maximum sequence length in sentence_bert_config.json, "
+                             "tokenizer_config.json or config.json; set data.max_length in the recipe")
+    return min(limits)

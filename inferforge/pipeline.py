@@ -20,12 +20,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from inferforge.data import SentenceSplit, sentence_record, split_sentences
+from inferforge.data import SentenceSplit, bucketed, sentence_record, split_sentences
 from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
 from inferforge.fileio import atomic_write_text
@@ -38,7 +38,7 @@ from inferforge.manifest import (
     write_failed_report,
     write_manifest,
 )
-from inferforge.models import ModelSource, materialize
+from inferforge.models import ModelSource, materialize, source_max_length
 from inferforge.progress import Progress
 from inferforge.recipe import (
     BenchConfig,
@@ -76,6 +76,7 @@ class RunContext:
     results: dict = field(default_factory=dict)
     skipped_steps: list = field(default_factory=list)   # names of the steps not run after a failed gate
     step_checks: list = field(default_factory=list)     # gates a step checked itself and missed (GateFailed.check)
+    max_length_origin: str = "recipe data.max_length"   # where data.max_length comes from, for the manifest
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
         from inferforge.encoder import OnnxEncoder
@@ -126,25 +127,12 @@ def _export(ctx: RunContext, cfg: ExportConfig) -> dict:
 
 @step_runner(QuantizeConfig)
 def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
-    from inferforge.optimize.onnx_quantize import quantize_onnx_int8, quantize_static_qdq
+    from inferforge.optimize.onnx_quantize import SettingError, quantize_onnx_int8
+    from inferforge.optimize.static_qdq import quantize_static_qdq
     from inferforge.optimize.validate import cosine_rows
 
-    calibration = list(ctx.sentences.calibration)
-    if cfg.method == "static-qdq":
-        out = ctx.work / "onnx-int8" / MODEL_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        batches = [ctx.reference.tokenize(calibration[i:i + 16]) for i in range(0, len(calibration), 16)]
-        with ctx.progress.spinner(f"static QDQ quantization, {cfg.calibrate_method} calibration"):
-            try:
-                record = quantize_static_qdq(ctx.fp32_onnx, out, calibration_batches=batches,
-                                             calibrate_method=cfg.calibrate_method, per_channel=cfg.per_channel,
-                                             exclude_nodes=cfg.exclude_nodes)
-            except ValueError as e:
-                raise UserInputError(f"quantize: {e}") from None
-        ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
-        record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
-        return {"result": record, "summary": f"static QDQ int8 ({cfg.calibrate_method} calibration); size "
-                                             f"{record['size_bytes']['fp32'] / 1e6:.0f} MB -> {record['size_bytes']['int8'] / 1e6:.0f} MB"}
+    # Calibration covers every length bucket; batches of similar lengths keep padding low.
+    calibration = sorted(ctx.sentences.calibration, key=len)
     reference = ctx.reference(calibration)
     tokenize = ctx.reference.tokenize
     batches = [tokenize(calibration[i:i + 16]) for i in range(0, len(calibration), 16)]
@@ -153,27 +141,34 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
         cos = cosine_rows(reference, ctx.encoder(path)(calibration))
         return float(cos.min()), float(cos.mean())
 
-    n = (1 if cfg.smoothquant_alpha != "auto" else len(cfg.alpha_grid) + 1) + cfg.max_auto_excluded
-    task = ctx.progress.task("quantizing: choosing settings on calibration data", total=n)
+    static = cfg.method == "static-qdq"
+    n = (1 if cfg.smoothquant_alpha != "auto" else len(cfg.alpha_grid) + 1) + cfg.auto_exclusion_bound
+    label = f"static QDQ, {cfg.calibrate_method} calibration" if static else "dynamic int8"
+    task = ctx.progress.task(f"quantizing ({label}): choosing settings on calibration data", total=n)
     out = ctx.work / "onnx-int8" / MODEL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
+    common = dict(calibration_batches=batches, score=score, per_channel=cfg.per_channel,
+                  smoothquant_alpha=cfg.smoothquant_alpha, alpha_grid=cfg.alpha_grid, exclude_nodes=cfg.exclude_nodes,
+                  target_min_cosine=ctx.gates.min_cosine + cfg.calibration_margin,
+                  max_auto_excluded=cfg.auto_exclusion_bound, on_candidate=lambda label, s: task.advance())
     try:
-        record = quantize_onnx_int8(ctx.fp32_onnx, out, calibration_batches=batches, score=score,
-                                    per_channel=cfg.per_channel, smoothquant_alpha=cfg.smoothquant_alpha,
-                                    alpha_grid=cfg.alpha_grid, exclude_nodes=cfg.exclude_nodes,
-                                    target_min_cosine=ctx.gates.min_cosine + cfg.calibration_margin,
-                                    max_auto_excluded=cfg.max_auto_excluded,
-                                    on_candidate=lambda label, s: task.advance())
-    except ValueError as e:
+        if static:
+            record = quantize_static_qdq(ctx.fp32_onnx, out, calibrate_method=cfg.calibrate_method, **common)
+        else:
+            record = quantize_onnx_int8(ctx.fp32_onnx, out, **common)
+    except SettingError as e:   # a setting this model cannot take; anything else is a bug and surfaces as one
         raise UserInputError(f"quantize: {e}") from None
     finally:
         task.close()
     ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
+    record["calibration_texts"] = len(calibration)
+    record["max_auto_excluded"] = cfg.auto_exclusion_bound
     record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
+    method = f"static QDQ ({cfg.calibrate_method} calibration)" if static else "dynamic int8"
     return {"result": record,
-            "summary": f"SmoothQuant alpha {record['smoothquant_alpha']}, {len(record['excluded_nodes'])} MatMuls "
-                       f"kept in float, calibration min cosine {record['calibration_min_cosine']:.4f}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
-                       f"{record['size_bytes']['int8'] / 1e6:.0f} MB"}
+            "summary": f"{method}, SmoothQuant alpha {record['smoothquant_alpha']}, {len(record['excluded_nodes'])} "
+                       f"MatMuls kept in float, calibration min cosine {record['calibration_min_cosine']:.4f}; size "
+                       f"{record['size_bytes']['fp32'] / 1e6:.0f} MB -> {record['size_bytes']['int8'] / 1e6:.0f} MB"}
 
 
 @step_runner(ValidateConfig)
@@ -181,17 +176,21 @@ def _validate(ctx: RunContext, cfg: ValidateConfig) -> dict:
     from inferforge.optimize.validate import compare_embeddings
 
     held_out = list(ctx.sentences.held_out)
+    buckets = ctx.sentences.buckets()
     candidate = ctx.encoder(ctx.final_onnx)
     # One call over the whole list, exactly as a user calls the loaded model: with dynamic int8
     # activations an embedding depends (slightly) on which sentences share its batch.
-    with ctx.progress.spinner(f"validating on {len(held_out)} held-out sentences"):
+    with ctx.progress.spinner(f"validating on {len(held_out)} held-out texts"):
         ref = ctx.reference(held_out, batch_size=cfg.batch_size)
         got = candidate(held_out, batch_size=cfg.batch_size)
-    report = compare_embeddings(ref, got, held_out)
-    ctx.results["validation"] = report.to_dict()
-    return {"result": report.to_dict(),
-            "summary": f"{ctx.final_provider}: min cosine {report.min_cosine:.4f}, mean {report.mean_cosine:.4f} "
-                       f"over {report.sentences} held-out sentences"}
+    tokens = [len(ids) for ids in ctx.reference.tokenizer(held_out, truncation=True,
+                                                           max_length=ctx.data.max_length)["input_ids"]]
+    report = compare_embeddings(ref, got, held_out, buckets=buckets, tokens=tokens)
+    ctx.results["validation"] = {**report.to_dict(), "max_length": ctx.data.max_length}
+    per_bucket = ", ".join(f"{name} {b['min_cosine']:.4f}" for name, b in report.buckets.items())
+    return {"result": ctx.results["validation"],
+            "summary": f"{ctx.final_provider}: min cosine {per_bucket}; mean {report.mean_cosine:.4f} "
+                       f"over {report.sentences} held-out texts"}
 
 
 @step_runner(BenchConfig)
@@ -244,11 +243,15 @@ def check_results(gates: Gates, targets: Targets, results: dict, final_provider:
     checks = []
     val = results.get("validation")
     if val:
-        checks.append({"name": "min cosine (held-out)", "kind": "gate", "measured": val["min_cosine"],
-                       "op": ">=", "limit": gates.min_cosine})
-        if gates.mean_cosine is not None:
-            checks.append({"name": "mean cosine (held-out)", "kind": "gate", "measured": val["mean_cosine"],
-                           "op": ">=", "limit": gates.mean_cosine})
+        # One gate per length bucket: a model that is fine on sentences can fail short queries.
+        buckets = val.get("buckets") or {"": val}
+        for name, b in buckets.items():
+            suffix = f", {name}" if name else ""
+            checks.append({"name": f"min cosine (held-out){suffix}", "kind": "gate", "measured": b["min_cosine"],
+                           "op": ">=", "limit": gates.min_cosine, "bucket": name or None})
+            if gates.mean_cosine is not None:
+                checks.append({"name": f"mean cosine (held-out){suffix}", "kind": "gate", "measured": b["mean_cosine"],
+                               "op": ">=", "limit": gates.mean_cosine, "bucket": name or None})
     bench = results.get("benchmark")
     if bench:
         rows = {(r["provider"], r["batch_size"]): r for r in bench["results"]}
@@ -325,9 +328,11 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     with progress.spinner(f"loading {recipe.model}"):
         source = materialize(recipe.model, work)
         source = dataclasses.replace(source, spec=recipe.model_as_written or recipe.model)
-        reference = TorchEncoder(source.path, max_length=recipe.data.max_length)
-    ctx = RunContext(data=recipe.data, gates=recipe.gates, source=source, sentences=sentences, work=work,
-                     staging=staging, progress=progress, reference=reference)
+        data, origin = resolve_max_length(recipe.data, source.path)
+        reference = TorchEncoder(source.path, max_length=data.max_length)
+    sentences = bucketed(sentences, reference.tokenizer, data.max_length)
+    ctx = RunContext(data=data, gates=recipe.gates, source=source, sentences=sentences, work=work,
+                     staging=staging, progress=progress, reference=reference, max_length_origin=origin)
     steps = run_steps(ctx, recipe.steps)
     checks = ctx.step_checks + check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
     sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
@@ -338,6 +343,14 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
 
 def _step_name(cfg) -> str:
     return type(cfg).__name__.removesuffix("Config").lower()
+
+
+def resolve_max_length(data: DataConfig, model_dir: Path) -> tuple[DataConfig, str]:
+    """`data` with `max_length` set (the recipe's, else the source model's), and where it came from."""
+    if data.max_length is not None:
+        return data, "recipe data.max_length"
+    max_length, origin = source_max_length(model_dir)
+    return replace(data, max_length=max_length), f"source model ({origin})"
 
 
 def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
@@ -423,7 +436,7 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         "created": report["created"],
         "kind": "sentence-encoder",
         "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
-                    "normalize": True, "max_length": ctx.data.max_length,
+                    "normalize": True, "max_length": ctx.data.max_length, "max_length_origin": ctx.max_length_origin,
                     "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
         "source": ctx.source.to_dict(),
         **provenance,

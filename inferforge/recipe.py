@@ -72,12 +72,12 @@ class DataConfig:
     sentences: str = "demo"
     calibration_size: int = 160
     held_out_size: int = 320
-    max_length: int = 128
+    max_length: int | None = None     # tokens per input; None: the source model's own limit
 
     def __post_init__(self):
         _require(self.calibration_size >= 1, "calibration_size must be >= 1")
         _require(self.held_out_size >= 1, "held_out_size must be >= 1")
-        _require(1 <= self.max_length <= 8192, "max_length must be between 1 and 8192")
+        _require(self.max_length is None or 1 <= self.max_length <= 8192, "max_length must be between 1 and 8192")
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,17 @@ class QuantizeConfig:
     smoothquant_alpha: float | str = "auto"
     alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
     exclude_nodes: tuple[str, ...] = ()
-    max_auto_excluded: int = 2
+    max_auto_excluded: int | None = None  # None: 2 for dynamic-int8 (speed), 16 for static-qdq (accuracy)
     calibration_margin: float = 0.003
 
+    @property
+    def auto_exclusion_bound(self) -> int:
+        if self.max_auto_excluded is not None:
+            return self.max_auto_excluded
+        return 16 if self.method == "static-qdq" else 2
+
     def __post_init__(self):
-        _require(self.max_auto_excluded >= 0, "max_auto_excluded must be >= 0")
+        _require(self.max_auto_excluded is None or self.max_auto_excluded >= 0, "max_auto_excluded must be >= 0")
         _require(0 <= self.calibration_margin < 1, "calibration_margin must be in [0, 1)")
         _require(self.method in ("dynamic-int8", "static-qdq"), "method must be 'dynamic-int8' or 'static-qdq'")
         _require(self.calibrate_method in ("minmax", "entropy", "percentile"),

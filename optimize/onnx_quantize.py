@@ -17,14 +17,17 @@ projections have token-dependent outliers that smoothing does not help (measured
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+
+class SettingError(ValueError):
+    """A quantization setting this model cannot take (bad input, with the fix in the message)."""
+
 
 NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization")
 _SCALE_CLIP = (1e-2, 1e2)
@@ -56,7 +59,8 @@ def activation_absmax(onnx_path: str | Path, tensor_names: Sequence[str],
     for name in tensor_names:
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     if model.ByteSize() >= 2**31 - 2**20:
-        raise ValueError("SmoothQuant calibration supports ONNX models under 2 GB (protobuf's limit)")
+        raise SettingError("SmoothQuant calibration supports ONNX models under 2 GB (protobuf's limit); set "
+                           "smoothquant_alpha: off")
     session = ort_session_from_bytes(model.SerializeToString())
     input_names = [i.name for i in session.get_inputs()]
     absmax: dict[str, np.ndarray] = {}
@@ -169,7 +173,7 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
     node_names = {n.name for n in model.graph.node}
     missing = [n for n in exclude_nodes if n not in node_names]
     if missing:
-        raise ValueError(f"exclude_nodes: no node named {missing[0]!r} in the exported model")
+        raise SettingError(f"exclude_nodes: no node named {missing[0]!r} in the exported model")
     del model
 
     if smoothquant_alpha == "off" or not groups:
@@ -232,44 +236,3 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
         "candidates": candidates,
         "quantized_ops": "MatMul with constant weights (int8 weights, dynamic per-tensor uint8 activations)",
     }
-
-
-def quantize_static_qdq(fp32_path: str | Path, out_path: str | Path, *,
-                        calibration_batches: Sequence[dict[str, np.ndarray]], calibrate_method: str = "minmax",
-                        per_channel: bool = True, exclude_nodes: Sequence[str] = ()) -> dict:
-    """Static int8 quantization in QDQ format, as TensorRT expects it: symmetric int8 activations
-    and weights (per channel), QuantizeLinear/DequantizeLinear pairs around each MatMul, and
-    activation ranges calibrated on `calibration_batches` with MinMax, Entropy or Percentile."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if calibrate_method not in methods:
-        raise ValueError(f"calibrate_method must be one of {', '.join(methods)}, got {calibrate_method!r}")
-    import onnx
-
-    names = [i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter([{n: b[n] for n in names} for b in calibration_batches])
-
-        def get_next(self):
-            return next(self._it, None)
-
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    # ONNX Runtime's histogram calibrators print progress to stdout; keep stdout for --json.
-    with contextlib.redirect_stdout(sys.stderr):
-        quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                        op_types_to_quantize=["MatMul"], nodes_to_exclude=list(exclude_nodes),
-                        calibrate_method=methods[calibrate_method],
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99})
-    return {"method": "static-qdq", "calibrate_method": calibrate_method, "per_channel": per_channel,
-            "excluded_nodes": list(exclude_nodes), "format": "QDQ, symmetric int8 activations and weights"}

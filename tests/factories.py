@@ -16,3 +16,9 @@ def tiny_bert():
 
 def not_a_pair():
     return "oops"
+
+
+def demo_tokenizer_counter():
+    """Token count (with special tokens) of a text under the demo model's tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    return lambda text: len(tokenizer(text)["input_ids"])

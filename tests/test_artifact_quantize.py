@@ -7,10 +7,11 @@ import shutil
 import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
+from transformers import AutoTokenizer
 
 import inferforge
 from inferforge.cli import main
-from inferforge.data import read_sentences
+from inferforge.data import SentenceSplit, bucketed, read_sentences, split_sentences
 from inferforge.fileio import sha256_file
 from inferforge.manifest import verify_artifact, write_manifest
 from inferforge.optimize.validate import cosine_rows
@@ -62,21 +63,25 @@ def test_dynamic_int8_from_an_export_artifact(export_artifact, tmp_path, capsys)
                                   "manifest_sha256": sha256_file(export_artifact / "manifest.json"),
                                   "model_sha256": parent["files"]["model.onnx"]["sha256"]}
     assert manifest["source"] == parent["source"]
-    sentences = read_sentences("demo")
-    calibration, held_out = sentences[:CAL], sentences[CAL:CAL + HELD]
+    # The same texts as a recipe run on the parent's tokenizer and max length: length buckets included.
+    split = bucketed(split_sentences("demo", CAL, HELD), AutoTokenizer.from_pretrained(export_artifact), 128)
+    calibration, held_out = split.calibration, list(split.held_out)
     quant = manifest["quantization"]
-    assert quant["method"] == "dynamic-int8" and quant["calibration_sentences"] == CAL
+    assert quant["method"] == "dynamic-int8" and quant["calibration_sentences"] == CAL + CAL // 4 + CAL // 8
     assert quant["calibration_sha256"] == hashlib.sha256("\n".join(calibration).encode()).hexdigest()
+    assert quant["held_out_buckets"] == {"short": HELD // 4, "ordinary": HELD, "long": HELD // 8}
+    assert manifest["runtime"]["max_length"] == 128 and manifest["runtime"]["max_length_origin"].startswith("parent")
     assert manifest["steps"][0]["settings"]["method"] == "dynamic-int8"
-    assert [c["name"] for c in manifest["checks"]] == ["min cosine (held-out)"] and manifest["accuracy_passed"]
+    assert [c["name"] for c in manifest["checks"]] == [f"min cosine (held-out), {b}" for b in ("short", "ordinary", "long")]
+    assert manifest["accuracy_passed"]
     # The report is portable: the parent by its directory name, no path of this machine.
     assert json.loads((out / "report.json").read_text())["parent"] == {**manifest["parent"], "path": "tiny-onnx"}
     for name in ("report.json", "report.md"):
         assert str(export_artifact.parent) not in (out / name).read_text()
     report_md = (out / "report.md").read_text()
-    assert "min cosine (held-out)" in report_md and "Cosine similarity with onnx-fp32 model of the parent" in report_md
+    assert "| short | 6 |" in report_md and "Cosine similarity with onnx-fp32 model of the parent" in report_md
 
-    # The gate compared the int8 model with the parent's fp32 ONNX model on the held-out sentences.
+    # The gate compared the int8 model with the parent's fp32 ONNX model on the held-out texts.
     model, reference = inferforge.load(out), inferforge.load(export_artifact)
     cos = cosine_rows(reference(held_out), model(held_out))
     assert manifest["validation"]["min_cosine"] == pytest.approx(cos.min(), abs=1e-6)
@@ -129,9 +134,12 @@ def test_calibration_file_is_used_and_hashed(export_artifact, tmp_path, capsys):
     out = tmp_path / "q"
     assert quantize(export_artifact, out, "--calibration", str(cal), "--smoothquant-alpha", "off") == 0
     quant = json.loads(capsys.readouterr().out)["quantization"]
-    assert quant["calibration_source"] == str(cal) and quant["calibration_sentences"] == CAL
-    assert quant["calibration_sha256"] == hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    assert quant["held_out_sha256"] == hashlib.sha256("\n".join(held).encode()).hexdigest()
+    # The file's texts calibrate (with short queries and long passages made from them, as in a recipe run).
+    split = bucketed(SentenceSplit(tuple(texts), tuple(held)), AutoTokenizer.from_pretrained(export_artifact), 128)
+    assert split.calibration[:CAL] == tuple(texts)
+    assert quant["calibration_source"] == str(cal) and quant["calibration_sentences"] == len(split.calibration)
+    assert quant["calibration_sha256"] == hashlib.sha256("\n".join(split.calibration).encode()).hexdigest()
+    assert quant["held_out_sha256"] == hashlib.sha256("\n".join(split.held_out).encode()).hexdigest()
 
 
 def test_missed_gate_exits_1_and_writes_only_a_failure_report(export_artifact, tmp_path, capsys):

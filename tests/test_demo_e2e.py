@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import inferforge
-from inferforge.data import split_sentences
+from inferforge.data import bucketed, split_sentences
 from inferforge.encoder import TorchEncoder
 from inferforge.errors import ArtifactError
 from inferforge.fileio import sha256_file
@@ -25,15 +25,21 @@ def test_default_job_writes_artifact_and_reports(demo_run):
     assert str(out.parent) not in (out / "report.md").read_text() + (out / "report.json").read_text()
     md = (out / "report.md").read_text()
     assert "## Latency" in md and "| onnx-int8 | 8 |" in md and "Result: **PASS**" in md
+    assert "| bucket | texts | tokens | min cosine | mean cosine |" in md and "| short | 80 |" in md
 
 
 def test_accuracy_gate_passes_on_held_out_sentences(demo_run):
     _, report, _ = demo_run
     val = report["validation"]
-    assert val["sentences"] == 320
-    assert val["min_cosine"] >= 0.99 and val["mean_cosine"] >= 0.99
-    gate = next(c for c in report["checks"] if c["name"] == "min cosine (held-out)")
-    assert gate["passed"] and gate["limit"] == 0.99
+    # Short queries (1-3 words), the sentences, and passages up to the model's 256 tokens.
+    assert {k: b["sentences"] for k, b in val["buckets"].items()} == {"short": 80, "ordinary": 320, "long": 40}
+    assert val["sentences"] == 440 and val["max_length"] == 256
+    assert val["buckets"]["short"]["tokens"][1] <= 10 and val["buckets"]["long"]["tokens"][1] == 256
+    for name, b in val["buckets"].items():
+        assert b["min_cosine"] >= 0.99 and b["mean_cosine"] >= 0.99, name
+    gates = [c for c in report["checks"] if c["kind"] == "gate"]
+    assert [c["bucket"] for c in gates] == ["short", "ordinary", "long"]
+    assert all(c["passed"] and c["limit"] == 0.99 for c in gates)
 
 
 def test_benchmark_covers_every_provider_and_batch_size(demo_run):
@@ -58,6 +64,9 @@ def test_manifest_records_provenance(demo_run):
         assert step["duration_s"] > 0 and step["tools"]["onnxruntime"] and step["settings"] is not None
     assert manifest["recipe"]["steps"][1]["quantize"]["per_channel"] is True
     assert manifest["recipe"]["gates"]["min_cosine"] == 0.99
+    # The source model's own limit (sentence-transformers cuts at 256), not a silent 128.
+    assert manifest["runtime"]["max_length"] == 256
+    assert manifest["runtime"]["max_length_origin"] == "source model (sentence_bert_config.json max_seq_length)"
     assert manifest["validation"] == report["validation"] and manifest["benchmark"] == report["benchmark"]
     assert {"python", "torch", "onnxruntime", "cpu"} <= set(manifest["environment"])
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
@@ -66,8 +75,9 @@ def test_manifest_records_provenance(demo_run):
 def test_load_reproduces_the_validation_numbers(demo_run):
     out, report, _ = demo_run
     model = inferforge.load(out)
-    held_out = list(split_sentences("demo", 160, 320).held_out)
-    reference = TorchEncoder(demo_model_dir())(held_out)
+    torch_model = TorchEncoder(demo_model_dir(), max_length=256)
+    held_out = list(bucketed(split_sentences("demo", 160, 320), torch_model.tokenizer, 256).held_out)
+    reference = torch_model(held_out)
     cos = cosine_rows(reference, model(held_out))
     assert cos.min() == pytest.approx(report["validation"]["min_cosine"], abs=1e-6)
     assert cos.mean() == pytest.approx(report["validation"]["mean_cosine"], abs=1e-6)
