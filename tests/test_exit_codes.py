@@ -77,7 +77,7 @@ def test_error_classes():
 @pytest.mark.parametrize("command", [["plan", "{}", "--memory", "1GiB"],
                                      ["explain", "{}", "--format", "int4-g128"],
                                      ["generate", "{}", "--prompt", "w5", "--max-new-tokens", "1"],
-                                     ["quantize", "{}", "--config", "int8-weight-only", "--output", "{out}"],
+                                     ["quantize", "{}", "--config", "int8-weight-only", "--no-gate", "--output", "{out}"],
                                      ["export", "{}", "--output", "{out}"]])
 def test_corrupt_config_json_is_bad_input(corrupt_config, tmp_path, capsys, command):
     args = [a.format(corrupt_config, out=tmp_path / "out") for a in command]
@@ -89,7 +89,7 @@ def test_corrupt_config_json_is_bad_input(corrupt_config, tmp_path, capsys, comm
 
 @pytest.mark.parametrize("command", [["plan", "{}", "--memory", "1GiB"],
                                      ["generate", "{}", "--prompt", "w5", "--max-new-tokens", "1"],
-                                     ["quantize", "{}", "--config", "int8-weight-only", "--output", "{out}"]])
+                                     ["quantize", "{}", "--config", "int8-weight-only", "--no-gate", "--output", "{out}"]])
 def test_truncated_safetensors_is_bad_input(truncated, tmp_path, capsys, command):
     args = [a.format(truncated, out=tmp_path / "out") for a in command]
     assert main(args) == 2      # `plan` read only the header and exited 0
@@ -137,7 +137,7 @@ def test_output_that_cannot_be_written(tmp_path, capsys, monkeypatch, code, exit
 
 def test_output_under_a_file_is_bad_input(llama_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
-    args = ["quantize", str(llama_dir), "--config", "int8-weight-only", "--output", str(tmp_path / "file" / "out"),
+    args = ["quantize", str(llama_dir), "--config", "int8-weight-only", "--no-gate", "--output", str(tmp_path / "file" / "out"),
             "-q"]
     assert main(args) == 2
     assert "file" in _one_line_error(capsys.readouterr().err)

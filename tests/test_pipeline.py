@@ -135,15 +135,19 @@ def test_failed_gate_stops_the_run_before_the_benchmark(tmp_path, monkeypatch):
 def test_recipe_artifact_records_the_sentences_sha256(tmp_path):
     import hashlib
 
-    from inferforge.data import read_sentences
+    from transformers import AutoTokenizer
+
+    from inferforge.data import bucketed, split_sentences
+    from inferforge.models import demo_model_dir
 
     out = tmp_path / "art"
     pipeline.run_recipe(tiny_recipe(out))
     data = json.loads((out / "manifest.json").read_text())["data"]
-    sentences = read_sentences("demo")
-    assert data["calibration_sentences"] == 8 and data["held_out_sentences"] == 8
-    assert data["calibration_sha256"] == hashlib.sha256("\n".join(sentences[:8]).encode()).hexdigest()
-    assert data["held_out_sha256"] == hashlib.sha256("\n".join(sentences[8:16]).encode()).hexdigest()
+    # The texts actually used: 8 sentences each, plus the short queries and long passages made from them.
+    split = bucketed(split_sentences("demo", 8, 8), AutoTokenizer.from_pretrained(demo_model_dir()), 128)
+    assert data["calibration_sentences"] == len(split.calibration) == 11 and data["held_out_sentences"] == 11
+    assert data["calibration_sha256"] == hashlib.sha256("\n".join(split.calibration).encode()).hexdigest()
+    assert data["held_out_sha256"] == hashlib.sha256("\n".join(split.held_out).encode()).hexdigest()
 
 
 def test_recipe_output_and_model_are_relative_to_the_recipe_file_and_reports_are_portable(tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_normalized_recipe_round_trips(tmp_path):
 
 def test_builtin_demo_recipe_validates():
     recipe = load_recipe(builtin_recipe_path("demo"))
-    assert recipe.model == "all-MiniLM-L6-v2" and recipe.gates.min_cosine == 0.99
+    assert recipe.model == "all-MiniLM-L6-v2" and recipe.gates.min_cosine == 0.965 and recipe.gates.mean_cosine == 0.98
 
 
 def test_unknown_top_level_key_suggests_and_gives_line(tmp_path):
