@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -61,15 +60,10 @@ def make_config(fmt: str, skip: tuple[str, ...] = (), group_size: int = 128):
 def check_causal_lm_dir(model_dir: Path) -> dict:
     """The directory's config.json when it holds a Llama / Mistral / Qwen2 causal LM; otherwise a
     `UserInputError` that says which path handles what it holds (an encoder: the ONNX int8 path)."""
+    from inferforge.checkpoint_files import read_config
     from inferforge.llama import SUPPORTED
 
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise UserInputError(f"{model_dir}: no config.json; give a Hugging Face causal LM directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserInputError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+    config = read_config(model_dir, what="a Hugging Face causal LM directory")   # named errors for a bad file
     architectures = [str(a) for a in config.get("architectures") or []]
     model_type = config.get("model_type")
     if not any(a.endswith("ForCausalLM") for a in architectures):

@@ -143,6 +143,31 @@ def outlier_ratio(absmax: np.ndarray) -> float:
     return float(absmax.max() / max(np.percentile(absmax, 99), 1e-12))
 
 
+class CandidateSearch:
+    """Quantized candidates scored on calibration data: each one is recorded, the file of the best
+    (by min, then mean cosine) is kept and every other candidate's file is deleted."""
+
+    def __init__(self, on_candidate: Callable[[str, tuple[float, float]], None] | None = None):
+        self.records: list[dict] = []
+        self.best = None        # (score, smoothquant alpha, excluded nodes, path) of the best so far
+        self._on_candidate = on_candidate
+
+    def offer(self, alpha, excluded: tuple[str, ...], path: Path, result: tuple[float, float]) -> bool:
+        """Record the candidate at `path`; returns whether it became the best."""
+        self.records.append({"smoothquant_alpha": alpha, "excluded_nodes": list(excluded),
+                             "calibration_min_cosine": result[0], "calibration_mean_cosine": result[1]})
+        if self._on_candidate:
+            self._on_candidate(f"alpha={alpha} excluded={len(excluded)}", result)
+        improved = self.best is None or result > self.best[0]
+        if improved:
+            if self.best is not None:
+                self.best[3].unlink()
+            self.best = (result, alpha, excluded, path)
+        else:
+            path.unlink()
+        return improved
+
+
 def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
                        calibration_batches: Sequence[dict[str, np.ndarray]],
                        score: Callable[[Path], tuple[float, float]],
@@ -185,11 +210,10 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
     need_stats = alphas != ["off"] or (target_min_cosine is not None and max_auto_excluded > 0)
     absmax = activation_absmax(fp32_path, list(groups) + list(others), calibration_batches) if need_stats else {}
 
-    candidates, best = [], None
+    search = CandidateSearch(on_candidate)
 
-    def try_candidate(alpha, excluded: tuple[str, ...]):
-        nonlocal best
-        path = work / f"int8-candidate-{len(candidates)}.onnx"
+    def try_candidate(alpha, excluded: tuple[str, ...]) -> bool:
+        path = work / f"int8-candidate-{len(search.records)}.onnx"
         source = fp32_path
         if alpha != "off":
             source = work / "smoothed.onnx"
@@ -197,19 +221,7 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
         quantize_dynamic_int8(source, path, per_channel=per_channel, exclude_nodes=excluded)
         if source != fp32_path:
             source.unlink()
-        result = score(path)
-        candidates.append({"smoothquant_alpha": alpha, "excluded_nodes": list(excluded),
-                           "calibration_min_cosine": result[0], "calibration_mean_cosine": result[1]})
-        if on_candidate:
-            on_candidate(f"alpha={alpha} excluded={len(excluded)}", result)
-        improved = best is None or result > best[0]
-        if improved:
-            if best is not None:
-                best[3].unlink()
-            best = (result, alpha, excluded, path)
-        else:
-            path.unlink()
-        return improved
+        return search.offer(alpha, excluded, path, score(path))
 
     for alpha in alphas:
         try_candidate(alpha, tuple(exclude_nodes))
@@ -218,21 +230,21 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
         # Most outlier-dominated inputs first: one per-tensor int8 scale serves them worst.
         ranked = sorted(others, key=lambda x: -outlier_ratio(absmax[x]))
         for x in ranked[:max_auto_excluded]:
-            if best[0][0] >= target_min_cosine:
+            if search.best[0][0] >= target_min_cosine:
                 break
             names = tuple(n.name for n in others[x])
-            if try_candidate(best[1], best[2] + names):
+            if try_candidate(search.best[1], search.best[2] + names):
                 auto_excluded.extend(names)
-    best[3].replace(out_path)
+    search.best[3].replace(out_path)
     return {
         "per_channel": per_channel,
-        "smoothquant_alpha": best[1],
-        "smoothed_groups": len(groups) if best[1] != "off" else 0,
-        "excluded_nodes": list(best[2]),
+        "smoothquant_alpha": search.best[1],
+        "smoothed_groups": len(groups) if search.best[1] != "off" else 0,
+        "excluded_nodes": list(search.best[2]),
         "auto_excluded_nodes": auto_excluded,
         "target_min_cosine": target_min_cosine,
-        "calibration_min_cosine": best[0][0],
-        "calibration_mean_cosine": best[0][1],
-        "candidates": candidates,
+        "calibration_min_cosine": search.best[0][0],
+        "calibration_mean_cosine": search.best[0][1],
+        "candidates": search.records,
         "quantized_ops": "MatMul with constant weights (int8 weights, dynamic per-tensor uint8 activations)",
     }

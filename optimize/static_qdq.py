@@ -155,7 +155,12 @@ def quantize_static_qdq(fp32_path: str | Path, out_path: str | Path, *,
     """
     import onnx
 
-    from inferforge.optimize.onnx_quantize import SettingError, apply_smoothquant, smoothable_groups
+    from inferforge.optimize.onnx_quantize import (
+        CandidateSearch,
+        SettingError,
+        apply_smoothquant,
+        smoothable_groups,
+    )
 
     if calibrate_method not in CALIBRATE_METHODS:
         raise SettingError(f"calibrate_method must be one of {', '.join(CALIBRATE_METHODS)}, got {calibrate_method!r}")
@@ -179,7 +184,7 @@ def quantize_static_qdq(fp32_path: str | Path, out_path: str | Path, *,
 
         absmax = activation_absmax(fp32_path, list(smoothable_groups(onnx.load(str(fp32_path)))), calibration_batches)
     sample = next(unpadded_sequences(calibration_batches[:1]))
-    candidates, best = [], None
+    search = CandidateSearch(on_candidate)
 
     def source_for(alpha) -> Path:
         if alpha == "off":
@@ -199,58 +204,45 @@ def quantize_static_qdq(fp32_path: str | Path, out_path: str | Path, *,
         return stats_cache[alpha]
 
     def try_candidate(alpha, excluded: tuple[str, ...]) -> bool:
-        nonlocal best
         readers, stats = stats_for(alpha)
-        path = work / f"qdq-candidate-{len(candidates)}.onnx"
+        path = work / f"qdq-candidate-{len(search.records)}.onnx"
         write_qdq(source_for(alpha), path, stats, per_channel=per_channel, exclude_nodes=excluded, sample=sample)
-        result = score(path) if score else (float("nan"), float("nan"))
-        candidates.append({"smoothquant_alpha": alpha, "excluded_nodes": list(excluded),
-                           "calibration_min_cosine": result[0], "calibration_mean_cosine": result[1]})
-        if on_candidate:
-            on_candidate(f"alpha={alpha} excluded={len(excluded)}", result)
-        improved = best is None or result > best[0]
-        if improved:
-            if best is not None:
-                best[3].unlink()
-            best = (result, alpha, excluded, path)
-        else:
-            path.unlink()
-        return improved
+        return search.offer(alpha, excluded, path, score(path) if score else (float("nan"), float("nan")))
 
     try:
         for alpha in alphas:
             try_candidate(alpha, tuple(exclude_nodes))
         auto_excluded = []
         if score is not None and target_min_cosine is not None:
-            readers, stats = stats_for(best[1])
+            readers, stats = stats_for(search.best[1])
             # Worst-resolved activations first: lowest SQNR at their int8 step.
             ranked = sorted(readers, key=lambda x: estimated_sqnr_db(stats[x]))
             tried = 0
             for x in ranked:
-                if best[0][0] >= target_min_cosine or tried == max_auto_excluded:
+                if search.best[0][0] >= target_min_cosine or tried == max_auto_excluded:
                     break
-                names = tuple(n for n in readers[x] if n not in best[2])
+                names = tuple(n for n in readers[x] if n not in search.best[2])
                 if not names:
                     continue
                 tried += 1
-                if try_candidate(best[1], best[2] + names):
+                if try_candidate(search.best[1], search.best[2] + names):
                     auto_excluded.append({"nodes": list(names), "activation": x,
                                           "estimated_sqnr_db": round(estimated_sqnr_db(stats[x]), 1),
-                                          "calibration_min_cosine": best[0][0]})
-        best[3].replace(out_path)
+                                          "calibration_min_cosine": search.best[0][0]})
+        search.best[3].replace(out_path)
     finally:
         for path in work.glob("smoothed-*.onnx"):
             path.unlink()
-    readers, stats = stats_for(best[1])
+    readers, stats = stats_for(search.best[1])
     return {
         "method": "static-qdq", "calibrate_method": calibrate_method, "per_channel": per_channel,
         "format": "QDQ, symmetric int8 activations (per tensor) and weights (per output channel)",
-        "smoothquant_alpha": best[1],
-        "excluded_nodes": list(best[2]),
+        "smoothquant_alpha": search.best[1],
+        "excluded_nodes": list(search.best[2]),
         "auto_excluded": auto_excluded,
         "target_min_cosine": target_min_cosine,
-        "calibration_min_cosine": best[0][0], "calibration_mean_cosine": best[0][1],
-        "candidates": candidates,
+        "calibration_min_cosine": search.best[0][0], "calibration_mean_cosine": search.best[0][1],
+        "candidates": search.records,
         "lowest_sqnr_activations": [{"activation": x, "estimated_sqnr_db": round(estimated_sqnr_db(stats[x]), 1)}
                                     for x in sorted(stats, key=lambda x: estimated_sqnr_db(stats[x]))[:5]],
     }
