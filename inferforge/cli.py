@@ -91,6 +91,10 @@ def _print_summary(report: dict) -> None:
                 limit = ", ".join(f"{k} {v}" for k, v in (c.get("limits") or {}).items() if v is not None)
             table.add_row(c["name"], measured, limit, "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]")
         console.print(table)
+    gate = report.get("gate")
+    if report.get("kind") == "quantized-causal-lm" and isinstance(gate, dict):
+        console.print(f"accuracy gate: on ({gate.get('note', '')})" if gate.get("enabled")
+                      else f"accuracy gate: [yellow]OFF[/yellow] ({gate.get('note', 'not checked')})")
     validation = report.get("validation")
     if validation and validation.get("buckets"):
         table = Table(title=f"held-out cosine, inputs up to {validation.get('max_length', '?')} tokens")
@@ -554,9 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MODEL is an artifact written by 'inferforge export': quantize its model.onnx (no re-export)")
     p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
     p.add_argument("--method", default="dynamic-int8", choices=["dynamic-int8", "static-qdq"],
-                   help="ONNX int8: dynamic activations (CPU serving) or static symmetric QDQ (TensorRT)")
+                   help="ONNX int8: dynamic activations (CPU serving) or static symmetric QDQ (TensorRT); default dynamic-int8")
     p.add_argument("--calibrate-method", default="minmax", choices=["minmax", "entropy", "percentile"],
-                   help="activation ranges for --method static-qdq")
+                   help="activation ranges for --method static-qdq (default minmax)")
     p.add_argument("--explain", action="store_true",
                    help="predict, per layer, whether --config pays at --batch on --gpu (roofline), and run nothing")
     p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "int4-awq", "w8a8", "fp8"],
@@ -634,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="context limit (default: the model's window)")
     p.add_argument("--truncate-left", action="store_true", help="drop the oldest prompt tokens instead of failing")
     p.add_argument("--sliding-window", type=int, metavar="TOKENS",
-                   help="keep only the most recent TOKENS (plus --sink-tokens) in the cache: an endless stream")
+                   help="keep only the most recent TOKENS (plus --sink-tokens) in the cache: an endless stream "
+                        "(default: off, a request must fit the context window)")
     p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept with --sliding-window (default 4)")
     _common(p)
     p.set_defaults(func=cmd_generate)

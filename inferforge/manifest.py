@@ -192,6 +192,9 @@ def verify_artifact(directory: str | Path) -> dict:
 def check_output_dir(out: Path) -> None:
     """Refuse to replace a directory that holds something other than an earlier artifact, or whose
     `OUT.failed` sibling holds something other than a failed run's reports."""
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserInputError(f"output {out}: {blocking} is a file, not a directory; choose another output")
     if out.exists():
         if not out.is_dir():
             raise UserInputError(f"output {out} exists and is not a directory; choose another output")

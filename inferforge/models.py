@@ -36,6 +36,19 @@ def demo_model_dir() -> Path:
     return Path(get_model_path())
 
 
+
+def import_factory_module(module: str):
+    """Import a factory's module as `python -m` would see it: the working directory is searched too
+    (the `inferforge` script, unlike `python -m`, does not put it on sys.path)."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    return importlib.import_module(module)
+
+
 def check_model_spec(spec: str) -> None:
     """Raise ValueError with a fix if `spec` cannot name a model; cheap, does not load weights."""
     if spec in _DEMO_ALIASES:
@@ -44,7 +57,7 @@ def check_model_spec(spec: str) -> None:
     if _FACTORY.match(spec):
         module, _, func = spec.partition(":")
         try:
-            mod = importlib.import_module(module)
+            mod = import_factory_module(module)
         except ImportError as e:
             raise ValueError(f"cannot import module '{module}' for factory '{spec}': {e}") from None
         if not callable(getattr(mod, func, None)):
@@ -94,7 +107,7 @@ def materialize(spec: str, workdir: Path) -> ModelSource:
         path = demo_model_dir()
     elif _FACTORY.match(spec):
         module, _, func = spec.partition(":")
-        result = getattr(importlib.import_module(module), func)()
+        result = getattr(import_factory_module(module), func)()
         if not (isinstance(result, tuple) and len(result) == 2):
             raise UserInputError(f"factory '{spec}' must return (model, tokenizer), got {type(result).__name__}")
         model, tokenizer = result

@@ -333,7 +333,7 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     sentences = bucketed(sentences, reference.tokenizer, data.max_length)
     ctx = RunContext(data=data, gates=recipe.gates, source=source, sentences=sentences, work=work,
                      staging=staging, progress=progress, reference=reference, max_length_origin=origin)
-    steps = run_steps(ctx, recipe.steps)
+    steps = run_steps(ctx, recipe.steps, targets=recipe.targets)
     checks = ctx.step_checks + check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
     sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
                                       held_out_source=recipe.data.sentences)
@@ -353,7 +353,7 @@ def resolve_max_length(data: DataConfig, model_dir: Path) -> tuple[DataConfig, s
     return replace(data, max_length=max_length), f"source model ({origin})"
 
 
-def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
+def run_steps(ctx: RunContext, configs: Iterable, targets: Targets | None = None) -> list[dict]:
     """Run each step config with its registered runner; returns one record per step for the manifest.
 
     After a step whose accuracy gate fails (the validate step, or a step that raises `GateFailed`
@@ -375,14 +375,16 @@ def run_steps(ctx: RunContext, configs: Iterable) -> list[dict]:
         record = {"name": name, "settings": asdict(cfg), "duration_s": time.perf_counter() - t0,
                   "tools": tool_versions(), **outcome}
         steps.append(record)
-        failed = [c for c in ctx.step_checks + check_results(ctx.gates, Targets(), ctx.results, ctx.final_provider)
-                  if c["kind"] == "gate" and not c["passed"]]
+        checks = ctx.step_checks + check_results(ctx.gates, targets or Targets(), ctx.results, ctx.final_provider)
+        failed = [c for c in checks if c["kind"] == "gate" and not c["passed"]]
+        missed_targets = [c for c in checks if c["kind"] == "target" and not c["passed"]]
         summary = outcome.get("summary", "")
-        if failed:
-            summary += "; gate missed: " + "; ".join(
-                f"{c['name']} measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}" for c in failed)
-            record["summary"] = summary
-        ctx.progress.done(name, record["duration_s"], summary, passed=not failed)
+        for label, missed in (("gate missed", failed), ("target missed", missed_targets)):
+            if missed:
+                summary += f"; {label}: " + "; ".join(
+                    f"{c['name']} measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}" for c in missed)
+                record["summary"] = summary
+        ctx.progress.done(name, record["duration_s"], summary, passed=not failed and not missed_targets)
         if failed:
             ctx.skipped_steps = [_step_name(c) for c in configs[i + 1:]]
             if ctx.skipped_steps:

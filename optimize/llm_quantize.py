@@ -37,10 +37,12 @@ MILDER = {"int4-g128": "int4-awq or int4-gptq (calibrated), or int8-weight-only"
 # How messages name the options: the command line's flags, or a recipe's keys.
 CLI_NAMES = {"auto_skip": "--auto-skip", "no_gate": "--no-gate", "calibration": "--calibration FILE",
              "num_samples": "--num-samples", "seq_len": "--seq-len",
-             "max_float_share": "--max-float-share", "gate": "--max-ppl-increase / --min-top1-agreement"}
+             "max_float_share": "--max-float-share", "gate": "--max-ppl-increase / --min-top1-agreement",
+             "skip": "--skip"}
 RECIPE_NAMES = {"auto_skip": "auto_skip: true", "no_gate": "gate: none", "calibration": "calibration: FILE",
                 "num_samples": "num_samples", "seq_len": "seq_len",
-                "max_float_share": "max_float_share", "gate": "gate: {max_ppl_increase: ..., min_top1_agreement: ...}"}
+                "max_float_share": "max_float_share", "gate": "gate: {max_ppl_increase: ..., min_top1_agreement: ...}",
+                "skip": "skip pattern"}
 DEFAULT_GATE = "default"
 
 
@@ -96,6 +98,10 @@ def _name_layers(names: list[str], limit: int = 12) -> str:
 
 def _float_share_failure(fmt, float_layers, total, max_float_share, names, *, gate_failures=()) -> GateFailed:
     allowed = _allowed_in_float(total, max_float_share)
+    if len(float_layers) >= total and not gate_failures:
+        return GateFailed(f"not quantized: all {total} linear layers would stay in float ({_name_layers(float_layers)}), "
+                          "and an artifact that quantizes nothing is not a quantized model; no artifact was written. "
+                          f"Skip fewer layers, or try a milder format: {MILDER[fmt]}")
     limit = f"{names['max_float_share']} {max_float_share:.0%} allows {allowed} of {total}"
     if gate_failures:
         what = (f"the gate is still missed ({'; '.join(gate_failures)}) with {len(float_layers)} of {total} linear "
@@ -154,6 +160,11 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     by_pattern = [n for n in linears if any(fnmatch.fnmatch(n, p) for p in quant_config.skip)]
+    unmatched = [p for p in quant_config.skip if not any(fnmatch.fnmatch(n, p) for n in linears)]
+    if unmatched:
+        raise UserInputError(f"{names['skip']} {unmatched[0]!r} matches no linear layer of {model_dir}; layers are "
+                             f"named like {linears[0]!r} or {linears[-1]!r} (fnmatch patterns: 'lm_head', "
+                             "'*.mlp.down_proj', 'model.layers.0.*')")
     allowed = _allowed_in_float(len(linears), max_float_share)
     if len(by_pattern) > allowed:
         raise _float_share_failure(fmt, by_pattern, len(linears), max_float_share, names)

@@ -323,8 +323,9 @@ def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hess
     n, k = linear.weight.shape
     g = config.group_size
     if k % g or k % 2:
-        raise UserInputError(f"{name}: in_features ({k}) is not a multiple of group_size ({g}); choose a group_size "
-                             f"that divides it or add '{name}' to skip")
+        raise UserInputError(f"{name}: in_features ({k}) is not a multiple of the group size ({g}); choose a group "
+                             f"size that divides it (--group-size, recipe key group_size) or keep the layer in float "
+                             f"(--skip '{name}', recipe key skip)")
     input_scale = None
     if config.method == "awq":
         if act_mean is None:

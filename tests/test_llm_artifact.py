@@ -149,6 +149,10 @@ def test_reports_and_inspect(artifacts, capsys):
     assert "engine inferforge.engine.LLMEngine" in printed
     off = json.loads((artifacts["fp8"] / "report.json").read_text())
     assert off["gate"]["enabled"] is False and "**Off**" in (artifacts["fp8"] / "report.md").read_text()
+    # inspect says so too: a reader of its PASS rows must see that no accuracy gate was checked.
+    assert main(["inspect", str(artifacts["fp8"])]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "accuracy gate: OFF" in printed and "--no-gate" in printed
 
 
 def test_bench_formulas_on_a_recorded_timeline(monkeypatch):

@@ -82,7 +82,8 @@ def test_quantize_config_errors(checkpoint, tmp_path, capsys):
     assert main(["quantize", str(path), "--config", "w8a8", "--output", str(tmp_path / "x")]) == 2
     assert "needs --calibration FILE" in capsys.readouterr().err
     assert main(["quantize", str(path), "--config", "int4-g128", "--no-gate", "--output", str(tmp_path / "y"), "-q"]) == 2
-    assert "in_features (64) is not a multiple of group_size (128)" in capsys.readouterr().err
+    assert "in_features (64) is not a multiple of the group size (128)" in (err := capsys.readouterr().err)
+    assert "--group-size" in err and "--skip" in err
     assert main(["quantize", str(path), "--config", "int8-weight-only", "--calibration", str(cal), "--num-samples",
                  "40", "--seq-len", "64", "--output", str(tmp_path / "z"), "-q"]) == 2
     err = capsys.readouterr().err
@@ -213,3 +214,24 @@ def test_help_describes_every_llm_flag():
             assert actions[flag].help, (command, flag)
     text = " ".join(sub["quantize"].format_help().split())
     assert "default 5% for int8-weight-only" in text and "15% for int4-*" in text and "default 90%" in text
+
+
+def test_an_artifact_that_quantizes_nothing_fails(checkpoint, tmp_path, capsys):
+    """Item 4: even where the float share allows it (100%), a run that quantizes no layer is not a quantized model."""
+    path, _ = checkpoint
+    out = tmp_path / "nothing"
+    assert main(["quantize", str(path), "--config", "int8-weight-only", "--no-gate", "--skip", "*",
+                 "--max-float-share", "100%", "--output", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "not quantized: all 15 linear layers would stay in float" in err and "milder format" in err
+    assert not out.exists()
+
+
+def test_a_skip_pattern_that_matches_nothing_is_refused(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "typo"
+    assert main(["quantize", str(path), "--config", "int8-weight-only", "--no-gate", "--skip", "model.layers",
+                 "--output", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--skip 'model.layers' matches no linear layer" in err and "model.layers.0.*" in err
+    assert not out.exists()

@@ -245,3 +245,36 @@ def test_failed_export_check_publishes_nothing_and_reports_the_measurement(tmp_p
     report = json.loads((tmp_path / "art.failed" / "report.json").read_text())
     assert report["skipped_steps"] == ["validate"] and report["checks"] == [check]
     assert "the export is not faithful" in report["steps"][0]["summary"]
+
+
+def test_a_missed_target_marks_the_bench_step_failed(tmp_path):
+    """The bench step's progress line shows the miss (as the validate step's does), not a check mark."""
+    import io
+
+    from rich.console import Console
+
+    from inferforge.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(console=Console(file=stream, width=300, color_system=None))
+    recipe = tiny_recipe(tmp_path / "art", steps=["export", "validate", {"bench": {"batch_sizes": [1], "iterations": 3,
+                                                                                   "warmup": 0}}],
+                         targets={"latency": [{"batch_size": 1, "percentile": "p50", "max_ms": 1e-6}]})
+    result = pipeline.run_recipe(recipe, progress=progress)
+    assert not result.passed and not (tmp_path / "art").exists()
+    bench_line = next(line for line in stream.getvalue().splitlines() if " bench " in line)
+    assert bench_line.lstrip().startswith("✗") and "target missed: onnx-fp32 p50 latency, batch 1 (ms)" in bench_line
+    validate_line = next(line for line in stream.getvalue().splitlines() if " validate " in line)
+    assert validate_line.lstrip().startswith("✓")
+
+
+def test_a_factory_module_is_found_from_the_working_directory():
+    """The `inferforge` script, unlike `python -m`, does not put the working directory on sys.path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "from inferforge.models import check_model_spec; check_model_spec('tests.factories:tiny_bert')"
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

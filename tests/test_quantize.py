@@ -73,7 +73,7 @@ def test_bad_configs_are_clear():
     with pytest.raises(UserInputError, match="method 'hqq' is not available; supported: 'rtn', 'gptq', 'awq'"):
         Int4WeightOnly(method="hqq")
     odd = nn.Sequential(nn.Linear(96, 32))
-    with pytest.raises(UserInputError, match=r"0: in_features \(96\) is not a multiple of group_size \(64\)"):
+    with pytest.raises(UserInputError, match=r"0: in_features \(96\) is not a multiple of the group size \(64\)"):
         quantize(odd, Int4WeightOnly(group_size=64))
     with pytest.raises(UserInputError, match="no quantization handler for str"):
         quantize(odd, "int8")
