@@ -306,19 +306,19 @@ def cmd_sign(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from inferforge.manifest import SIGNATURE_NAME, read_manifest, verify_artifact
+    from inferforge.manifest import SIGNATURE_NAME, verify_artifact
 
-    manifest = read_manifest(args.artifact)
-    verify_artifact(args.artifact)   # raises ArtifactError (exit 2) when the manifest or a file was changed
+    # Either check raises ArtifactError (exit 2) when the manifest or a file was changed; the
+    # signature check verifies the hashes itself, so the files are read once.
     if args.verify_signature:
         from inferforge.signing import verify_signature
 
-        verify_signature(args.artifact, args.verify_signature)
+        manifest = verify_signature(args.artifact, args.verify_signature)
         signature = f"[green]signature verified with {args.verify_signature}[/green]"
-    elif (Path(args.artifact) / SIGNATURE_NAME).is_file():
-        signature = f"signed ({SIGNATURE_NAME}), not verified: pass --verify-signature PUBLIC.pem"
     else:
-        signature = "not signed"
+        manifest = verify_artifact(args.artifact)
+        signature = (f"signed ({SIGNATURE_NAME}), not verified: pass --verify-signature PUBLIC.pem"
+                     if (Path(args.artifact) / SIGNATURE_NAME).is_file() else "not signed")
     if args.json:
         print(json.dumps(manifest, indent=2))
         return EXIT_OK
