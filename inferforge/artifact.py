@@ -19,7 +19,7 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     For a sentence encoder it returns a callable with the source model's signature:
     `model(sentences: list[str]) -> np.ndarray [n, hidden] float32` (L2-normalized, mean-pooled).
     For a Llama-family model (kind `causal-lm`, or `quantized-causal-lm` from `quantize --config`,
-    whose quantized layers run on inferforge's kernels) it returns an `inferforge.engine.LLMEngine`
+    whose quantized layers run on inferforge's kernels) it returns an `inferforge.runtime.engine.LLMEngine`
     (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
     """
     path = Path(path)
@@ -35,7 +35,7 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
                             "pass allow_failed=True to load it anyway")
     kind = manifest.get("kind")
     if kind in ("causal-lm", "quantized-causal-lm"):
-        from inferforge.engine import LLMEngine
+        from inferforge.runtime.engine import LLMEngine
 
         engine = LLMEngine.from_pretrained(path, **engine_kwargs)
         engine.manifest = manifest
@@ -65,7 +65,7 @@ def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str 
     import shutil
 
     from inferforge.errors import UserInputError
-    from inferforge.llama import LlamaSpec
+    from inferforge.runtime.llama import LlamaSpec
     from inferforge.manifest import environment, staged_artifact, utc_now, write_manifest
     from inferforge.models import weights_sha256
 
@@ -82,7 +82,7 @@ def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str 
                 shutil.copyfile(f, staging / f.name)
         write_manifest(staging, {
             "name": name or model_dir.resolve().name, "created": utc_now(), "kind": "causal-lm",
-            "runtime": {"engine": "inferforge.engine.LLMEngine", "model_type": spec.model_type},
+            "runtime": {"engine": "inferforge.runtime.engine.LLMEngine", "model_type": spec.model_type},
             "source": {"model": str(model_dir), "path": str(model_dir.resolve()),
                        "weights_sha256": weights_sha256(model_dir)},
             "steps": [{"name": "package", "settings": {}, "duration_s": 0.0, "summary": "weights copied unchanged"}],

@@ -351,7 +351,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from inferforge.plan import plan
+    from inferforge.runtime.plan import plan
 
     result = plan(args.model, memory=args.memory, kv_cache_dtype=args.kv_cache_dtype, weights_dtype=args.weights_dtype,
                   max_context=args.max_context, concurrency=args.concurrency, reserve=args.reserve)
@@ -409,7 +409,7 @@ def _check_generate_flags(args) -> None:
 
 def _generation_engine(args):
     """The engine for `generate`: an artifact through `inferforge.load` (hashes verified), or a checkpoint."""
-    from inferforge.engine import LLMEngine
+    from inferforge.runtime.engine import LLMEngine
 
     kwargs = {"kv_cache_dtype": args.kv_cache_dtype, "max_num_seqs": 1, "max_context": args.max_context}
     path = Path(args.model)
@@ -427,7 +427,7 @@ def _generation_engine(args):
 
 
 def cmd_generate(args) -> int:
-    from inferforge.engine import ContextWindowExceeded
+    from inferforge.runtime.engine import ContextWindowExceeded
 
     _check_generate_flags(args)
     engine = _generation_engine(args)

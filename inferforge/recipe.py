@@ -670,7 +670,7 @@ def _check_causal_lm(recipe: Recipe) -> None:
         raise _Invalid(("model",), f"'{recipe.model}' holds {found}, not a causal LM (config.json architectures "
                                    "has no *ForCausalLM); for an encoder drop 'config' from the quantize step and "
                                    "start the steps with export")
-    from inferforge.llama import SUPPORTED
+    from inferforge.runtime.llama import SUPPORTED
 
     if config.get("model_type") not in SUPPORTED:
         raise _Invalid(("model",), f"'{recipe.model}' is a {config.get('model_type')!r} causal LM; quantized artifacts "

@@ -63,7 +63,7 @@ def check_causal_lm_dir(model_dir: Path) -> dict:
     """The directory's config.json when it holds a Llama / Mistral / Qwen2 causal LM; otherwise a
     `UserInputError` that says which path handles what it holds (an encoder: the ONNX int8 path)."""
     from inferforge.checkpoint_files import read_config
-    from inferforge.llama import SUPPORTED
+    from inferforge.runtime.llama import SUPPORTED
 
     config = read_config(model_dir, what="a Hugging Face causal LM directory")   # named errors for a bad file
     architectures = [str(a) for a in config.get("architectures") or []]
@@ -239,7 +239,7 @@ def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, 
     spec_type = config.get("model_type")
     body = {
         "name": name or out.name, "created": utc_now(), "kind": "quantized-causal-lm",
-        "runtime": {"format": fmt, "engine": "inferforge.engine.LLMEngine", "model_type": spec_type},
+        "runtime": {"format": fmt, "engine": "inferforge.runtime.engine.LLMEngine", "model_type": spec_type},
         "source": {"model": str(model_dir), "path": str(model_dir.resolve()), "weights_sha256": weights_sha256(model_dir)},
         "steps": [{"name": "quantize", "settings": settings, "duration_s": time.perf_counter() - started,
                    "tools": tool_versions(), "summary": summary}],

@@ -19,7 +19,7 @@ STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/inferforge"
 cp -r inferforge/. "$STAGE/inferforge/"
-for sub in kernels optimize bench; do ln -s "$PWD/$sub" "$STAGE/inferforge/$sub"; done
+for sub in kernels optimize bench runtime; do ln -s "$PWD/$sub" "$STAGE/inferforge/$sub"; done
 # Run from the stage, with the tests copied in: python -m and pytest put the working directory (or the
 # tests' root) first on sys.path, where the repository's own inferforge/ would shadow the assembled one.
 cp -r tests pyproject.toml "$STAGE/"

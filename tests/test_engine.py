@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from inferforge.engine import ContextWindowExceeded, LLMEngine
+from inferforge.runtime.engine import ContextWindowExceeded, LLMEngine
 from inferforge.errors import UserInputError
 from tests.factories_llama import save_tiny_llama
 
@@ -209,7 +209,7 @@ def test_sliding_window_without_eviction_equals_normal_generation(tiny, referenc
 
 
 def test_sliding_window_streams_past_the_context_window_in_a_fixed_cache(tiny):
-    from inferforge.llama import apply_rope, rms_norm
+    from inferforge.runtime.llama import apply_rope, rms_norm
 
     eng = engine(tiny, num_blocks=12)                    # the model's window is 256 tokens
     prompt = [1] + list(range(10, 60))                   # 51 tokens: the prompt itself gets evicted in part
@@ -278,7 +278,7 @@ def test_generate_command_sliding_window(tmp_path):
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
 def test_calibrated_quantized_kv_cache(tiny, reference_outputs, kv_dtype):
-    from inferforge.llama import LlamaModel
+    from inferforge.runtime.llama import LlamaModel
     from inferforge.optimize.kv_quant import KVCacheQuant, calibrate_kv_scales
 
     model = LlamaModel.load(tiny, dtype=torch.float32)
@@ -327,7 +327,7 @@ def test_engine_refuses_a_nested_stream_and_keeps_the_rng(tiny):
 
 
 def test_top_p_boundary_keeps_only_what_reaches_it():
-    from inferforge.engine import sample
+    from inferforge.runtime.engine import sample
 
     logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
     drawn = {sample(logits, temperature=1.0, top_k=None, top_p=0.5, generator=torch.Generator().manual_seed(s))

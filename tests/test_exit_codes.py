@@ -69,7 +69,7 @@ def test_error_classes():
     assert EnvironmentFailure("x").exit_code == 3 and not issubclass(EnvironmentFailure, ValueError)
     assert GateFailed("x").exit_code == 1
     with pytest.raises(ValueError, match="--concurrency"):   # what a Python caller writes
-        from inferforge.plan import plan
+        from inferforge.runtime.plan import plan
 
         plan(".", memory="1GiB", concurrency=-1)
 
@@ -149,7 +149,7 @@ def _boom(*args, **kwargs):
 
 def test_unexpected_error_exits_3_with_a_log_file(llama_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("INFERFORGE_LOG_DIR", str(tmp_path / "logs"))
-    monkeypatch.setattr("inferforge.plan.plan", _boom)
+    monkeypatch.setattr("inferforge.runtime.plan.plan", _boom)
     assert main(["plan", str(llama_dir), "--memory", "1GiB"]) == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err and "RuntimeError: something nobody expected" in err
@@ -162,7 +162,7 @@ def test_unexpected_error_exits_3_with_a_log_file(llama_dir, tmp_path, capsys, m
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_prints_the_traceback(llama_dir, tmp_path, capsys, monkeypatch, where):
     monkeypatch.setenv("INFERFORGE_LOG_DIR", str(tmp_path / "logs"))
-    monkeypatch.setattr("inferforge.plan.plan", _boom)
+    monkeypatch.setattr("inferforge.runtime.plan.plan", _boom)
     args = ["plan", str(llama_dir), "--memory", "1GiB"]
     assert main(["--debug", *args] if where == "before" else [*args, "--debug"]) == 3
     err = capsys.readouterr().err
@@ -174,7 +174,7 @@ def test_keyboard_interrupt_exits_130(llama_dir, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("inferforge.plan.plan", interrupt)
+    monkeypatch.setattr("inferforge.runtime.plan.plan", interrupt)
     assert main(["plan", str(llama_dir), "--memory", "1GiB"]) == 130
     assert "interrupted" in capsys.readouterr().err
 

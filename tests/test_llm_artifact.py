@@ -9,8 +9,8 @@ import torch
 
 import inferforge
 from inferforge.cli import main
-from inferforge.engine import LLMEngine
-from inferforge.llama_quantized import ConcatLinear
+from inferforge.runtime.engine import LLMEngine
+from inferforge.runtime.llama_quantized import ConcatLinear
 from inferforge.optimize.llm_quantize import load_as_transformers
 from inferforge.optimize.quantize import FP8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
@@ -146,7 +146,7 @@ def test_reports_and_inspect(artifacts, capsys):
     assert main(["inspect", str(art)]) == 0
     printed = " ".join(capsys.readouterr().out.split())     # rich wraps long lines
     assert "all" in printed and "files verified" in printed and "top-1 agreement (held-out)" in printed
-    assert "engine inferforge.engine.LLMEngine" in printed
+    assert "engine inferforge.runtime.engine.LLMEngine" in printed
     off = json.loads((artifacts["fp8"] / "report.json").read_text())
     assert off["gate"]["enabled"] is False and "**Off**" in (artifacts["fp8"] / "report.md").read_text()
     # inspect says so too: a reader of its PASS rows must see that no accuracy gate was checked.

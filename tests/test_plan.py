@@ -4,7 +4,7 @@ import pytest
 
 from inferforge.cli import main
 from inferforge.errors import UserInputError
-from inferforge.plan import parse_bytes, plan
+from inferforge.runtime.plan import parse_bytes, plan
 from tests.factories_llama import save_tiny_llama
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from inferforge.cli import main
 from inferforge.errors import UserInputError
-from inferforge.plan import plan, read_model_shape
+from inferforge.runtime.plan import plan, read_model_shape
 from tests.factories_llama import save_tiny_llama
 
 

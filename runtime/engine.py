@@ -28,7 +28,7 @@ import torch
 
 from inferforge.errors import UserInputError
 from inferforge.kernels import PagedKVCache
-from inferforge.llama import LlamaModel, StepBatch, shift_cached_keys
+from inferforge.runtime.llama import LlamaModel, StepBatch, shift_cached_keys
 
 
 class ContextWindowExceeded(UserInputError):

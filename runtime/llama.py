@@ -155,7 +155,7 @@ class LlamaModel:
 
     def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], *, dtype, device,
                  quantized: dict | None = None):
-        from inferforge.llama_quantized import fused_projection
+        from inferforge.runtime.llama_quantized import fused_projection
 
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         quantized = quantized or {}
@@ -215,7 +215,7 @@ class LlamaModel:
         if dtype is None:
             stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
             dtype = getattr(torch, stored) if torch.device(device).type == "cuda" else torch.float32
-        from inferforge.llama_quantized import read_quantization, take_quantized_linears
+        from inferforge.runtime.llama_quantized import read_quantization, take_quantized_linears
 
         meta = read_quantization(path)
         quantized = take_quantized_linears(meta, weights, device) if meta else None
