@@ -65,9 +65,9 @@ def package_checkpoint(model_dir: str | Path, out_dir: str | Path, *, name: str 
     import shutil
 
     from inferforge.errors import UserInputError
-    from inferforge.runtime.llama import LlamaSpec
     from inferforge.manifest import environment, staged_artifact, utc_now, write_manifest
     from inferforge.models import weights_sha256
+    from inferforge.runtime.llama import LlamaSpec
 
     model_dir, out = Path(model_dir), Path(out_dir).resolve()
     if not (model_dir / "config.json").is_file():

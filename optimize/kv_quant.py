@@ -32,8 +32,8 @@ def calibrate_kv_scales(model, prompts, config: KVCacheQuant = KVCacheQuant()) -
     """Run `prompts` (token-id lists) through `model` (a `LlamaModel`) with a float cache and return
     float32 `(k_scales, v_scales)`, each `[num_layers, n_kv_heads]`, for `LLMEngine.from_pretrained(...,
     kv_cache_dtype=config.dtype, kv_scales=...)`."""
-    from inferforge.runtime.engine import LLMEngine
     from inferforge.kernels import PagedKVCache
+    from inferforge.runtime.engine import LLMEngine
 
     if not prompts:
         raise UserInputError("calibrate_kv_scales needs at least one prompt")

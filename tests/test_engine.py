@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from inferforge.runtime.engine import ContextWindowExceeded, LLMEngine
 from inferforge.errors import UserInputError
+from inferforge.runtime.engine import ContextWindowExceeded, LLMEngine
 from tests.factories_llama import save_tiny_llama
 
 PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 70)), [1, 99], [1] + [7, 3] * 20 + [250]]
@@ -278,8 +278,8 @@ def test_generate_command_sliding_window(tmp_path):
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
 def test_calibrated_quantized_kv_cache(tiny, reference_outputs, kv_dtype):
-    from inferforge.runtime.llama import LlamaModel
     from inferforge.optimize.kv_quant import KVCacheQuant, calibrate_kv_scales
+    from inferforge.runtime.llama import LlamaModel
 
     model = LlamaModel.load(tiny, dtype=torch.float32)
     calibration = [[1] + list(range(100, 160)), [1] + [9, 8, 7] * 15]

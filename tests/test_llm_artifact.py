@@ -9,10 +9,10 @@ import torch
 
 import inferforge
 from inferforge.cli import main
-from inferforge.runtime.engine import LLMEngine
-from inferforge.runtime.llama_quantized import ConcatLinear
 from inferforge.optimize.llm_quantize import load_as_transformers
 from inferforge.optimize.quantize import FP8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from inferforge.runtime.engine import LLMEngine
+from inferforge.runtime.llama_quantized import ConcatLinear
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
 PROMPTS = [[1, 5, 9, 200, 17], [1, 99, 42]]

@@ -149,8 +149,8 @@ def bench_end_to_end(device, dtype, prompt_len=128, new_tokens=64):
     """Tokens/s, TTFT and TPOT of the engine and of transformers (static cache), same random weights."""
     from transformers import LlamaForCausalLM
 
-    from inferforge.runtime.engine import LLMEngine
     from inferforge.kernels import PagedKVCache
+    from inferforge.runtime.engine import LLMEngine
     from inferforge.runtime.llama import LlamaModel, LlamaSpec
 
     if device != "cuda":
