@@ -699,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, metavar="PRIVATE.pem",
                    help="PEM elliptic-curve private key (P-256, P-384 or P-521), unencrypted")
     p.set_defaults(func=cmd_sign)
+
+    from inferforge.bench.compare import add_report_parser
+
+    add_report_parser(sub, fmt)
     return parser
 
 
