@@ -19,3 +19,11 @@ def test_ci_runs_the_readme_test_command_last():
     assert "set -euo pipefail" in commands
     assert commands[-1] == _readme_test_command() == "pytest"
 
+
+
+def test_ci_installs_chromium_and_sets_ci():
+    """The HTML report test needs headless Chromium; with CI set it fails instead of skipping when it is missing."""
+    script = (REPO / ".ci" / "run").read_text()
+    assert "command -v chromium" in script and "apt-get install -y -qq chromium" in script
+    assert 'export CI="${CI:-1}"' in script
+    assert script.index("apt-get install -y -qq chromium") < script.rindex("\npytest")
