@@ -125,11 +125,12 @@ def _target_label(stat: str, label: str, limit) -> str:
 def cdf_charts(report: dict, requests: list[dict]) -> list[Chart]:
     charts = []
     for metric, label in METRICS:
-        xs, ys = cdf_points(metric_samples(requests, metric))
+        samples = metric_samples(requests, metric)
+        xs, ys = cdf_points(samples)
         if xs.size == 0:
             continue
         unit = "inter-token gaps" if metric == "itl_ms" else "requests"
-        chart = Chart(title=f"{label} CDF ({xs.size if xs.size < 2000 else 'sampled'} points, {unit})",
+        chart = Chart(title=f"{label} CDF ({len(samples):,} {unit})",
                       x_label=f"{label} (ms)", y_label=f"share of {unit} <= x", y_min=0.0, y_max=1.0, x_min=0.0,
                       series=[Series(label, xs.tolist(), ys.tolist(), step=True)])
         for stat, t in _targets_for(report, metric):

@@ -102,6 +102,10 @@ class Chart:
     height: int = 360
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _extent(values: list[float], pad: float = 0.05) -> tuple[float, float]:
     lo, hi = min(values), max(values)
     if hi == lo:
@@ -118,9 +122,9 @@ def render_chart(chart: Chart, chart_id: str) -> str:
     width, height = chart.width, chart.height + bottom_legend
     plot_w, plot_h = width - left - right, chart.height - top - bottom
 
-    xs = [float(v) for s in chart.series for v in s.x if v is not None]
-    ys = [float(v) for s in chart.series for v in s.y if v is not None]
-    ys += [float(w) for s in chart.series for pair in (s.whiskers or []) if pair for w in pair if w is not None]
+    xs = [float(v) for s in chart.series for v in s.x if _finite(v)]
+    ys = [float(v) for s in chart.series for v in s.y if _finite(v)]
+    ys += [float(w) for s in chart.series for pair in (s.whiskers or []) if pair for w in pair if _finite(w)]
     xs += [r.value for r in chart.refs if r.axis == "x"]
     ys += [r.value for r in chart.refs if r.axis == "y"]
     if chart.x_categories is not None:
@@ -170,21 +174,21 @@ def render_chart(chart: Chart, chart_id: str) -> str:
     for i, s in enumerate(chart.series):
         colour = s.colour or PALETTE[i % len(PALETTE)]
         colours.append(colour)
-        pts = [(px(x), py(y)) for x, y in zip(s.x, s.y) if x is not None and y is not None]
+        # (index in the series, x px, y px): a point without a value is left out, its whisker and colour with it.
+        pts = [(j, px(x), py(y)) for j, (x, y) in enumerate(zip(s.x, s.y)) if _finite(x) and _finite(y)]
         name = escape(s.name)
         out.append(f'<g class="series" data-series="{name}" data-points="{len(pts)}">')
         if s.line and len(pts) > 1:
+            xy = [(x, y) for _, x, y in pts]
             if s.step:   # CDF: horizontal to the next x, then up
-                path = [pts[0]]
-                for a, b in zip(pts, pts[1:]):
+                path = [xy[0]]
+                for a, b in zip(xy, xy[1:]):
                     path += [(b[0], a[1]), b]
-                pts_line = path
-            else:
-                pts_line = pts
-            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts_line)
+                xy = path
+            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
             out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
-        for j, (x, y) in enumerate(pts):
-            if s.whiskers and j < len(s.whiskers) and s.whiskers[j]:
+        for j, x, y in pts:
+            if s.whiskers and j < len(s.whiskers) and s.whiskers[j] and all(_finite(w) for w in s.whiskers[j]):
                 lo, hi = s.whiskers[j]
                 out.append(f'<g class="whisker" stroke="{colour}" stroke-width="1.5">'
                            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{py(lo):.1f}" y2="{py(hi):.1f}"/>'

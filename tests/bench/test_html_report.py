@@ -185,3 +185,17 @@ def test_chromium_screenshot_is_not_blank(chromium, tmp_path):
     width, height, raw = _png_pixels(shot.read_bytes())
     assert (width, height) == (1400, 2400)
     assert len(set(raw)) > 32, "the screenshot is (nearly) one colour"
+
+
+def test_sparse_and_odd_reports_render():
+    """A report with only its kind, and a sweep with missing, infinite and NaN values, still render."""
+    assert "<svg" not in render_html({"kind": "llm-serving-benchmark"}, [])
+    report, requests = _case("sweep")
+    report["sweep"][1]["p99_tpot_ms"] = None
+    report["sweep"].append({"rate": float("inf"), "request_throughput": 9.5, "passed": False,
+                            "p99_ttft_ms": float("nan")})
+    report["ci"]["p99_ttft_ms"] = None
+    report["targets"][0].update(metric="TTFT", percentile="p99")
+    html = render_html(report, requests)
+    assert html.count("<svg") == 11 and html.count('class="ref-line target"') == 6
+    assert not re.search(r'(points|cx|cy|y1|y2)="[^"]*nan', html, flags=re.I)
