@@ -105,7 +105,8 @@ def compare_reports(a: dict, b: dict, *, a_name: str = "A", b_name: str = "B") -
         y, direction_b = vb.get(key, (None, None))
         direction = direction or direction_b
         delta = y - x if x is not None and y is not None else None
-        pct = (delta / abs(x) * 100 if x else (0.0 if delta == 0 else math.inf)) if delta is not None else None
+        # No percentage from a zero baseline (JSON has no infinity); --fail-on KEY:N% then fails on any worsening.
+        pct = (delta / abs(x) * 100 if x else (0.0 if delta == 0 else None)) if delta is not None else None
         verdict = ""
         if delta is not None and direction:
             worse = delta > 0 if direction == LOWER else delta < 0
@@ -156,10 +157,15 @@ def check_fail_on(comparison: dict, rules: list[FailOn]) -> list[str]:
         if row["delta"] is None:
             raise UserInputError(f"--fail-on {rule}: {rule.key} is missing from {'A' if row['a'] is None else 'B'}")
         worse_by = row["delta"] if row["direction"] == LOWER else -row["delta"]
-        worse_pct = row["delta_pct"] if row["direction"] == LOWER else -row["delta_pct"]
-        over = worse_pct > rule.threshold if rule.relative else worse_by > rule.threshold
+        pct = row["delta_pct"]
+        worse_pct = None if pct is None else pct if row["direction"] == LOWER else -pct
+        if rule.relative:
+            over = worse_by > 0 if worse_pct is None else worse_pct > rule.threshold
+        else:
+            over = worse_by > rule.threshold
         if over:
-            failures.append(f"{rule.key} regressed by {abs(row['delta']):.4g} ({worse_pct:+.1f}% worse): "
+            how = "from a baseline of 0" if worse_pct is None else f"{worse_pct:+.1f}% worse"
+            failures.append(f"{rule.key} regressed by {abs(row['delta']):.4g} ({how}): "
                             f"{row['a']:.4g} -> {row['b']:.4g}, allowed {rule.threshold:g}"
                             f"{'%' if rule.relative else ''} ({row['direction']} is better)")
     return failures
@@ -168,8 +174,6 @@ def check_fail_on(comparison: dict, rules: list[FailOn]) -> list[str]:
 def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "-"
-    if math.isinf(v):
-        return "+inf%" if v > 0 else "-inf%"
     return f"{v:+.1f}%" if pct else f"{v:.5g}"
 
 
