@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 
 from inferforge.bench.serving.metrics import (
-    DEFINITIONS, RequestRecord, latency_summary, saturation, totals,
+    DEFINITIONS,
+    RequestRecord,
+    latency_summary,
+    saturation,
+    totals,
 )
 from inferforge.bench.serving.schedule import LoadConfig
 

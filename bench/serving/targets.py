@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from inferforge.bench.serving.metrics import LATENCY_METRICS, PERCENTILES, RequestRecord, min_samples, statistic
+from inferforge.bench.serving.metrics import (
+    LATENCY_METRICS,
+    PERCENTILES,
+    RequestRecord,
+    min_samples,
+    statistic,
+)
 from inferforge.errors import UserInputError
 
 TARGET_STATS = ("mean", *PERCENTILES)
