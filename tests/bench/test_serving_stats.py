@@ -6,7 +6,12 @@ import pytest
 from scipy import stats
 
 from inferforge.bench.serving.metrics import (
-    RequestRecord, bootstrap_ci, latency_summary, min_samples, saturation, totals,
+    RequestRecord,
+    bootstrap_ci,
+    latency_summary,
+    min_samples,
+    saturation,
+    totals,
 )
 from inferforge.bench.serving.schedule import LoadConfig, arrival_times
 from inferforge.bench.serving.workload import LengthDist, WorkloadConfig, build_workload

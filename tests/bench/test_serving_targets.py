@@ -44,7 +44,8 @@ def records(n, *, ttft=0.1, gap=0.02, tokens=4, failed=0, in_flight=None):
     return out
 
 
-def report_for(recs, targets, load=LoadConfig()):
+def report_for(recs, targets, load=None):
+    load = load or LoadConfig()
     point = results.summarize_point(recs, load=load, targets=targets, max_failed_pct=1.0)
     return results.build_report([point], sweep=False, target={"backend": "inferforge-engine", "model": "m"},
                                 scenario="generate", workload={}, load=load, environment={}, created="now")
