@@ -241,5 +241,6 @@ def _print_table(report: dict, out: Path) -> None:
     console.print(table)
     for t in report["targets"]:
         console.print(f"{t['percentile']} {t['metric']} <= {t['limit_ms']:g}: "
-                      f"{'PASS' if t['passed'] else 'MISS'} (measured {t['measured']})", highlight=False)
+                      f"{'PASS' if t['passed'] else 'MISS'} (measured "
+                      f"{'-' if t['measured'] is None else format(t['measured'], '.2f')} ms)", highlight=False)
     console.print(f"report: {out}/report.md", highlight=False)

@@ -59,6 +59,20 @@ def test_in_process_offline_miss_exits_1_and_names_it(tiny, tmp_path, async_engi
     assert report["load"]["mode"] == "offline" and report["load"]["rate"] == "inf"
 
 
+def test_in_process_sweep_reports_every_rate(tiny, tmp_path, async_engine, capsys):
+    out = tmp_path / "run"
+    code = main(["bench", str(tiny), "--scenario", "server", "--sweep", "--rate", "20", "--sweep-doublings", "1",
+                 "--sweep-bisections", "0", "--target", "e2el_ms:mean:1e9", "--num-requests", "3", "--input-len", "4",
+                 "--output-len", "2", "--warmup", "0", "-o", str(out), "--json", "-q"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert [p["load"]["rate"] for p in report["sweep"]] == [20.0, 40.0]
+    assert report["max_rate_meeting_targets"] == 40.0 and report["load"]["mode"] == "sweep"
+    assert [row["rate"] for row in csv.DictReader((out / "summary.csv").open())] == ["20.0", "40.0"]
+    rows = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert sorted({r["rate"] for r in rows}) == [20.0, 40.0] and len(rows) == 6
+
+
 def test_flag_mistakes_exit_2_with_one_line(tiny, tmp_path, capsys):
     cases = [(["--target", "8:40"], "METRIC:STAT:LIMIT_MS"),
              (["--rate", "2"], "--rate needs --scenario server"),
