@@ -274,6 +274,15 @@ def _is_llm_target(args) -> bool:
     return read_manifest(path).get("kind") in LLM_KINDS
 
 
+def _target_shape(text: str) -> str:
+    """--target's syntax at parse time; which form fits the target's kind is checked once TARGET is known."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BATCH:MS such as 8:40 (encoder) or METRIC:STAT:MS such as "
+                                         f"ttft_ms:p99:500 (language model), got {text!r}")
+    return text
+
+
 def cmd_bench(args) -> int:
     from inferforge.bench.artifact_bench import bench_artifact
     from inferforge.bench.serving.cli import cmd_bench_llm
@@ -619,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed iterations (encoder) or warm-up requests (language model) first (default 5)")
     p.add_argument("--iterations", type=int, default=30, help="encoder: timed iterations per batch size (default 30)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
-    p.add_argument("--target", action="append", default=[], metavar="TARGET",
+    p.add_argument("--target", type=_target_shape, action="append", default=[], metavar="TARGET",
                    help="latency target, repeatable. Encoder: BATCH:MS, e.g. 8:40 (batch 8 within 40 ms at "
                         "--percentile). Language model: METRIC:STAT:MS, e.g. ttft_ms:p99:500 (metric ttft_ms, "
                         "tpot_ms, itl_ms or e2el_ms; stat mean, median, p90, p95 or p99)")
