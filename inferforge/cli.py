@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from inferforge.bench.serving.cli import add_llm_bench_args
 from inferforge.errors import GateFailed, InferforgeError, UserInputError
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -257,31 +258,46 @@ def _parse_target(text: str) -> tuple[int, float]:
         batch, ms = text.split(":")
         return int(batch), float(ms)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BATCH:MS such as 8:50, got {text!r}") from None
+        raise UserInputError(f"--target {text!r}: an encoder artifact takes BATCH:MS such as 8:50") from None
+
+
+def _is_llm_target(args) -> bool:
+    """--url, a causal-LM artifact, or a model directory (config.json, no manifest) go to the serving benchmark."""
+    from inferforge.bench.serving import LLM_KINDS
+    from inferforge.manifest import read_manifest
+
+    if args.url or not args.artifact:
+        return True
+    path = Path(args.artifact)
+    if not (path / "manifest.json").is_file() and (path / "config.json").is_file():
+        return True
+    return read_manifest(path).get("kind") in LLM_KINDS
+
+
+def _target_shape(text: str) -> str:
+    """--target's syntax at parse time; which form fits the target's kind is checked once TARGET is known."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BATCH:MS such as 8:40 (encoder) or METRIC:STAT:MS such as "
+                                         f"ttft_ms:p99:500 (language model), got {text!r}")
+    return text
 
 
 def cmd_bench(args) -> int:
     from inferforge.bench.artifact_bench import bench_artifact
-    from inferforge.bench.llm_bench import LLM_KINDS, bench_llm, render_llm_bench
-    from inferforge.manifest import read_manifest
+    from inferforge.bench.serving.cli import cmd_bench_llm
+    from inferforge.bench.serving.targets import looks_like_slo
 
-    if read_manifest(args.artifact).get("kind") in LLM_KINDS:
+    if _is_llm_target(args):
         if args.compare_source:
             raise UserInputError("--compare-source times an encoder's PyTorch source; it is not available for a "
-                                 "causal-LM artifact: bench the source checkpoint's own artifact instead")
-        report = bench_llm(args.artifact, batch_sizes=args.batch_sizes, prompt_len=args.seq_len,
-                           output_len=args.output_len, warmup=args.warmup, iterations=args.iterations,
-                           targets=args.target, metric=args.metric, percentile=args.percentile,
-                           threads=args.threads, progress=_progress(args))
-        if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            render_llm_bench(report)
-            _print_summary(report)
-        if not report["passed"]:
-            print(f"FAILED: {'; '.join(c['name'] for c in report['checks'] if not c['passed'])}", file=sys.stderr)
-            return EXIT_GATE
-        return EXIT_OK
+                                 "causal LM: bench the source checkpoint's own artifact instead")
+        return cmd_bench_llm(args)
+    for text in args.target:
+        if looks_like_slo(text):
+            raise UserInputError(f"--target {text}: METRIC:STAT:MS targets are for language models; an encoder "
+                                 "artifact takes BATCH:MS such as 8:40")
+    args.target = [_parse_target(text) for text in args.target]
     report = bench_artifact(args.artifact, batch_sizes=args.batch_sizes, seq_len=args.seq_len,
                             warmup=args.warmup, iterations=args.iterations, threads=args.threads,
                             compare_source=args.compare_source, targets=args.target,
@@ -415,7 +431,7 @@ def _generation_engine(args):
     path = Path(args.model)
     if (path / "manifest.json").is_file():
         import inferforge
-        from inferforge.bench.llm_bench import LLM_KINDS
+        from inferforge.bench.serving import LLM_KINDS
         from inferforge.manifest import read_manifest
 
         kind = read_manifest(path).get("kind")
@@ -594,28 +610,32 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("bench", formatter_class=fmt, help="benchmark an artifact against latency targets",
-                       description="Measure an artifact's latency (p50/p90/p95/p99) at fixed batch sizes and sequence "
-                                   "length; exit 1 if a --target is missed.",
-                       epilog="example:\n  inferforge bench runs/minilm-int8 --batch-sizes 1 8 --target 8:40 --compare-source")
-    p.add_argument("artifact", help="artifact directory (a sentence encoder, or a causal LM: generation latency)")
+    p = sub.add_parser("bench", formatter_class=fmt, help="benchmark an artifact or LLM server against latency targets",
+                       description="Encoder artifacts: latency (p50/p90/p95/p99) at fixed batch sizes and sequence "
+                                   "length. Language models (a causal-LM artifact, a model directory, or --url): "
+                                   "load generation with TTFT/TPOT/ITL/E2EL against latency SLOs. Exit 1 if a "
+                                   "--target is missed, 2 if the run is invalid.",
+                       epilog="examples:\n  inferforge bench runs/minilm-int8 --batch-sizes 1 8 --target 8:40 "
+                              "--compare-source\n  inferforge bench runs/llama-int4 --scenario server --rate 4 "
+                              "--preset mlperf-server\n  inferforge bench --url http://127.0.0.1:8000/v1 --model "
+                              "llama --scenario server --sweep --target ttft_ms:p99:500 --vocab-size 128256")
+    p.add_argument("artifact", nargs="?", metavar="TARGET",
+                   help="artifact directory (a sentence encoder, or a causal LM) or a Llama-family model directory")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N",
-                   help="batch sizes to measure (default 1 8); causal LM: requests submitted together")
-    p.add_argument("--seq-len", type=int, default=128,
-                   help="tokens per sequence (default 128); causal LM: prompt tokens")
-    p.add_argument("--output-len", type=int, default=32,
-                   help="causal LM: tokens generated per request (default 32)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
-    p.add_argument("--iterations", type=int, default=30, help="timed iterations per batch size (default 30)")
-    p.add_argument("--metric", choices=["ttft", "tpot", "e2e"], default="tpot",
-                   help="causal LM: what --target limits, time to first token, time per output token after the "
-                        "first, or end-to-end request latency (default tpot)")
+                   help="encoder: batch sizes to measure (default 1 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="encoder: tokens per sequence (default 128)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed iterations (encoder) or warm-up requests (language model) first (default 5)")
+    p.add_argument("--iterations", type=int, default=30, help="encoder: timed iterations per batch size (default 30)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
-    p.add_argument("--target", type=_parse_target, action="append", default=[], metavar="BATCH:MS",
-                   help="latency target, e.g. 8:40 (batch 8 within 40 ms at --percentile); repeatable")
+    p.add_argument("--target", type=_target_shape, action="append", default=[], metavar="TARGET",
+                   help="latency target, repeatable. Encoder: BATCH:MS, e.g. 8:40 (batch 8 within 40 ms at "
+                        "--percentile). Language model: METRIC:STAT:MS, e.g. ttft_ms:p99:500 (metric ttft_ms, "
+                        "tpot_ms, itl_ms or e2el_ms; stat mean, median, p90, p95 or p99)")
     p.add_argument("--percentile", choices=["p50", "p90", "p95", "p99"], default="p95",
-                   help="latency quantile that --target limits (default p95)")
-    p.add_argument("--compare-source", action="store_true", help="also time the source PyTorch model, interleaved")
+                   help="encoder: latency quantile that --target limits (default p95)")
+    p.add_argument("--compare-source", action="store_true", help="encoder: also time the source PyTorch model")
+    add_llm_bench_args(p)
     _common(p)
     p.set_defaults(func=cmd_bench)
 

@@ -97,36 +97,38 @@ def test_generate_messages_name_the_flags(artifacts, capsys):
     assert "choose one context policy: --truncate-left or --sliding-window" in capsys.readouterr().err
 
 
-def test_bench_measures_generation_with_the_engine(artifacts, capsys):
-    """Targets are checked on the stated metric; limits no machine can miss (1e9 ms) or meet (1e-6 ms) keep the
-    test independent of the machine's speed."""
-    args = ["bench", str(artifacts["int4"]), "--batch-sizes", "1", "2", "--seq-len", "6", "--output-len", "3",
-            "--warmup", "0", "--iterations", "2", "--metric", "ttft", "--percentile", "p90", "--json", "-q"]
-    assert main([*args, "--target", "1:1e9", "--target", "2:1e-6"]) == 1
+def test_bench_measures_generation_with_the_engine(artifacts, tmp_path, monkeypatch, capsys):
+    """The serving benchmark runs a quantized artifact in-process. Limits no machine can miss (1e9 ms) or meet
+    (1e-6 ms) keep the test independent of the machine's speed."""
+    from tests.bench.fake_async_engine import install_if_missing
+
+    install_if_missing(monkeypatch)
+    args = ["bench", str(artifacts["int4"]), "--num-requests", "4", "--input-len", "6", "--output-len", "3",
+            "--warmup", "0", "--max-num-seqs", "2", "-o", str(tmp_path / "run"), "--json", "-q"]
+    assert main([*args, "--target", "ttft_ms:median:1e9", "--target", "tpot_ms:median:1e-6"]) == 1
     report = json.loads(capsys.readouterr().out)
-    bench = report["llm_benchmark"]
-    assert report["model"]["format"] == "int4-g128" and (bench["prompt_len"], bench["output_len"]) == (6, 3)
-    assert [r["batch_size"] for r in bench["results"]] == [1, 2]
-    assert [r["requests"] for r in bench["results"]] == [2, 4]
-    for r in bench["results"]:
-        for metric in ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s"):
-            q = r[metric]
-            assert 0 < q["p50"] <= q["p90"] <= q["p95"] <= q["p99"], (metric, q)
-        assert r["e2e_ms"]["p50"] >= r["ttft_ms"]["p50"]
-    one, two = report["checks"]
-    assert one["name"] == "TTFT p90, batch 1 (ms)" and one["passed"] and not two["passed"]
-    assert two["measured"] == bench["results"][1]["ttft_ms"]["p90"] and two["limit"] == 1e-6
-    assert "TPOT: (time of a request's last token - time of its first token) / (output_len - 1)" in bench["definitions"]
+    assert report["target"] == {"backend": "inferforge-engine", "model": "int4", "path": "int4"}
+    assert report["workload"]["settings"]["input_len"]["mean"] == 6 and report["completed"] == 4
+    assert report["total_output_tokens"] == 12
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        assert 0 < report[f"median_{metric}"] <= report[f"p90_{metric}"] <= report[f"p99_{metric}"], metric
+    assert report["median_e2el_ms"] >= report["median_ttft_ms"]
+    one, two = report["targets"]
+    assert one["passed"] and not two["passed"] and two["measured"] == report["median_tpot_ms"]
+    assert two["limit_ms"] == 1e-6 and two["miss_by_ms"] > 0
+    assert "(output tokens - 1)" in report["definitions"]["tpot_ms"]
 
 
-def test_bench_accepts_a_packaged_checkpoint(artifacts, tmp_path, capsys):
+def test_bench_accepts_a_packaged_checkpoint(artifacts, tmp_path, monkeypatch, capsys):
     from inferforge.artifact import package_checkpoint
+    from tests.bench.fake_async_engine import install_if_missing
 
+    install_if_missing(monkeypatch)
     art = package_checkpoint(artifacts["tiny"], tmp_path / "plain")
-    assert main(["bench", str(art), "--batch-sizes", "1", "--seq-len", "4", "--output-len", "2", "--warmup", "0",
-                 "--iterations", "1", "-q"]) == 0
-    out = capsys.readouterr().out
-    assert "TTFT" in out and "tokens/s" in out
+    assert main(["bench", str(art), "--num-requests", "2", "--input-len", "4", "--output-len", "2", "--warmup", "0",
+                 "-o", str(tmp_path / "run")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ttft_ms" in out and "output tokens/s" in out and (tmp_path / "run" / "report.md").is_file()
     assert main(["bench", str(art), "--compare-source", "-q"]) == 2
     assert "--compare-source" in capsys.readouterr().err
 
@@ -153,24 +155,3 @@ def test_reports_and_inspect(artifacts, capsys):
     assert main(["inspect", str(artifacts["fp8"])]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "accuracy gate: OFF" in printed and "--no-gate" in printed
-
-
-def test_bench_formulas_on_a_recorded_timeline(monkeypatch):
-    """TTFT, TPOT (first token excluded), E2E and tokens/s from known token times, no real clock involved."""
-    from inferforge.bench import llm_bench
-
-    # Submitted at t=10 s; request 0 gets tokens at 11, 12, 13; request 1 at 11, 14, 17.
-    events = [(0, 11.0), (1, 11.0), (0, 12.0), (1, 14.0), (0, 13.0), (1, 17.0)]
-    clock = iter([10.0] + [t for _, t in events])
-    monkeypatch.setattr(llm_bench.time, "perf_counter", lambda: next(clock))
-
-    class Engine:
-        def stream(self, prompts, *, max_new_tokens, stop_token_ids):
-            assert max_new_tokens == 3 and stop_token_ids == []
-            yield from ((index, 7) for index, _ in events)
-
-    ttft, tpot, e2e, tokens_per_s = llm_bench._run_once(Engine(), [[1, 2], [1, 3]], 3)
-    assert ttft == [1000.0, 1000.0]
-    assert tpot == [1000.0, 3000.0]          # (13 - 11) / 2 and (17 - 11) / 2 seconds, in ms
-    assert e2e == [3000.0, 7000.0]
-    assert tokens_per_s == pytest.approx(2 * 3 / 7)

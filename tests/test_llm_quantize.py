@@ -208,7 +208,8 @@ def test_help_describes_every_llm_flag():
                                          "--no-gate", "--max-float-share")),
                            ("generate", ("--prompt", "--max-new-tokens", "--top-k", "--top-p", "--seed",
                                          "--kv-cache-dtype")),
-                           ("bench", ("--batch-sizes", "--seq-len", "--iterations", "--output-len", "--metric"))):
+                           ("bench", ("--batch-sizes", "--seq-len", "--iterations", "--output-len", "--scenario", "--rate",
+                                      "--preset"))):
         actions = {s: a for a in sub[command]._actions for s in a.option_strings}
         for flag in flags:
             assert actions[flag].help, (command, flag)
