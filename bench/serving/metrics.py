@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 STATISTICS = ("mean", "median", "std", "p90", "p95", "p99")
@@ -139,6 +138,8 @@ def bootstrap_ci(values: np.ndarray, name: str) -> list[float] | None:
         return None
     if np.all(values == values[0]):          # every resample is the same: the interval is that value
         return [float(values[0]), float(values[0])]
+    from scipy import stats as scipy_stats  # lazily: scipy costs ~0.5 s at every CLI start
+
     result = scipy_stats.bootstrap((values,), lambda x, axis: statistic(x, name, axis=axis), vectorized=True,
                                    n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95, method="percentile",
                                    batch=100, rng=np.random.default_rng(BOOTSTRAP_SEED))
