@@ -92,6 +92,10 @@ class AsyncEngine:
             self._drain_commands()
             self._fail_all(EngineShutDown("the engine was shut down before it started"))
 
+    def is_running(self) -> bool:
+        """True while the engine thread is alive and not shut down."""
+        return not self._closed and self._thread is not None and self._thread.is_alive()
+
     def __enter__(self) -> AsyncEngine:
         self.start()
         return self
