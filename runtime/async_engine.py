@@ -158,14 +158,14 @@ class AsyncEngine:
                 self._counters["engine_errors"] += 1
                 self._fail_all(error)
                 continue
+            # Stats first: a client that reads them right after its last token sees this step counted.
             self._count_step(produced)
+            self._snapshot = engine.stats()
             for request_id, token in produced:
                 self._deliver(request_id, token)
             for request_id, reason in engine.finished.items():
-                self._counters["requests_finished"] += 1
                 self._deliver(request_id, _Done(reason))
                 self._requests.pop(request_id, None)
-            self._snapshot = engine.stats()
 
     def _drain_commands(self, block: bool = False) -> bool:
         """Apply every queued command (waiting for one if `block`); False once asked to stop."""
@@ -194,6 +194,7 @@ class AsyncEngine:
             self.engine.add_request(request.request_id, request.prompt, **request.params)
         except Exception as error:   # noqa: BLE001 - refused: the client raises it before its first token
             self._counters["requests_failed"] += 1
+            self._snapshot = self.engine.stats()
             self._send(request, error)
             return
         self._requests[request.request_id] = request
@@ -208,6 +209,7 @@ class AsyncEngine:
         counters["batched_steps"] += ran > 1
         counters["max_running"] = max(counters["max_running"], ran)
         counters["generation_tokens"] += len(produced)
+        counters["requests_finished"] += len(self.engine.finished)
 
     def _deliver(self, request_id: int, item) -> None:
         request = self._requests.get(request_id)
@@ -227,12 +229,14 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         """Every request in flight gets `error`; the engine drops them and frees their blocks."""
-        for request_id, request in list(self._requests.items()):
-            self._send(request, error)
-            self._counters["requests_failed"] += 1
+        failed = list(self._requests.values())
+        self._requests.clear()
+        for request in failed:
             try:
-                self.engine.abort(request_id)
+                self.engine.abort(request.request_id)
             except Exception:   # noqa: BLE001 - a broken engine fails its next step too; keep failing requests
                 pass
-        self._requests.clear()
+        self._counters["requests_failed"] += len(failed)
         self._snapshot = self.engine.stats()
+        for request in failed:
+            self._send(request, error)
