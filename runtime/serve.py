@@ -207,16 +207,25 @@ async def _chat_events(gen: _Generation, model: str, include_usage: bool):
 
 def _validation_error(exc) -> OpenAIError:
     """FastAPI's RequestValidationError (422 by default) as a 400 naming the first bad field."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    fields = [str(part) for part in first.get("loc", ()) if part != "body" and not isinstance(part, int)]
-    param = fields[0] if fields else (message.split(":")[0] if ":" in message and " " not in message.split(":")[0]
-                                      else None)
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+    first = errors[0]
     if first.get("type") == "json_invalid":
-        message, param = f"the body is not valid JSON ({first.get('ctx', {}).get('error', message)})", None
-    elif fields:
-        message = f"{'.'.join(fields)}: {message}"
-    return OpenAIError(message, param=param)
+        return OpenAIError(f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'cannot parse it')})")
+
+    def field_path(error) -> list[str]:
+        return [str(part) for part in error.get("loc", ()) if part != "body" and not isinstance(part, int)]
+
+    def text(error) -> str:
+        return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+    fields = field_path(first)
+    if not fields:     # a check on the whole body: our messages start with the field's name
+        head = text(first).split(":")[0]
+        return OpenAIError(text(first), param=head if " " not in head else None)
+    # A union (prompt: string or token ids) reports one error per alternative: say them together.
+    same = [text(e) for e in errors if field_path(e)[:1] == fields[:1]]
+    message = "; or ".join(dict.fromkeys(same)) if len(same) > 1 else f"{'.'.join(fields)}: {same[0]}"
+    return OpenAIError(f"{fields[0]}: {message}" if len(same) > 1 else message, param=fields[0])
 
 
 def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len: int | None = None):

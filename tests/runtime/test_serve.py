@@ -256,3 +256,27 @@ def test_ctrl_c_stops_the_server_cleanly(model, tmp_path):
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "model"      # default: the directory's name
     assert stop_server(proc) == 0
     assert "server stopped" in (tmp_path / "serve.err").read_text()
+
+
+class _ByteTokenizer:
+    """Token i is byte i: a multi-byte character spans several tokens."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def test_incremental_detokenizer_holds_back_partial_characters_and_stop_strings():
+    from inferforge.runtime.detokenize import IncrementalDetokenizer
+
+    text = "ab é cd STOP ef"
+    plain = IncrementalDetokenizer(_ByteTokenizer())
+    pieces = [plain.add(b) for b in text.encode()]
+    assert "".join(pieces) + plain.flush() == text and "\ufffd" not in "".join(pieces)
+    stopping = IncrementalDetokenizer(_ByteTokenizer(), stop=["STOP", "zz"])
+    pieces = []
+    for b in text.encode():
+        pieces.append(stopping.add(b))
+        if stopping.stopped:
+            break
+    assert "".join(pieces) + stopping.flush() == "ab é cd " and stopping.stopped
+    assert all("S" not in p for p in pieces)          # the stop string's start was held back, never sent
