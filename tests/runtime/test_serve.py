@@ -280,3 +280,37 @@ def test_incremental_detokenizer_holds_back_partial_characters_and_stop_strings(
             break
     assert "".join(pieces) + stopping.flush() == "ab é cd " and stopping.stopped
     assert all("S" not in p for p in pieces)          # the stop string's start was held back, never sent
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event_and_the_server_goes_on(model):
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from inferforge.runtime.async_engine import AsyncEngine
+    from inferforge.runtime.engine import LLMEngine
+    from inferforge.runtime.serve import create_app
+
+    engine = LLMEngine.from_pretrained(model, dtype=torch.float32, device="cpu")
+    real_step, calls = engine.step, []
+
+    def flaky_step():          # the 1st step of the first request fails, and the 3rd step of the second
+        calls.append(1)
+        if len(calls) in (1, 4):
+            raise RuntimeError("injected kernel failure")
+        return real_step()
+
+    engine.step = flaky_step
+    app = create_app(AsyncEngine(engine), AutoTokenizer.from_pretrained(model), model_name=NAME)
+    body = {"prompt": [1, 5, 9], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    with TestClient(app) as http:
+        failed = http.post("/v1/completions", json=body)
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "internal_error"
+        assert "injected kernel failure" in failed.json()["error"]["message"]
+        streamed = http.post("/v1/completions", json={**body, "stream": True})
+        events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert streamed.status_code == 200 and events[-1] == "[DONE]"
+        assert "injected kernel failure" in json.loads(events[-2])["error"]["message"]
+        assert len(events) == 4                # two tokens, the error, [DONE]
+        ok = http.post("/v1/completions", json=body).json()
+        assert ok["usage"]["completion_tokens"] == 5
+        assert http.get("/health").json() == {"status": "ok"}
