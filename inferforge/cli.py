@@ -664,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_generate)
 
+    from inferforge.runtime.serve_cli import add_serve_parser
+
+    add_serve_parser(sub, fmt)
+
     p = sub.add_parser("explain", formatter_class=fmt, help="will a quantization format be faster? (roofline)",
                        description="Before anything runs: per linear layer of a decoder, arithmetic intensity against the "
                                    "GPU's ridge point, memory- or compute-bound at the batch, and the predicted speed-up "

@@ -15,6 +15,11 @@ StreamingLLM: the sequence keeps its first S tokens (the attention sinks, whole 
 most recent tokens (between W/2 and W); when blocks have to go, the oldest half of the window is
 evicted and the keys after it are re-rotated to their new, earlier positions, so positions are
 positions in the cache and never run past the model's window.
+
+Online serving drives the same loop one request at a time: `add_request(id, prompt, ...)` queues a
+request under an id the caller chooses, `step()` advances every request by one step, `finished`
+says which requests ended in that step and why, `abort(id)` drops a request and frees its blocks.
+`runtime/async_engine.py` runs this loop in a background thread for many concurrent clients.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class _Request:
     output: list[int] = field(default_factory=list)
     prefilled: int = 0            # prompt tokens whose K/V are in the cache
     finished: bool = False
+    finish_reason: str | None = None          # "stop" (a stop token) or "length" (max_new_tokens)
     sliding: tuple[int, int] | None = None   # (sink blocks, most blocks held) with a sliding window
 
     @property
@@ -94,6 +100,7 @@ class LLMEngine:
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self.steps = 0
+        self.finished: dict[int, str] = {}   # after each step: request id -> "stop" or "length"
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None,
@@ -229,6 +236,45 @@ class LLMEngine:
             self._running.clear()
             self._waiting.clear()
 
+    # ------------------------------------------------------------------ online serving
+    def add_request(self, request_id: int, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> None:
+        """Validate one request and queue it; `step()` runs it with the others.
+
+        `request_id` is any int not in use by a waiting or running request; tokens come back from
+        `step()` as `(request_id, token)`. Sampling and stop tokens as in `generate`; `ignore_eos`
+        removes the model's EOS tokens from the stop set. Raises `ContextWindowExceeded` or
+        `UserInputError` (nothing is queued then)."""
+        if any(r.index == request_id for r in (*self._waiting, *self._running)):
+            raise UserInputError(f"request id {request_id} is already in use")
+        (request,) = self._make_requests([prompt], max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
+                                         None)
+        request.index = request_id
+        if ignore_eos:
+            request.stop = request.stop - frozenset(self.model.spec.eos_token_ids)
+        self._waiting.append(request)
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a waiting or running request and free its cache blocks; False if there is none."""
+        for queue in (self._waiting, self._running):
+            for r in queue:
+                if r.index == request_id:
+                    queue.remove(r)
+                    if queue is self._running:
+                        self.cache.free(r.index)
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def stats(self) -> dict:
+        """Requests running and waiting, and KV-cache blocks in use out of the total."""
+        return {"running": len(self._running), "waiting": len(self._waiting),
+                "kv_blocks_used": self.cache.num_blocks - self.cache.num_free_blocks,
+                "kv_blocks_total": self.cache.num_blocks}
+
     # ------------------------------------------------------------------ scheduling
     def _blocks_for(self, r: _Request) -> int:
         full = self.cache.blocks_needed(len(r.prompt) + r.max_new_tokens)
@@ -265,8 +311,12 @@ class LLMEngine:
             self._running.append(r)
 
     def step(self) -> list[tuple[int, int]]:
-        """Run one batch (decodes first, then prompt chunks up to the token budget); returns new tokens."""
+        """Run one batch (decodes first, then prompt chunks up to the token budget); returns the new tokens
+        as `(request_id, token)`. Requests that ended in this step are in `self.finished` afterwards."""
+        self.finished = {}
         self._admit()
+        if not self._running:
+            return []
         decode = [r for r in self._running if not r.in_prefill]
         budget = self.max_step_tokens - len(decode)
         prefill = []
@@ -324,7 +374,9 @@ class LLMEngine:
             produced.append((r.index, token))
             if token in r.stop or len(r.output) >= r.max_new_tokens:
                 r.finished = True
+                r.finish_reason = "stop" if token in r.stop else "length"
         for r in [r for r in self._running if r.finished]:
             self._running.remove(r)
             cache.free(r.index)
+            self.finished[r.index] = r.finish_reason
         return produced

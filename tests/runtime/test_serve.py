@@ -1,0 +1,316 @@
+"""`inferforge serve` end to end: a real server in a subprocess, the official openai client, raw HTTP for errors."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.factories_llama import save_tiny_llama, save_word_tokenizer
+
+DEADLINE_S = 180        # for polling only: generous on 2 shared CPU cores; nothing asserts a duration
+NAME = "tiny-llama"
+
+
+def start_server(model, out_dir, *args):
+    """`inferforge serve` on a free port (--port 0), output to files (a full pipe would block the server)."""
+    stdout, stderr = out_dir / "serve.out", out_dir / "serve.err"
+    proc = subprocess.Popen([sys.executable, "-m", "inferforge", "serve", str(model), "--port", "0", *args],
+                            stdout=stdout.open("w"), stderr=stderr.open("w"), env=dict(os.environ))
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/v1", stdout.read_text())
+        if match:
+            url = match.group(1)
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start (exit {proc.poll()}):\n{stderr.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(proc) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = save_tiny_llama(tmp_path_factory.mktemp("served") / "model", initializer_range=0.05)
+    save_word_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    proc, url = start_server(model, tmp_path_factory.mktemp("server"), "--served-model-name", NAME,
+                             "--max-num-seqs", "8")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
+
+
+def metrics(url) -> dict:
+    """The unlabelled samples and the finish-reason counters of /metrics, by name."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def wait_until(condition, what):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_models_and_health(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(NAME, 256)]
+
+
+def test_openai_client_streams_a_completion_with_usage(client):
+    stream = client.completions.create(model=NAME, prompt="w5 w9 w200 w17", max_tokens=6, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text.split() and all(re.fullmatch(r"w\d+", w) for w in text.split())
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 5       # <s> + 4 words
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.total_tokens == 11
+    whole = client.completions.create(model=NAME, prompt="w5 w9 w200 w17", max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert whole.choices[0].text == text and whole.usage.completion_tokens == 6
+
+
+def test_openai_client_streams_a_chat_completion_with_usage(client):
+    messages = [{"role": "system", "content": "w3"}, {"role": "user", "content": "w5 w6 w7"}]
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 5
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens > 0
+    whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == "length"
+    assert whole.usage == chunks[-1].usage
+
+
+def test_token_id_prompt_equals_engine_greedy(server, model):
+    from transformers import AutoTokenizer
+
+    from inferforge.runtime.engine import LLMEngine
+
+    prompt = [1, 5, 9, 200, 17]
+    want = LLMEngine.from_pretrained(model, dtype=torch.float32, device="cpu").generate([prompt], max_new_tokens=12)[0]
+    body = httpx.post(f"{server}/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 12,
+                                                          "temperature": 0}, timeout=DEADLINE_S).json()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert body["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": len(want), "total_tokens": 5 + len(want)}
+    assert body["choices"][0]["finish_reason"] == ("stop" if want[-1] == 2 else "length")
+
+
+def test_stop_strings_end_the_text(server, client):
+    full = client.completions.create(model=NAME, prompt=[1, 5, 9], max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    words = full.split()
+    stop = f" {words[2]}"
+    cut = client.completions.create(model=NAME, prompt=[1, 5, 9], max_tokens=8, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=NAME, prompt=[1, 5, 9], max_tokens=8, temperature=0, stop=stop,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"model": "other-model", "prompt": "w5"}, "model"),
+    ("/v1/completions", {"prompt": [5] * 300, "max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": 17}, "prompt"),
+    ("/v1/completions", {"prompt": "w5", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "w5", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "w5", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "w5", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": [1, 999]}, None),
+    ("/v1/completions", {"prompt": "", "stream": True}, "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w5"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "stream": True, "n": 3}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": " ".join(["w5"] * 300)}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("route, body, param", BAD_REQUESTS)
+def test_bad_requests_get_400_in_openai_shape(server, route, body, param):
+    response = httpx.post(f"{server}{route}", json=body, timeout=DEADLINE_S)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["message"] and error["param"] == param
+
+
+def test_malformed_json_and_wrong_body_get_400(server):
+    for content in (b'{"prompt": "w5",', b"[1, 2]", b"not json"):
+        response = httpx.post(f"{server}/v1/completions", content=content,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_concurrent_clients_are_batched_by_one_engine(server, client):
+    clients, results, errors = 6, {}, []
+    barrier = threading.Barrier(clients)
+
+    def one(i):
+        try:
+            barrier.wait()
+            stream = client.completions.create(model=NAME, prompt=[1, 10 + i, 20 + i], max_tokens=24, temperature=0,
+                                               stream=True, stream_options={"include_usage": True},
+                                               extra_body={"ignore_eos": True})
+            results[i] = list(stream)[-1].usage.completion_tokens
+        except Exception as e:   # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S)
+    assert not errors and results == {i: 24 for i in range(clients)}
+    values = metrics(server)
+    assert values["inferforge_max_running_seqs"] > 1          # more than one sequence in one engine step
+    assert values["inferforge_batched_steps_total"] > 0
+    assert values["inferforge_time_to_first_token_seconds_count"] >= clients
+    assert values["inferforge_inter_token_latency_seconds_count"] >= clients * 23
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
+    aborted = metrics(server).get('inferforge_requests_finished_total{finish_reason="abort"}', 0)
+    body = {"model": NAME, "prompt": [1, 5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=DEADLINE_S) as response:
+        assert response.status_code == 200
+        events = response.iter_lines()
+        first = next(line for line in events if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["text"]
+        assert metrics(server)["inferforge_requests_running"] == 1
+    # Leaving the block closed the connection after one token of 200.
+    wait_until(lambda: metrics(server).get('inferforge_requests_finished_total{finish_reason="abort"}', 0)
+               == aborted + 1, "the abort")
+    wait_until(lambda: metrics(server)["inferforge_requests_running"] == 0
+               and metrics(server)["inferforge_kv_cache_usage"] == 0, "the blocks to be freed")
+    generated = metrics(server)["inferforge_generation_tokens_total"]
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert metrics(server)["inferforge_generation_tokens_total"] == generated      # the engine stopped generating
+
+
+def test_port_in_use_and_encoder_artifact_are_one_line_errors(server, model, tmp_path):
+    from inferforge.manifest import FORMAT
+    from tests.conftest import run_cli
+
+    port = server.rsplit(":", 1)[1]
+    busy = run_cli("serve", model, "--port", port)
+    assert busy.returncode == 2 and busy.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use; stop that server or pick another --port"]
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "manifest.json").write_text(json.dumps({"format": FORMAT, "files": {}, "kind": "sentence-encoder"}))
+    refused = run_cli("serve", encoder, "--port", "0")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "sentence-encoder artifact; serve runs causal-LM artifacts" in refused.stderr
+
+
+def test_ctrl_c_stops_the_server_cleanly(model, tmp_path):
+    proc, url = start_server(model, tmp_path)
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "model"      # default: the directory's name
+    assert stop_server(proc) == 0
+    assert "server stopped" in (tmp_path / "serve.err").read_text()
+
+
+class _ByteTokenizer:
+    """Token i is byte i: a multi-byte character spans several tokens."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def test_incremental_detokenizer_holds_back_partial_characters_and_stop_strings():
+    from inferforge.runtime.detokenize import IncrementalDetokenizer
+
+    text = "ab é cd STOP ef"
+    plain = IncrementalDetokenizer(_ByteTokenizer())
+    pieces = [plain.add(b) for b in text.encode()]
+    assert "".join(pieces) + plain.flush() == text and "\ufffd" not in "".join(pieces)
+    stopping = IncrementalDetokenizer(_ByteTokenizer(), stop=["STOP", "zz"])
+    pieces = []
+    for b in text.encode():
+        pieces.append(stopping.add(b))
+        if stopping.stopped:
+            break
+    assert "".join(pieces) + stopping.flush() == "ab é cd " and stopping.stopped
+    assert all("S" not in p for p in pieces)          # the stop string's start was held back, never sent
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event_and_the_server_goes_on(model):
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from inferforge.runtime.async_engine import AsyncEngine
+    from inferforge.runtime.engine import LLMEngine
+    from inferforge.runtime.serve import create_app
+
+    engine = LLMEngine.from_pretrained(model, dtype=torch.float32, device="cpu")
+    real_step, calls = engine.step, []
+
+    def flaky_step():          # the 1st step of the first request fails, and the 3rd step of the second
+        calls.append(1)
+        if len(calls) in (1, 4):
+            raise RuntimeError("injected kernel failure")
+        return real_step()
+
+    engine.step = flaky_step
+    app = create_app(AsyncEngine(engine), AutoTokenizer.from_pretrained(model), model_name=NAME)
+    body = {"prompt": [1, 5, 9], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    with TestClient(app) as http:
+        failed = http.post("/v1/completions", json=body)
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "internal_error"
+        assert "injected kernel failure" in failed.json()["error"]["message"]
+        streamed = http.post("/v1/completions", json={**body, "stream": True})
+        events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert streamed.status_code == 200 and events[-1] == "[DONE]"
+        assert "injected kernel failure" in json.loads(events[-2])["error"]["message"]
+        assert len(events) == 4                # two tokens, the error, [DONE]
+        ok = http.post("/v1/completions", json=body).json()
+        assert ok["usage"]["completion_tokens"] == 5
+        assert http.get("/health").json() == {"status": "ok"}
