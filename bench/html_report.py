@@ -60,6 +60,16 @@ def _e(value) -> str:
     return escape("" if value is None else str(value), quote=True)
 
 
+def _rate(point: dict):
+    """A sweep point's offered rate (requests/s): `load.rate` in report.json."""
+    return (point.get("load") or {}).get("rate", point.get("rate"))
+
+
+def _met(point: dict) -> bool:
+    """A sweep point met its targets: every target passed and the run was valid (not saturated)."""
+    return bool(point.get("passed")) and point.get("valid", True) is not False
+
+
 def _num(value, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -172,12 +182,12 @@ def sweep_charts(report: dict) -> list[Chart]:
         return []
     sweep.sort(key=lambda s: s["request_throughput"])
     max_rate = report.get("max_rate_meeting_targets")
-    best = next((s for s in sweep if max_rate is not None and s.get("rate") == max_rate), None)
+    best = next((s for s in sweep if max_rate is not None and _rate(s) == max_rate), None)
     charts = []
     for metric, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
         stats = ["p99"] + [s for s, _ in _targets_for(report, metric) if s != "p99"]
         x = [s["request_throughput"] for s in sweep]
-        colours = [PASS_COLOUR if s.get("passed") else FAIL_COLOUR for s in sweep]
+        colours = [PASS_COLOUR if _met(s) else FAIL_COLOUR for s in sweep]
         series = [Series(f"{stat} {label} (points: green met the targets, red missed)", x,
                          [s.get(f"{stat}_{metric}") for s in sweep], markers=True, point_colours=colours)
                   for stat in dict.fromkeys(stats)]
@@ -191,14 +201,14 @@ def sweep_charts(report: dict) -> list[Chart]:
                                       f"{fmt_number(float(best['request_throughput']))} achieved",
                                       colour="#009E73", kind="max-rate"))
         charts.append(chart)
-    offered = [s for s in sweep if _finite(s.get("rate"))]
+    offered = [s for s in sweep if _finite(_rate(s))]
     if offered:
-        top = max(max(s["rate"] for s in offered), max(s["request_throughput"] for s in offered))
+        top = max(max(_rate(s) for s in offered), max(s["request_throughput"] for s in offered))
         chart = Chart(title="Sweep: achieved against offered request rate", x_label="offered requests/s",
                       y_label="achieved requests/s", x_min=0.0,
-                      series=[Series("achieved", [s["rate"] for s in offered],
+                      series=[Series("achieved", [_rate(s) for s in offered],
                                      [s["request_throughput"] for s in offered], markers=True,
-                                     point_colours=[PASS_COLOUR if s.get("passed") else FAIL_COLOUR for s in offered]),
+                                     point_colours=[PASS_COLOUR if _met(s) else FAIL_COLOUR for s in offered]),
                               Series("achieved = offered", [0.0, top], [0.0, top], colour="#999999")])
         charts.append(chart)
     return charts
@@ -279,8 +289,9 @@ def sweep_table(report: dict) -> str:
                "p99 ITL (ms)", "p99 E2EL (ms)", "targets"]
     rows = []
     for s in report.get("sweep") or []:
-        verdict = '<span class="pass">met</span>' if s.get("passed") else '<span class="fail">missed</span>'
-        rows.append([_td(_num(s.get("rate")), num=True)]
+        verdict = ('<span class="pass">met</span>' if _met(s) else '<span class="fail">missed</span>' if s.get("valid", True)
+                   else '<span class="fail">invalid</span>')
+        rows.append([_td(_num(_rate(s)), num=True)]
                     + [_td(_num(s.get(k)), num=True) for k in ("request_throughput", "output_throughput",
                                                                "p99_ttft_ms", "p99_tpot_ms", "p99_itl_ms",
                                                                "p99_e2el_ms")]
@@ -345,9 +356,13 @@ def render_html(report: dict, requests: list[dict]) -> str:
     parts += ["<h2>Summary</h2>", summary_table(report), "<h2>Latency metrics</h2>", metrics_table(report)]
     if report.get("targets"):
         parts += ["<h2>Targets</h2>", targets_table(report)]
+    if report.get("sweep") and any("rate" in r for r in requests):
+        # A sweep's summary is one point (its rate is load.rate): its distributions are that point's requests.
+        requests = [r for r in requests if r.get("rate") == load.get("rate")]
     cdfs = cdf_charts(report, requests)
     if cdfs:
-        parts += ["<h2>Latency distributions</h2>", _figures(cdfs, "cdf")]
+        heading = "Latency distributions" + (f" at {load.get('rate')} requests/s" if report.get("sweep") else "")
+        parts += [f"<h2>{_e(heading)}</h2>", _figures(cdfs, "cdf")]
     pcts = percentile_charts(report)
     if pcts:
         parts += ["<h2>Percentiles</h2>", _figures(pcts, "pct")]

@@ -7,6 +7,9 @@ from pathlib import Path
 from inferforge.errors import ArtifactError
 from inferforge.manifest import verify_artifact
 
+# Manifest kinds that `load` returns as an `LLMEngine` (generate, serve and bench run them).
+LLM_KINDS = ("causal-lm", "quantized-causal-lm")
+
 
 def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False,
          verify_signature: str | Path | None = None, **engine_kwargs):
@@ -34,7 +37,7 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         raise ArtifactError(f"{path}: this artifact failed its accuracy gate ({', '.join(failed) or 'unknown'}); "
                             "pass allow_failed=True to load it anyway")
     kind = manifest.get("kind")
-    if kind in ("causal-lm", "quantized-causal-lm"):
+    if kind in LLM_KINDS:
         from inferforge.runtime.engine import LLMEngine
 
         engine = LLMEngine.from_pretrained(path, **engine_kwargs)

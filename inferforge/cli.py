@@ -263,7 +263,7 @@ def _parse_target(text: str) -> tuple[int, float]:
 
 def _is_llm_target(args) -> bool:
     """--url, a causal-LM artifact, or a model directory (config.json, no manifest) go to the serving benchmark."""
-    from inferforge.bench.serving import LLM_KINDS
+    from inferforge.artifact import LLM_KINDS
     from inferforge.manifest import read_manifest
 
     if args.url or not args.artifact:
@@ -425,21 +425,10 @@ def _check_generate_flags(args) -> None:
 
 def _generation_engine(args):
     """The engine for `generate`: an artifact through `inferforge.load` (hashes verified), or a checkpoint."""
-    from inferforge.runtime.engine import LLMEngine
+    from inferforge.runtime.load import load_engine
 
-    kwargs = {"kv_cache_dtype": args.kv_cache_dtype, "max_num_seqs": 1, "max_context": args.max_context}
-    path = Path(args.model)
-    if (path / "manifest.json").is_file():
-        import inferforge
-        from inferforge.bench.serving import LLM_KINDS
-        from inferforge.manifest import read_manifest
-
-        kind = read_manifest(path).get("kind")
-        if kind not in LLM_KINDS:
-            raise UserInputError(f"{path} is a {kind} artifact; generate runs causal-LM artifacts (from "
-                                 "`inferforge quantize LLAMA_DIR --config FORMAT`) and Llama-family checkpoints")
-        return inferforge.load(path, **kwargs)
-    return LLMEngine.from_pretrained(path, **kwargs)
+    return load_engine(args.model, command="generate", kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1,
+                       max_context=args.max_context)
 
 
 def cmd_generate(args) -> int:

@@ -55,23 +55,11 @@ def _check_flags(args) -> None:
 
 
 def _serving_engine(args):
-    """An artifact through `inferforge.load` (hashes verified), or a checkpoint directory."""
-    from inferforge.runtime.engine import LLMEngine
+    from inferforge.runtime.load import load_engine
 
-    kwargs = {"kv_cache_dtype": args.kv_cache_dtype, "max_num_seqs": args.max_num_seqs,
-              "max_context": args.max_context, "max_step_tokens": args.max_step_tokens}
-    path = Path(args.model)
-    if (path / "manifest.json").is_file():
-        import inferforge
-        from inferforge.bench.llm_bench import LLM_KINDS
-        from inferforge.manifest import read_manifest
-
-        kind = read_manifest(path).get("kind")
-        if kind not in LLM_KINDS:
-            raise UserInputError(f"{path} is a {kind} artifact; serve runs causal-LM artifacts (from "
-                                 "`inferforge quantize LLAMA_DIR --config FORMAT`) and Llama-family checkpoints")
-        return inferforge.load(path, **kwargs)
-    return LLMEngine.from_pretrained(path, **kwargs)
+    return load_engine(args.model, command="serve", kv_cache_dtype=args.kv_cache_dtype,
+                       max_num_seqs=args.max_num_seqs, max_context=args.max_context,
+                       max_step_tokens=args.max_step_tokens)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -100,9 +100,6 @@ def test_generate_messages_name_the_flags(artifacts, capsys):
 def test_bench_measures_generation_with_the_engine(artifacts, tmp_path, monkeypatch, capsys):
     """The serving benchmark runs a quantized artifact in-process. Limits no machine can miss (1e9 ms) or meet
     (1e-6 ms) keep the test independent of the machine's speed."""
-    from tests.bench.fake_async_engine import install_if_missing
-
-    install_if_missing(monkeypatch)
     args = ["bench", str(artifacts["int4"]), "--num-requests", "4", "--input-len", "6", "--output-len", "3",
             "--warmup", "0", "--max-num-seqs", "2", "-o", str(tmp_path / "run"), "--json", "-q"]
     assert main([*args, "--target", "ttft_ms:median:1e9", "--target", "tpot_ms:median:1e-6"]) == 1
@@ -121,9 +118,7 @@ def test_bench_measures_generation_with_the_engine(artifacts, tmp_path, monkeypa
 
 def test_bench_accepts_a_packaged_checkpoint(artifacts, tmp_path, monkeypatch, capsys):
     from inferforge.artifact import package_checkpoint
-    from tests.bench.fake_async_engine import install_if_missing
 
-    install_if_missing(monkeypatch)
     art = package_checkpoint(artifacts["tiny"], tmp_path / "plain")
     assert main(["bench", str(art), "--num-requests", "2", "--input-len", "4", "--output-len", "2", "--warmup", "0",
                  "-o", str(tmp_path / "run")]) == 0

@@ -5,7 +5,3 @@ backends (in-process AsyncEngine, OpenAI-compatible HTTP), metrics (per-request 
 statistics, CIs, saturation), targets (SLOs and presets), runner (sending, sweep), results
 (summaries, validity, exit code), output (the run's files), cli (flags and the command).
 """
-
-from inferforge.bench.serving.backends import LLM_KINDS
-
-__all__ = ["LLM_KINDS"]

@@ -14,8 +14,6 @@ from inferforge.bench.serving.metrics import RequestRecord
 from inferforge.bench.serving.workload import BenchRequest
 from inferforge.errors import UserInputError
 
-LLM_KINDS = ("causal-lm", "quantized-causal-lm")
-
 
 def _failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:500]
@@ -114,27 +112,7 @@ class OpenAIHTTPBackend:
 
 def load_engine(target: str | Path, *, max_num_seqs: int, max_context: int, **engine_kwargs):
     """The `LLMEngine` for a causal-LM artifact (hashes verified) or a Llama-family checkpoint directory."""
-    from inferforge.runtime.engine import LLMEngine
+    from inferforge.runtime.load import load_engine as load
 
-    path = Path(target)
-    kwargs = {"max_num_seqs": max_num_seqs, "max_context": max_context, **engine_kwargs}
-    if (path / "manifest.json").is_file():
-        import inferforge
-        from inferforge.manifest import read_manifest
-
-        kind = read_manifest(path).get("kind")
-        if kind not in LLM_KINDS:
-            raise UserInputError(f"{path} is a {kind} artifact; the serving benchmark runs causal-LM artifacts and "
-                                 "Llama-family checkpoints")
-        return inferforge.load(path, **kwargs)
-    return LLMEngine.from_pretrained(path, **kwargs)
-
-
-def async_engine_class():
-    """`inferforge.runtime.async_engine.AsyncEngine`, with a clear message when this build lacks it."""
-    try:
-        from inferforge.runtime.async_engine import AsyncEngine
-    except ImportError as e:
-        raise UserInputError("in-process serving benchmarks need inferforge.runtime.async_engine (AsyncEngine), "
-                             f"which this installation lacks ({e}); bench a running server with --url instead") from None
-    return AsyncEngine
+    return load(target, command="the serving benchmark", max_num_seqs=max_num_seqs, max_context=max_context,
+                **engine_kwargs)

@@ -184,7 +184,9 @@ def cmd_bench_llm(args) -> int:
         nonlocal backend
         async_engine = None
         if engine is not None:
-            async_engine = backends.async_engine_class()(engine)
+            from inferforge.runtime.async_engine import AsyncEngine
+
+            async_engine = AsyncEngine(engine)
             async_engine.start()
             backend = backends.EngineBackend(async_engine)
         try:

@@ -33,10 +33,12 @@ class Target:
     limit_ms: float
 
     def __post_init__(self):
+        if self.percentile == "p50":            # the name most people write for the median
+            object.__setattr__(self, "percentile", "median")
         if self.metric not in LATENCY_METRICS:
             raise UserInputError(f"target metric {self.metric!r}: choose one of {', '.join(LATENCY_METRICS)}")
         if self.percentile not in TARGET_STATS:
-            raise UserInputError(f"target statistic {self.percentile!r}: choose one of {', '.join(TARGET_STATS)}")
+            raise UserInputError(f"target statistic {self.percentile!r}: choose one of {', '.join(TARGET_STATS)} (p50 = median)")
         if not self.limit_ms > 0:
             raise UserInputError(f"target limit must be > 0 ms, got {self.limit_ms}")
 

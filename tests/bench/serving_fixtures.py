@@ -82,12 +82,13 @@ def make_report(requests: list[dict], *, model: str = "tiny-llama", sweep: bool 
         report["sweep"] = []
         for k, rate in enumerate((2.0, 4.0, 8.0, 16.0)):
             slow = 0.5 * (1.0 + k ** 2 * 0.5)
-            entry = {"rate": rate, "request_throughput": min(rate, 9.0) * 0.98, "output_throughput": rate * 7.5}
+            entry = {"load": {"mode": "rate", "rate": rate, "burstiness": 1.0, "concurrency": None}, "valid": True,
+                     "request_throughput": min(rate, 9.0) * 0.98, "output_throughput": rate * 7.5}
             for m in METRICS:
                 entry.update({key: v * slow for key, v in _stats(_samples(requests, m), m).items()})
             entry["passed"] = entry["p99_ttft_ms"] <= ttft_limit and entry["p95_tpot_ms"] <= tpot_limit
             report["sweep"].append(entry)
-        passing = [s["rate"] for s in report["sweep"] if s["passed"]]
+        passing = [s["load"]["rate"] for s in report["sweep"] if s["passed"]]
         report["max_rate_meeting_targets"] = max(passing) if passing else None
     report["definitions"] = {"TTFT": "first_token_s - sent_s", "TPOT": "(e2el - ttft) / (output_tokens - 1)",
                              "ITL": "gaps between streamed chunks", "E2EL": "end_s - sent_s"}

@@ -19,7 +19,7 @@ def tiny(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("serving") / "tiny")
 
 
-def test_in_process_rate_run_writes_every_report_file(tiny, tmp_path, async_engine, capsys):
+def test_in_process_rate_run_writes_every_report_file(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["bench", str(tiny), "--scenario", "server", "--rate", "50", "--num-requests", "6", "--input-len", "8",
                  "--input-len-dist", "uniform", "--input-len-range", "0.25", "--output-len", "4", "--warmup", "1",
@@ -50,7 +50,7 @@ def test_in_process_rate_run_writes_every_report_file(tiny, tmp_path, async_engi
     assert not list(tmp_path.glob(".run.*"))      # the staging directory was renamed into place
 
 
-def test_in_process_offline_miss_exits_1_and_names_it(tiny, tmp_path, async_engine, capsys):
+def test_in_process_offline_miss_exits_1_and_names_it(tiny, tmp_path, capsys):
     code = main(["bench", str(tiny), "--num-requests", "3", "--input-len", "5", "--output-len", "3", "--warmup", "0",
                  "--target", "ttft_ms:median:0.001", "-o", str(tmp_path / "run"), "-q"])
     err = capsys.readouterr().err
@@ -59,7 +59,7 @@ def test_in_process_offline_miss_exits_1_and_names_it(tiny, tmp_path, async_engi
     assert report["load"]["mode"] == "offline" and report["load"]["rate"] == "inf"
 
 
-def test_in_process_sweep_reports_every_rate(tiny, tmp_path, async_engine, capsys):
+def test_in_process_sweep_reports_every_rate(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["bench", str(tiny), "--scenario", "server", "--sweep", "--rate", "20", "--sweep-doublings", "1",
                  "--sweep-bisections", "0", "--target", "e2el_ms:mean:1e9", "--num-requests", "3", "--input-len", "4",

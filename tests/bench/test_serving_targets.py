@@ -18,8 +18,9 @@ def test_parse_targets_presets_and_files(tmp_path):
         parse_target("8:40")
     with pytest.raises(UserInputError, match="target metric 'ttft'"):
         parse_target("ttft:p99:500")
-    with pytest.raises(UserInputError, match="target statistic 'p50'"):
-        parse_target("ttft_ms:p50:500")
+    assert parse_target("ttft_ms:p50:500") == Target("ttft_ms", "median", 500.0)   # p50 is the median
+    with pytest.raises(UserInputError, match=r"target statistic 'p75'.*\(p50 = median\)"):
+        parse_target("ttft_ms:p75:500")
     assert looks_like_slo("ttft_ms:p99:500") and not looks_like_slo("8:40")
     assert PRESETS["mlperf-server"] == (Target("ttft_ms", "p99", 2000.0), Target("tpot_ms", "p99", 100.0))
     assert PRESETS["mlperf-interactive"] == (Target("ttft_ms", "p99", 500.0), Target("tpot_ms", "p99", 30.0))

@@ -1,0 +1,28 @@
+"""One way to get an `LLMEngine` from what the commands accept: a causal-LM artifact (through
+`inferforge.load`, which verifies the manifest and every file first) or a Llama-family checkpoint
+directory. `generate`, `serve` and the in-process serving benchmark all go through `load_engine`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inferforge.artifact import LLM_KINDS
+from inferforge.errors import UserInputError
+
+
+def load_engine(path: str | Path, *, command: str, **engine_kwargs):
+    """The engine for `path`; an artifact of another kind (an encoder) is refused naming `command`.
+    `engine_kwargs` go to `LLMEngine.from_pretrained` (max_num_seqs, max_context, kv_cache_dtype ...)."""
+    from inferforge.runtime.engine import LLMEngine
+
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        import inferforge
+        from inferforge.manifest import read_manifest
+
+        kind = read_manifest(path).get("kind")
+        if kind not in LLM_KINDS:
+            raise UserInputError(f"{path} is a {kind} artifact; {command} runs causal-LM artifacts (from "
+                                 "`inferforge quantize LLAMA_DIR --config FORMAT`) and Llama-family checkpoints")
+        return inferforge.load(path, **engine_kwargs)
+    return LLMEngine.from_pretrained(path, **engine_kwargs)
