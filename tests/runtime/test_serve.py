@@ -1,11 +1,7 @@
 """`inferforge serve` end to end: a real server in a subprocess, the official openai client, raw HTTP for errors."""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,36 +10,7 @@ import pytest
 import torch
 
 from tests.factories_llama import save_tiny_llama, save_word_tokenizer
-
-DEADLINE_S = 180        # for polling only: generous on 2 shared CPU cores; nothing asserts a duration
-NAME = "tiny-llama"
-
-
-def start_server(model, out_dir, *args):
-    """`inferforge serve` on a free port (--port 0), output to files (a full pipe would block the server)."""
-    stdout, stderr = out_dir / "serve.out", out_dir / "serve.err"
-    proc = subprocess.Popen([sys.executable, "-m", "inferforge", "serve", str(model), "--port", "0", *args],
-                            stdout=stdout.open("w"), stderr=stderr.open("w"), env=dict(os.environ))
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/v1", stdout.read_text())
-        if match:
-            url = match.group(1)
-            if httpx.get(f"{url}/health").status_code == 200:
-                return proc, url
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start (exit {proc.poll()}):\n{stderr.read_text()[-3000:]}")
-        time.sleep(0.2)
-
-
-def stop_server(proc) -> int:
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+from tests.runtime.server_process import DEADLINE_S, NAME, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
