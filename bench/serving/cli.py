@@ -142,6 +142,8 @@ def cmd_bench_llm(args) -> int:
     from inferforge.progress import Progress
 
     load, targets = _load_config(args), _targets(args)
+    out = Path(args.output or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    output.check_output_dir(out)
     if load.mode == "sweep" and not targets:
         raise UserInputError("--sweep searches for the highest rate that meets the targets: give --target, --targets "
                              "or --preset")
@@ -214,7 +216,6 @@ def cmd_bench_llm(args) -> int:
             if load.mode == "sweep":
                 row["rate"] = points[index]["load"]["rate"]
             rows.append(row)
-    out = Path(args.output or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     output.write_outputs(out, report, rows)
     if args.json:
         print(json.dumps(report, indent=2))

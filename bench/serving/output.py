@@ -1,4 +1,4 @@
-"""The run's files: report.json, requests.jsonl, summary.csv, report.md and (when available) report.html.
+"""The run's files: report.json, requests.jsonl, summary.csv, report.md and report.html.
 
 Everything is written into a staging directory beside `--output` and renamed into place at the end,
 so a reader never sees a half-written run.
@@ -13,7 +13,10 @@ import tempfile
 from pathlib import Path
 
 from inferforge.bench.serving.metrics import LATENCY_METRICS, STATISTICS
+from inferforge.errors import UserInputError
 from inferforge.fileio import make_public_dir, replace_directory
+
+RUN_FILES = ("report.json", "requests.jsonl", "summary.csv", "report.md", "report.html")
 
 TOTAL_COLUMNS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
                  "output_throughput", "total_token_throughput", "request_goodput")
@@ -84,9 +87,32 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _earlier_run(path: Path) -> bool:
+    """An empty directory, or one holding only a benchmark run's files with an LLM serving report.json."""
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return True
+    try:
+        kind = json.loads((path / "report.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return kind == "llm-serving-benchmark" and names <= set(RUN_FILES)
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an `--output` that exists and is not an earlier run (it would be replaced)."""
+    if out.exists() and not _earlier_run(out):
+        raise UserInputError(f"--output {out} exists and is not an earlier benchmark run (which would be replaced); "
+                             "choose a new directory")
+
+
 def write_outputs(out: str | Path, report: dict, rows: list[dict]) -> Path:
-    """Write every file of the run to `out` (replacing it) through a staging directory."""
+    """Write every file of the run to `out` (replacing it) through a staging directory. An existing `out`
+    is replaced only when it is an earlier benchmark run: never a directory with anything else in it."""
     out = Path(out)
+    check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -94,12 +120,9 @@ def write_outputs(out: str | Path, report: dict, rows: list[dict]) -> Path:
         (staging / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (staging / "summary.csv").write_text(summary_csv(report), encoding="utf-8")
         (staging / "report.md").write_text(report_markdown(report), encoding="utf-8")
-        try:
-            from inferforge.bench.html_report import write_html
-        except ImportError:
-            write_html = None      # the HTML report ships separately; the other files are complete without it
-        if write_html is not None:
-            write_html(staging, report, rows)
+        from inferforge.bench.html_report import write_html
+
+        write_html(staging, report, rows)
         make_public_dir(staging)
         replace_directory(staging, out)
     except BaseException:

@@ -73,6 +73,22 @@ def test_in_process_sweep_reports_every_rate(tiny, tmp_path, capsys):
     assert sorted({r["rate"] for r in rows}) == [20.0, 40.0] and len(rows) == 6
 
 
+def test_output_replaces_an_earlier_run_but_never_another_directory(tiny, tmp_path, capsys):
+    args = ["bench", str(tiny), "--num-requests", "2", "--input-len", "4", "--output-len", "2", "--warmup", "0", "-q"]
+    run = tmp_path / "run"
+    assert main([*args, "-o", str(run)]) == 0
+    first = (run / "requests.jsonl").read_text()
+    assert main([*args, "--seed", "1", "-o", str(run)]) == 0          # an earlier run: replaced
+    assert (run / "requests.jsonl").read_text() != first
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main([*args, "-o", str(mine)]) == 2                         # anything else: refused before any work
+    assert "exists and is not an earlier benchmark run" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_flag_mistakes_exit_2_with_one_line(tiny, tmp_path, capsys):
     cases = [(["--target", "8:40"], "METRIC:STAT:LIMIT_MS"),
              (["--rate", "2"], "--rate needs --scenario server"),
