@@ -24,8 +24,13 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     For a Llama-family model (kind `causal-lm`, or `quantized-causal-lm` from `quantize --config`,
     whose quantized layers run on inferforge's kernels) it returns an `inferforge.runtime.engine.LLMEngine`
     (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
+
+    `path` may also name a registered version, `"NAME@ALIAS"` or `"NAME@3"` (when no such path exists):
+    the registry at `INFERFORGE_REGISTRY` resolves it and its stored copy is loaded, verified as above.
     """
-    path = Path(path)
+    from inferforge.registry_refs import resolve_artifact_arg
+
+    path = resolve_artifact_arg(path)
     if verify_signature is not None:
         from inferforge.signing import verify_signature as check_signature
 

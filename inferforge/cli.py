@@ -287,6 +287,10 @@ def cmd_bench(args) -> int:
     from inferforge.bench.artifact_bench import bench_artifact
     from inferforge.bench.serving.cli import cmd_bench_llm
     from inferforge.bench.serving.targets import looks_like_slo
+    from inferforge.registry_refs import resolve_artifact_arg
+
+    if args.artifact:   # NAME@ALIAS: the registry's stored copy
+        args.artifact = str(resolve_artifact_arg(args.artifact))
 
     if _is_llm_target(args):
         if args.compare_source:
@@ -323,6 +327,9 @@ def cmd_sign(args) -> int:
 
 def cmd_inspect(args) -> int:
     from inferforge.manifest import SIGNATURE_NAME, verify_artifact
+    from inferforge.registry_refs import resolve_artifact_arg
+
+    args.artifact = resolve_artifact_arg(args.artifact)   # NAME@ALIAS: the registry's stored copy
 
     # Either check raises ArtifactError (exit 2) when the manifest or a file was changed; the
     # signature check verifies the hashes itself, so the files are read once.
@@ -432,9 +439,11 @@ def _generation_engine(args):
 
 
 def cmd_generate(args) -> int:
+    from inferforge.registry_refs import resolve_artifact_arg
     from inferforge.runtime.engine import ContextWindowExceeded
 
     _check_generate_flags(args)
+    args.model = str(resolve_artifact_arg(args.model))   # NAME@ALIAS: the registry's stored copy
     engine = _generation_engine(args)
     try:
         from transformers import AutoTokenizer
@@ -716,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     from inferforge.bench.compare import add_report_parser
 
     add_report_parser(sub, fmt)
+    from inferforge.registry_cli import add_registry_parser
+
+    add_registry_parser(sub, fmt)
     return parser
 
 
