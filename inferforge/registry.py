@@ -27,6 +27,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,8 +106,7 @@ class Registry:
                 raise UserInputError(f"registry {self.root}: cannot write there ({e.strerror or e}); set "
                                      "INFERFORGE_REGISTRY to a writable directory") from None
         elif not self.db_path.is_file():
-            raise UserInputError(f"registry {self.root} is empty (no {DB_NAME}); register an artifact with "
-                                 "`inferforge registry add ARTIFACT --name NAME`, or set INFERFORGE_REGISTRY")
+            raise self._empty()
         conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
@@ -114,6 +114,8 @@ class Registry:
             conn.execute("PRAGMA foreign_keys = ON")
             if write:
                 self._migrate(conn)
+            elif conn.execute("PRAGMA user_version").fetchone()[0] == 0:   # being created right now
+                raise self._empty()
             yield conn
         except sqlite3.OperationalError as e:
             raise UserInputError(f"registry {self.db_path}: {e}; check that the directory is writable and on a "
@@ -121,11 +123,15 @@ class Registry:
         finally:
             conn.close()
 
+    def _empty(self) -> UserInputError:
+        return UserInputError(f"registry {self.root} is empty; register an artifact with `inferforge registry add "
+                              "ARTIFACT --name NAME`, or set INFERFORGE_REGISTRY to the registry you mean")
+
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return
-        conn.execute("PRAGMA journal_mode = WAL")   # persistent; lets readers run beside a writer
+        _enable_wal(conn)
         with _transaction(conn):
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             if current == 0:
@@ -387,6 +393,20 @@ def _transaction(conn: sqlite3.Connection):
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _enable_wal(conn: sqlite3.Connection, wait_s: float = 60.0) -> None:
+    """Switch the database to WAL (persistent; readers then run beside a writer). SQLite answers "locked"
+    at once, without its busy handler, while another process switches it, so wait here instead."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _remove_tree(path: Path) -> None:
