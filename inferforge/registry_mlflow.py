@@ -41,10 +41,9 @@ def register_in_mlflow(version, uri: str, alias: str | None = None) -> dict:
         client.log_artifacts(run.info.run_id, str(version.path), artifact_path="artifact")
         client.set_terminated(run.info.run_id)
         try:
+            client.get_registered_model(version.name)
+        except MlflowException:   # not there yet
             client.create_registered_model(version.name)
-        except MlflowException as e:
-            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
-                raise
         source = f"{run.info.artifact_uri.rstrip('/')}/artifact"
         model_version = client.create_model_version(version.name, source, run_id=run.info.run_id, tags=tags)
         if alias is not None:

@@ -130,6 +130,13 @@ def test_inspect_by_alias(root, tmp_path, capsys):
     assert "no model named 'nope'" in one_line_error(capsys, "inspect", "nope@prod")
 
 
+@pytest.mark.parametrize("argv", [("bench", "encc@prod"), ("generate", "encc@prod", "--prompt", "hi"),
+                                  ("inspect", "encc@prod")])
+def test_commands_resolve_name_at_alias(root, tmp_path, capsys, argv):
+    run(capsys, "registry", "add", make_artifact(tmp_path / "a", "A", name="enc"), "--name", "enc", "--alias", "prod")
+    assert "no model named 'encc' in the registry" in one_line_error(capsys, *argv)
+
+
 def test_lineage_text_and_json(root, tmp_path, capsys):
     export = make_artifact(tmp_path / "export", "fp32", name="enc")
     quantized = make_artifact(tmp_path / "int8", "int8", name="enc-int8", parent=export,
