@@ -194,11 +194,11 @@ class Registry:
                     if existing:
                         number = row["version"]
                     else:
-                        self._place_object(conn, content, staging or self._stage_copy(artifact, manifest))
+                        stored = self._place_object(conn, content, staging or self._stage_copy(artifact, manifest))
                         number = self._next_version(conn, name)
                         conn.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                     (name, number, content, manifest.get("kind"), manifest.get("name"),
-                                      manifest["manifest_sha256"], owner, _now(), str(artifact)))
+                                     (name, number, content, stored.get("kind"), stored.get("name"),
+                                      stored["manifest_sha256"], owner, _now(), str(artifact)))
                     if alias is not None:
                         self._move_alias(conn, name, alias, number, owner)
             finally:
@@ -208,15 +208,20 @@ class Registry:
         version.existing = existing
         return version
 
-    def _place_object(self, conn, content: str, staging: Path) -> None:
-        """Inside the write transaction: rename the staged copy to objects/<content>, unless a copy that
-        a version refers to is there already (the same files; `verify` checks them)."""
+    def _place_object(self, conn, content: str, staging: Path) -> dict:
+        """Inside the write transaction: rename the staged copy to objects/<content>, unless a copy that a
+        version refers to is there already (the same files; its manifest is kept, `verify` checks it).
+        Returns the kind, name and manifest_sha256 of the manifest that is stored."""
         target = self.object_path(content)
         if target.exists():
-            if conn.execute("SELECT 1 FROM versions WHERE content = ? LIMIT 1", (content,)).fetchone():
-                return
+            row = conn.execute("SELECT kind, artifact_name AS name, manifest_sha256 FROM versions WHERE content = ? "
+                               "LIMIT 1", (content,)).fetchone()
+            if row is not None:
+                return dict(row)
             _remove_tree(target)   # left by an add that died before it committed
         staging.rename(target)
+        manifest = read_manifest(target)
+        return {"kind": manifest.get("kind"), "name": manifest.get("name"), "manifest_sha256": manifest["manifest_sha256"]}
 
     @staticmethod
     def _next_version(conn, name: str) -> int:

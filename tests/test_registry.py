@@ -29,7 +29,11 @@ def test_versions_count_per_name_and_same_content_registers_once(registry, tmp_p
     assert (again.version, again.existing, again.content) == (1, True, first.content)
     assert registry.add(b, "enc").version == 2
     assert registry.add(a, "other").version == 1            # the same files under another name share the copy
-    assert [v.ref for v in registry.list()] == ["enc@1", "enc@2", "other@1"]
+    renamed = make_artifact(tmp_path / "a-renamed", "weights A", name="renamed")   # same files, other manifest
+    assert registry.add(renamed, "third").content == first.content
+    assert registry.resolve("third").artifact_name == "tiny"   # the copy stored first is kept...
+    assert registry.verify() == []                             # ...and is what every version records
+    assert [v.ref for v in registry.list()] == ["enc@1", "enc@2", "other@1", "third@1"]
     assert sorted(p.name for p in registry.objects.iterdir() if not p.name.startswith(".")) == sorted(
         {first.content, registry.resolve("enc@2").content})
     stored = registry.resolve("enc@1").path
