@@ -75,4 +75,7 @@ def resolve_artifact_arg(text: str | Path, registry=None) -> Path:
         return path
     from inferforge.registry import Registry
 
-    return (registry or Registry()).resolve(str(text)).path
+    try:
+        return (registry or Registry()).resolve(str(text)).path
+    except UserInputError as e:
+        raise UserInputError(f"{text}: no such file or directory; as a registry reference: {e}") from None
