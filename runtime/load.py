@@ -11,11 +11,15 @@ from inferforge.errors import UserInputError
 
 
 def load_engine(path: str | Path, *, command: str, **engine_kwargs):
-    """The engine for `path`; an artifact of another kind (an encoder) is refused naming `command`.
+    """The engine for `path`; a path that does not exist is one line, an artifact of another kind (an
+    encoder) is refused naming `command`.
     `engine_kwargs` go to `LLMEngine.from_pretrained` (max_num_seqs, max_context, kv_cache_dtype ...)."""
     from inferforge.runtime.engine import LLMEngine
 
     path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path} does not exist: give a Llama/Mistral/Qwen2 model directory or a causal-LM "
+                             "artifact")
     if (path / "manifest.json").is_file():
         import inferforge
         from inferforge.manifest import read_manifest

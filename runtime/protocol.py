@@ -4,6 +4,9 @@ They mirror OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models` 
 extensions `top_k`, `ignore_eos` and `stop_token_ids`. Fields the engine cannot honour are accepted
 only at their neutral value (`n=1`, `echo=false`, no logprobs, zero penalties); anything else is a
 400 error that names the field, never silently ignored. Unknown fields are ignored, as OpenAI does.
+Types are strict: an integer field takes only a JSON integer (`true` or `"16"` is a 400, not 1 or 16),
+a number field a JSON number, a flag a JSON boolean. `seed` must be in [0, 2**63). Token ids (the
+prompt's, `stop_token_ids`) are checked against the vocabulary by the server, which knows it.
 """
 
 from __future__ import annotations
@@ -26,20 +29,26 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+_STRICT = ConfigDict(extra="ignore", strict=True)
+SEED_LIMIT = 2**63          # torch generators take a signed 64-bit seed
+
+
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class _SamplingRequest(BaseModel):
     """The fields both generation routes share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = None             # vLLM extension; 0 or -1 mean "off", as in vLLM
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None    # vLLM extension: stop on these too
     ignore_eos: bool = False                   # vLLM extension: do not stop at EOS (benchmarks)
@@ -105,12 +114,14 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextContent(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextContent] | None = None

@@ -8,17 +8,30 @@ The handlers only translate: request body -> prompt token ids and sampling setti
 itself runs in `AsyncEngine`'s thread; every request joins it through its queue.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: a bad request (bad
-JSON, a wrong type, an unsupported option, an unknown model, a prompt over the context window) is a
-400 before any token is generated; an engine failure is a 500, or in a stream an error event
-followed by `data: [DONE]`. Chat without a chat template in the tokenizer uses a plain format: one
-`role: content` line per message, then `assistant:`.
+JSON, a wrong type, an unsupported option, an unknown model, a token id outside the vocabulary, a
+prompt over the context window) is a 400 before any token is generated, counted in
+`inferforge_requests_rejected_total`; an engine failure is a 500, or in a stream an error event
+followed by `data: [DONE]`, counted as `finish_reason="error"`.
+
+A client that goes away aborts its request (its sequence and cache blocks are freed, finish reason
+"abort"): each request's handler runs as a task beside a watcher of the connection that cancels it
+on disconnect (a non-streaming request, or a stream still waiting for its first token); once
+streaming, starlette's own disconnect check closes the stream. TTFT is measured from request
+arrival, stamped by a middleware before the body is read.
+
+Chat without a chat template in the tokenizer uses a plain format: one `role: content` line per
+message, then `assistant:`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
+
+# At module level, not in create_app: FastAPI resolves the handlers' (string) annotations in this module.
+from fastapi import Request
 
 from inferforge.errors import UserInputError
 from inferforge.runtime.async_engine import AsyncEngine
@@ -78,12 +91,19 @@ class ServingState:
     model_name: str
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    vocab_size: int
     metrics: ServerMetrics
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise OpenAIError(f"model {model!r} is not served here; this server serves {self.model_name!r}",
                               param="model", code="model_not_found")
+
+    def check_token_ids(self, ids: list[int], field: str) -> None:
+        """A 400 naming `field` unless every id is in the vocabulary (the types were checked by the protocol)."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OpenAIError(f"{field}: token ids must be ints in [0, {self.vocab_size}), got {bad[0]}", param=field)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -102,26 +122,32 @@ class ServingState:
 class _Generation:
     """One request on the engine: tokens -> text deltas, then `finish_reason` and `usage()`."""
 
-    def __init__(self, state: ServingState, prompt: list[int], request, max_tokens: int):
+    def __init__(self, state: ServingState, prompt: list[int], request, max_tokens: int, arrival: float):
+        """`arrival`: `time.perf_counter()` when the request reached the server (the start of TTFT)."""
         self.state, self.prompt, self.request, self.max_tokens = state, prompt, request, max_tokens
         eos = () if request.ignore_eos else state.eos_token_ids
         self.stop_ids = sorted({*eos, *(request.stop_token_ids or ())})
         self.detokenizer = IncrementalDetokenizer(state.tokenizer, request.stop_strings)
         self.finish_reason: str | None = None
-        self.arrival = time.perf_counter()
+        self.arrival = arrival
         self._tokens = None
 
     async def start(self) -> None:
         """Submit the request and wait for its first token: a refused request raises `OpenAIError` here,
-        before any response is started."""
+        before any response is started. Cancelled while waiting (the client left), the request is aborted."""
         self._tokens = self.state.engine.generate(self.prompt, max_tokens=self.max_tokens, ignore_eos=False,
                                                   stop_token_ids=self.stop_ids, **self.request.sampling())
         try:
             self._first = await anext(self._tokens)
             self._first_at = time.perf_counter()
+        except asyncio.CancelledError:      # `generate` queued the abort on its way out
+            self.state.metrics.finished.labels("abort").inc()
+            raise
         except Exception as e:   # noqa: BLE001 - every engine error becomes an HTTP error
-            self.state.metrics.finished.labels("error").inc()
-            raise _engine_error(e) from None
+            error = _engine_error(e)
+            if error.status >= 500:         # a refused request (400) is counted as rejected by the handler
+                self.state.metrics.finished.labels("error").inc()
+            raise error from None
         self.state.metrics.prompt_tokens.inc(len(self.prompt))
 
     async def deltas(self):
@@ -205,6 +231,44 @@ async def _chat_events(gen: _Generation, model: str, include_usage: bool):
         yield ChatCompletionChunk(id=rid, model=model, choices=[], usage=gen.usage())
 
 
+async def _unless_disconnected(raw, work):
+    """Await the coroutine `work`, cancelling it if the client of `raw` (a starlette Request whose body
+    was read) disconnects first; cancelling a generation aborts its request in the engine."""
+    async def disconnected() -> None:
+        try:
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:   # noqa: BLE001 - this connection cannot be watched: let the request run to its end
+            await asyncio.get_running_loop().create_future()
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():           # the client left (or this handler was cancelled)
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        from fastapi.responses import Response
+
+        return Response(status_code=499)      # nobody reads it: "client closed request", as nginx logs it
+    return task.result()
+
+
+class _StampArrival:
+    """ASGI middleware: `scope["inferforge.arrival"]` = `time.perf_counter()` when the request arrived
+    (its headers were read), before the body is read, parsed and tokenized: the start of TTFT."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        scope["inferforge.arrival"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
 def _validation_error(exc) -> OpenAIError:
     """FastAPI's RequestValidationError (422 by default) as a 400 naming the first bad field."""
     errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
@@ -236,8 +300,9 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len
     from starlette.exceptions import HTTPException
 
     llm = engine.engine
+    spec = llm.model.spec
     state = ServingState(engine, tokenizer, model_name, max_model_len or llm.max_context,
-                         tuple(llm.model.spec.eos_token_ids), ServerMetrics(engine))
+                         tuple(spec.eos_token_ids), spec.vocab_size, ServerMetrics(engine))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -248,14 +313,18 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len
             engine.shutdown()
 
     app = FastAPI(title="inferforge", lifespan=lifespan)
+    app.add_middleware(_StampArrival)
     app.state.serving = state
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request, exc: OpenAIError):
+        if exc.status < 500:       # the client's mistake, refused before generating: not an engine failure
+            state.metrics.rejected.inc()
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
+        state.metrics.rejected.inc()
         return _validation_error(exc).response()
 
     @app.exception_handler(HTTPException)
@@ -267,11 +336,16 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len
     async def unexpected(request, exc):
         return OpenAIError(f"internal error: {type(exc).__name__}: {exc}", status=500, kind="internal_error").response()
 
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    def check_common(request) -> None:
         state.check_model(request.model)
+        state.check_token_ids(request.stop_token_ids or [], "stop_token_ids")
+
+    async def complete(request: CompletionRequest, arrival: float):
+        check_common(request)
+        if isinstance(request.prompt, list):
+            state.check_token_ids(request.prompt, "prompt")
         prompt = request.prompt if isinstance(request.prompt, list) else state.encode(request.prompt)
-        gen = _Generation(state, prompt, request, request.max_tokens)
+        gen = _Generation(state, prompt, request, request.max_tokens, arrival)
         await gen.start()
         if request.stream:
             return _sse(_completion_events(gen, state.model_name, request.include_usage))
@@ -279,16 +353,15 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len
         return CompletionResponse(id=new_id("cmpl"), model=state.model_name, usage=gen.usage(),
                                   choices=[CompletionChoice(text=text, finish_reason=gen.finish_reason)])
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
-        state.check_model(request.model)
+    async def chat(request: ChatCompletionRequest, arrival: float):
+        check_common(request)
         prompt = state.chat_prompt(request)
         max_tokens = request.token_limit or state.max_model_len - len(prompt)
         if max_tokens < 1:
             raise OpenAIError(f"the messages ({len(prompt)} tokens) fill the model's context window "
                               f"({state.max_model_len} tokens); shorten them", param="messages",
                               code="context_length_exceeded")
-        gen = _Generation(state, prompt, request, max_tokens)
+        gen = _Generation(state, prompt, request, max_tokens, arrival)
         await gen.start()
         if request.stream:
             return _sse(_chat_events(gen, state.model_name, request.include_usage))
@@ -296,6 +369,17 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len
         return ChatCompletionResponse(id=new_id("chatcmpl"), model=state.model_name, usage=gen.usage(),
                                       choices=[ChatChoice(message=ChatMessageOut(content=text),
                                                           finish_reason=gen.finish_reason)])
+
+    def arrival_of(raw: Request) -> float:
+        return raw.scope.get("inferforge.arrival", time.perf_counter())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        return await _unless_disconnected(raw, complete(body, arrival_of(raw)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        return await _unless_disconnected(raw, chat(body, arrival_of(raw)))
 
     @app.get("/v1/models")
     async def models():

@@ -33,7 +33,8 @@ def add_serve_parser(sub, fmt) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="most sequences batched together (default 8)")
-    p.add_argument("--max-context", type=int, help="context limit per request (default: the model's window)")
+    p.add_argument("--max-context", type=int, help="context limit per request (default: the model's window; a "
+                                                    "larger value is capped at the window, with a note on stderr)")
     p.add_argument("--max-step-tokens", type=int, default=256,
                    help="token budget of one engine step: decodes plus prompt chunks (default 256)")
     p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "bf16", "fp8"],
@@ -102,6 +103,9 @@ def cmd_serve(args) -> int:
 
 def _serve_on(sock: socket.socket, args) -> int:
     engine = _serving_engine(args)
+    if args.max_context is not None and args.max_context > engine.max_context:
+        print(f"note: --max-context {args.max_context} is capped at the model's context window "
+              f"({engine.max_context} tokens)", file=sys.stderr, flush=True)
     try:
         from transformers import AutoTokenizer
 

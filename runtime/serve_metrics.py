@@ -1,8 +1,13 @@
 """Prometheus metrics of `inferforge serve`, in their own `CollectorRegistry` (`GET /metrics`).
 
 Definitions (seconds, measured in the server, where tokens reach the HTTP layer):
-    TTFT   time to first token: request arrival to its first generated token.
+    TTFT   time to first token: from the request's arrival (its headers read, before the body is parsed
+           and the prompt tokenized or templated) to its first generated token.
     ITL    inter-token latency: the gap between two consecutive tokens of one request.
+Requests end in `inferforge_requests_finished_total{finish_reason}`: stop, length, abort (the client
+went away) or error (the engine failed: a 500). A request refused with a 400 before generating (bad
+JSON or types, an unsupported option, a token id outside the vocabulary, a prompt over the window)
+is counted only in `inferforge_requests_rejected_total`: a client's mistake, not an engine failure.
 Gauges are read from `AsyncEngine.stats()` at scrape time: requests running and waiting, the
 fraction of KV-cache blocks in use, and `inferforge_max_running_seqs`, the most sequences the engine
 ran in one step since start (above 1 means requests really were batched together).
@@ -49,15 +54,17 @@ class ServerMetrics:
 
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(async_engine))
-        self.ttft = Histogram("inferforge_time_to_first_token_seconds", "Request arrival to first token.",
+        self.ttft = Histogram("inferforge_time_to_first_token_seconds", "Request arrival (headers read, before parsing and tokenization) to its first token.",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("inferforge_inter_token_latency_seconds", "Gap between consecutive tokens of a request.",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.prompt_tokens = Counter("inferforge_prompt_tokens", "Prompt tokens of admitted requests.",
                                      registry=self.registry)
         self.generation_tokens = Counter("inferforge_generation_tokens", "Tokens generated.", registry=self.registry)
-        self.finished = Counter("inferforge_requests_finished", "Requests by finish reason (stop, length, abort, "
-                                "error).", ["finish_reason"], registry=self.registry)
+        self.finished = Counter("inferforge_requests_finished", "Requests by finish reason: stop, length, abort "
+                                "(client gone), error (engine failure).", ["finish_reason"], registry=self.registry)
+        self.rejected = Counter("inferforge_requests_rejected", "Requests refused with a 400 before generating "
+                                "(invalid input, prompt over the context window).", registry=self.registry)
 
     def observe_token(self, seconds: float, *, first: bool) -> None:
         """A token reached the server `seconds` after the request arrived (`first`) or after its previous token."""

@@ -2,6 +2,7 @@
 
 import json
 import re
+import socket
 import threading
 import time
 
@@ -128,14 +129,36 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "w5", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "w5", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "w5", "temperature": -1}, "temperature"),
-    ("/v1/completions", {"prompt": [1, 999]}, None),
+    ("/v1/completions", {"prompt": [1, 999]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, -3]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, True]}, "prompt"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": "16"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": 4.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "top_k": False}, "top_k"),
+    ("/v1/completions", {"prompt": "w5", "n": True}, "n"),
+    ("/v1/completions", {"prompt": "w5", "temperature": True}, "temperature"),
+    ("/v1/completions", {"prompt": "w5", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "w5", "seed": 99999999999999999999999}, "seed"),
+    ("/v1/completions", {"prompt": "w5", "seed": 2**63}, "seed"),
+    ("/v1/completions", {"prompt": "w5", "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": "w5", "seed": "7"}, "seed"),
+    ("/v1/completions", {"prompt": "w5", "stop_token_ids": [999999]}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "w5", "stop_token_ids": [True]}, "stop_token_ids"),
     ("/v1/completions", {"prompt": "", "stream": True}, "prompt"),
     ("/v1/completions", {"max_tokens": 4}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w5"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "stream": True, "n": 3}, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": " ".join(["w5"] * 300)}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "stop_token_ids": [256]},
+     "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "seed": -5}, "seed"),
 ]
+
+FINISHED_ERROR = 'inferforge_requests_finished_total{finish_reason="error"}'
+ABORTED = 'inferforge_requests_finished_total{finish_reason="abort"}'
 
 
 @pytest.mark.parametrize("route, body, param", BAD_REQUESTS)
@@ -145,6 +168,37 @@ def test_bad_requests_get_400_in_openai_shape(server, route, body, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["message"] and error["param"] == param
+
+
+def test_bad_values_are_named_in_the_message(server):
+    def error(body):
+        response = httpx.post(f"{server}/v1/completions", json=body, timeout=DEADLINE_S)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    assert error({"prompt": [1, 999]})["message"] == "prompt: token ids must be ints in [0, 256), got 999"
+    assert error({"prompt": "w5", "stop_token_ids": [2, 999999]})["message"] == (
+        "stop_token_ids: token ids must be ints in [0, 256), got 999999")
+    huge = error({"prompt": "w5", "seed": 99999999999999999999999})
+    assert huge["message"].startswith("seed: ") and "Overflow" not in huge["message"]
+    assert error({"prompt": "w5", "max_tokens": True})["message"].startswith("max_tokens: ")
+    ok = httpx.post(f"{server}/v1/completions", timeout=DEADLINE_S, json={
+        "prompt": "w5", "max_tokens": 2, "seed": 2**63 - 1, "temperature": 1.0, "stop_token_ids": [255]})
+    assert ok.status_code == 200, ok.text          # the largest seed and the last token id are accepted
+
+
+def test_refused_requests_are_counted_as_rejected_not_as_engine_errors(server):
+    before = metrics(server)
+    for body in ({"prompt": [5] * 300, "max_tokens": 4}, {"prompt": [1, 999]}, {"prompt": "w5", "n": 2},
+                 {"prompt": "w5", "stop_token_ids": [999999]}):
+        assert httpx.post(f"{server}/v1/completions", json=body, timeout=DEADLINE_S).status_code == 400
+    assert httpx.post(f"{server}/v1/completions", content=b"not json",
+                      headers={"Content-Type": "application/json"}).status_code == 400
+    after = metrics(server)
+    assert after["inferforge_requests_rejected_total"] == before.get("inferforge_requests_rejected_total", 0) + 5
+    assert after.get(FINISHED_ERROR, 0) == before.get(FINISHED_ERROR, 0)
+    assert "# HELP inferforge_time_to_first_token_seconds Request arrival (headers read, before parsing and " \
+           "tokenization)" in httpx.get(f"{server}/metrics").text
 
 
 def test_malformed_json_and_wrong_body_get_400(server):
@@ -183,7 +237,7 @@ def test_concurrent_clients_are_batched_by_one_engine(server, client):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
-    aborted = metrics(server).get('inferforge_requests_finished_total{finish_reason="abort"}', 0)
+    aborted = metrics(server).get(ABORTED, 0)
     body = {"model": NAME, "prompt": [1, 5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=DEADLINE_S) as response:
@@ -193,13 +247,34 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
         assert json.loads(first[6:])["choices"][0]["text"]
         assert metrics(server)["inferforge_requests_running"] == 1
     # Leaving the block closed the connection after one token of 200.
-    wait_until(lambda: metrics(server).get('inferforge_requests_finished_total{finish_reason="abort"}', 0)
-               == aborted + 1, "the abort")
+    wait_until(lambda: metrics(server).get(ABORTED, 0) == aborted + 1, "the abort")
     wait_until(lambda: metrics(server)["inferforge_requests_running"] == 0
                and metrics(server)["inferforge_kv_cache_usage"] == 0, "the blocks to be freed")
     generated = metrics(server)["inferforge_generation_tokens_total"]
     assert httpx.get(f"{server}/health").status_code == 200
     assert metrics(server)["inferforge_generation_tokens_total"] == generated      # the engine stopped generating
+
+
+def test_a_non_streaming_client_that_disconnects_is_aborted_and_frees_its_blocks(server):
+    before = metrics(server)
+    body = json.dumps({"model": NAME, "prompt": [1, 5, 9], "max_tokens": 240, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    host, port = server.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+        wait_until(lambda: metrics(server)["inferforge_generation_tokens_total"]
+                   > before["inferforge_generation_tokens_total"], "the request to generate")
+        assert metrics(server)["inferforge_requests_running"] == 1
+    # The client gave up (closed its connection) with the answer 240 tokens away.
+    wait_until(lambda: metrics(server).get(ABORTED, 0) == before.get(ABORTED, 0) + 1, "the abort")
+    wait_until(lambda: metrics(server)["inferforge_requests_running"] == 0
+               and metrics(server)["inferforge_kv_cache_usage"] == 0, "the blocks to be freed")
+    after = metrics(server)
+    assert after["inferforge_generation_tokens_total"] < before["inferforge_generation_tokens_total"] + 240
+    length = 'inferforge_requests_finished_total{finish_reason="length"}'
+    assert after.get(length, 0) == before.get(length, 0)          # it did not run to max_tokens
+    assert httpx.get(f"{server}/health").status_code == 200
 
 
 def test_port_in_use_and_encoder_artifact_are_one_line_errors(server, model, tmp_path):
@@ -216,13 +291,20 @@ def test_port_in_use_and_encoder_artifact_are_one_line_errors(server, model, tmp
     refused = run_cli("serve", encoder, "--port", "0")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "sentence-encoder artifact; serve runs causal-LM artifacts" in refused.stderr
+    missing = run_cli("serve", tmp_path / "nope", "--port", "0")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope'} does not exist: give a Llama/Mistral/Qwen2 model directory or a causal-LM "
+        "artifact"]
 
 
-def test_ctrl_c_stops_the_server_cleanly(model, tmp_path):
-    proc, url = start_server(model, tmp_path)
-    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "model"      # default: the directory's name
+def test_ctrl_c_stops_the_server_cleanly_and_a_larger_max_context_is_capped_with_a_note(model, tmp_path):
+    proc, url = start_server(model, tmp_path, "--max-context", "100000")
+    card = httpx.get(f"{url}/v1/models").json()["data"][0]
+    assert card["id"] == "model" and card["max_model_len"] == 256      # default name: the directory's
     assert stop_server(proc) == 0
-    assert "server stopped" in (tmp_path / "serve.err").read_text()
+    err = (tmp_path / "serve.err").read_text()
+    assert "server stopped" in err
+    assert "note: --max-context 100000 is capped at the model's context window (256 tokens)" in err.splitlines()
 
 
 class _ByteTokenizer:
@@ -281,3 +363,47 @@ def test_an_engine_failure_is_a_500_or_an_error_event_and_the_server_goes_on(mod
         ok = http.post("/v1/completions", json=body).json()
         assert ok["usage"]["completion_tokens"] == 5
         assert http.get("/health").json() == {"status": "ok"}
+
+
+class _SlowTokenizer:
+    """A tokenizer that takes `seconds` to encode and records when it finished."""
+
+    def __init__(self, tokenizer, seconds):
+        self.tokenizer, self.seconds, self.encoded_at = tokenizer, seconds, None
+
+    def __call__(self, text):
+        time.sleep(self.seconds)
+        out = self.tokenizer(text)
+        self.encoded_at = time.perf_counter()
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_ttft_starts_at_request_arrival_before_tokenization(model):
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from inferforge.runtime.async_engine import AsyncEngine
+    from inferforge.runtime.engine import LLMEngine
+    from inferforge.runtime.serve import create_app
+
+    slow = _SlowTokenizer(AutoTokenizer.from_pretrained(model), seconds=0.2)
+    app = create_app(AsyncEngine(LLMEngine.from_pretrained(model, dtype=torch.float32, device="cpu")), slow,
+                     model_name=NAME)
+    metrics_, observed = app.state.serving.metrics, []
+    real_observe = metrics_.observe_token
+
+    def observe(seconds, *, first):
+        if first:
+            observed.append((seconds, time.perf_counter()))
+        real_observe(seconds, first=first)
+
+    metrics_.observe_token = observe
+    with TestClient(app) as http:
+        assert http.post("/v1/completions", json={"prompt": "w5 w9", "max_tokens": 2}).status_code == 200
+    ((ttft, at),) = observed
+    # TTFT reaches back past the end of tokenization by at least most of the tokenizer's 0.2 s (a TTFT
+    # that started after tokenizing would reach back by nothing): only a lower bound, never a duration.
+    assert ttft - (at - slow.encoded_at) >= 0.1
