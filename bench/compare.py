@@ -17,6 +17,12 @@ throughput/goodput keys higher-is-better; a change for the worse is marked as a 
 5 ms; `request_throughput:0.5` is 0.5 req/s). An unknown or unjudged key, a missing file or a report
 of another kind is one line and exit 2. Nothing is written unless `--output DIR` is given (then
 `compare.md` and `compare.json`, atomically).
+
+Validity and comparability (LLM serving reports): a warning (stderr, `warnings` in compare.json, a
+section of compare.md) when either run is invalid (`valid` false: saturated, too many failures, too
+few samples) or when the two differ in scenario, load mode / rate / burstiness / concurrency,
+workload settings, or target backend / model. With `--fail-on`, an invalid run on either side is
+one line and exit 2: a regression gate cannot be decided on an invalid run.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +123,42 @@ def compare_reports(a: dict, b: dict, *, a_name: str = "A", b_name: str = "B") -
     return {"kind": kind_a, "a": a_name, "b": b_name, "rows": rows}
 
 
+def _differences(label: str, x, y) -> list[str]:
+    if not isinstance(x, dict) or not isinstance(y, dict):
+        return [] if x == y else [f"{label}: {x!r} vs {y!r}"]
+    return [f"{label}.{k}: {x.get(k)!r} vs {y.get(k)!r}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+
+
+def invalid_runs(a: dict, b: dict, *, a_name: str = "A", b_name: str = "B") -> list[str]:
+    """One line per run marked invalid (`valid` false), with its reasons."""
+    out = []
+    for side, name, report in (("A", a_name, a), ("B", b_name, b)):
+        if report.get("valid") is False:
+            reasons = "; ".join(str(r) for r in report.get("invalid_reasons") or []) or "no reason given"
+            out.append(f"{side} ({name}) is an invalid run: {reasons}")
+    return out
+
+
+def comparability_warnings(a: dict, b: dict, *, a_name: str = "A", b_name: str = "B") -> list[str]:
+    """Why a comparison may mislead: an invalid run, or different load, workload or target."""
+    warnings = invalid_runs(a, b, a_name=a_name, b_name=b_name)
+    if a.get("kind") != SERVING_KIND:
+        return warnings
+    diffs = _differences("scenario", a.get("scenario"), b.get("scenario"))
+    load_a, load_b = dict(a.get("load") or {}), dict(b.get("load") or {})
+    if load_a.get("mode") == load_b.get("mode") == "sweep":      # a sweep's rate is its result, not a setting
+        load_a.pop("rate", None), load_b.pop("rate", None)
+    diffs += _differences("load", load_a, load_b)
+    wa, wb = a.get("workload") or {}, b.get("workload") or {}
+    diffs += _differences("workload", wa.get("settings", wa), wb.get("settings", wb))
+    ta, tb = a.get("target") or {}, b.get("target") or {}
+    diffs += _differences("target", {k: ta.get(k) for k in ("backend", "model")},
+                          {k: tb.get(k) for k in ("backend", "model")})
+    if diffs:
+        warnings.append("the runs differ in settings, so deltas mix the change with the setting: " + "; ".join(diffs))
+    return warnings
+
+
 @dataclass(frozen=True)
 class FailOn:
     """B may be worse than A on `key` by at most `threshold`: percent of A if `relative`, else the key's unit."""
@@ -177,9 +220,12 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{v:+.1f}%" if pct else f"{v:.5g}"
 
 
-def render_compare_markdown(comparison: dict, failures: list[str]) -> str:
+def render_compare_markdown(comparison: dict, failures: list[str], warnings: list[str] = ()) -> str:
     lines = [f"# Benchmark comparison ({comparison['kind']})", "", f"- A: `{comparison['a']}`",
-             f"- B: `{comparison['b']}`", "", "| key | A | B | delta | delta % | verdict |", "|---|---|---|---|---|---|"]
+             f"- B: `{comparison['b']}`", ""]
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- **{w}**" for w in warnings] + [""]
+    lines += [ "| key | A | B | delta | delta % | verdict |", "|---|---|---|---|---|---|"]
     for r in comparison["rows"]:
         lines.append(f"| {r['key']} | {_fmt(r['a'])} | {_fmt(r['b'])} | {_fmt(r['delta'])} | "
                      f"{_fmt(r['delta_pct'], pct=True)} | {r['verdict'] or '-'} |")
@@ -209,14 +255,21 @@ def cmd_report_compare(args) -> int:
     a, b = read_report(args.a), read_report(args.b)
     comparison = compare_reports(a, b, a_name=str(args.a), b_name=str(args.b))
     failures = check_fail_on(comparison, rules)   # bad keys raise before anything is printed or written
-    result = {**comparison, "fail_on": [str(r) for r in rules], "failures": failures, "passed": not failures}
+    warnings = comparability_warnings(a, b, a_name=str(args.a), b_name=str(args.b))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    invalid = invalid_runs(a, b, a_name=str(args.a), b_name=str(args.b))
+    if rules and invalid:
+        raise UserInputError(f"--fail-on cannot be decided: {invalid[0]}")
+    result = {**comparison, "warnings": warnings, "fail_on": [str(r) for r in rules], "failures": failures,
+              "passed": not failures}
     if args.output:
         from inferforge.fileio import atomic_write_json, atomic_write_text
 
         out = Path(args.output)
         if out.exists() and not out.is_dir():
             raise UserInputError(f"--output {out}: a file is there; give a directory")
-        atomic_write_text(out / "compare.md", render_compare_markdown(comparison, failures))
+        atomic_write_text(out / "compare.md", render_compare_markdown(comparison, failures, warnings))
         atomic_write_json(out / "compare.json", result)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -50,7 +50,7 @@ table{border-collapse:collapse;margin:8px 0;background:#fff}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ci{color:#666;font-size:.85em;display:block}
-.pass{color:#1b5e20;font-weight:600}.fail{color:#b71c1c;font-weight:600}
+.pass{color:#1b5e20;font-weight:600}.fail{color:#b71c1c;font-weight:600}.warn{color:#6b4e00;font-weight:600}
 code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em}
 pre{white-space:pre-wrap;margin:0}
 """
@@ -63,6 +63,11 @@ def _e(value) -> str:
 def _rate(point: dict):
     """A sweep point's offered rate (requests/s): `load.rate` in report.json."""
     return (point.get("load") or {}).get("rate", point.get("rate"))
+
+
+def _shape(point: dict) -> str:
+    """A sweep point's marker: a cross when the point was invalid (e.g. saturated), else a circle."""
+    return "cross" if point.get("valid", True) is False else "circle"
 
 
 def _met(point: dict) -> bool:
@@ -188,8 +193,10 @@ def sweep_charts(report: dict) -> list[Chart]:
         stats = ["p99"] + [s for s, _ in _targets_for(report, metric) if s != "p99"]
         x = [s["request_throughput"] for s in sweep]
         colours = [PASS_COLOUR if _met(s) else FAIL_COLOUR for s in sweep]
-        series = [Series(f"{stat} {label} (points: green met the targets, red missed)", x,
-                         [s.get(f"{stat}_{metric}") for s in sweep], markers=True, point_colours=colours)
+        shapes = [_shape(s) for s in sweep]
+        series = [Series(f"{stat} {label} (points: green met the targets, red: missed or invalid; x = invalid)", x,
+                         [s.get(f"{stat}_{metric}") for s in sweep], markers=True, point_colours=colours,
+                         point_shapes=shapes)
                   for stat in dict.fromkeys(stats)]
         chart = Chart(title=f"Sweep: {label} against achieved request rate", x_label="achieved requests/s",
                       y_label=f"{label} (ms)", series=series, x_min=0.0)
@@ -208,7 +215,8 @@ def sweep_charts(report: dict) -> list[Chart]:
                       y_label="achieved requests/s", x_min=0.0,
                       series=[Series("achieved", [_rate(s) for s in offered],
                                      [s["request_throughput"] for s in offered], markers=True,
-                                     point_colours=[PASS_COLOUR if _met(s) else FAIL_COLOUR for s in offered]),
+                                     point_colours=[PASS_COLOUR if _met(s) else FAIL_COLOUR for s in offered],
+                                     point_shapes=[_shape(s) for s in offered]),
                               Series("achieved = offered", [0.0, top], [0.0, top], colour="#999999")])
         charts.append(chart)
     return charts
@@ -266,7 +274,10 @@ def summary_table(report: dict) -> str:
             ("output throughput (tok/s)", report.get("output_throughput")),
             ("total token throughput (tok/s)", report.get("total_token_throughput")),
             ("request goodput (req/s meeting all targets)", report.get("request_goodput"))]
-    return _table(["quantity", "value"], [[_td(_e(k)), _td(_num(v), num=True)] for k, v in rows], "summary")
+    cells = [[_td(_e(k)), _td(_num(v), num=True)] for k, v in rows]
+    if not report.get("targets") and report.get("request_goodput") is None:
+        cells[-1][1] = _td("- (no targets)", num=True)
+    return _table(["quantity", "value"], cells, "summary")
 
 
 def targets_table(report: dict) -> str:
@@ -274,8 +285,13 @@ def targets_table(report: dict) -> str:
     for t in report.get("targets") or []:
         metric, stat = target_key(t)
         ok = t.get("passed")
-        verdict = '<span class="pass">PASS</span>' if ok else '<span class="fail">MISS</span>'
-        miss = "-" if ok else f"{_num(t.get('miss_by_ms'))} ms ({_num(t.get('miss_by_pct'), 1)}%)"
+        if _insufficient(t):
+            verdict = (f'<span class="warn">insufficient samples</span> ({_e(t.get("samples"))} of '
+                       f'{_e(t.get("needed", "?"))} needed)')
+            miss = "-"
+        else:
+            verdict = '<span class="pass">PASS</span>' if ok else '<span class="fail">MISS</span>'
+            miss = "-" if ok else f"{_num(t.get('miss_by_ms'))} ms ({_num(t.get('miss_by_pct'), 1)}%)"
         rows.append([_td(_e(metric)), _td(_e(stat)), _td(_num(t.get("limit_ms")), num=True),
                      _td(_num(t.get("measured")), num=True),
                      _td(f"[{_num(t['ci'][0])}, {_num(t['ci'][1])}]" if t.get("ci") else "-", num=True),
@@ -310,24 +326,38 @@ def errors_table(requests: list[dict]) -> str:
     return _table(["error", "requests"], rows, "errors")
 
 
+def _insufficient(t: dict) -> bool:
+    return t.get("status") == "insufficient samples"
+
+
 def banners(report: dict, requests: list[dict]) -> list[str]:
+    """One red banner at most for validity: a saturated run is invalid, so saturation is said inside it."""
     out = []
-    if report.get("valid") is False:
-        reasons = "; ".join(str(r) for r in report.get("invalid_reasons") or []) or "no reason given"
-        out.append(f'<div class="banner bad" id="invalid">INVALID RUN: {_e(reasons)}</div>')
     saturation = report.get("saturation") or {}
+    sat_text = ""
     if saturation.get("saturated"):
         details = saturation.get("details")
         text = details if isinstance(details, str) else json.dumps(details, default=str)
-        out.append(f'<div class="banner bad" id="saturated">SATURATED: the load generator or server could not keep '
-                   f'up with the offered load; latencies include queueing. {_e(text)}</div>')
+        sat_text = ("SATURATED: the load generator or server could not keep up with the offered load; latencies "
+                    f"include queueing. {text}")
+    if report.get("valid") is False:
+        reasons = [str(r) for r in report.get("invalid_reasons") or [] if not (sat_text and
+                                                                               str(r).startswith("saturated:"))]
+        body = "; ".join(([sat_text] if sat_text else []) + reasons) or "no reason given"
+        out.append(f'<div class="banner bad" id="invalid">INVALID RUN: {_e(body)}</div>')
+    elif sat_text:
+        out.append(f'<div class="banner bad" id="saturated">{_e(sat_text)}</div>')
     if report.get("targets"):
+        undecided = [f"{stat} {m}" for t in report["targets"] if _insufficient(t) for m, stat in [target_key(t)]]
+        missed = [f"{stat} {m}" for t in report["targets"] if not t.get("passed") and not _insufficient(t)
+                  for m, stat in [target_key(t)]]
         if report.get("passed"):
             out.append('<div class="banner good" id="verdict">All latency targets met.</div>')
-        else:
-            missed = [f"{stat} {m}" for t in report["targets"] if not t.get("passed")
-                      for m, stat in [target_key(t)]]
+        elif missed:
             out.append(f'<div class="banner bad" id="verdict">TARGETS MISSED: {_e(", ".join(missed))}</div>')
+        if undecided:
+            out.append(f'<div class="banner warn" id="undecided">Not decided, too few samples for the statistic: '
+                       f'{_e(", ".join(undecided))}; raise --num-requests</div>')
     busy = (report.get("environment") or {}).get("busy_warning")
     if busy:
         out.append(f'<div class="banner warn" id="busy">Busy machine: {_e(busy)}</div>')

@@ -74,6 +74,7 @@ class Series:
     markers: bool = False
     whiskers: list | None = None
     point_colours: list | None = None
+    point_shapes: list | None = None     # "circle" (default) or "cross" per point
 
 
 @dataclass
@@ -196,7 +197,14 @@ def render_chart(chart: Chart, chart_id: str) -> str:
                            f'<line x1="{x - 6:.1f}" x2="{x + 6:.1f}" y1="{py(hi):.1f}" y2="{py(hi):.1f}"/></g>')
             if s.markers:
                 fill = s.point_colours[j] if s.point_colours and j < len(s.point_colours) else colour
-                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="#222" stroke-width="0.8"/>')
+                shape = s.point_shapes[j] if s.point_shapes and j < len(s.point_shapes) else "circle"
+                if shape == "cross":
+                    out.append(f'<path class="marker-cross" d="M{x - 5:.1f},{y - 5:.1f}L{x + 5:.1f},{y + 5:.1f}'
+                               f'M{x - 5:.1f},{y + 5:.1f}L{x + 5:.1f},{y - 5:.1f}" stroke="{fill}" '
+                               f'stroke-width="3"/>')
+                else:
+                    out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="#222" '
+                               f'stroke-width="0.8"/>')
         out.append("</g>")
     out.append("</g>")
     # Reference lines over the data, labelled at the line.

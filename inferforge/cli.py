@@ -285,18 +285,24 @@ def _target_shape(text: str) -> str:
 
 def cmd_bench(args) -> int:
     from inferforge.bench.artifact_bench import bench_artifact
-    from inferforge.bench.serving.cli import cmd_bench_llm
+    from inferforge.bench.serving.cli import cmd_bench_llm, llm_flags_given
     from inferforge.bench.serving.targets import looks_like_slo
     from inferforge.registry_refs import resolve_artifact_arg
 
     if args.artifact:   # NAME@ALIAS: the registry's stored copy
         args.artifact = str(resolve_artifact_arg(args.artifact))
 
+    if args.url and args.artifact:
+        raise UserInputError(f"give TARGET or --url, not both (got {args.artifact} and --url {args.url})")
     if _is_llm_target(args):
         if args.compare_source:
             raise UserInputError("--compare-source times an encoder's PyTorch source; it is not available for a "
                                  "causal LM: bench the source checkpoint's own artifact instead")
         return cmd_bench_llm(args)
+    given = llm_flags_given(args)
+    if given:
+        raise UserInputError(f"{args.artifact} is an encoder artifact; {', '.join(given)} "
+                             f"{'is' if len(given) == 1 else 'are'} for language models only")
     for text in args.target:
         if looks_like_slo(text):
             raise UserInputError(f"--target {text}: METRIC:STAT:MS targets are for language models; an encoder "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -11,10 +12,17 @@ from pathlib import Path
 from inferforge.errors import UserInputError
 
 SCENARIOS = ("generate", "server")
+LLM_ONLY_FLAGS: list[tuple[str, str, object]] = []     # (dest, flag, default) of the language-model group
+
+
+def llm_flags_given(args) -> list[str]:
+    """The language-model-only flags whose value differs from their default (an encoder run ignores them)."""
+    return [flag for dest, flag, default in LLM_ONLY_FLAGS if getattr(args, dest, default) != default]
 
 
 def add_llm_bench_args(p) -> None:
-    """The language-model flags of `inferforge bench` (TARGET, --target, --output-len, --warmup are shared)."""
+    """The language-model flags of `inferforge bench` (TARGET, --target, --warmup are shared); an encoder TARGET
+    with any of them set to a non-default value is refused (`llm_flags_given`)."""
     g = p.add_argument_group("language models (a causal-LM artifact, a model directory, or --url)")
     g.add_argument("--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needs --model)")
     g.add_argument("--model", help="the model name the server serves (--url)")
@@ -51,6 +59,7 @@ def add_llm_bench_args(p) -> None:
                    help="more failed requests than this share (%%) makes the run invalid (default 1)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="--url: seconds per request (default 600)")
     g.add_argument("-o", "--output", help="run directory (default runs/bench-TIMESTAMP)")
+    LLM_ONLY_FLAGS[:] = [(a.dest, a.option_strings[-1], a.default) for a in g._group_actions]
 
 
 def _length(args, name: str, mean: int):
@@ -65,6 +74,11 @@ def _length(args, name: str, mean: int):
 def _load_config(args):
     from inferforge.bench.serving.schedule import LoadConfig
 
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+        if args.rate == math.inf:
+            raise UserInputError("--rate inf: every request at t=0 is the offline scenario; use --scenario generate "
+                                 "(a finite --rate is an open-loop Poisson load)")
+        raise UserInputError(f"--rate must be a finite number > 0 requests/s, got {args.rate}")
     chosen = [f for f, on in (("--rate", args.rate is not None and not args.sweep),
                               ("--concurrency", args.concurrency is not None), ("--sweep", args.sweep)) if on]
     if args.scenario == "generate":
@@ -102,19 +116,41 @@ def _tokenizer(path):
         raise UserInputError(f"{path}: cannot load a tokenizer ({e})") from None
 
 
+class _SweepStopped(Exception):
+    """A sweep point had too few samples for a target: no other rate can decide it."""
+
+
+def _check_token_ids(requests, vocab_size: int | None, dataset: str | None) -> None:
+    """In-process: every prompt token id must be an embedding row of the model."""
+    if not vocab_size:
+        return
+    for r in requests:
+        if isinstance(r.prompt, list):
+            bad = next((t for t in r.prompt if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                source = f"--dataset {Path(dataset).name}" if dataset else "the workload"
+                raise UserInputError(f"{source}: request {r.id} has token id {bad}, outside the model's vocabulary "
+                                     f"(0..{vocab_size - 1})")
+
+
 async def _measure(backend, requests, load, targets, *, warmup: int, seed: int, max_failed_pct: float, progress):
     from inferforge.bench.serving import results, runner
+    from inferforge.bench.serving.targets import INSUFFICIENT
 
     if warmup:
         with progress.spinner(f"warm-up: {warmup} requests"):
-            await runner.warm_up(backend, requests[:warmup])
+            warm = await runner.warm_up(backend, requests[:warmup])
+        if not any(r.success for r in warm):
+            raise runner.AllFailed(f"every warm-up request ({warmup}) failed, so the measured ones would too; first "
+                                   f"error: {warm[0].error}")
     measured = requests[warmup:]
     points, records_of = [], {}
 
     async def point(config):
         task = progress.task(f"rate {config.rate:g}/s" if config.mode == "rate" else config.mode, total=len(measured))
         try:
-            records = await runner.run_point(backend, measured, config, seed=seed, on_done=task.advance)
+            records = await runner.run_point(backend, measured, config, seed=seed, on_done=task.advance,
+                                             stop_after_failures=None if warmup else runner.FIRST_FAILURES)
         finally:
             task.close()
         summary = results.summarize_point(records, load=config, targets=targets, max_failed_pct=max_failed_pct)
@@ -124,10 +160,17 @@ async def _measure(backend, requests, load, targets, *, warmup: int, seed: int, 
 
     if load.mode == "sweep":
         async def meets(rate):
-            return results.meets(await point(load.at_rate(rate)))
+            summary = await point(load.at_rate(rate))
+            if any(t["status"] == INSUFFICIENT for t in summary["targets"]):
+                # Another rate gives no more samples: the sweep stops here instead of halving the rate on and on.
+                raise _SweepStopped
+            return results.meets(summary)
 
-        await runner.sweep_rates(load.rate, meets, max_doublings=load.sweep_max_doublings,
-                                 bisections=load.sweep_bisections)
+        try:
+            await runner.sweep_rates(load.rate, meets, max_doublings=load.sweep_max_doublings,
+                                     bisections=load.sweep_bisections)
+        except _SweepStopped:
+            pass
     else:
         await point(load)
     return points, records_of
@@ -136,6 +179,7 @@ async def _measure(backend, requests, load, targets, *, warmup: int, seed: int, 
 def cmd_bench_llm(args) -> int:
     """Benchmark a causal LM (in-process engine or --url server) against latency targets; see README."""
     from inferforge.bench.serving import backends, output, results
+    from inferforge.bench.serving.targets import check_sample_counts
     from inferforge.bench.serving.workload import WorkloadConfig, build_workload, length_stats
     from inferforge.checkpoint_files import read_config
     from inferforge.manifest import environment, utc_now
@@ -159,6 +203,7 @@ def cmd_bench_llm(args) -> int:
         if args.tokenizer:
             vocab = vocab or len(_tokenizer(args.tokenizer))
         requests = build_workload(workload, vocab_size=vocab, tokenize=tokenize)
+        check_sample_counts(targets, [r.output_len for r in requests[workload.warmup:]])
         target = {"backend": "openai-http", "model": args.model, "url": args.url}
         backend = backends.OpenAIHTTPBackend(args.url, args.model, timeout_s=args.request_timeout)
         engine = None
@@ -169,9 +214,15 @@ def cmd_bench_llm(args) -> int:
         config = read_config(path, what="a causal-LM artifact or a Llama-family model directory")
         tokenize = None
         if args.dataset:
-            tok = _tokenizer(path)
-            tokenize = lambda text: tok(text)["input_ids"]  # noqa: E731
+            loaded = {}
+
+            def tokenize(text):       # the tokenizer loads only for text prompts (JSONL token ids need none)
+                if "tok" not in loaded:
+                    loaded["tok"] = _tokenizer(path)
+                return loaded["tok"](text)["input_ids"]
         requests = build_workload(workload, vocab_size=config.get("vocab_size"), tokenize=tokenize)
+        check_sample_counts(targets, [r.output_len for r in requests[workload.warmup:]])
+        _check_token_ids(requests, config.get("vocab_size"), args.dataset)
         longest = max(len(r.prompt) + r.output_len for r in requests)
         window = config.get("max_position_embeddings") or longest
         if longest > window:
@@ -243,7 +294,10 @@ def _print_table(report: dict, out: Path) -> None:
     console = Console()
     console.print(table)
     for t in report["targets"]:
-        console.print(f"{t['percentile']} {t['metric']} <= {t['limit_ms']:g}: "
-                      f"{'PASS' if t['passed'] else 'MISS'} (measured "
-                      f"{'-' if t['measured'] is None else format(t['measured'], '.2f')} ms)", highlight=False)
+        measured = "-" if t["measured"] is None else format(t["measured"], ".2f")
+        if t["status"] == "insufficient samples":
+            verdict = f"INSUFFICIENT SAMPLES ({t['samples']} of {t['needed']} needed; measured {measured} ms)"
+        else:
+            verdict = f"{'PASS' if t['passed'] else 'MISS'} (measured {measured} ms)"
+        console.print(f"{t['percentile']} {t['metric']} <= {t['limit_ms']:g}: {verdict}", highlight=False)
     console.print(f"report: {out}/report.md", highlight=False)

@@ -36,10 +36,14 @@ DEFINITIONS = {
     "output_throughput": "output tokens of completed requests / duration",
     "total_token_throughput": "(input + output tokens of completed requests) / duration",
     "request_goodput": "completed requests that met every target on their own values / duration: TTFT, TPOT and "
-                       "E2EL of the request <= the limit; for ITL the request's gaps at the target's statistic",
+                       "E2EL of the request <= the limit; for ITL the request's gaps at the target's statistic. "
+                       "null when the run has no targets (as vLLM omits it)",
     "statistics": "mean, std (numpy, ddof=0), median and pN by numpy.percentile (default linear interpolation)",
     "ci": f"95% bootstrap confidence interval of each statistic (scipy.stats.bootstrap, percentile method, "
-          f"{BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); null below 2 samples",
+          f"{BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); null below 2 samples. ITL's gaps within one "
+          f"request are correlated, so its CIs are a cluster bootstrap over requests: resample the requests with "
+          f"replacement, pool their gaps, compute the statistic ({BOOTSTRAP_RESAMPLES} resamples, numpy, seed "
+          f"{BOOTSTRAP_SEED}, percentile method); null below 2 requests with gaps",
     "sample_rule": "a percentile pN rests on at least ceil(1 / (1 - N/100)) samples (median 2, p90 10, p95 20, "
                    "p99 100), so at least one sample lies at or above it; fewer: a sample warning, and a target on "
                    "it makes the run invalid (exit 2)",
@@ -146,6 +150,28 @@ def bootstrap_ci(values: np.ndarray, name: str) -> list[float] | None:
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
+def cluster_bootstrap_ci(groups: list, name: str) -> list[float] | None:
+    """95% CI [lo, hi] of a statistic of pooled samples that come in correlated groups (ITL: the gaps of one
+    request): resample the groups with replacement, pool their samples, compute the statistic; percentile method,
+    BOOTSTRAP_RESAMPLES resamples, seed BOOTSTRAP_SEED. None below 2 non-empty groups."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if len(groups) < 2:
+        return None
+    pooled = np.concatenate(groups)
+    if np.all(pooled == pooled[0]):
+        return [float(pooled[0]), float(pooled[0])]
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    picks = rng.integers(0, len(groups), size=(BOOTSTRAP_RESAMPLES, len(groups)))
+    if name == "mean":                      # sums and counts per group: no pooling needed
+        sums = np.array([g.sum() for g in groups])
+        counts = np.array([g.size for g in groups])
+        stats = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    else:
+        stats = np.array([statistic(np.concatenate([groups[i] for i in row]), name) for row in picks])
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def latency_summary(records: list[RequestRecord]) -> tuple[dict, dict, list[str]]:
     """vLLM-style fields (`mean_ttft_ms`, `p99_itl_ms` ...), their CIs and the sample warnings."""
     fields, ci, warnings = {}, {}, []
@@ -155,7 +181,8 @@ def latency_summary(records: list[RequestRecord]) -> tuple[dict, dict, list[str]
             key = f"{name}_{metric}"
             fields[key] = float(statistic(values, name)) if values.size else None
             if name != "std":
-                ci[key] = bootstrap_ci(values, name)
+                ci[key] = (cluster_bootstrap_ci([r.itl_ms for r in records], name) if metric == "itl_ms"
+                           else bootstrap_ci(values, name))
             need = min_samples(name)
             if name in PERCENTILES and values.size < need:
                 warnings.append(f"{key} rests on {values.size} samples; {name} needs >= {need}")
@@ -163,13 +190,13 @@ def latency_summary(records: list[RequestRecord]) -> tuple[dict, dict, list[str]
 
 
 def totals(records: list[RequestRecord], *, meets_targets=None) -> dict:
-    """Counts and throughputs; `meets_targets(record) -> bool` for goodput (every completed one by default)."""
+    """Counts and throughputs; `meets_targets(record) -> bool` for goodput (None without targets: goodput null)."""
     done = [r for r in records if r.success]
     ends = [r.end_s for r in records if r.end_s is not None]
     duration = max(ends) if ends else 0.0
     input_tokens = sum(r.prompt_tokens or 0 for r in done)
     output_tokens = sum(r.output_tokens for r in done)
-    good = sum(1 for r in done if meets_targets is None or meets_targets(r))
+    good = None if meets_targets is None else sum(1 for r in done if meets_targets(r))
 
     def per_s(x):
         return x / duration if duration > 0 else None
@@ -177,7 +204,7 @@ def totals(records: list[RequestRecord], *, meets_targets=None) -> dict:
     return {"completed": len(done), "failed": len(records) - len(done), "duration": duration,
             "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
             "request_throughput": per_s(len(done)), "output_throughput": per_s(output_tokens),
-            "total_token_throughput": per_s(input_tokens + output_tokens), "request_goodput": per_s(good)}
+            "total_token_throughput": per_s(input_tokens + output_tokens), "request_goodput": None if good is None else per_s(good)}
 
 
 def saturation(in_flight_at_arrival, *, offered_rate: float | None, request_throughput: float | None) -> dict:

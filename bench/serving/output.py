@@ -48,7 +48,8 @@ def _ci(ci) -> str:
 
 def report_markdown(report: dict) -> str:
     t, load, wl = report["target"], report["load"], report["workload"]
-    status = "INVALID" if not report["valid"] else "PASS" if report["passed"] else "MISSED"
+    status = ("INVALID" if not report["valid"] else "PASS" if report["passed"] or not report["targets"] else
+              "MISSED")
     lines = [f"# LLM serving benchmark: {t.get('model') or t.get('path')}", "",
              f"**Result: {status}** ({report['created']}, backend {t['backend']}"
              f"{', ' + t['url'] if t.get('url') else ''})", "", "## Settings", "",
@@ -57,7 +58,8 @@ def report_markdown(report: dict) -> str:
              f"- workload: {json.dumps(wl['settings'], default=str)}",
              f"- input tokens: {json.dumps(wl['input_tokens'])}; output tokens: {json.dumps(wl['output_tokens'])}", "",
              "## Totals", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {c} | {_num(report[c], 3)} |" for c in TOTAL_COLUMNS]
+    lines += [f"| {c} | {'- (no targets)' if c == 'request_goodput' and not report['targets'] else _num(report[c], 3)} |"
+              for c in TOTAL_COLUMNS]
     lines += ["", "## Latency (ms, with 95% bootstrap CIs)", "",
               "| metric | mean | median | std | p90 | p95 | p99 |", "|---|---|---|---|---|---|---|"]
     for m in LATENCY_METRICS:
@@ -68,8 +70,10 @@ def report_markdown(report: dict) -> str:
         lines += ["", "## Targets", "", "| target | limit ms | measured ms | 95% CI | samples | result |",
                   "|---|---|---|---|---|---|"]
         for x in report["targets"]:
-            result = "PASS" if x["passed"] else (f"MISS by {x['miss_by_ms']:.2f} ms ({x['miss_by_pct']:.1f}%)"
-                                                 if x["miss_by_ms"] is not None else "NOT MET")
+            status = x.get("status") or ("met" if x["passed"] else "missed")
+            result = ("PASS" if status == "met" else
+                      f"MISS by {x['miss_by_ms']:.2f} ms ({x['miss_by_pct']:.1f}%)" if status == "missed" else
+                      f"INSUFFICIENT SAMPLES ({x['samples']} of {x.get('needed', '?')} needed): not decided")
             lines.append(f"| {x['percentile']} {x['metric']} | {x['limit_ms']:g} | {_num(x['measured'])} | "
                          f"{_ci(x['ci'])} | {x['samples']} | {result} |")
     if report["sweep"]:

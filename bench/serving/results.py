@@ -25,7 +25,7 @@ def summarize_point(records: list[RequestRecord], *, load: LoadConfig, targets, 
     """Totals, latency statistics with CIs, targets and validity for one run point."""
     from inferforge.bench.serving.targets import evaluate
 
-    tot = totals(records, meets_targets=lambda r: all(t.met_by(r) for t in targets))
+    tot = totals(records, meets_targets=(lambda r: all(t.met_by(r) for t in targets)) if targets else None)
     fields, ci, warnings = latency_summary(records)
     target_results, invalid = evaluate(targets, fields, ci, records)
     failed_pct = 100.0 * tot["failed"] / max(len(records), 1)
@@ -103,7 +103,7 @@ def verdict_lines(report: dict) -> list[str]:
     """What stderr says about a run that did not pass: each reason and each missed target, by how much."""
     lines = [f"invalid run: {reason}" for reason in report["invalid_reasons"]]
     for t in report["targets"]:
-        if t["passed"] or t["measured"] is None:
+        if t.get("status", "missed" if not t["passed"] else "met") != "missed" or t["measured"] is None:
             continue
         key = f"{t['percentile']}_{t['metric']}"
         if t["miss_by_ms"] is not None:

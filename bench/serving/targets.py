@@ -121,18 +121,49 @@ def sample_count(records: list[RequestRecord], metric: str) -> int:
     return int(samples(records, metric).size)
 
 
+MET, MISSED, INSUFFICIENT = "met", "missed", "insufficient samples"
+
+
 def evaluate(targets, fields: dict, ci: dict, records: list[RequestRecord]) -> tuple[list[dict], list[str]]:
-    """One result per target ({metric, percentile, limit_ms, measured, ci, passed, miss_by_ms, miss_by_pct})
-    and the reasons the run is invalid for them (too few samples for the statistic)."""
+    """One result per target ({metric, percentile, limit_ms, measured, ci, samples, needed, status, passed,
+    miss_by_ms, miss_by_pct}) and the reasons the run is invalid for them. `status` is "met", "missed", or
+    "insufficient samples" when the statistic rests on fewer samples than the sample rule needs: then the target
+    is neither met nor missed (passed false, miss_by null) and the run is invalid (exit 2)."""
     results, invalid = [], []
     for t in targets:
         n, need = sample_count(records, t.metric), min_samples(t.percentile)
         measured = fields.get(t.key)
-        if n < need:
+        if n < need or measured is None:
+            status = INSUFFICIENT
             invalid.append(f"target {t}: {t.key} needs >= {need} samples, the run has {n}; raise --num-requests")
-        passed = measured is not None and n >= need and measured <= t.limit_ms
-        miss = None if measured is None or measured <= t.limit_ms else measured - t.limit_ms
+        else:
+            status = MET if measured <= t.limit_ms else MISSED
+        miss = measured - t.limit_ms if status == MISSED else None
         results.append({"metric": t.metric, "percentile": t.percentile, "limit_ms": t.limit_ms, "measured": measured,
-                        "ci": ci.get(t.key), "samples": n, "passed": passed, "miss_by_ms": miss,
+                        "ci": ci.get(t.key), "samples": n, "needed": need, "status": status,
+                        "passed": status == MET, "miss_by_ms": miss,
                         "miss_by_pct": None if miss is None else 100.0 * miss / t.limit_ms})
     return results, invalid
+
+
+def possible_samples(metric: str, output_lens: list[int]) -> int:
+    """The most samples of `metric` a run of requests with these requested output lengths can give: one per
+    request for TTFT and E2EL, one per request of >= 2 tokens for TPOT, and for ITL one per gap, at most
+    output_len - 1 per request (exactly that in-process; over HTTP a chunk may carry several tokens, fewer gaps)."""
+    if metric == "itl_ms":
+        return sum(max(n - 1, 0) for n in output_lens)
+    if metric == "tpot_ms":
+        return sum(1 for n in output_lens if n >= 2)
+    return len(output_lens)
+
+
+def check_sample_counts(targets, output_lens: list[int]) -> None:
+    """Refuse, before any request is sent, a target whose statistic the run cannot resolve (the sample rule)."""
+    for t in targets:
+        need, most = min_samples(t.percentile), possible_samples(t.metric, output_lens)
+        if most < need:
+            unit = ("gaps (requests x (output length - 1))" if t.metric == "itl_ms"
+                    else "requests of >= 2 output tokens" if t.metric == "tpot_ms" else "requests")
+            raise UserInputError(f"target {t}: {t.percentile} needs >= {need} samples but {len(output_lens)} "
+                                 f"measured requests give at most {most} {unit}; raise --num-requests"
+                                 + (" or --output-len" if t.metric in ("itl_ms", "tpot_ms") else ""))

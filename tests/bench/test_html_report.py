@@ -156,7 +156,9 @@ def test_chromium_renders_tables_and_plots(chromium, tmp_path, case):
     assert ('class="ref-line max-rate"' in dom) == sweep
     if sweep:
         assert 'id="max-rate"' in dom and "<strong>4.00</strong>" in dom
-    assert ('id="saturated"' in dom) == ('id="invalid"' in dom) == (case == "saturated-invalid")
+    # A saturated run is invalid: one red banner says both (not a second, "SATURATED" one).
+    assert ('id="invalid"' in dom) == ("SATURATED:" in dom) == (case == "saturated-invalid")
+    assert 'id="saturated"' not in dom
     assert "<script" not in dom.lower() and not re.search(r"<link[^>]+href=\"?http", dom)
 
 

@@ -75,10 +75,10 @@ def test_an_impossible_target_exits_1_and_names_the_miss(url, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["passed"] is False
 
 
-def test_too_few_requests_for_p99_is_an_invalid_run(url, tmp_path, capsys):
+def test_too_few_requests_for_p99_is_refused_before_the_run(url, tmp_path, capsys):
     assert bench(url, tmp_path / "run", "--rate", "50", "--num-requests", "10", "--target", "ttft_ms:p99:1e9") == 2
     err = capsys.readouterr().err
-    assert "invalid run" in err and "p99_ttft_ms needs >= 100 samples, the run has 10" in err
+    assert "p99 needs >= 100 samples but 10 measured requests" in err
 
 
 def test_the_openai_client_streams_from_a_served_quantized_artifact(url):
