@@ -716,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     from inferforge.bench.compare import add_report_parser
 
     add_report_parser(sub, fmt)
+
+    from inferforge.drift_cli import add_drift_parser
+
+    add_drift_parser(sub, fmt)
     return parser
 
 
