@@ -203,22 +203,16 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
                                      "num_samples": num_samples, "seq_len": seq_len, "auto_skip": auto_skip,
                                      "max_float_share": max_float_share},
                            started=started, name=name, recipe=recipe, names=names,
-                           snapshot_texts=_snapshot_texts(calibration_file, tokenizer, num_samples * seq_len)
+                           snapshot_texts=_snapshot_texts(calibration_file)
                            if calibration_file is not None else None)
 
 
-def _snapshot_texts(calibration_file, tokenizer, tokens: int) -> list[str]:
-    """The calibration file's documents that the calibration sequences were cut from (the drift
-    snapshot is taken over them, one document at a time)."""
+def _snapshot_texts(calibration_file, limit: int = 200) -> list[str]:
+    """The calibration file's first `limit` documents: the drift snapshot is taken over them, one
+    document at a time (the calibration sequences themselves are cut from the first of them)."""
     from inferforge.optimize.calibration import read_texts
 
-    texts, seen = [], 0
-    for text in read_texts(calibration_file):
-        texts.append(text)
-        seen += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-        if seen >= tokens:
-            break
-    return texts
+    return read_texts(calibration_file)[:limit]
 
 
 def _tokens_sha256(batches: list[torch.Tensor]) -> str:
