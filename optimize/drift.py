@@ -7,8 +7,8 @@ artifact (listed and hashed in the manifest like every file). It holds, for the 
 - `token_frequency`: the calibration's token ids ranked by count, cut into frequency buckets, with
   cross-fitted expected bucket shares (`drift_stats.token_frequency_feature`), and the [UNK] rate;
 - `activations`: per quantized layer input, the min / max seen on calibration (`drift_probe`);
-- outputs: for encoders the norm of the mean-pooled embedding before normalization and a PCA of the
-  artifact's normalized embeddings to `PROJECTION_DIMS` dims (mean and components stored); for
+- outputs: for encoders the norm of the mean-pooled embedding before normalization and a seeded random
+  projection of the artifact's normalized embeddings to `PROJECTION_DIMS` dims (mean and matrix stored); for
   causal LMs the next-token entropy (nats) at every position.
 
 `check_drift(artifact_dir, texts, thresholds)` runs the artifact over new texts and compares:
@@ -50,6 +50,7 @@ from inferforge.optimize.drift_stats import (
 SNAPSHOT_FILE = "drift_snapshot.json"
 SNAPSHOT_FORMAT = "inferforge-drift-snapshot/1"
 PROJECTION_DIMS = 4
+PROJECTION_SEED = 0
 MAX_SNAPSHOT_TEXTS = 1000
 
 
@@ -140,11 +141,14 @@ def build_encoder_snapshot(onnx_path, tokenizer, texts: Sequence[str], *, max_le
     snapshot["range_texts"] = len(range_texts) if range_texts is not None else len(texts)
     emb = probe.embeddings.astype(np.float64)
     mean = emb.mean(axis=0)
-    _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
-    components = vt[:PROJECTION_DIMS]
-    components *= np.sign(components[np.arange(len(components)), np.abs(components).argmax(axis=1)])[:, None]
+    # A fixed seeded random projection, not PCA: PCA fitted on 160 reference points in 384 dims
+    # captures variance specific to those points, and held-out text from the same source then looks
+    # narrower along them (measured: 24% of held-out samples flagged on PCA component 3).
+    gaussian = np.random.default_rng(PROJECTION_SEED).standard_normal((emb.shape[1], PROJECTION_DIMS))
+    components = np.linalg.qr(gaussian)[0].T                  # [dims, hidden], orthonormal rows
     projected = (emb - mean) @ components.T
-    snapshot["projection"] = {"method": f"PCA of the artifact's normalized embeddings, {len(components)} dims",
+    snapshot["projection"] = {"method": f"seeded Gaussian random projection (seed {PROJECTION_SEED}, QR-orthonormalized)"
+                                        f" of the artifact's normalized embeddings, centred, {PROJECTION_DIMS} dims",
                               "mean": mean.round(7).tolist(), "components": components.round(7).tolist()}
     snapshot["features"]["embedding_norm"] = numeric_feature(probe.values["embedding_norm"])
     for k in range(len(components)):
