@@ -734,6 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
     from inferforge.registry_cli import add_registry_parser
 
     add_registry_parser(sub, fmt)
+
+    from inferforge.drift_cli import add_drift_parser
+
+    add_drift_parser(sub, fmt)
     return parser
 
 

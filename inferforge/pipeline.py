@@ -433,6 +433,7 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
     copy_tokenizer(tokenizer_dir, ctx.staging)
     for file_name, text in reports.items():
         atomic_write_text(ctx.staging / file_name, text)
+    drift_snapshot = _write_drift_snapshot(ctx) if ctx.final_provider == "onnx-int8" else None
     write_manifest(ctx.staging, {
         "name": name,
         "created": report["created"],
@@ -448,9 +449,22 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         "checks": checks,
         "passed": passed,
         "accuracy_passed": accuracy_passed,
+        **({"drift_snapshot": drift_snapshot} if drift_snapshot else {}),
         "environment": report["environment"],
     })
     return report
+
+
+def _write_drift_snapshot(ctx: RunContext) -> dict:
+    """`drift_snapshot.json` (see `inferforge.optimize.drift`): distributions over the calibration
+    sentences as written, activation ranges over every calibration text (short and long ones too)."""
+    from inferforge.optimize.drift import build_encoder_snapshot, write_snapshot
+
+    with ctx.progress.spinner("writing the drift snapshot"):
+        sentences = ctx.sentences.calibration[:ctx.data.calibration_size]
+        snapshot = build_encoder_snapshot(ctx.staging / MODEL_FILE, ctx.reference.tokenizer, sentences,
+                                          max_length=ctx.data.max_length, range_texts=ctx.sentences.calibration)
+        return write_snapshot(ctx.staging, snapshot)
 
 
 def missed_message(checks: list[dict]) -> str:

@@ -202,7 +202,17 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
                            settings={"format": fmt, "skip": list(skip), "group_size": group_size,
                                      "num_samples": num_samples, "seq_len": seq_len, "auto_skip": auto_skip,
                                      "max_float_share": max_float_share},
-                           started=started, name=name, recipe=recipe, names=names)
+                           started=started, name=name, recipe=recipe, names=names,
+                           snapshot_texts=_snapshot_texts(calibration_file)
+                           if calibration_file is not None else None)
+
+
+def _snapshot_texts(calibration_file, limit: int = 200) -> list[str]:
+    """The calibration file's first `limit` documents: the drift snapshot is taken over them, one
+    document at a time (the calibration sequences themselves are cut from the first of them)."""
+    from inferforge.optimize.calibration import read_texts
+
+    return read_texts(calibration_file)[:limit]
 
 
 def _tokens_sha256(batches: list[torch.Tensor]) -> str:
@@ -211,7 +221,7 @@ def _tokens_sha256(batches: list[torch.Tensor]) -> str:
 
 def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, fmt: str, gate, layers_total: int,
                     max_float_share: float, data_record: dict | None, settings: dict, started: float,
-                    name: str | None, recipe: dict | None, names: dict) -> dict:
+                    name: str | None, recipe: dict | None, names: dict, snapshot_texts=None) -> dict:
     from inferforge.artifact import CHECKPOINT_FILES
     from inferforge.bench.report import render_causal_lm_markdown
     from inferforge.fileio import atomic_write_json, atomic_write_text
@@ -263,6 +273,14 @@ def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, 
                        "source": {"model": model_dir.name, "weights_sha256": body["source"]["weights_sha256"]}}
         atomic_write_json(staging / "report.json", report_json)
         atomic_write_text(staging / "report.md", render_causal_lm_markdown(report_json))
+        if snapshot_texts:
+            from transformers import AutoTokenizer
+
+            from inferforge.optimize.drift import build_lm_snapshot, write_snapshot
+
+            snapshot = build_lm_snapshot(model, AutoTokenizer.from_pretrained(model_dir), snapshot_texts,
+                                         max_length=settings["seq_len"], layer_names=[*report.layers, *float_layers])
+            body["drift_snapshot"] = write_snapshot(staging, snapshot)
         return write_manifest(staging, {**body, **({"recipe": recipe} if recipe is not None else {})})
 
 
