@@ -328,7 +328,7 @@ def add_report_parser(sub, fmt) -> None:
                    help="exit 1 when B is worse than A on KEY by more than THRESHOLD: 10%% is relative to A, a plain "
                         "number is in the key's unit (ms for latency keys, req/s or tok/s for throughput); repeatable "
                         "(default: none, only the table)")
-    c.add_argument("--output", metavar="DIR", help="also write DIR/compare.md and DIR/compare.json (default: nothing "
+    c.add_argument("-o", "--output", metavar="DIR", help="also write DIR/compare.md and DIR/compare.json (default: nothing "
                                                    "is written)")
     c.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout instead of the table")
     c.set_defaults(func=cmd_report_compare)
@@ -337,5 +337,5 @@ def add_report_parser(sub, fmt) -> None:
                                     "report.html (inline SVG plots, no scripts, nothing fetched).",
                         epilog="example:\n  inferforge report html runs/loadbench-1")
     h.add_argument("run", metavar="RUN_DIR", help="the load benchmark's output directory (or its report.json)")
-    h.add_argument("--output", metavar="DIR", help="directory for report.html (default: RUN_DIR)")
+    h.add_argument("-o", "--output", metavar="DIR", help="directory for report.html (default: RUN_DIR)")
     h.set_defaults(func=cmd_report_html)

@@ -26,7 +26,7 @@ def add_drift_parser(sub, fmt) -> None:
     p.add_argument("artifact", help="artifact directory, or NAME@ALIAS when a model registry is available")
     p.add_argument("--data", required=True, metavar="FILE", help=".txt (one text per line) or .jsonl (a \"text\" field "
                                                                  "per line)")
-    p.add_argument("--output", metavar="DIR", help="write drift_report.json, .md and .html here")
+    p.add_argument("-o", "--output", metavar="DIR", help="write drift_report.json, .md and .html here")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--psi-threshold", type=float, default=0.2, help="PSI at or above this is drift (default 0.2)")
     p.add_argument("--ks-alpha", type=float, default=0.01, help="KS p-value below this ... (default 0.01)")
