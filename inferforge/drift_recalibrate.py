@@ -127,7 +127,6 @@ def recalibrate(reference: str, data: str | Path, *, thresholds=None, force: boo
     manifest = verify_artifact(artifact)
     recipe = recipe_of(artifact, manifest)
     texts = read_traffic(data)
-    new_calibration, new_held_out = mix_sizes(recipe, texts)
 
     with progress.spinner(f"checking {len(texts)} texts for drift against {artifact.name}"):
         report = check_drift(artifact, texts, thresholds or DriftThresholds()).to_dict()
@@ -137,6 +136,7 @@ def recalibrate(reference: str, data: str | Path, *, thresholds=None, force: boo
     if not report["drift"] and not force:
         progress.print("no drift: nothing to recalibrate")
         return outcome
+    new_calibration, new_held_out = mix_sizes(recipe, texts)
     outcome.ran, outcome.trigger = True, "drift" if report["drift"] else "forced"
     progress.print(f"recalibrating ({outcome.trigger}): re-running recipe {recipe.name} with {new_calibration} new "
                    f"texts in calibration and {new_held_out} held out")

@@ -197,3 +197,14 @@ def test_a_missed_gate_keeps_the_alias_and_registers_nothing(demo_run, tmp_path)
     assert any(c["bucket"] == "extra" and not c["passed"] for c in report["checks"])
     assert report["skipped_steps"] == ["bench"]
     assert [v.version for v in registry.list("demo")] == [1] and registry.resolve("demo@prod").version == 1
+
+
+def test_the_mix_takes_half_of_the_new_texts_and_needs_enough_of_them():
+    from inferforge.drift_recalibrate import mix_sizes
+    from inferforge.recipe import builtin_recipe_path, load_recipe
+
+    recipe = load_recipe(builtin_recipe_path("demo"))
+    queries = (DATA / "support_queries.txt").read_text().splitlines()
+    assert mix_sizes(recipe, queries) == (102, 101)
+    with pytest.raises(UserInputError, match="at least 20 distinct new texts"):
+        mix_sizes(recipe, read_sentences("demo")[160:480])   # the recipe's own held-out set is not new
