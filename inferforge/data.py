@@ -26,6 +26,7 @@ from inferforge.errors import UserInputError
 
 DEMO_SENTENCES = Path(__file__).parent / "assets" / "sentences.txt"
 BUCKETS = ("short", "ordinary", "long")
+EXTRA_BUCKET = "extra"   # held-out texts of a second distribution (`DataConfig.extra_sentences`)
 SHORT_SHARE = 4     # short queries: one per SHORT_SHARE sentences of the set
 LONG_SHARE = 8      # long passages: one per LONG_SHARE sentences of the set
 _LONG_TARGETS = (1.0, 0.75, 0.8125, 0.875, 0.9375)   # of the maximum length, cycling over passages
@@ -43,7 +44,7 @@ class SentenceSplit:
     def buckets(self) -> dict[str, list[int]]:
         """Bucket name -> indices into `held_out`, in `BUCKETS` order, empty buckets left out."""
         labels = self.held_out_buckets or ("ordinary",) * len(self.held_out)
-        out = {b: [i for i, label in enumerate(labels) if label == b] for b in BUCKETS}
+        out = {b: [i for i, label in enumerate(labels) if label == b] for b in (*BUCKETS, EXTRA_BUCKET)}
         return {b: idx for b, idx in out.items() if idx}
 
 
@@ -73,6 +74,27 @@ def split_sentences(source: str, calibration_size: int, held_out_size: int) -> S
     held_out = tuple(sentences[calibration_size:need])
     assert not set(calibration) & set(held_out)
     return SentenceSplit(calibration, held_out)
+
+
+def split_extra(source: str, calibration_size: int, held_out_size: int, *,
+                exclude: Iterable[str] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A second distribution's (calibration, held-out) texts: of the distinct lines of `source` not
+    in `exclude` (the first split's texts), the first `calibration_size` and the next `held_out_size`."""
+    excluded = set(exclude)
+    texts = [t for t in read_sentences(source) if t not in excluded]
+    need = calibration_size + held_out_size
+    if len(texts) < need:
+        raise UserInputError(f"{source}: {len(texts)} distinct new texts, but extra_calibration_size + "
+                             f"extra_held_out_size = {need}; give more text or lower the sizes")
+    return tuple(texts[:calibration_size]), tuple(texts[calibration_size:need])
+
+
+def with_extra_held_out(split: SentenceSplit, held_out: Sequence[str]) -> SentenceSplit:
+    """`split` with `held_out` appended as the bucket `extra` (texts also in calibration skipped)."""
+    labels = split.held_out_buckets or ("ordinary",) * len(split.held_out)
+    seen = set(split.calibration) | set(split.held_out)
+    extra = [t for t in dict.fromkeys(held_out) if t not in seen]
+    return replace(split, held_out=(*split.held_out, *extra), held_out_buckets=(*labels, *(EXTRA_BUCKET,) * len(extra)))
 
 
 def sha256_lines(lines: Iterable[str]) -> str:

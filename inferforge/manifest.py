@@ -37,7 +37,7 @@ SIGNATURE_NAME = "model.sig"          # written by `inferforge sign`; not listed
 DIGEST_KEY = "manifest_sha256"
 FORMAT = "inferforge-artifact/1"
 FAILED_SUFFIX = ".failed"
-REPORT_FILES = ("report.md", "report.json")
+REPORT_FILES = ("report.md", "report.json", "drift_report.json")   # the last: a recalibration's drift report
 
 
 def _version(module: str) -> str | None:

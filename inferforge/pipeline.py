@@ -25,7 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from inferforge.data import SentenceSplit, bucketed, sentence_record, split_sentences
+from inferforge.data import (
+    SentenceSplit,
+    bucketed,
+    sentence_record,
+    sha256_lines,
+    split_extra,
+    split_sentences,
+    with_extra_held_out,
+)
 from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
 from inferforge.fileio import atomic_write_text
@@ -286,20 +294,26 @@ def staged_run(out: Path):
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run_recipe(recipe: Recipe, *, progress: Progress | None = None) -> RunResult:
+def run_recipe(recipe: Recipe, *, progress: Progress | None = None, provenance: dict | None = None,
+               files: dict[str, str] | None = None) -> RunResult:
     """Run every step of `recipe`; returns the result. The artifact is written only when every gate
     and target passed; otherwise `result.failure_report` (`OUT.failed/`) holds the reports and `out`
     is untouched.
+
+    `provenance` (e.g. `{"parent": ..., "recalibration": ...}`) goes into the manifest's `provenance`;
+    `files` (name -> text, e.g. a drift report) are written into the artifact, or into `OUT.failed/`.
 
     A causal-LM recipe returns the manifest as its report; its gate is checked before anything is
     written, and a missed one raises `GateFailed` and leaves no artifact."""
     progress = progress or Progress(quiet=True)
     if recipe.kind == "causal-lm":
+        if provenance or files:
+            raise UserInputError("a causal-LM recipe run takes no extra provenance or files")
         return _run_causal_lm(recipe, progress)
     out = recipe.output_dir.resolve()
     started = time.perf_counter()
     with staged_run(out) as (staging, work):
-        report = _run_steps(recipe, progress, out, staging, work, started)
+        report = _run_steps(recipe, progress, out, staging, work, started, provenance=provenance, files=files)
     failure_report = None if report["passed"] else failed_report_dir(out)
     return RunResult(output=out, report=report, passed=report["passed"], failure_report=failure_report)
 
@@ -320,25 +334,45 @@ def _run_causal_lm(recipe: Recipe, progress: Progress) -> RunResult:
     return RunResult(output=recipe.output_dir.resolve(), report=manifest, passed=manifest["passed"])
 
 
-def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, work: Path, started: float) -> dict:
+def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, work: Path, started: float, *,
+               provenance: dict | None = None, files: dict[str, str] | None = None) -> dict:
     """The steps, the reports and the manifest, written into `staging`; returns the report."""
     from inferforge.encoder import TorchEncoder
 
     sentences = split_sentences(recipe.data.sentences, recipe.data.calibration_size, recipe.data.held_out_size)
+    extra_calibration, extra_held_out = (), ()
+    if recipe.data.extra_sentences is not None:
+        # Added before the length buckets, so short queries and long passages come from both sources.
+        extra_calibration, extra_held_out = split_extra(
+            recipe.data.extra_sentences, recipe.data.extra_calibration_size, recipe.data.extra_held_out_size,
+            exclude=(*sentences.calibration, *sentences.held_out))
+        sentences = replace(sentences, calibration=(*sentences.calibration, *extra_calibration))
     with progress.spinner(f"loading {recipe.model}"):
         source = materialize(recipe.model, work)
         source = dataclasses.replace(source, spec=recipe.model_as_written or recipe.model)
         data, origin = resolve_max_length(recipe.data, source.path)
         reference = TorchEncoder(source.path, max_length=data.max_length)
     sentences = bucketed(sentences, reference.tokenizer, data.max_length)
+    if extra_held_out:
+        sentences = with_extra_held_out(sentences, extra_held_out)
     ctx = RunContext(data=data, gates=recipe.gates, source=source, sentences=sentences, work=work,
                      staging=staging, progress=progress, reference=reference, max_length_origin=origin)
     steps = run_steps(ctx, recipe.steps, targets=recipe.targets)
     checks = ctx.step_checks + check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
     sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
                                       held_out_source=recipe.data.sentences)
+    if recipe.data.extra_sentences is not None:
+        sentence_hashes.update({
+            "extra_source": recipe.data.extra_sentences,
+            "extra_calibration_sentences": len(extra_calibration),
+            "extra_calibration_sha256": sha256_lines(extra_calibration),
+            "extra_held_out_sentences": sentences.held_out_buckets.count("extra"),
+            "extra_held_out_sha256": sha256_lines(t for t, b in zip(sentences.held_out, sentences.held_out_buckets)
+                                                  if b == "extra")})
     return write_run_outputs(ctx, name=recipe.name, out=out, tokenizer_dir=source.path, steps=steps, checks=checks,
-                             started=started, provenance={"recipe": recipe.to_dict(), "data": sentence_hashes})
+                             started=started, files=files,
+                             provenance={"recipe": recipe.to_dict(), "data": sentence_hashes,
+                                         **({"provenance": provenance} if provenance else {})})
 
 
 def _step_name(cfg) -> str:
@@ -394,7 +428,8 @@ def run_steps(ctx: RunContext, configs: Iterable, targets: Targets | None = None
 
 
 def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: Path, steps: list[dict],
-                      checks: list[dict], started: float, provenance: dict, report_extra: dict | None = None) -> dict:
+                      checks: list[dict], started: float, provenance: dict, report_extra: dict | None = None,
+                      files: dict[str, str] | None = None) -> dict:
     """Write the final model, the tokenizer, report.json, report.md and the manifest into `ctx.staging`;
     when a gate or target failed, write only the reports, to `OUT.failed/` (`ctx.staging` then holds
     no manifest, so `staged_artifact` publishes nothing).
@@ -402,7 +437,7 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
     `provenance` (the recipe, or the parent artifact) goes into the manifest, `report_extra` into
     the report. The reports are portable: they name the artifact by its directory name and the source
     model as the recipe wrote it; the manifest also keeps the source's local path (for
-    `bench --compare-source`). Returns the report.
+    `bench --compare-source`). `files` (name -> text) are written beside the reports. Returns the report.
     """
     from inferforge.bench.report import render_markdown
     from inferforge.optimize.export import copy_tokenizer
@@ -425,7 +460,8 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         "environment": environment(),
         "total_duration_s": time.perf_counter() - started,
     }
-    reports = {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": render_markdown(report)}
+    reports = {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": render_markdown(report),
+               **(files or {})}
     if not passed:
         write_failed_report(out, reports)
         return report
@@ -461,7 +497,7 @@ def _write_drift_snapshot(ctx: RunContext) -> dict:
     from inferforge.optimize.drift import build_encoder_snapshot, write_snapshot
 
     with ctx.progress.spinner("writing the drift snapshot"):
-        sentences = ctx.sentences.calibration[:ctx.data.calibration_size]
+        sentences = ctx.sentences.calibration[:ctx.data.calibration_size + ctx.data.extra_calibration_size]
         snapshot = build_encoder_snapshot(ctx.staging / MODEL_FILE, ctx.reference.tokenizer, sentences,
                                           max_length=ctx.data.max_length, range_texts=ctx.sentences.calibration)
         return write_snapshot(ctx.staging, snapshot)

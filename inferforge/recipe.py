@@ -67,16 +67,31 @@ class Fraction(float):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Text for calibration and validation: `demo` (shipped English sentences) or a text file, one per line."""
+    """Text for calibration and validation: `demo` (shipped English sentences) or a text file, one per line.
+
+    `extra_sentences` (a second text file, e.g. new traffic for a recalibration) mixes in a second
+    distribution: its first `extra_calibration_size` distinct lines are added to the calibration
+    sentences, the next `extra_held_out_size` are held out as their own bucket `extra`, which the
+    gate checks like every length bucket. The `sentences` split is unchanged by it."""
 
     sentences: str = "demo"
     calibration_size: int = 160
     held_out_size: int = 320
     max_length: int | None = None     # tokens per input; None: the source model's own limit
+    extra_sentences: str | None = None
+    extra_calibration_size: int = 0
+    extra_held_out_size: int = 0
 
     def __post_init__(self):
         _require(self.calibration_size >= 1, "calibration_size must be >= 1")
         _require(self.held_out_size >= 1, "held_out_size must be >= 1")
+        if self.extra_sentences is None:
+            _require(self.extra_calibration_size == 0 and self.extra_held_out_size == 0,
+                     "extra_calibration_size and extra_held_out_size need extra_sentences (a text file)")
+        else:
+            _require(self.extra_calibration_size >= 1, "extra_calibration_size must be >= 1 with extra_sentences")
+            _require(self.extra_held_out_size >= 1, "extra_held_out_size must be >= 1 with extra_sentences (the "
+                                                    "gate must also hold on held-out text of the extra data)")
         _require(self.max_length is None or 1 <= self.max_length <= 8192, "max_length must be between 1 and 8192")
 
 
@@ -366,6 +381,9 @@ class Recipe:
         del d["model_as_written"]
         d["steps"] = [{STEP_NAMES[type(s)]: dataclasses.asdict(s)} for s in self.steps]
         d["output"] = str(self.output_dir)
+        if self.data.extra_sentences is None:   # manifests of ordinary runs keep their shape
+            for key in ("extra_sentences", "extra_calibration_size", "extra_held_out_size"):
+                del d["data"][key]
         if self.kind == "causal-lm":
             for key in ENCODER_ONLY_KEYS:
                 del d[key]
@@ -607,7 +625,9 @@ def _resolve_paths(kwargs: dict, base_dir: Path, *, resolve_output: bool = True)
         kwargs["model"] = str(base_dir / kwargs["model"])
     data = kwargs["data"]
     if data.sentences != "demo" and not Path(data.sentences).is_absolute():
-        kwargs["data"] = dataclasses.replace(data, sentences=str(base_dir / data.sentences))
+        data = kwargs["data"] = dataclasses.replace(data, sentences=str(base_dir / data.sentences))
+    if data.extra_sentences and not Path(data.extra_sentences).is_absolute():
+        kwargs["data"] = dataclasses.replace(data, extra_sentences=str(base_dir / data.extra_sentences))
     kwargs["steps"] = tuple(
         dataclasses.replace(s, calibration=str(base_dir / s.calibration))
         if isinstance(s, LLMQuantizeConfig) and s.calibration and not Path(s.calibration).is_absolute() else s
@@ -625,6 +645,9 @@ def _check_paths(recipe: Recipe) -> None:
     if recipe.data.sentences != "demo" and not Path(recipe.data.sentences).is_file():
         raise _Invalid(("data", "sentences"), f"file not found: {recipe.data.sentences} "
                                               "(give a text file with one sentence per line, or 'demo')")
+    if recipe.data.extra_sentences is not None and not Path(recipe.data.extra_sentences).is_file():
+        raise _Invalid(("data", "extra_sentences"), f"file not found: {recipe.data.extra_sentences} "
+                                                    "(give a text file with one sentence per line)")
     if recipe.kind == "causal-lm":
         _check_causal_lm(recipe)
     else:
