@@ -12,6 +12,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -755,6 +756,11 @@ def main(argv: list[str] | None = None) -> int:
     except InferforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # The reader went away (`inferforge registry list | head -1`): nothing is wrong; stop writing quietly.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")   # noqa: SIM115 - so the interpreter's final flush cannot fail again
+        return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted: no artifact was written (an earlier artifact, if any, is untouched)", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from inferforge.errors import ArtifactError, UserInputError
-from inferforge.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_artifact
+from inferforge.manifest import MANIFEST_NAME, SIGNATURE_NAME, manifest_digest, read_manifest, verify_artifact
 from inferforge.registry_refs import check_alias, default_root, did_you_mean, parse_ref, parse_time
 
 SCHEMA_VERSION = 1
@@ -295,6 +295,27 @@ class Registry:
                     raise UserInputError(f"{name}@{which} pointed at no version at {when}")
                 which = row["to_version"]
             return self._lookup(conn, name, which)
+
+    def stored_copy(self, ref: str) -> Path:
+        """The stored copy of `ref`, after checking that it holds the artifact that was registered: its manifest
+        must be intact (digest) and carry the registered content version and manifest hash. Its files are then
+        checked against that manifest by whoever loads it (`inferforge.load`, `verify_artifact`)."""
+        version = self.resolve(ref)
+        damaged = (f"the registry's copy of {version.ref} (for {ref}) at {version.path}")
+        fix = (f"run `inferforge registry verify {version.ref}`, then re-add the artifact under a new version or "
+               "restore the registry directory from a backup")
+        try:
+            manifest = read_manifest(version.path)
+            recorded = manifest.get("manifest_sha256")
+            if recorded is None or recorded != manifest_digest(manifest):
+                raise ArtifactError("its manifest was edited")
+        except ArtifactError as e:
+            reason = "is missing" if not version.path.exists() else f"is damaged ({str(e).split(': ', 1)[-1]})"
+            raise ArtifactError(f"{damaged} {reason}; {fix}") from None
+        if manifest.get("version") != version.content or manifest.get("manifest_sha256") != version.manifest_sha256:
+            raise ArtifactError(f"{damaged} holds another artifact (content {manifest.get('version')}) than the one "
+                                f"registered (content {version.content}); {fix}")
+        return version.path
 
     def list(self, name: str | None = None) -> list[Version]:
         """Every version (of `name`), by name and number."""

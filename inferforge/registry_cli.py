@@ -66,7 +66,14 @@ def cmd_add(args) -> int:
 
 
 def cmd_list(args) -> int:
-    versions = _registry(args).list(args.name)
+    registry = _registry(args)
+    if registry.root.exists() and not registry.root.is_dir():
+        raise UserInputError(f"registry {registry.root} is a file, not a directory; set INFERFORGE_REGISTRY (or "
+                             "--registry) to the registry directory")
+    if not registry.root.exists():
+        print(f"registry {registry.root} does not exist yet: no models registered (INFERFORGE_REGISTRY or "
+              "--registry chooses another)", file=sys.stderr)
+    versions = registry.list(args.name)
     if args.json:
         _print_json([v.to_dict() for v in versions])
     elif not versions:

@@ -8,7 +8,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from inferforge.errors import UserInputError
+from inferforge.errors import ArtifactError, UserInputError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
@@ -76,6 +76,8 @@ def resolve_artifact_arg(text: str | Path, registry=None) -> Path:
     from inferforge.registry import Registry
 
     try:
-        return (registry or Registry()).resolve(str(text)).path
+        return (registry or Registry()).stored_copy(str(text))
+    except ArtifactError:
+        raise                   # the reference resolved; its stored copy is what is wrong (the message says so)
     except UserInputError as e:
         raise UserInputError(f"{text}: no such file or directory; as a registry reference: {e}") from None

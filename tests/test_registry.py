@@ -161,6 +161,13 @@ def test_verify_names_missing_and_replaced_copies(registry, tmp_path):
     shutil.rmtree(b.path)
     shutil.copytree(tmp_path / "c", b.path)    # a valid artifact, but not the one registered
     assert any("enc@2" in p and "another artifact" in p for p in registry.verify())
+    # Loading by reference refuses both, naming the version and the way to check it, not "re-run the recipe".
+    with pytest.raises(ArtifactError, match=r"copy of enc@2 \(for enc@2\) .* holds another artifact \(content "
+                                            r".*registry verify enc@2"):
+        inferforge.load("enc@2")
+    with pytest.raises(ArtifactError, match=r"copy of enc@1 \(for enc@1\) .* is missing; run `inferforge registry "
+                                            r"verify enc@1`"):
+        inferforge.load("enc@1")
 
 
 def test_lineage_walks_three_generations(registry, tmp_path):

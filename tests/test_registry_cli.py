@@ -109,6 +109,14 @@ def test_unwritable_registry(tmp_path, capsys):
     assert "cannot write there" in err
 
 
+def test_list_says_when_the_registry_does_not_exist_or_is_a_file(tmp_path, capsys):
+    assert main(["registry", "list", "--registry", str(tmp_path / "typo")]) == 0
+    assert "does not exist yet" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["registry", "list", "--registry", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 def test_verify_exits_1_naming_the_damaged_copy(root, tmp_path, capsys):
     run(capsys, "registry", "add", make_artifact(tmp_path / "a", "A"), "--name", "enc", "--alias", "prod")
     run(capsys, "registry", "add", make_artifact(tmp_path / "b", "B"), "--name", "enc")
