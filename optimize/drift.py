@@ -53,6 +53,11 @@ SNAPSHOT_FORMAT = "inferforge-drift-snapshot/1"
 PROJECTION_DIMS = 4
 PROJECTION_SEED = 0
 MAX_SNAPSHOT_TEXTS = 1000
+CALIBRATION_TEXT_NOTE = (
+    "compare held-out traffic, not calibration text. New texts are bucketed by the full calibration token ranking, "
+    "so text the calibration saw has no 'unseen' tokens, while the reference shares are cross-fitted (each fold "
+    "ranked without its own texts) and do have some; the artifact's own calibration text therefore reports "
+    "token_frequency drift. Texts from the same source that calibration did not see are what the reference describes")
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,10 @@ def check_drift(artifact_dir: str | Path, texts: Sequence[str], thresholds: Drif
                             "new_max": rec["max"], "outside_share": share, "drift": share > t.max_out_of_range})
     drifted = drifted_items(features, activations, unk, gate, t)
     notes = [] if len(texts) >= 100 else [f"only {len(texts)} texts: KS and PSI are noisy below ~100"]
+    if _sha256_texts(texts[:MAX_SNAPSHOT_TEXTS]) == snapshot["texts_sha256"]:
+        notes.append("these are the artifact's own calibration texts: " + CALIBRATION_TEXT_NOTE)
+    elif any(f["name"] == "token_frequency" and f["drift"] for f in features):
+        notes.append("token_frequency: " + CALIBRATION_TEXT_NOTE)
     return DriftReport(artifact=str(artifact_dir), kind=snapshot["kind"], texts=len(texts),
                        reference_texts=snapshot["texts"], thresholds={**asdict(t), "psi_epsilon": PSI_EPSILON},
                        features=features, activations=activations, unknown_token_rate=unk, gate=gate,
