@@ -274,3 +274,47 @@ def test_lm_snapshot_has_next_token_entropy_and_the_check_runs(tiny_lm, tmp_path
     narrow = [" ".join(f"w{3 + (i * 7 + j) % 5}" for j in range(40)) for i in range(30)]
     shifted = check_drift(out, narrow)
     assert shifted.drift and any(d["what"] == "token_frequency" for d in shifted.drifted)
+
+
+def _synthetic_report() -> dict:
+    from dataclasses import asdict
+
+    from inferforge.optimize.drift import DriftThresholds, compare_numeric, drifted_items, unknown_rate
+
+    rng = np.random.default_rng(5)
+    t = DriftThresholds()
+    features = [compare_numeric("projection_1", numeric_feature(rng.normal(-0.01, 0.02, size=400)),
+                                rng.normal(0.01, 0.02, size=200), t),
+                compare_numeric("length_tokens", numeric_feature(rng.integers(5, 40, size=400).astype(float)),
+                                rng.integers(5, 60, size=200).astype(float), t)]
+    features.append({"name": "token_frequency", "psi": 0.3, "psi_band": "significant",
+                     "labels": ["top 25%", "25-50%", "50-75%", "75-90%", "90-100%", "unseen"],
+                     "reference_counts": [25, 25, 25, 15, 8, 2], "new_counts": [20, 20, 20, 15, 10, 15],
+                     "drift": True, "reason": "PSI 0.300 >= 0.2"})
+    unk = unknown_rate(0.0, 0.0, t)
+    return {"artifact": "runs/synthetic", "kind": "sentence-encoder", "texts": 200, "reference_texts": 400,
+            "thresholds": {**asdict(t), "psi_epsilon": 1e-4}, "features": features, "activations": [],
+            "unknown_token_rate": unk, "gate": None, "drifted": drifted_items(features, [], unk, None, t),
+            "notes": [], "drift": True}
+
+
+def test_html_report_draws_bin_shares_as_grouped_bars_with_interval_labels(tmp_path):
+    import re
+
+    from inferforge.optimize.drift_report import _bin_labels, render_html
+
+    assert _bin_labels({"edges": [-0.0227241, -0.00671234, 0.0316, 12345.0]}) == [
+        "<= -0.0227", "(-0.0227, -0.00671]", "(-0.00671, 0.0316]", "(0.0316, 1.23e+04]", "> 1.23e+04"]
+    report = _synthetic_report()
+    html = render_html(report)
+    (tmp_path / "drift_report.html").write_text(html)
+    hists = re.findall(r'<svg[^>]*id="hist-\d+".*?</svg>', html, flags=re.S)
+    assert len(hists) == 3
+    for svg, feature in zip(hists, report["features"]):
+        assert "<polyline" not in svg                                  # no line across categorical bins
+        groups = re.findall(r'<g class="series bars" data-series="([^"]+)"', svg)
+        assert groups == ["calibration", "new texts"]
+        bins = len(feature["reference_counts"])
+        assert svg.count('class="bar"') == 2 * bins
+    assert "(-0.0" in hists[0] and "--" not in re.sub(r"<!--.*?-->", "", hists[0])
+    assert "&lt;= " in hists[0] and "&gt; " in hists[0]
