@@ -109,6 +109,14 @@ def test_example_workflow_runs_a_command_the_cli_accepts():
     uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact")]
     assert uploads and uploads[0]["if"] == "always()" and args.output in uploads[0]["with"]["path"]
     assert not any(s.get("continue-on-error") for s in steps)   # exit 1 and 2 fail the job
+    # A self-hosted runner with a persistent registry (a hosted one has none, and noisy latency), and the
+    # traffic sample fetched before the drift step.
+    job = workflow["jobs"]["drift"]
+    assert "self-hosted" in job["runs-on"] and "ubuntu-latest" not in job["runs-on"]
+    assert job["env"]["INFERFORGE_REGISTRY"].startswith("/") and "tmp" not in job["env"]["INFERFORGE_REGISTRY"]
+    names = [s.get("name", "") for s in steps]
+    fetch = names.index("Fetch the traffic sample")
+    assert "traffic.txt" in steps[fetch]["run"] and fetch < names.index("Drift check and recalibration")
 
 
 # ----------------------------------------------------------------------------------------------
