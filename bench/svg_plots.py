@@ -75,6 +75,7 @@ class Series:
     whiskers: list | None = None
     point_colours: list | None = None
     point_shapes: list | None = None     # "circle" (default) or "cross" per point
+    bars: bool = False                   # on a categorical x axis: one bar per category, grouped with other bar series
 
 
 @dataclass
@@ -120,7 +121,14 @@ def render_chart(chart: Chart, chart_id: str) -> str:
     left, right, top, bottom = 70, 20, 40, 58
     legend_rows = len(chart.series) + len(chart.refs)
     bottom_legend = 18 * legend_rows + 8
-    width, height = chart.width, chart.height + bottom_legend
+    # Long category labels that would overlap are drawn slanted, with room made for them below the axis.
+    slant = 0.0
+    if chart.x_categories:
+        longest = max(len(str(c)) for c in chart.x_categories) * 6.5
+        if longest > (chart.width - left - right) / len(chart.x_categories) - 6:
+            slant = longest * 0.6
+    extra = int(slant)
+    width, height = chart.width, chart.height + bottom_legend + extra
     plot_w, plot_h = width - left - right, chart.height - top - bottom
 
     xs = [float(v) for s in chart.series for v in s.x if _finite(v)]
@@ -161,9 +169,12 @@ def render_chart(chart: Chart, chart_id: str) -> str:
     for t in x_ticks:
         x = px(t)
         label = chart.x_categories[t] if chart.x_categories is not None else fmt_number(t)
+        text = (f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">' if not slant else
+                f'<text transform="translate({x + 4:.1f} {top + plot_h + 12}) rotate(-35)" text-anchor="end" '
+                'class="tick">')
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#efefef"/>'
-                   f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">{escape(str(label))}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 38}" text-anchor="middle" '
+                   f'{text}{escape(str(label))}</text>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 38 + extra}" text-anchor="middle" '
                f'class="axis-label">{escape(chart.x_label)}</text>')
     out.append(f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
                f'class="axis-label">{escape(chart.y_label)}</text>')
@@ -172,9 +183,24 @@ def render_chart(chart: Chart, chart_id: str) -> str:
     out.append(f'<clipPath id="{clip}"><rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}"/></clipPath>')
     out.append(f'<g clip-path="url(#{clip})">')
     colours = []
+    bar_series = [s for s in chart.series if s.bars]
+    bar_w = 0.8 / max(len(bar_series), 1)   # in category units: a group fills 80% of its category
     for i, s in enumerate(chart.series):
         colour = s.colour or PALETTE[i % len(PALETTE)]
         colours.append(colour)
+        if s.bars:
+            offset = -0.4 + (bar_series.index(s) + 0.5) * bar_w
+            base = py(min(max(0.0, y_lo), y_hi))
+            out.append(f'<g class="series bars" data-series="{escape(s.name)}" data-points="{len(s.y)}">')
+            for x, y in zip(s.x, s.y):
+                if not (_finite(x) and _finite(y)):
+                    continue
+                x0, x1, yt = px(x + offset - bar_w / 2), px(x + offset + bar_w / 2), py(y)
+                out.append(f'<rect class="bar" x="{x0:.1f}" y="{min(yt, base):.1f}" width="{x1 - x0:.1f}" '
+                           f'height="{abs(base - yt):.1f}" fill="{colour}" data-value="{float(y):.6g}">'
+                           f'<title>{escape(s.name)}: {escape(fmt_number(float(y)))}</title></rect>')
+            out.append("</g>")
+            continue
         # (index in the series, x px, y px): a point without a value is left out, its whisker and colour with it.
         pts = [(j, px(x), py(y)) for j, (x, y) in enumerate(zip(s.x, s.y)) if _finite(x) and _finite(y)]
         name = escape(s.name)
@@ -219,9 +245,10 @@ def render_chart(chart: Chart, chart_id: str) -> str:
             y = py(r.value)
             out.append(f'<line {attrs} x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>')
     # Legend under the plot: one row per series and reference line.
-    y = chart.height + 4
+    y = chart.height + 4 + extra
     for s, colour in zip(chart.series, colours):
-        mark = (f'<circle cx="{left + 10}" cy="{y:.1f}" r="4.5" fill="{colour}"/>' if s.markers and not s.line else
+        mark = (f'<rect x="{left + 2}" y="{y - 6:.1f}" width="16" height="12" fill="{colour}"/>' if s.bars else
+                f'<circle cx="{left + 10}" cy="{y:.1f}" r="4.5" fill="{colour}"/>' if s.markers and not s.line else
                 f'<line x1="{left}" x2="{left + 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}" stroke-width="2"/>')
         out.append(f'<g class="legend-item">{mark}<text x="{left + 28}" y="{y + 4:.1f}" class="legend">'
                    f'{escape(s.name)}</text></g>')

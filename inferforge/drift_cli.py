@@ -100,7 +100,7 @@ def cmd_drift(args) -> int:
     from inferforge.optimize.drift import DriftThresholds, check_drift, resolve_artifact
     from inferforge.optimize.drift_report import render_html, render_markdown
 
-    thresholds = DriftThresholds(psi=args.psi_threshold, ks_alpha=args.ks_alpha,
+    thresholds = DriftThresholds(psi=args.psi_threshold, psi_moderate=min(0.1, args.psi_threshold), ks_alpha=args.ks_alpha,
                                  ks_min_statistic=args.ks_min_statistic, max_out_of_range=args.max_out_of_range,
                                  max_unknown_rate_increase=args.max_unknown_rate_increase, check_gate=not args.no_gate)
 

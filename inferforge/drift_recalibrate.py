@@ -88,6 +88,16 @@ def mix_sizes(recipe, new_texts: list[str]) -> tuple[int, int]:
     return min(n - held_out, recipe.data.calibration_size), held_out
 
 
+def recalibration_recipe(recipe, data: Path, new_calibration: int, new_held_out: int, output: Path, *,
+                         min_cosine: float | None = None):
+    """`recipe` re-aimed at `output` with the new texts of `data` mixed in (see `mix_sizes`)."""
+    return dataclasses.replace(
+        recipe, output=str(output),
+        data=dataclasses.replace(recipe.data, extra_sentences=str(Path(data).resolve()),
+                                 extra_calibration_size=new_calibration, extra_held_out_size=new_held_out),
+        gates=recipe.gates if min_cosine is None else dataclasses.replace(recipe.gates, min_cosine=min_cosine))
+
+
 def default_output(name: str) -> Path:
     return Path("runs") / f"{name}-recal-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
@@ -108,7 +118,7 @@ def recalibrate(reference: str, data: str | Path, *, thresholds=None, force: boo
     from inferforge.optimize.drift import DriftThresholds, check_drift, resolve_artifact
     from inferforge.pipeline import gate_failure_message, run_recipe
     from inferforge.progress import Progress
-    from inferforge.registry_refs import check_alias, looks_like_ref, parse_ref
+    from inferforge.registry_refs import check_alias, check_name, looks_like_ref, parse_ref
 
     progress = progress or Progress(quiet=True)
     data = Path(data)
@@ -122,7 +132,14 @@ def recalibrate(reference: str, data: str | Path, *, thresholds=None, force: boo
         raise UserInputError(f"--data {data}: --recalibrate reads .txt files (one text per line)")
     if min_cosine is not None and not -1 <= min_cosine <= 1:
         raise UserInputError(f"--min-cosine must be between -1 and 1, got {min_cosine}")
+    if name is not None:
+        check_name(name)
     name = name or (parse_ref(str(reference))[0] if is_ref else None)
+    if name:   # the run will register: make sure it can, before minutes of work
+        from inferforge.registry import Registry
+
+        registry = registry or Registry()
+        registry.check_writable()
     artifact = resolve_artifact(reference).resolve()
     manifest = verify_artifact(artifact)
     recipe = recipe_of(artifact, manifest)
@@ -141,11 +158,7 @@ def recalibrate(reference: str, data: str | Path, *, thresholds=None, force: boo
     progress.print(f"recalibrating ({outcome.trigger}): re-running recipe {recipe.name} with {new_calibration} new "
                    f"texts in calibration and {new_held_out} held out")
     out = Path(output) if output else default_output(recipe.name)
-    new_recipe = dataclasses.replace(
-        recipe, output=str(out),
-        data=dataclasses.replace(recipe.data, extra_sentences=str(data.resolve()),
-                                 extra_calibration_size=new_calibration, extra_held_out_size=new_held_out),
-        gates=recipe.gates if min_cosine is None else dataclasses.replace(recipe.gates, min_cosine=min_cosine))
+    new_recipe = recalibration_recipe(recipe, data, new_calibration, new_held_out, out, min_cosine=min_cosine)
     distinct = read_sentences(str(data))
     provenance = {
         "parent": {"path": str(artifact), "name": manifest["name"], "version": manifest["version"],
@@ -171,8 +184,6 @@ def recalibrate(reference: str, data: str | Path, *, thresholds=None, force: boo
         raise GateFailed(gate_failure_message(result) + f"; nothing registered{alias}",
                          report_dir=str(result.failure_report))
     if name:
-        from inferforge.registry import Registry
-
-        outcome.version = (registry or Registry()).add(result.output, name, alias=promote)
+        outcome.version = registry.add(result.output, name, alias=promote)
         outcome.registered_as, outcome.promoted = name, promote
     return outcome

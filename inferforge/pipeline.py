@@ -334,19 +334,27 @@ def _run_causal_lm(recipe: Recipe, progress: Progress) -> RunResult:
     return RunResult(output=recipe.output_dir.resolve(), report=manifest, passed=manifest["passed"])
 
 
+def recipe_sentences(data) -> tuple:
+    """The recipe's data before length bucketing: (split, extra calibration texts, extra held-out texts).
+    The extra calibration texts are already in the split's calibration; the extra held-out ones are
+    added later as the bucket `extra` (`with_extra_held_out`), never calibrated on."""
+    sentences = split_sentences(data.sentences, data.calibration_size, data.held_out_size)
+    extra_calibration, extra_held_out = (), ()
+    if data.extra_sentences is not None:
+        # Added before the length buckets, so short queries and long passages come from both sources.
+        extra_calibration, extra_held_out = split_extra(
+            data.extra_sentences, data.extra_calibration_size, data.extra_held_out_size,
+            exclude=(*sentences.calibration, *sentences.held_out))
+        sentences = replace(sentences, calibration=(*sentences.calibration, *extra_calibration))
+    return sentences, extra_calibration, extra_held_out
+
+
 def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, work: Path, started: float, *,
                provenance: dict | None = None, files: dict[str, str] | None = None) -> dict:
     """The steps, the reports and the manifest, written into `staging`; returns the report."""
     from inferforge.encoder import TorchEncoder
 
-    sentences = split_sentences(recipe.data.sentences, recipe.data.calibration_size, recipe.data.held_out_size)
-    extra_calibration, extra_held_out = (), ()
-    if recipe.data.extra_sentences is not None:
-        # Added before the length buckets, so short queries and long passages come from both sources.
-        extra_calibration, extra_held_out = split_extra(
-            recipe.data.extra_sentences, recipe.data.extra_calibration_size, recipe.data.extra_held_out_size,
-            exclude=(*sentences.calibration, *sentences.held_out))
-        sentences = replace(sentences, calibration=(*sentences.calibration, *extra_calibration))
+    sentences, extra_calibration, extra_held_out = recipe_sentences(recipe.data)
     with progress.spinner(f"loading {recipe.model}"):
         source = materialize(recipe.model, work)
         source = dataclasses.replace(source, spec=recipe.model_as_written or recipe.model)

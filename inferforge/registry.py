@@ -21,6 +21,7 @@ References: `NAME` (the latest version), `NAME@3` (version 3), `NAME@ALIAS`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import os
 import shutil
@@ -34,7 +35,14 @@ from pathlib import Path
 
 from inferforge.errors import ArtifactError, UserInputError
 from inferforge.manifest import MANIFEST_NAME, SIGNATURE_NAME, manifest_digest, read_manifest, verify_artifact
-from inferforge.registry_refs import check_alias, default_root, did_you_mean, parse_ref, parse_time
+from inferforge.registry_refs import (
+    check_alias,
+    check_name,
+    default_root,
+    did_you_mean,
+    parse_ref,
+    parse_time,
+)
 
 SCHEMA_VERSION = 1
 DB_NAME = "registry.db"
@@ -169,14 +177,29 @@ class Registry:
 
     # -- writes ----------------------------------------------------------------------------------
 
+    def check_writable(self) -> None:
+        """UserInputError unless `add` could write here: the registry exists and is writable, or the nearest
+        existing directory above it is (so it can be created). Creates nothing but a probe file it removes."""
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        target = self.objects if self.objects.is_dir() else path
+        try:
+            if not target.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{target} is not a directory")
+            tempfile.NamedTemporaryFile(dir=target, prefix=".probe-").close()
+            if self.db_path.exists() and not os.access(self.db_path, os.W_OK):
+                raise PermissionError(errno.EACCES, f"{self.db_path} is read-only")
+        except OSError as e:
+            raise UserInputError(f"registry {self.root}: cannot write there ({e.strerror or e}); set "
+                                 "INFERFORGE_REGISTRY to a writable directory") from None
+
     def add(self, artifact_dir: str | Path, name: str, alias: str | None = None, owner: str | None = None) -> Version:
         """Register the artifact directory under `name`; returns the new version (numbered 1, 2, ... per
         name), or the existing one (`existing=True`) when the same content is already registered under
         `name`. The artifact is verified first (a tampered one raises ArtifactError) and copied into
         `objects/`. With `alias`, the alias then points at the returned version."""
-        parse_ref(name)
-        if "@" in name:
-            raise UserInputError(f"--name {name!r}: a name, without @; give the alias with --alias")
+        check_name(name)
         if alias is not None:
             check_alias(alias)
         owner = owner or _os_user()

@@ -56,6 +56,16 @@ def parse_ref(ref: str) -> tuple[str, int | str | None]:
     return name, tail
 
 
+def check_name(name: str) -> str:
+    """A model name for `registry add --name` / `drift --recalibrate --name`: UserInputError when invalid."""
+    if "@" in str(name):
+        raise UserInputError(f"--name {name!r}: a name, without @; give the alias with --alias")
+    if not _NAME.fullmatch(str(name)):
+        raise UserInputError(f"--name {name!r}: not a model name; a name starts with a letter or digit and holds "
+                             "letters, digits, '.', '_' and '-' (at most 128 characters)")
+    return name
+
+
 def check_alias(alias: str) -> str:
     if not _ALIAS.fullmatch(alias) or alias in RESERVED_ALIASES:
         raise UserInputError(f"alias {alias!r}: an alias starts with a letter and holds letters, digits, '.', '_' "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,11 @@ SNAPSHOT_FORMAT = "inferforge-drift-snapshot/1"
 PROJECTION_DIMS = 4
 PROJECTION_SEED = 0
 MAX_SNAPSHOT_TEXTS = 1000
+CALIBRATION_TEXT_NOTE = (
+    "compare held-out traffic, not calibration text. New texts are bucketed by the full calibration token ranking, "
+    "so text the calibration saw has no 'unseen' tokens, while the reference shares are cross-fitted (each fold "
+    "ranked without its own texts) and do have some; the artifact's own calibration text therefore reports "
+    "token_frequency drift. Texts from the same source that calibration did not see are what the reference describes")
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,37 @@ class DriftThresholds:
     check_gate: bool = True
 
     def __post_init__(self):
-        for name in ("psi", "psi_moderate", "ks_min_statistic"):
-            if not getattr(self, name) > 0:
-                raise UserInputError(f"drift threshold {name} must be > 0, got {getattr(self, name)}")
-        for name in ("ks_alpha", "max_out_of_range", "max_unknown_rate_increase"):
-            if not 0 < getattr(self, name) < 1:
-                raise UserInputError(f"drift threshold {name} must be between 0 and 1, got {getattr(self, name)}")
-        if self.min_texts < 2:
-            raise UserInputError(f"min_texts must be >= 2, got {self.min_texts}")
+        """Refuse values that would silently disable a check (e.g. a KS D above 1, an out-of-range share of 1)."""
+        def refuse(name: str, rule: str) -> None:
+            flag = _FLAGS.get(name)
+            raise UserInputError(f"drift threshold {name}{f' ({flag})' if flag else ''} must be {rule}, got "
+                                 f"{getattr(self, name)!r}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                refuse(name, "a finite number")
+            return value
+
+        if not number("psi") > 0:
+            refuse("psi", "> 0 (PSI is >= 0, so 0 flags every feature)")
+        if not 0 < number("psi_moderate") <= self.psi:
+            refuse("psi_moderate", f"> 0 and <= psi ({self.psi})")
+        if not 0 < number("ks_alpha") < 1:
+            refuse("ks_alpha", "between 0 and 1, exclusive (0 would disable the KS test, 1 flag everything)")
+        if not 0 < number("ks_min_statistic") <= 1:
+            refuse("ks_min_statistic", "in (0, 1]: the KS statistic D is at most 1, so a larger value disables the KS "
+                   "test")
+        if not 0 <= number("max_out_of_range") < 1:
+            refuse("max_out_of_range", "in [0, 1): a share of 1 or more would disable the activation-range check")
+        if not 0 <= number("max_unknown_rate_increase") < 1:
+            refuse("max_unknown_rate_increase", "in [0, 1): a rise of 1 or more would disable the [UNK] check")
+        if isinstance(self.min_texts, bool) or not isinstance(self.min_texts, int) or self.min_texts < 2:
+            refuse("min_texts", "an integer >= 2")
+
+
+_FLAGS = {"psi": "--psi-threshold", "ks_alpha": "--ks-alpha", "ks_min_statistic": "--ks-min-statistic",
+          "max_out_of_range": "--max-out-of-range", "max_unknown_rate_increase": "--max-unknown-rate-increase"}
 
 
 @dataclass
@@ -208,14 +237,14 @@ def _band(value: float, t: DriftThresholds) -> str:
     return "significant" if value >= t.psi else "moderate" if value >= t.psi_moderate else "none"
 
 
-def _numeric(name: str, ref: dict, new_values: Sequence[float], t: DriftThresholds) -> dict:
+def compare_numeric(name: str, ref: dict, new_values: Sequence[float], t: DriftThresholds) -> dict:
     new_counts = bin_counts(new_values, ref["edges"])
     value = psi(ref["counts"], new_counts)
     d, p = ks_test(ref["values"], new_values)
-    ks_flag = p < t.ks_alpha and d >= t.ks_min_statistic
+    ks_flag = bool(p < t.ks_alpha and d >= t.ks_min_statistic)
     reasons = ([f"PSI {value:.3f} >= {t.psi}"] if value >= t.psi else []) + (
         [f"KS D {d:.3f} >= {t.ks_min_statistic} with p {p:.2g} < {t.ks_alpha}"] if ks_flag else [])
-    return {"name": name, "psi": value, "psi_band": _band(value, t), "ks_statistic": d, "ks_pvalue": p,
+    return {"name": name, "psi": value, "psi_band": _band(value, t), "ks_statistic": d, "ks_pvalue": p, "ks_drift": ks_flag,
             "reference_mean": ref["mean"], "new_mean": float(np.mean(new_values)), "edges": ref["edges"],
             "reference_counts": ref["counts"], "new_counts": new_counts, "new_values": [float(v) for v in new_values],
             "reference_values": ref["values"], "drift": bool(reasons), "reason": "; ".join(reasons)}
@@ -239,6 +268,27 @@ def _gate(manifest: dict, artifact_dir: Path, texts: Sequence[str], embeddings_o
     checks = [{"name": f"{k} (new texts)", "measured": measured[k], "op": ">=", "limit": v, "passed": measured[k] >= v}
               for k, v in limits.items()]
     return {"available": True, "reference": str(source), "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def unknown_rate(reference: float, new: float, t: DriftThresholds) -> dict:
+    """The [UNK] rate record: drift when it rises by more than `max_unknown_rate_increase` (a fall is not drift)."""
+    return {"reference": reference, "new": new, "drift": new - reference > t.max_unknown_rate_increase}
+
+
+def drifted_items(features: list[dict], activations: list[dict], unk: dict, gate: dict | None,
+                  t: DriftThresholds) -> list[dict]:
+    """What drifted, with the reason: features, layers, the [UNK] rate, and every gate missed on the new texts."""
+    drifted = [{"what": f["name"], "reason": f["reason"]} for f in features if f["drift"]]
+    drifted += [{"what": f"activations {a['layer']}", "reason": f"{a['outside_share']:.2%} of values outside the "
+                 f"calibrated range [{a['calibrated_min']:.3g}, {a['calibrated_max']:.3g}] > {t.max_out_of_range:.2%}"}
+                for a in activations if a["drift"]]
+    if unk["drift"]:
+        drifted.append({"what": "unknown_token_rate", "reason": f"[UNK] rate {unk['new']:.2%} vs {unk['reference']:.2%} "
+                        f"in calibration (> +{t.max_unknown_rate_increase:.2%})"})
+    if gate and gate.get("available") and not gate["passed"]:
+        drifted += [{"what": f"gate {c['name']}", "reason": f"measured {c['measured']:.4f}, required >= {c['limit']}"}
+                    for c in gate["checks"] if not c["passed"]]
+    return drifted
 
 
 def check_drift(artifact_dir: str | Path, texts: Sequence[str], thresholds: DriftThresholds | None = None) -> DriftReport:
@@ -280,7 +330,7 @@ def check_drift(artifact_dir: str | Path, texts: Sequence[str], thresholds: Drif
         probe = probe_causal_lm(load_as_transformers(artifact_dir), tokenizer, texts,
                                 max_length=snapshot["max_length"], layer_names=snapshot["layer_names"], ranges=ranges)
     probe.values["length_tokens"] = probe.lengths
-    features = [_numeric(name, ref, probe.values[name], t) for name, ref in snapshot["features"].items()]
+    features = [compare_numeric(name, ref, probe.values[name], t) for name, ref in snapshot["features"].items()]
     tf = snapshot["token_frequency"]
     new_counts = token_bucket_counts(probe.token_lists, tf["ranked_ids"], tf["cuts"])
     value = psi(tf["counts"], new_counts)
@@ -288,25 +338,19 @@ def check_drift(artifact_dir: str | Path, texts: Sequence[str], thresholds: Drif
                      "reference_counts": tf["counts"], "new_counts": new_counts, "drift": value >= t.psi,
                      "reason": f"PSI {value:.3f} >= {t.psi}" if value >= t.psi else ""})
     tokens = sum(len(x) for x in probe.token_lists)
-    unk = {"reference": snapshot["unknown_token"]["rate"], "new": probe.unknown_tokens / max(tokens, 1)}
-    unk["drift"] = unk["new"] - unk["reference"] > t.max_unknown_rate_increase
+    unk = unknown_rate(snapshot["unknown_token"]["rate"], probe.unknown_tokens / max(tokens, 1), t)
     activations = []
     for name, rec in probe.layers.items():
         lo, hi = ranges[name]
         share = rec["outside"] / max(rec["total"], 1)
         activations.append({"layer": name, "calibrated_min": lo, "calibrated_max": hi, "new_min": rec["min"],
                             "new_max": rec["max"], "outside_share": share, "drift": share > t.max_out_of_range})
-    drifted = [{"what": f["name"], "reason": f["reason"]} for f in features if f["drift"]]
-    drifted += [{"what": f"activations {a['layer']}", "reason": f"{a['outside_share']:.2%} of values outside the "
-                 f"calibrated range [{a['calibrated_min']:.3g}, {a['calibrated_max']:.3g}] > {t.max_out_of_range:.2%}"}
-                for a in activations if a["drift"]]
-    if unk["drift"]:
-        drifted.append({"what": "unknown_token_rate", "reason": f"[UNK] rate {unk['new']:.2%} vs {unk['reference']:.2%} "
-                        f"in calibration (> +{t.max_unknown_rate_increase:.2%})"})
-    if gate and gate.get("available") and not gate["passed"]:
-        drifted += [{"what": f"gate {c['name']}", "reason": f"measured {c['measured']:.4f}, required >= {c['limit']}"}
-                    for c in gate["checks"] if not c["passed"]]
+    drifted = drifted_items(features, activations, unk, gate, t)
     notes = [] if len(texts) >= 100 else [f"only {len(texts)} texts: KS and PSI are noisy below ~100"]
+    if _sha256_texts(texts[:MAX_SNAPSHOT_TEXTS]) == snapshot["texts_sha256"]:
+        notes.append("these are the artifact's own calibration texts: " + CALIBRATION_TEXT_NOTE)
+    elif any(f["name"] == "token_frequency" and f["drift"] for f in features):
+        notes.append("token_frequency: " + CALIBRATION_TEXT_NOTE)
     return DriftReport(artifact=str(artifact_dir), kind=snapshot["kind"], texts=len(texts),
                        reference_texts=snapshot["texts"], thresholds={**asdict(t), "psi_epsilon": PSI_EPSILON},
                        features=features, activations=activations, unknown_token_rate=unk, gate=gate,

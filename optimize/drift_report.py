@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-from inferforge.bench.svg_plots import Chart, Series, cdf_points, fmt_number, render_chart
+from inferforge.bench.svg_plots import Chart, Series, cdf_points, render_chart
 
 RULE = ("a feature drifts when PSI >= {psi} (bands: < {psi_moderate} none, {psi_moderate}-{psi} moderate, >= {psi} "
         "significant; {bins}, epsilon {psi_epsilon}), or when the two-sample KS test (scipy.stats.ks_2samp) has "
@@ -22,11 +22,18 @@ def rule_text(thresholds: dict) -> str:
                        **thresholds)
 
 
+def _edge(v: float) -> str:
+    """An edge with 3 significant digits (`-0.0227`, `0.00671`, `1.23e+04`)."""
+    return "0" if v == 0 else f"{v:.3g}"
+
+
 def _bin_labels(feature: dict) -> list[str]:
+    """Bin labels in interval notation. The bins are those of `drift_stats.bin_counts`: (-inf, e_1],
+    (e_1, e_2], ..., (e_k, +inf), so the outer ones read `<= e_1` and `> e_k`."""
     if "labels" in feature:
         return feature["labels"]
-    edges = [fmt_number(e) for e in feature["edges"]]
-    return [f"<= {edges[0]}", *[f"{a}-{b}" for a, b in zip(edges, edges[1:])], f"> {edges[-1]}"]
+    edges = [_edge(e) for e in feature["edges"]]
+    return [f"<= {edges[0]}", *[f"({a}, {b}]" for a, b in zip(edges, edges[1:])], f"> {edges[-1]}"]
 
 
 def _shares(counts: list[int]) -> list[float]:
@@ -76,9 +83,10 @@ def _charts(feature: dict, index: int) -> str:
     labels = _bin_labels(feature)
     hist = Chart(title=f"{feature['name']}: share per bin", x_label="bin", y_label="share of the sample",
                  x_categories=labels, y_min=0,
+                 width=max(640, 70 * len(labels) + 90),
                  series=[Series("calibration", list(range(len(labels))), _shares(feature["reference_counts"]),
-                                markers=True),
-                         Series("new texts", list(range(len(labels))), _shares(feature["new_counts"]), markers=True)])
+                                bars=True),
+                         Series("new texts", list(range(len(labels))), _shares(feature["new_counts"]), bars=True)])
     out = render_chart(hist, f"hist-{index}")
     if "new_values" in feature:
         series = []

@@ -55,6 +55,92 @@ def test_psi_of_an_empty_bin_is_large_but_finite_and_bad_histograms_are_refused(
         psi([1, 2], [1, 2, 3])
 
 
+def test_psi_clips_an_empty_bin_at_1e_minus_4():
+    # Reference shares (0.5, 0.5, 0) -> (0.5, 0.5, 1e-4); new shares (0.25, 0.25, 0.5). By hand:
+    # 2 * (0.25 - 0.5) * ln(0.25 / 0.5) + (0.5 - 1e-4) * ln(0.5 / 1e-4) = 0.346574 + 4.257744
+    assert psi([50, 50, 0], [25, 25, 50]) == pytest.approx(4.60431846666895, rel=1e-12)
+    # ... and the other way round: the new sample's empty bin is clipped the same way.
+    assert psi([25, 25, 50], [50, 50, 0]) == pytest.approx(4.60431846666895, rel=1e-12)
+
+
+def _thresholds(**kw):
+    from inferforge.optimize.drift import DriftThresholds
+
+    return DriftThresholds(**{"psi": 50.0, "psi_moderate": 40.0, **kw})   # PSI out of the way: KS alone decides
+
+
+def test_ks_flags_a_feature_only_when_p_is_small_and_d_is_large():
+    from inferforge.optimize.drift import compare_numeric
+
+    rng = np.random.default_rng(3)
+    ref = numeric_feature(rng.normal(size=4000))
+    # A small shift on a large sample: p tiny, D about 0.05 -> not drift at D >= 0.2, drift at D >= 0.03.
+    small_shift = rng.normal(0.12, 1, size=4000)
+    f = compare_numeric("x", ref, small_shift, _thresholds())
+    assert f["ks_pvalue"] < 0.01 and f["ks_statistic"] < 0.2 and not f["ks_drift"] and not f["drift"]
+    f = compare_numeric("x", ref, small_shift, _thresholds(ks_min_statistic=0.03))
+    assert f["ks_drift"] and f["drift"] and "KS D" in f["reason"]
+    # A large D on 3 values: p not small -> not drift.
+    f = compare_numeric("x", ref, [0.0, 0.0, 0.0], _thresholds())
+    assert f["ks_statistic"] >= 0.2 and f["ks_pvalue"] >= 0.01 and not f["ks_drift"] and not f["drift"]
+    # Both: drift.
+    f = compare_numeric("x", ref, [0.0] * 300, _thresholds())
+    assert f["ks_statistic"] >= 0.2 and f["ks_pvalue"] < 0.01 and f["ks_drift"] and f["drift"]
+    # PSI alone flags too (psi at its default).
+    from inferforge.optimize.drift import DriftThresholds
+
+    f = compare_numeric("x", ref, rng.normal(3, 1, size=300), DriftThresholds())
+    assert f["psi"] >= 0.2 and f["drift"] and "PSI" in f["reason"]
+
+
+def test_a_missed_gate_and_a_rising_unknown_rate_count_as_drift():
+    from inferforge.optimize.drift import DriftThresholds, drifted_items, unknown_rate
+
+    t = DriftThresholds(max_unknown_rate_increase=0.01)
+    quiet = unknown_rate(0.02, 0.02, t)
+    assert drifted_items([], [], quiet, None, t) == []
+    # The [UNK] rate: a rise beyond the threshold drifts, a rise within it or a fall does not.
+    assert unknown_rate(0.01, 0.03, t)["drift"] and not unknown_rate(0.01, 0.015, t)["drift"]
+    assert not unknown_rate(0.2, 0.0, t)["drift"]
+    assert [d["what"] for d in drifted_items([], [], unknown_rate(0.01, 0.03, t), None, t)] == ["unknown_token_rate"]
+    # The gate re-measured on the new texts: a missed limit drifts; a held one, or no re-measure, does not.
+    checks = [{"name": "min cosine (new texts)", "measured": 0.93, "op": ">=", "limit": 0.98, "passed": False},
+              {"name": "mean cosine (new texts)", "measured": 0.995, "op": ">=", "limit": 0.99, "passed": True}]
+    missed = {"available": True, "reference": "src", "checks": checks, "passed": False}
+    got = drifted_items([], [], quiet, missed, t)
+    assert [d["what"] for d in got] == ["gate min cosine (new texts)"] and "0.9300" in got[0]["reason"]
+    held = {**missed, "checks": [{**c, "passed": True} for c in checks], "passed": True}
+    assert drifted_items([], [], quiet, held, t) == []
+    assert drifted_items([], [], quiet, {"available": False, "note": "no source"}, t) == []
+
+
+@pytest.mark.parametrize("bad", [
+    {"ks_min_statistic": 1.5}, {"ks_min_statistic": 0}, {"psi": 0}, {"psi": float("inf")}, {"psi": float("nan")},
+    {"psi": 0.2, "psi_moderate": 0.3}, {"psi_moderate": 0}, {"max_out_of_range": 1.0}, {"max_out_of_range": -0.1},
+    {"max_unknown_rate_increase": 1.0}, {"ks_alpha": 0}, {"ks_alpha": 1}, {"min_texts": 1}, {"min_texts": 2.5},
+])
+def test_thresholds_that_would_disable_a_check_are_refused(bad):
+    from inferforge.errors import UserInputError
+    from inferforge.optimize.drift import DriftThresholds
+
+    with pytest.raises(UserInputError, match=f"drift threshold {next(iter(bad)) if len(bad) == 1 else 'psi_moderate'}"):
+        DriftThresholds(**bad)
+
+
+def test_edge_thresholds_that_keep_checks_on_are_accepted():
+    from inferforge.optimize.drift import DriftThresholds
+
+    DriftThresholds(ks_min_statistic=1.0, max_out_of_range=0.0, max_unknown_rate_increase=0.0, psi=0.05,
+                    psi_moderate=0.05)
+
+
+def test_the_command_refuses_a_disabling_threshold(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(f"text number {i}" for i in range(30)))
+    proc = run_cli("drift", tmp_path, "--data", good, "--ks-min-statistic", "1.5")
+    assert proc.returncode == 2 and "--ks-min-statistic" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_ks_equals_scipy_ks_2samp():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=400), rng.normal(0.2, 1.1, size=150)
@@ -188,3 +274,47 @@ def test_lm_snapshot_has_next_token_entropy_and_the_check_runs(tiny_lm, tmp_path
     narrow = [" ".join(f"w{3 + (i * 7 + j) % 5}" for j in range(40)) for i in range(30)]
     shifted = check_drift(out, narrow)
     assert shifted.drift and any(d["what"] == "token_frequency" for d in shifted.drifted)
+
+
+def _synthetic_report() -> dict:
+    from dataclasses import asdict
+
+    from inferforge.optimize.drift import DriftThresholds, compare_numeric, drifted_items, unknown_rate
+
+    rng = np.random.default_rng(5)
+    t = DriftThresholds()
+    features = [compare_numeric("projection_1", numeric_feature(rng.normal(-0.01, 0.02, size=400)),
+                                rng.normal(0.01, 0.02, size=200), t),
+                compare_numeric("length_tokens", numeric_feature(rng.integers(5, 40, size=400).astype(float)),
+                                rng.integers(5, 60, size=200).astype(float), t)]
+    features.append({"name": "token_frequency", "psi": 0.3, "psi_band": "significant",
+                     "labels": ["top 25%", "25-50%", "50-75%", "75-90%", "90-100%", "unseen"],
+                     "reference_counts": [25, 25, 25, 15, 8, 2], "new_counts": [20, 20, 20, 15, 10, 15],
+                     "drift": True, "reason": "PSI 0.300 >= 0.2"})
+    unk = unknown_rate(0.0, 0.0, t)
+    return {"artifact": "runs/synthetic", "kind": "sentence-encoder", "texts": 200, "reference_texts": 400,
+            "thresholds": {**asdict(t), "psi_epsilon": 1e-4}, "features": features, "activations": [],
+            "unknown_token_rate": unk, "gate": None, "drifted": drifted_items(features, [], unk, None, t),
+            "notes": [], "drift": True}
+
+
+def test_html_report_draws_bin_shares_as_grouped_bars_with_interval_labels(tmp_path):
+    import re
+
+    from inferforge.optimize.drift_report import _bin_labels, render_html
+
+    assert _bin_labels({"edges": [-0.0227241, -0.00671234, 0.0316, 12345.0]}) == [
+        "<= -0.0227", "(-0.0227, -0.00671]", "(-0.00671, 0.0316]", "(0.0316, 1.23e+04]", "> 1.23e+04"]
+    report = _synthetic_report()
+    html = render_html(report)
+    (tmp_path / "drift_report.html").write_text(html)
+    hists = re.findall(r'<svg[^>]*id="hist-\d+".*?</svg>', html, flags=re.S)
+    assert len(hists) == 3
+    for svg, feature in zip(hists, report["features"]):
+        assert "<polyline" not in svg                                  # no line across categorical bins
+        groups = re.findall(r'<g class="series bars" data-series="([^"]+)"', svg)
+        assert groups == ["calibration", "new texts"]
+        bins = len(feature["reference_counts"])
+        assert svg.count('class="bar"') == 2 * bins
+    assert "(-0.0" in hists[0] and "--" not in re.sub(r"<!--.*?-->", "", hists[0])
+    assert "&lt;= " in hists[0] and "&gt; " in hists[0]

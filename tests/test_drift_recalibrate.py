@@ -109,6 +109,14 @@ def test_example_workflow_runs_a_command_the_cli_accepts():
     uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact")]
     assert uploads and uploads[0]["if"] == "always()" and args.output in uploads[0]["with"]["path"]
     assert not any(s.get("continue-on-error") for s in steps)   # exit 1 and 2 fail the job
+    # A self-hosted runner with a persistent registry (a hosted one has none, and noisy latency), and the
+    # traffic sample fetched before the drift step.
+    job = workflow["jobs"]["drift"]
+    assert "self-hosted" in job["runs-on"] and "ubuntu-latest" not in job["runs-on"]
+    assert job["env"]["INFERFORGE_REGISTRY"].startswith("/") and "tmp" not in job["env"]["INFERFORGE_REGISTRY"]
+    names = [s.get("name", "") for s in steps]
+    fetch = names.index("Fetch the traffic sample")
+    assert "traffic.txt" in steps[fetch]["run"] and fetch < names.index("Drift check and recalibration")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,3 +216,146 @@ def test_the_mix_takes_half_of_the_new_texts_and_needs_enough_of_them():
     assert mix_sizes(recipe, queries) == (102, 101)
     with pytest.raises(UserInputError, match="at least 20 distinct new texts"):
         mix_sizes(recipe, read_sentences("demo")[160:480])   # the recipe's own held-out set is not new
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast: recalibrate with the drift check and the recipe run faked (no model is run)
+
+
+class _FakeReport:
+    def __init__(self, drift=True):
+        self.drift = drift
+
+    def to_dict(self):
+        drifted = [{"what": "length_tokens", "reason": "PSI 0.500 >= 0.2"}] if self.drift else []
+        return {"drift": self.drift, "drifted": drifted}
+
+
+def _recipe_artifact(tmp_path: Path) -> Path:
+    from inferforge.recipe import builtin_recipe_path, load_recipe
+
+    recipe = load_recipe(builtin_recipe_path("demo"))
+    return make_artifact(tmp_path / "parent", "parent", name="demo", kind="sentence-encoder",
+                         extra={"recipe": recipe.to_dict()})
+
+
+def _no_work(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("recalibrate did work before validating its input")
+
+    monkeypatch.setattr("inferforge.pipeline.run_recipe", fail)
+    monkeypatch.setattr("inferforge.optimize.drift.check_drift", fail)
+
+
+def test_a_bad_name_or_an_unwritable_registry_is_refused_before_any_work(tmp_path, monkeypatch):
+    from inferforge.drift_recalibrate import recalibrate
+
+    _no_work(monkeypatch)
+    art = _recipe_artifact(tmp_path)
+    texts = DATA / "support_queries.txt"
+    monkeypatch.setenv("INFERFORGE_REGISTRY", str(tmp_path / "registry"))
+    for bad in ("bad name", "a@b", "-x", "runs/enc"):
+        with pytest.raises(UserInputError, match="--name"):
+            recalibrate(str(art), texts, name=bad, force=True)
+    with pytest.raises(UserInputError, match="alias"):
+        recalibrate(str(art), texts, name="enc", promote="1bad", force=True)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("INFERFORGE_REGISTRY", str(blocker / "registry"))
+    with pytest.raises(UserInputError, match="cannot write there"):
+        recalibrate(str(art), texts, name="enc", promote="prod", force=True)
+    assert not (blocker.parent / "registry").exists()
+    # The command: exit 2 with the reason, in well under the minutes a recipe run takes.
+    started = time.perf_counter()
+    proc = run_cli_env({"INFERFORGE_REGISTRY": str(blocker / "registry")}, "drift", art, "--data", texts,
+                       "--recalibrate", "--name", "enc", "--force")
+    _exit_2(proc, "cannot write there")
+    _exit_2(run_cli_env({"INFERFORGE_REGISTRY": str(tmp_path / "ok")}, "drift", art, "--data", texts,
+                        "--recalibrate", "--name", "bad name", "--force"), "not a model name")
+    assert time.perf_counter() - started < 60
+    assert not (tmp_path / "ok").exists()
+
+
+def _fake_run(calls: list, passed: bool):
+    from inferforge.pipeline import RunResult
+    from tests.registry_helpers import gate_check
+
+    def run_recipe(recipe, progress=None, provenance=None, files=None):
+        calls.append((recipe, provenance, files))
+        out = Path(recipe.output)
+        if passed:
+            make_artifact(out, "child", name="demo", kind="sentence-encoder", extra={"provenance": provenance, "recipe": recipe.to_dict()})
+            return RunResult(output=out, report={"checks": [gate_check()]}, passed=True)
+        failed = out.parent / (out.name + ".failed")
+        failed.mkdir()
+        return RunResult(output=out, report={"checks": [gate_check(measured=0.5)]}, passed=False,
+                         failure_report=failed)
+
+    return run_recipe
+
+
+@pytest.mark.parametrize("how", ["failed result", "GateFailed"])
+def test_a_failed_run_registers_nothing_and_keeps_the_alias(tmp_path, monkeypatch, how):
+    from inferforge.drift_recalibrate import recalibrate
+    from inferforge.errors import GateFailed
+    from inferforge.registry import Registry
+
+    monkeypatch.setenv("INFERFORGE_REGISTRY", str(tmp_path / "registry"))
+    registry = Registry(tmp_path / "registry")
+    registry.add(_recipe_artifact(tmp_path), "demo", alias="prod")
+    calls = []
+    monkeypatch.setattr("inferforge.optimize.drift.check_drift", lambda *a, **k: _FakeReport())
+    if how == "GateFailed":
+        def run_recipe(recipe, **kwargs):
+            calls.append(recipe)
+            raise GateFailed("min cosine missed", report_dir=str(tmp_path / "child.failed"))
+        monkeypatch.setattr("inferforge.pipeline.run_recipe", run_recipe)
+    else:
+        monkeypatch.setattr("inferforge.pipeline.run_recipe", _fake_run(calls, passed=False))
+    with pytest.raises(GateFailed) as err:
+        recalibrate("demo@prod", DATA / "support_queries.txt", promote="prod", output=tmp_path / "child")
+    assert len(calls) == 1
+    if how == "failed result":
+        assert "nothing registered" in str(err.value) and "demo@prod is unchanged" in str(err.value)
+    assert [v.version for v in registry.list("demo")] == [1] and registry.resolve("demo@prod").version == 1
+
+
+def test_a_passing_run_is_registered_and_promoted(tmp_path, monkeypatch):
+    from inferforge.drift_recalibrate import recalibrate
+    from inferforge.registry import Registry
+
+    monkeypatch.setenv("INFERFORGE_REGISTRY", str(tmp_path / "registry"))
+    registry = Registry(tmp_path / "registry")
+    parent = registry.add(_recipe_artifact(tmp_path), "demo", alias="prod")
+    calls = []
+    monkeypatch.setattr("inferforge.optimize.drift.check_drift", lambda *a, **k: _FakeReport())
+    monkeypatch.setattr("inferforge.pipeline.run_recipe", _fake_run(calls, passed=True))
+    outcome = recalibrate("demo@prod", DATA / "support_queries.txt", promote="prod", output=tmp_path / "child")
+    assert outcome.ran and outcome.trigger == "drift" and outcome.promoted == "prod"
+    recipe, provenance, files = calls[0]
+    assert recipe.data.extra_sentences.endswith("support_queries.txt") and recipe.data.extra_held_out_size > 0
+    assert provenance["parent"]["version"] == parent.content and "drift_report.json" in files
+    assert [v.version for v in registry.list("demo")] == [1, 2] and registry.resolve("demo@prod").version == 2
+    # No drift and no --force: nothing runs, nothing changes.
+    monkeypatch.setattr("inferforge.optimize.drift.check_drift", lambda *a, **k: _FakeReport(drift=False))
+    assert not recalibrate("demo@prod", DATA / "support_queries.txt", promote="prod").ran
+    assert len(calls) == 1 and registry.resolve("demo@prod").version == 2
+
+
+def test_the_rebuilt_recipe_holds_out_new_texts_it_never_calibrates_on(tmp_path):
+    from inferforge.drift_recalibrate import mix_sizes, recalibration_recipe
+    from inferforge.pipeline import recipe_sentences
+    from inferforge.recipe import builtin_recipe_path, load_recipe
+
+    recipe = load_recipe(builtin_recipe_path("demo"))
+    data = DATA / "support_queries.txt"
+    new_calibration, new_held_out = mix_sizes(recipe, data.read_text().splitlines())
+    rebuilt = recalibration_recipe(recipe, data, new_calibration, new_held_out, tmp_path / "child")
+    old, _, _ = recipe_sentences(recipe.data)
+    split, extra_calibration, extra_held_out = recipe_sentences(rebuilt.data)
+    assert len(extra_held_out) == new_held_out > 0 and len(extra_calibration) == new_calibration > 0
+    assert not set(extra_held_out) & set(split.calibration)          # never calibrated on
+    assert not set(extra_held_out) & set(old.held_out)                # new, not the old held-out set
+    assert set(extra_held_out) <= set(read_sentences(str(data)))
+    assert split.held_out == old.held_out                            # the old distribution's gate set is kept
+    assert split.calibration[:len(old.calibration)] == old.calibration
