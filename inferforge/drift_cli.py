@@ -69,30 +69,9 @@ def add_drift_parser(sub, fmt) -> None:
 
 def read_traffic(path: str | Path) -> list[str]:
     """Non-empty lines of a .txt file, or the "text" fields of a .jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"--data {path}: no such file")
-    texts = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserInputError(f"--data {path}: not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserInputError(f"--data {path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserInputError(f"--data {path}, line {number}: expected an object with a \"text\" string")
-            texts.append(record["text"])
-        else:
-            texts.append(line.strip())
-    if not texts:
-        raise UserInputError(f"--data {path}: no text (empty file)")
-    return texts
+    from inferforge.optimize.calibration import read_texts
+
+    return read_texts(path, flag="--data")
 
 
 def cmd_drift(args) -> int:

@@ -22,28 +22,34 @@ from inferforge.errors import UserInputError
 OBSERVERS = ("minmax", "percentile", "mse")
 
 
-def read_texts(path: str | Path) -> list[str]:
+def read_texts(path: str | Path, *, flag: str | None = None) -> list[str]:
+    """Non-empty lines of a text file, or the "text" fields of a .jsonl file. Errors name `flag` (e.g.
+    "--data") when given."""
     path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
     if not path.is_file():
-        raise UserInputError(f"calibration file not found: {path}")
+        raise UserInputError(f"{where}: no such file" if flag else f"calibration file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserInputError(f"{where}: not UTF-8 text") from None
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserInputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserInputError(f"{path}, line {number}: expected an object with a \"text\" string")
-                texts.append(record["text"])
-            else:
-                texts.append(line)
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"{where}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserInputError(f"{where}, line {number}: expected an object with a \"text\" string")
+            texts.append(record["text"])
+        else:
+            texts.append(line)
     if not texts:
-        raise UserInputError(f"{path}: no text")
+        raise UserInputError(f"{where}: no text (empty file)")
     return texts
 
 
