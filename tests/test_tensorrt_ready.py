@@ -1,0 +1,241 @@
+"""TensorRT readiness (issue 11): planted problems are named by node and op type, profiles cover every
+dynamic dimension of an exported decoder, and trtexec.sh carries the shapes."""
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from inferforge.errors import UserInputError
+from inferforge.optimize.llm_export import export_decoder_onnx
+from inferforge.optimize.tensorrt_profiles import graph_inputs, profile_problems
+from inferforge.optimize.tensorrt_ready import (
+    default_profiles,
+    operator_table,
+    readiness_report,
+    write_tensorrt_files,
+)
+from tests.factories_llama import save_tiny_llama
+
+FLOAT_PROFILE = {"x": {"min": [1, 4], "opt": [2, 4], "max": [4, 4]}}
+
+
+def _save(tmp_path, nodes, *, inputs=None, outputs=None, initializers=(), opset=17, extra_opsets=(), name="model.onnx"):
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 4])]
+    outputs = outputs or [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "planted", inputs, outputs, initializer=list(initializers))
+    opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in extra_opsets)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return path
+
+
+def _has(findings, check, name, op_type):
+    return any(f["check"] == check and f["name"] == name and f["op_type"] == op_type for f in findings)
+
+
+def test_clean_float_graph_is_ready(tmp_path):
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")])
+    report = readiness_report(path, profiles=FLOAT_PROFILE)
+    assert report["ready"] and report["errors"] == [] and report["warnings"] == []
+    assert report["trt_version"] == operator_table()["trt_version"] and report["op_counts"] == {"Relu": 1}
+
+
+def test_contrib_op_is_an_error_named_by_node(tmp_path):
+    w = numpy_helper.from_array(np.ones(4, np.float32), "gamma")
+    node = helper.make_node("SkipLayerNormalization", ["x", "x", "gamma"], ["y"], name="planted_skip",
+                            domain="com.microsoft")
+    report = readiness_report(_save(tmp_path, [node], initializers=[w], extra_opsets=["com.microsoft"]),
+                              profiles=FLOAT_PROFILE)
+    assert not report["ready"]
+    assert _has(report["errors"], "contrib-op", "planted_skip", "SkipLayerNormalization")
+
+
+@pytest.mark.parametrize("op_type", ["Unique", "MadeUpOp"])
+def test_unsupported_op_is_an_error(tmp_path, op_type):
+    node = helper.make_node(op_type, ["x"], ["y"], name="planted_op")
+    report = readiness_report(_save(tmp_path, [node]), profiles=FLOAT_PROFILE)
+    assert not report["ready"] and _has(report["errors"], "unsupported-op", "planted_op", op_type)
+
+
+def test_matmul_integer_is_not_explicit_qdq(tmp_path):
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, ["batch_size", 4])
+    w = numpy_helper.from_array(np.ones((4, 3), np.int8), "w")
+    node = helper.make_node("MatMulInteger", ["a", "w"], ["y"], name="planted_mmi")
+    path = _save(tmp_path, [node], inputs=[a], outputs=[helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                 initializers=[w])
+    report = readiness_report(path, profiles={"a": FLOAT_PROFILE["x"]})
+    assert not report["ready"]
+    assert _has(report["errors"], "non-qdq-quantization", "planted_mmi", "MatMulInteger")
+    assert _has(report["errors"], "unsupported-op", "planted_mmi", "MatMulInteger")
+
+
+def test_matmul_nbits_is_contrib_and_not_qdq(tmp_path):
+    node = helper.make_node("MatMulNBits", ["x", "x"], ["y"], name="planted_nbits", domain="com.microsoft")
+    report = readiness_report(_save(tmp_path, [node], extra_opsets=["com.microsoft"]), profiles=FLOAT_PROFILE)
+    assert _has(report["errors"], "non-qdq-quantization", "planted_nbits", "MatMulNBits")
+    assert _has(report["errors"], "contrib-op", "planted_nbits", "MatMulNBits")
+
+
+def test_int64_initializer_and_cast_are_warnings(tmp_path):
+    big = numpy_helper.from_array(np.array([2**40], np.int64), "planted_int64")
+    nodes = [helper.make_node("Cast", ["x"], ["x64"], to=TensorProto.INT64, name="planted_cast"),
+             helper.make_node("Add", ["x64", "planted_int64"], ["y"], name="add")]
+    report = readiness_report(_save(tmp_path, nodes, initializers=[big]), profiles=FLOAT_PROFILE)
+    assert report["ready"], report["errors"]
+    assert _has(report["warnings"], "int64", "planted_int64", "initializer")
+    assert _has(report["warnings"], "int64", "planted_cast", "Cast")
+    beyond = [f for f in report["warnings"] if "beyond the INT32 range" in f["message"]]
+    assert [f["name"] for f in beyond] == ["planted_int64"]
+
+
+@pytest.mark.parametrize("opset", [8, 21])
+def test_opset_outside_range_is_an_error(tmp_path, opset):
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")], opset=opset)
+    report = readiness_report(path, profiles=FLOAT_PROFILE)
+    low, high = operator_table()["opset"]["min"], operator_table()["opset"]["max"]
+    assert (low, high) == (9, 20)
+    assert not report["ready"] and _has(report["errors"], "opset", "ai.onnx", "opset")
+
+
+def test_input_type_outside_the_operator_types_is_an_error(tmp_path):
+    a = helper.make_tensor_value_info("a", TensorProto.INT32, ["batch_size", 4])
+    w = numpy_helper.from_array(np.ones((4, 3), np.int32), "w")
+    node = helper.make_node("MatMul", ["a", "w"], ["y"], name="int_matmul")
+    path = _save(tmp_path, [node], inputs=[a], initializers=[w],
+                 outputs=[helper.make_tensor_value_info("y", TensorProto.INT32, None)])
+    report = readiness_report(path, profiles={"a": FLOAT_PROFILE["x"]})
+    assert _has(report["errors"], "input-type", "int_matmul", "MatMul")
+
+
+@pytest.mark.parametrize("zero_point,dtype,ready", [(0, np.int8, True), (3, np.int8, False), (0, np.uint8, False)])
+def test_qdq_needs_signed_zero_zero_points(tmp_path, zero_point, dtype, ready):
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    zp = numpy_helper.from_array(np.array(zero_point, dtype), "zp")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], name="planted_q"),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"], name="planted_dq")]
+    report = readiness_report(_save(tmp_path, nodes, initializers=[scale, zp]), profiles=FLOAT_PROFILE)
+    assert report["ready"] is ready
+    if not ready:
+        assert _has(report["errors"], "qdq-zero-point", "planted_q", "QuantizeLinear")
+
+
+def test_profile_problems_are_errors(tmp_path):
+    mask = helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch_size", "past + seq"])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch_size", "seq"])
+    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch_size", 2, "past"])
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"], name=f"id_{n}") for n in ("mask", "ids", "past")]
+    outs = [helper.make_tensor_value_info(f"{n}_out", t, None)
+            for n, t in (("mask", TensorProto.INT64), ("ids", TensorProto.INT64), ("past", TensorProto.FLOAT))]
+    path = _save(tmp_path, nodes, inputs=[mask, ids, past], outputs=outs)
+    good = {"mask": {"min": [1, 1], "opt": [2, 5], "max": [4, 12]},
+            "ids": {"min": [1, 1], "opt": [2, 1], "max": [4, 4]},
+            "past": {"min": [1, 2, 0], "opt": [2, 2, 4], "max": [4, 2, 8]}}
+    assert readiness_report(path, profiles=good)["ready"]
+    inputs = graph_inputs(onnx.load(str(path)))
+    assert profile_problems(inputs, good) == []
+    missing = {k: v for k, v in good.items() if k != "past"}
+    assert any(n == "past" and "no profile" in p for n, p in profile_problems(inputs, missing))
+    report = readiness_report(path, profiles=missing)
+    assert not report["ready"] and _has(report["errors"], "profile", "past", "input")
+    wrong_sum = {**good, "mask": {"min": [1, 1], "opt": [2, 6], "max": [4, 12]}}
+    assert any(n == "mask" and "sum of its parts" in p for n, p in profile_problems(inputs, wrong_sum))
+    wrong_static = {**good, "past": {"min": [1, 1, 0], "opt": [2, 2, 4], "max": [4, 2, 8]}}
+    assert any(n == "past" and "static" in p for n, p in profile_problems(inputs, wrong_static))
+    two_batches = {**good, "ids": {"min": [1, 1], "opt": [2, 1], "max": [8, 4]}}
+    assert any(n == "ids" and "one range" in p for n, p in profile_problems(inputs, two_batches))
+    reversed_range = {**good, "ids": {"min": [1, 4], "opt": [2, 1], "max": [4, 4]}}
+    assert any("min <= opt <= max" in p for _, p in profile_problems(inputs, reversed_range))
+
+
+def test_default_profiles_refuse_a_dim_they_cannot_size(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "width"])
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")], inputs=[x])
+    with pytest.raises(UserInputError, match="'x' axis 1 .*width"):
+        default_profiles(path)
+
+
+def test_encoder_profiles_tune_for_half_the_longest_input(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "sequence_length", 4])
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")], inputs=[x])
+    assert default_profiles(path, max_batch=8, max_sequence=128) == {
+        "x": {"min": [1, 1, 4], "opt": [4, 64, 4], "max": [8, 128, 4]}}
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trt-decoder")
+    export_decoder_onnx(save_tiny_llama(root / "tiny"), root / "onnx")
+    return root / "onnx"
+
+
+def test_decoder_profiles_cover_every_dynamic_dim(decoder_dir):
+    profiles = default_profiles(decoder_dir / "model.onnx", max_batch=4, max_sequence=32, max_past=64)
+    inputs = graph_inputs(onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False))
+    assert set(profiles) == {name for name, _, _ in inputs} and len(inputs) == 3 + 2 * 2
+    assert profile_problems(inputs, profiles) == []
+    assert profiles["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 32]}
+    assert profiles["past_key_values.1.value"] == {"min": [1, 2, 0, 16], "opt": [2, 2, 32, 16], "max": [4, 2, 64, 16]}
+    for key in ("min", "opt", "max"):   # attention_mask spans past + new tokens at every point
+        past = profiles["past_key_values.0.key"][key][2]
+        assert profiles["attention_mask"][key][1] == past + profiles["input_ids"][key][1]
+    report = readiness_report(decoder_dir / "model.onnx", profiles=profiles)
+    assert report["ready"], report["errors"]
+    assert report["opset"] == 18 and report["op_counts"]["MatMul"] > 0
+
+
+def test_write_tensorrt_files(decoder_dir):
+    profiles = default_profiles(decoder_dir / "model.onnx", max_batch=4, max_sequence=32, max_past=64)
+    summary = write_tensorrt_files(decoder_dir, profiles=profiles)
+    out = decoder_dir / "tensorrt"
+    report = json.loads((out / "readiness.json").read_text())
+    assert summary["ready"] is report["ready"] is True
+    assert summary["errors"] == 0 and summary["warnings"] == len(report["warnings"]) > 0
+    assert summary["trt_version"] == report["trt_version"] == "10.1"
+    assert json.loads((out / "profiles.json").read_text()) == profiles
+    script = (out / "trtexec.sh").read_text()
+    assert "--onnx=../model.onnx" in script and "--saveEngine=model.plan" in script
+    assert "--minShapes=input_ids:1x1,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x2x0x16" in script
+    assert "--optShapes=input_ids:2x1,attention_mask:2x33," in script
+    assert "--maxShapes=input_ids:4x32,attention_mask:4x96," in script
+    assert "--stronglyTyped" not in script and (out / "trtexec.sh").stat().st_mode & 0o100
+    markdown = (out / "readiness.md").read_text()
+    assert markdown.startswith("# TensorRT readiness: READY") and "`past_key_values.0.key` | 1x2x0x16" in markdown
+
+
+def test_write_tensorrt_files_lists_offending_nodes(tmp_path):
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale"], ["q"], name="planted_q"),
+             helper.make_node("DequantizeLinear", ["q", "scale"], ["y"], name="planted_dq")]
+    _save(tmp_path, nodes, initializers=[numpy_helper.from_array(np.array(0.1, np.float32), "scale")])
+    summary = write_tensorrt_files(tmp_path, profiles=FLOAT_PROFILE)
+    assert summary["ready"] is False and summary["errors"] >= 1 and summary["precision_flag"] == "--stronglyTyped"
+    markdown = (tmp_path / "tensorrt" / "readiness.md").read_text()
+    assert "NOT READY" in markdown and "| error | qdq-zero-point | `planted_q` | QuantizeLinear |" in markdown
+    assert "--stronglyTyped" in (tmp_path / "tensorrt" / "trtexec.sh").read_text()
+
+
+def test_missing_graph_is_a_user_error(tmp_path):
+    with pytest.raises(UserInputError, match="no such ONNX file"):
+        readiness_report(tmp_path / "model.onnx", profiles={})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs the tensorrt package and a CUDA GPU")
+def test_build_and_compare_matches_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    from inferforge.optimize.tensorrt_ready import build_and_compare
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    path = _save(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], initializers=[w],
+                 outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 3])])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    result = build_and_compare(path, FLOAT_PROFILE, lambda feeds: {"y": session.run(None, feeds)[0]}, atol=1e-3)
+    assert result["passed"], result
