@@ -133,6 +133,8 @@ def readiness_report(onnx_path: str | Path, *, profiles: dict | None) -> dict:
     model = onnx.load(str(onnx_path), load_external_data=False)
     if profiles is None:
         profiles = default_profiles(onnx_path)
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise UserInputError('a TensorRT profile is a JSON object {input: {"min": [...], "opt": [...], "max": [...]}}')
     findings = []
     low, high = table["opset"]["min"], table["opset"]["max"]
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)

@@ -95,6 +95,13 @@ def test_int64_initializer_and_cast_are_warnings(tmp_path):
     assert [f["name"] for f in beyond] == ["planted_int64"]
 
 
+def test_double_is_narrowed_with_a_warning(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch_size", 4])
+    report = readiness_report(_save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu64")], inputs=[x]),
+                              profiles=FLOAT_PROFILE)
+    assert report["ready"] and _has(report["warnings"], "input-type", "relu64", "Relu")
+
+
 @pytest.mark.parametrize("opset", [8, 21])
 def test_opset_outside_range_is_an_error(tmp_path, opset):
     path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")], opset=opset)
@@ -150,6 +157,8 @@ def test_profile_problems_are_errors(tmp_path):
     assert any(n == "past" and "static" in p for n, p in profile_problems(inputs, wrong_static))
     two_batches = {**good, "ids": {"min": [1, 1], "opt": [2, 1], "max": [8, 4]}}
     assert any(n == "ids" and "one range" in p for n, p in profile_problems(inputs, two_batches))
+    assert profile_problems(inputs, {**good, "nope": good["ids"]}) == [
+        ("nope", "the profile names an input the graph does not have")]
     reversed_range = {**good, "ids": {"min": [1, 4], "opt": [2, 1], "max": [4, 4]}}
     assert any("min <= opt <= max" in p for _, p in profile_problems(inputs, reversed_range))
 
@@ -223,6 +232,9 @@ def test_write_tensorrt_files_lists_offending_nodes(tmp_path):
 def test_missing_graph_is_a_user_error(tmp_path):
     with pytest.raises(UserInputError, match="no such ONNX file"):
         readiness_report(tmp_path / "model.onnx", profiles={})
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")])
+    with pytest.raises(UserInputError, match="JSON object"):
+        readiness_report(path, profiles={"x": [[1, 4], [2, 4], [4, 4]]})
 
 
 @pytest.mark.gpu

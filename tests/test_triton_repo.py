@@ -105,6 +105,18 @@ def test_instance_kind(tmp_path, kind, dtype, expected):
         "TYPE_FP16" if dtype == TensorProto.FLOAT16 else "TYPE_FP32")
 
 
+def test_auto_serves_integer_quantized_graphs_on_cpu(tmp_path):
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, ["batch_size", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, ["batch_size", 3])
+    w = numpy_helper.from_array(np.ones((4, 3), np.int8), "w")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "q", [a], [y], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = _config(write_triton_repository(_artifact(tmp_path / "art", model), tmp_path / "repo").parent)
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+    assert [(model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in [*config.input, *config.output]] == [
+        ("TYPE_UINT8", [4]), ("TYPE_INT32", [3])]
+
+
 def test_no_batching_lists_full_shapes(tmp_path):
     config = _config(write_triton_repository(_artifact(tmp_path / "art"), tmp_path / "repo", max_batch_size=0).parent)
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
@@ -137,6 +149,13 @@ def test_refusals(tmp_path):
         write_triton_repository(artifact, tmp_path / "repo", name="bad/name")
     with pytest.raises(UserInputError, match="instance kind"):
         write_triton_repository(artifact, tmp_path / "repo", instance_kind="tpu")
+    with pytest.raises(UserInputError, match="max_batch_size must be 0"):
+        write_triton_repository(artifact, tmp_path / "repo", max_batch_size=-1)
+    static = _encoder_model()
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    with pytest.raises(UserInputError, match="'input_ids' has no dynamic batch axis first; pass max_batch_size=0"):
+        write_triton_repository(_artifact(tmp_path / "static", static), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
     write_triton_repository(artifact, tmp_path / "repo", name="enc")
     other = _artifact(tmp_path / "other", _encoder_model(hidden=6))
     with pytest.raises(UserInputError, match="model 'enc' .* other inputs/outputs"):
@@ -148,7 +167,6 @@ def test_refusals(tmp_path):
 def test_changed_artifact_publishes_nothing(tmp_path):
     artifact = _artifact(tmp_path / "art")
     write_triton_repository(artifact, tmp_path / "repo", name="enc")
-    onnx.save(_encoder_model(), str(artifact / "model.onnx"))
     model = onnx.load(str(artifact / "model.onnx"))
     model.doc_string = "edited after export"
     onnx.save(model, str(artifact / "model.onnx"))
