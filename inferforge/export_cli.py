@@ -60,7 +60,11 @@ def _route(args) -> str:
     from inferforge.checkpoint_files import read_config
     from inferforge.manifest import MANIFEST_NAME, read_manifest
     from inferforge.models import looks_like_path
-    from inferforge.optimize.llm_export_artifact import LLM_INPUT_KINDS, SUPPORTED_TYPES, unsupported_architecture
+    from inferforge.optimize.llm_export_artifact import (
+        LLM_INPUT_KINDS,
+        SUPPORTED_TYPES,
+        unsupported_architecture,
+    )
 
     path = Path(args.model)
     if (path / MANIFEST_NAME).is_file():

@@ -112,8 +112,8 @@ def _import_optional(module: str, what: str):
 
 
 def exporter_versions() -> dict:
-    from inferforge.manifest import tool_versions
     from inferforge.manifest import _version as version
+    from inferforge.manifest import tool_versions
 
     versions = {name: version(name) for name in EXPORTER_PACKAGES}
     versions["onnxruntime"] = tool_versions()["onnxruntime"]
@@ -179,7 +179,12 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
     from inferforge.models import weights_sha256
     from inferforge.optimize import llm_export
     from inferforge.optimize.onnx_decoder import validate_decoder
-    from inferforge.optimize.onnx_graph_files import EXTERNAL_DATA_THRESHOLD, convert_to_fp16, load_graph, save_graph
+    from inferforge.optimize.onnx_graph_files import (
+        EXTERNAL_DATA_THRESHOLD,
+        convert_to_fp16,
+        load_graph,
+        save_graph,
+    )
     from inferforge.runtime.llama import LlamaSpec
 
     spec = LlamaSpec.from_config(source.config, source=str(source.model_dir / "config.json"))

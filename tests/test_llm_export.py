@@ -419,3 +419,19 @@ def test_real_quantized_export_when_available(tmp_path):
     quantize_checkpoint(model, tmp_path / "int8", fmt="int8-weight-only", gate=None, num_samples=2, seq_len=16)
     manifest = export_llm(tmp_path / "int8", tmp_path / "out")
     assert manifest["quantized"] and manifest["throughput_float"]["tokens_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (IO binding on CUDAExecutionProvider)")
+def test_cuda_io_binding_gives_the_cpu_tokens(exported):
+    """On a GPU `load` picks CUDAExecutionProvider and keeps the past on the device (IO binding)."""
+    import inferforge
+    from inferforge.optimize.onnx_decoder import OnnxDecoder
+
+    _, out = exported["qwen2"]
+    gpu = inferforge.load(out)
+    cpu = OnnxDecoder.from_artifact(out, provider="CPUExecutionProvider")
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.model.device.type == "cuda"
+    prompts = [[5, 6], [7, 8, 9, 10, 11], list(range(20, 31))]
+    assert gpu.generate(prompts, max_new_tokens=16, stop_token_ids=[]) == cpu.generate(prompts, max_new_tokens=16,
+                                                                                         stop_token_ids=[])
