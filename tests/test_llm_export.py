@@ -169,6 +169,26 @@ def test_validation_names_the_output_that_differs(exported, checkpoints, tmp_pat
         validate_decoder(bad, reference, spec)
 
 
+def test_greedy_tokens_that_differ_fail_unless_only_agreement_is_asked(exported, checkpoints):
+    """A reference whose logits pass a loose absolute limit but whose argmax differs: with exact_tokens the
+    greedy check fails naming the step and both tokens; without, the agreement is recorded."""
+    from transformers import AutoModelForCausalLM
+
+    from inferforge.optimize.onnx_decoder import validate_decoder
+    from inferforge.runtime.llama import LlamaSpec
+
+    _, out = exported["llama"]
+    spec = LlamaSpec.from_config(json.loads((out / "config.json").read_text()))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    with torch.no_grad():
+        reference.lm_head.weight.neg_()
+    with pytest.raises(GateFailed, match=r"greedy tokens differ from PyTorch's at step 0 of prompt 0 \(batch 1, "
+                                         r"prompt lengths \[7\], through past_key_values\): ONNX \d+ vs PyTorch \d+"):
+        validate_decoder(out / "model.onnx", reference, spec, logits_atol=1e3)
+    report = validate_decoder(out / "model.onnx", reference, spec, logits_atol=1e3, exact_tokens=False)
+    assert not report["identical"] and all(g["agreement"] < 0.5 for g in report["greedy"])
+
+
 def test_planted_mismatch_writes_nothing_and_keeps_the_earlier_artifact(exported, checkpoints, tmp_path, monkeypatch):
     from inferforge.manifest import verify_artifact
     from inferforge.optimize import llm_export
@@ -435,3 +455,19 @@ def test_cuda_io_binding_gives_the_cpu_tokens(exported):
     prompts = [[5, 6], [7, 8, 9, 10, 11], list(range(20, 31))]
     assert gpu.generate(prompts, max_new_tokens=16, stop_token_ids=[]) == cpu.generate(prompts, max_new_tokens=16,
                                                                                          stop_token_ids=[])
+
+
+def test_serve_app_runs_the_onnx_decoder(exported):
+    from fastapi.testclient import TestClient
+
+    import inferforge
+    from inferforge.runtime.async_engine import AsyncEngine
+    from inferforge.runtime.serve import create_app
+
+    decoder = inferforge.load(exported["llama"][1])
+    expected = decoder.generate([decoder.tokenizer("w5 w6 w7")["input_ids"]], max_new_tokens=5)[0]
+    with TestClient(create_app(AsyncEngine(decoder), decoder.tokenizer, model_name="tiny")) as client:
+        body = client.post("/v1/completions", json={"model": "tiny", "prompt": "w5 w6 w7", "max_tokens": 5,
+                                                    "temperature": 0}).json()
+    assert body["usage"]["completion_tokens"] == len(expected)
+    assert body["choices"][0]["text"] == decoder.tokenizer.decode(expected, skip_special_tokens=True)
