@@ -7,8 +7,10 @@ from pathlib import Path
 from inferforge.errors import ArtifactError
 from inferforge.manifest import verify_artifact
 
-# Manifest kinds that `load` returns as an `LLMEngine` (generate, serve and bench run them).
-LLM_KINDS = ("causal-lm", "quantized-causal-lm")
+# Manifest kinds that generate, serve and bench run: `load` returns an `LLMEngine` for the first two,
+# an `inferforge.optimize.onnx_decoder.OnnxDecoder` for ONNX_LLM_KIND (`inferforge export` of a decoder).
+ONNX_LLM_KIND = "onnx-causal-lm"
+LLM_KINDS = ("causal-lm", "quantized-causal-lm", ONNX_LLM_KIND)
 
 
 def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False,
@@ -23,7 +25,10 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     `model(sentences: list[str]) -> np.ndarray [n, hidden] float32` (L2-normalized, mean-pooled).
     For a Llama-family model (kind `causal-lm`, or `quantized-causal-lm` from `quantize --config`,
     whose quantized layers run on inferforge's kernels) it returns an `inferforge.runtime.engine.LLMEngine`
-    (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
+    (`engine_kwargs` go to `LLMEngine.from_pretrained`). For an exported decoder (kind `onnx-causal-lm`,
+    `inferforge export LLAMA_DIR`) it returns an `inferforge.optimize.onnx_decoder.OnnxDecoder` on ONNX
+    Runtime, with the same `generate` / `stream` (`engine_kwargs` go to `OnnxDecoder.from_artifact`).
+    The manifest is available as `.manifest`.
 
     `path` may also name a registered version, `"NAME@ALIAS"` or `"NAME@3"` (when no such path exists):
     the registry at `INFERFORGE_REGISTRY` resolves it and its stored copy is loaded, verified as above.
@@ -42,6 +47,12 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         raise ArtifactError(f"{path}: this artifact failed its accuracy gate ({', '.join(failed) or 'unknown'}); "
                             "pass allow_failed=True to load it anyway")
     kind = manifest.get("kind")
+    if kind == ONNX_LLM_KIND:
+        from inferforge.optimize.onnx_decoder import OnnxDecoder
+
+        decoder = OnnxDecoder.from_artifact(path, model=manifest["runtime"]["model"], threads=threads, **engine_kwargs)
+        decoder.manifest = manifest
+        return decoder
     if kind in LLM_KINDS:
         from inferforge.runtime.engine import LLMEngine
 

@@ -146,7 +146,9 @@ def _adhoc_recipe(args, steps: list) -> int:
 
 
 def cmd_export(args) -> int:
-    return _adhoc_recipe(args, [{"export": {"opset": args.opset}}, "validate"])
+    from inferforge.export_cli import cmd_export as run
+
+    return run(args)
 
 
 def cmd_quantize(args) -> int:
@@ -553,12 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("export", formatter_class=fmt, help="export a model to ONNX and validate it",
-                       description="Export to ONNX with optimum-onnx, check ONNX Runtime against PyTorch, and write an artifact.",
-                       epilog="example:\n  inferforge export all-MiniLM-L6-v2 --output runs/minilm-onnx")
-    _model_args(p)
-    _common(p)
-    p.set_defaults(func=cmd_export)
+    from inferforge.export_cli import add_export_parser
+
+    add_export_parser(sub, fmt, _model_args, _common)
 
     p = sub.add_parser("quantize", formatter_class=fmt, help="export and quantize to int8 with an accuracy gate",
                        description="Export to ONNX, quantize to int8 with ONNX Runtime (per-channel weights, SmoothQuant "

@@ -12,7 +12,8 @@ from inferforge.errors import UserInputError
 
 def load_engine(path: str | Path, *, command: str, **engine_kwargs):
     """The engine for `path`; a path that does not exist is one line, an artifact of another kind (an
-    encoder) is refused naming `command`.
+    encoder) is refused naming `command`. An exported decoder (kind `onnx-causal-lm`) gives an
+    `OnnxDecoder`, which has the engine's generate / stream / add_request / step interface.
     `engine_kwargs` go to `LLMEngine.from_pretrained` (max_num_seqs, max_context, kv_cache_dtype ...)."""
     from inferforge.runtime.engine import LLMEngine
 
@@ -27,6 +28,7 @@ def load_engine(path: str | Path, *, command: str, **engine_kwargs):
         kind = read_manifest(path).get("kind")
         if kind not in LLM_KINDS:
             raise UserInputError(f"{path} is a {kind} artifact; {command} runs causal-LM artifacts (from "
-                                 "`inferforge quantize LLAMA_DIR --config FORMAT`) and Llama-family checkpoints")
+                                 "`inferforge quantize LLAMA_DIR --config FORMAT` or `inferforge export LLAMA_DIR`) "
+                                 "and Llama-family checkpoints")
         return inferforge.load(path, **engine_kwargs)
     return LLMEngine.from_pretrained(path, **engine_kwargs)

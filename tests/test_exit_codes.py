@@ -2,7 +2,7 @@
 traceback), 3 the environment or an unexpected error (a log file holds the traceback), 130 interrupted.
 
 The inputs are built the way users meet them: a config.json cut in the middle of an edit, a safetensors
-download cut short, an output on a read-only disk, a Llama directory given to `export`.
+download cut short, an output on a read-only disk, an unsupported decoder given to `export`.
 """
 
 import errno
@@ -110,10 +110,15 @@ def test_truncated_safetensors_of_an_encoder_is_bad_input(tmp_path, capsys):
     assert "model.safetensors" in _one_line_error(capsys.readouterr().err)
 
 
-def test_export_of_a_causal_lm_is_refused_with_the_command_to_use(llama_dir, tmp_path, capsys):
-    assert main(["export", str(llama_dir), "--output", str(tmp_path / "out"), "-q"]) == 2
+def test_export_of_an_unsupported_decoder_is_refused_naming_the_supported_ones(tmp_path, capsys):
+    """Llama, Mistral and Qwen2 export to ONNX decoders (tests/test_llm_export.py); other decoders are refused."""
+    model = tmp_path / "phi"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}')
+    assert main(["export", str(model), "--output", str(tmp_path / "out"), "-q"]) == 2
     line = _one_line_error(capsys.readouterr().err)
-    assert "LlamaForCausalLM" in line and "inferforge quantize DIR --config" in line
+    assert line == "error: unsupported architecture phi3; supported: llama, mistral, qwen2"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("code, exit_code, fix", [(errno.EROFS, 3, "writable --output"),

@@ -1,0 +1,306 @@
+"""`export_llm`: a Llama / Mistral / Qwen2 checkpoint or causal-LM artifact -> a validated ONNX decoder artifact.
+
+Steps, all in a staging directory (`staged_artifact`), so a failed or interrupted run writes nothing
+and leaves an earlier artifact in place:
+
+1. export: optimum-onnx's decoder with past (`export_decoder_onnx`); a quantized-causal-lm artifact
+   goes through `inferforge.optimize.onnx_llm_quant.export_quantized_graph` instead. `fp16=True`
+   converts the graph (`onnx_graph_files.convert_to_fp16`). The graph is saved as `model.onnx`, with
+   `model.onnx_data` beside it when its weights pass 2 GB (`external_data_threshold`).
+2. validate: ONNX Runtime against PyTorch (`validate_decoder`): logits and present key/values, then
+   16 greedy tokens through the past; a mismatch raises `GateFailed` and its report goes to
+   `OUT.failed/`.
+3. bench: decode tokens/s at batch 1 on this machine (`decode_tokens_per_second`).
+4. `fmt="tensorrt"`: TensorRT readiness files (`inferforge.optimize.tensorrt_ready`) under `tensorrt/`.
+5. manifest, kind `onnx-causal-lm`; `inferforge.load` returns an `OnnxDecoder` for it.
+   `fmt="triton"`: then a Triton model repository version is written from the artifact
+   (`inferforge.optimize.triton_repo.write_triton_repository`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferforge.errors import GateFailed, UserInputError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+FORMATS = ("onnx", "tensorrt", "triton")
+OPSET_RANGE = (14, 21)      # scaled_dot_product_attention needs 14; ONNX Runtime 1.20 runs up to 21
+LLM_INPUT_KINDS = ("causal-lm", "quantized-causal-lm")
+EXPORTER_PACKAGES = ("optimum", "optimum-onnx", "onnx", "onnxruntime", "torch", "transformers")
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """What `export_llm` reads: a checkpoint directory, or an artifact (then `parent` describes it)."""
+
+    model_dir: Path
+    config: dict
+    kind: str                   # "checkpoint", "causal-lm" or "quantized-causal-lm"
+    parent: dict | None = None
+
+
+def unsupported_architecture(model_type) -> UserInputError:
+    return UserInputError(f"unsupported architecture {model_type}; supported: {', '.join(SUPPORTED_TYPES)}")
+
+
+def resolve_source(path: str | Path) -> ExportSource:
+    """Check `path` (a Llama-family checkpoint or a causal-LM artifact, hashes verified) before any work."""
+    from inferforge.checkpoint_files import check_safetensors_files, read_config
+    from inferforge.manifest import MANIFEST_NAME, verify_artifact
+
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path} does not exist; give a Llama/Mistral/Qwen2 checkpoint directory (config.json "
+                             "and *.safetensors) or a causal-LM artifact")
+    kind, parent = "checkpoint", None
+    if (path / MANIFEST_NAME).is_file():
+        manifest = verify_artifact(path)
+        kind = manifest.get("kind")
+        if kind not in LLM_INPUT_KINDS:
+            raise UserInputError(f"{path} is a {kind} artifact; `export` makes an ONNX decoder from a causal-LM "
+                                 "checkpoint or a causal-lm / quantized-causal-lm artifact")
+        parent = {"name": manifest.get("name"), "kind": kind, "version": manifest.get("version"),
+                  "manifest_sha256": manifest.get("manifest_sha256"), "path": str(path.resolve()),
+                  "source_weights_sha256": (manifest.get("source") or {}).get("weights_sha256")}
+    config = read_config(path, what="a Llama/Mistral/Qwen2 checkpoint directory")
+    if config.get("model_type") not in SUPPORTED_TYPES:
+        raise unsupported_architecture(config.get("model_type"))
+    if kind == "checkpoint" and not check_safetensors_files(path):
+        raise UserInputError(f"{path}: no *.safetensors weights; give a Hugging Face checkpoint directory")
+    return ExportSource(path, config, kind, parent)
+
+
+def check_export_args(*, opset: int, fp16: bool, fmt: str, repository, source: ExportSource | None = None) -> None:
+    low, high = OPSET_RANGE
+    if not low <= opset <= high:
+        raise UserInputError(f"--opset {opset} is out of range; a decoder exports at opset {low} to {high} "
+                             "(default 18)")
+    if fmt not in FORMATS:
+        raise UserInputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "triton" and repository is None:
+        raise UserInputError("--format triton needs --repository DIR, the Triton model repository to write into")
+    if repository is not None and fmt != "triton":
+        raise UserInputError("--repository is for --format triton; add --format triton or drop --repository")
+    if repository is not None:
+        blocking = next((p for p in (Path(repository), *Path(repository).parents) if p.exists() and not p.is_dir()),
+                        None)
+        if blocking is not None:
+            raise UserInputError(f"--repository {repository}: {blocking} is a file, not a directory; choose another")
+    if fp16 and source is not None and source.kind == "quantized-causal-lm":
+        raise UserInputError("--fp16 converts a float graph; a quantized artifact exports as it was quantized, "
+                             "drop --fp16")
+    if fmt == "tensorrt":
+        _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
+    if fmt == "triton":
+        _import_optional("inferforge.optimize.triton_repo", "--format triton")
+
+
+def _import_optional(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserInputError(f"{what} needs {module}, which this inferforge does not have ({e}); "
+                             "use --format onnx") from None
+
+
+def exporter_versions() -> dict:
+    from inferforge.manifest import _version as version
+    from inferforge.manifest import tool_versions
+
+    versions = {name: version(name) for name in EXPORTER_PACKAGES}
+    versions["onnxruntime"] = tool_versions()["onnxruntime"]
+    return versions
+
+
+def decode_tokens_per_second(onnx_path, spec, *, new_tokens: int = 32, prompt_tokens: int = 8, repeats: int = 3,
+                             provider: str | None = None) -> dict:
+    """Decode speed of the graph at batch 1 on this machine: `new_tokens` / wall time of one `generate`
+    call (the prefill of a `prompt_tokens` prompt included, EOS ignored), median of `repeats` after a
+    warm-up call."""
+    from inferforge.optimize.onnx_decoder import OnnxDecoder
+
+    decoder = OnnxDecoder(onnx_path, spec, max_num_seqs=1, provider=provider)
+    prompt = [i % spec.vocab_size for i in range(3, 3 + prompt_tokens)]
+    decoder.generate([prompt], max_new_tokens=4, stop_token_ids=[])
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decoder.generate([prompt], max_new_tokens=new_tokens, stop_token_ids=[])
+        seconds.append(time.perf_counter() - started)
+    return {"tokens_per_s": new_tokens / statistics.median(seconds), "batch": 1, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "repeats": repeats, "provider": decoder.provider,
+            "definition": "new tokens / wall time of one generate call (prompt prefill included), median"}
+
+
+def export_llm(model_or_artifact: str | Path, out_dir: str | Path, *, opset: int = 18, fp16: bool = False,
+               fmt: str = "onnx", repository: str | Path | None = None, name: str | None = None, progress=None,
+               external_data_threshold: int | None = None) -> dict:
+    """Export, validate and write the `onnx-causal-lm` artifact `out_dir` (see the module docstring);
+    returns its manifest. With `fmt="triton"` the manifest's `triton.version_dir` is the Triton model
+    version written under `repository`. Raises `UserInputError` for bad arguments (before any work) and
+    `GateFailed` when ONNX Runtime does not match PyTorch (nothing is written then)."""
+    from inferforge.manifest import failed_report_dir, staged_artifact, write_failed_report
+    from inferforge.progress import Progress
+
+    source = resolve_source(model_or_artifact)
+    check_export_args(opset=opset, fp16=fp16, fmt=fmt, repository=repository, source=source)
+    progress = progress or Progress(quiet=True)
+    out = Path(out_dir).resolve()
+    try:
+        with staged_artifact(out) as staging:
+            manifest = _build(source, staging, opset=opset, fp16=fp16, fmt=fmt, name=name or out.name,
+                              given=str(model_or_artifact), progress=progress,
+                              external_data_threshold=external_data_threshold)
+    except GateFailed as e:
+        report = {"kind": "onnx-causal-lm", "passed": False, "error": str(e), "check": e.check,
+                  "source": str(model_or_artifact), "opset": opset, "dtype": "fp16" if fp16 else "fp32"}
+        text = f"# ONNX export of {Path(model_or_artifact).name}: FAILED\n\n{e}\n\nNo artifact was written.\n"
+        write_failed_report(out, {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": text})
+        raise GateFailed(f"{e} (no artifact written; report in {failed_report_dir(out)})",
+                         report_dir=str(failed_report_dir(out)), check=e.check) from None
+    if fmt == "triton":
+        triton = _import_optional("inferforge.optimize.triton_repo", "--format triton")
+        manifest["triton"] = {"version_dir": str(triton.write_triton_repository(out, repository))}
+    return manifest
+
+
+def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given, progress,
+           external_data_threshold) -> dict:
+    from inferforge.artifact import CHECKPOINT_FILES
+    from inferforge.manifest import environment, utc_now, write_manifest
+    from inferforge.models import weights_sha256
+    from inferforge.optimize import llm_export
+    from inferforge.optimize.onnx_decoder import validate_decoder
+    from inferforge.optimize.onnx_graph_files import (
+        EXTERNAL_DATA_THRESHOLD,
+        convert_to_fp16,
+        load_graph,
+        save_graph,
+    )
+    from inferforge.runtime.llama import LlamaSpec
+
+    spec = LlamaSpec.from_config(source.config, source=str(source.model_dir / "config.json"))
+    work = staging / "_work"
+    steps, extra = [], {}
+    started = time.perf_counter()
+    with progress.spinner(f"exporting {source.model_dir.name} to ONNX (opset {opset})"):
+        if source.kind == "quantized-causal-lm":
+            quant = _import_optional("inferforge.optimize.onnx_llm_quant", "exporting a quantized artifact")
+            graph = quant.export_quantized_graph(source.model_dir, work, opset=opset, progress=progress)
+            exported, reference = Path(graph.onnx_path), graph.reference
+            exact_tokens, logits_atol = graph.exact_tokens, graph.logits_atol
+            extra["quantized"] = graph.manifest
+        else:
+            exported = llm_export.export_decoder_onnx(source.model_dir, work, opset=opset)
+            reference, exact_tokens, logits_atol = _torch_reference(source.model_dir), True, None
+        model = convert_to_fp16(exported) if fp16 else load_graph(exported)
+        files = save_graph(model, staging / "model.onnx",
+                           external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD)
+        del model
+    dtype = "fp16" if fp16 else "fp32"
+    steps.append(_step("export", started, {"opset": opset, "dtype": dtype, "task": llm_export.DECODER_TASK},
+                       f"{', '.join(files)} ({dtype}, opset {opset})", progress))
+
+    started = time.perf_counter()
+    with progress.spinner("validating ONNX Runtime against PyTorch"):
+        validation = validate_decoder(staging / "model.onnx", reference, spec, fp16=fp16, logits_atol=logits_atol,
+                                      exact_tokens=exact_tokens)
+    worst = max(c["logits_max_abs_diff"] for c in validation["cases"])
+    limit = min(c["logits_limit"] for c in validation["cases"])
+    agreement = min(g["agreement"] for g in validation["greedy"])
+    steps.append(_step("validate", started, {"greedy_steps": validation["greedy_steps"]},
+                       f"logits max |diff| {worst:.3g}, greedy tokens "
+                       f"{'identical' if validation['identical'] else f'{agreement:.0%} agree'}", progress))
+
+    started = time.perf_counter()
+    with progress.spinner("measuring decode tokens/s at batch 1"):
+        throughput = decode_tokens_per_second(staging / "model.onnx", spec)
+        if source.kind == "quantized-causal-lm":
+            extra["throughput_float"] = decode_tokens_per_second(graph.float_onnx_path, spec)
+    steps.append(_step("bench", started, {"batch": 1, "new_tokens": throughput["new_tokens"]},
+                       f"{throughput['tokens_per_s']:.1f} tokens/s at batch 1 ({throughput['provider']})", progress))
+    shutil.rmtree(work, ignore_errors=True)
+    for file_name in CHECKPOINT_FILES:
+        if (source.model_dir / file_name).is_file():
+            shutil.copyfile(source.model_dir / file_name, staging / file_name)
+    if fmt == "tensorrt":
+        extra["tensorrt"] = _tensorrt_files(staging, spec)
+
+    checks = [{"name": "onnx-vs-pytorch logits", "kind": "gate", "measured": worst, "op": "<=", "limit": limit,
+               "passed": True},
+              {"name": "greedy tokens agree", "kind": "gate", "measured": agreement, "op": ">=",
+               "limit": 1.0 if exact_tokens else 0.0, "passed": True}]
+    return write_manifest(staging, {
+        "name": name, "created": utc_now(), "kind": "onnx-causal-lm",
+        "runtime": {"engine": "inferforge.optimize.onnx_decoder.OnnxDecoder", "model": "model.onnx",
+                    "model_type": spec.model_type, "dtype": dtype,
+                    "external_data": "model.onnx_data" if len(files) > 1 else None},
+        "source": {"model": given, "path": str(source.model_dir.resolve()),
+                   "weights_sha256": weights_sha256(source.model_dir)},
+        "parent": source.parent,
+        "export": {"format": fmt, "opset": opset, "dtype": dtype, "task": llm_export.DECODER_TASK,
+                   "exporter": exporter_versions()},
+        "validation": validation, "throughput": throughput, **extra,
+        "steps": steps, "checks": checks, "passed": True, "accuracy_passed": True, "environment": environment(),
+    })
+
+
+def _torch_reference(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir)).float().eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _tensorrt_files(staging: Path, spec) -> dict:
+    trt = _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
+    longest = min(spec.max_position_embeddings, 4096)
+    profiles = trt.default_profiles(staging / "model.onnx", max_batch=8, max_sequence=longest, max_past=longest)
+    return trt.write_tensorrt_files(staging, "model.onnx", profiles=profiles)
+
+
+def _step(name: str, started: float, settings: dict, summary: str, progress) -> dict:
+    seconds = time.perf_counter() - started
+    progress.done(name, seconds, summary)
+    return {"name": name, "settings": settings, "duration_s": seconds, "summary": summary}
+
+
+def tensorrt_artifact(artifact: str | Path, out_dir: str | Path) -> dict:
+    """A copy of the ONNX artifact `artifact` (sentence-encoder or onnx-causal-lm, hashes verified) at
+    `out_dir` with TensorRT readiness files under `tensorrt/`; the input artifact is not changed."""
+    from inferforge.manifest import staged_artifact, utc_now, verify_artifact, write_manifest
+
+    artifact, out = Path(artifact), Path(out_dir).resolve()
+    if out == artifact.resolve():
+        raise UserInputError(f"--output {out_dir} is the input artifact; give another --output for the copy with "
+                             "TensorRT files")
+    manifest = verify_artifact(artifact)
+    trt = _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
+    model_name = manifest["runtime"]["model"]
+    started = time.perf_counter()
+    with staged_artifact(out) as staging:
+        for relative in manifest["files"]:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(artifact / relative, staging / relative)
+        summary = trt.write_tensorrt_files(staging, model_name, profiles=trt.default_profiles(staging / model_name))
+        body = {k: v for k, v in manifest.items() if k not in ("format", "files", "version", "manifest_sha256")}
+        step = {"name": "tensorrt", "settings": {}, "duration_s": time.perf_counter() - started,
+                "summary": f"TensorRT readiness: {'ready' if summary.get('ready') else 'not ready'}"}
+        body.update(created=utc_now(), tensorrt=summary, steps=[*manifest.get("steps", []), step],
+                    parent={"name": manifest.get("name"), "kind": manifest.get("kind"),
+                            "version": manifest.get("version"), "manifest_sha256": manifest.get("manifest_sha256"),
+                            "path": str(artifact.resolve())})
+        return write_manifest(staging, body)
