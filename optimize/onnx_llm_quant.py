@@ -17,8 +17,9 @@ rewritten (`onnx_quant_graph`):
                                       with a static per-tensor scale, int8 weights + per-channel DQ
     fp8                               the same with float8e4m3fn (opset >= 19)
 
-The reference for weight-only formats is the artifact's own quantized model (same numbers up to
-float rounding, so greedy tokens must match). W8A8 and FP8 artifacts quantize activations
+The reference for weight-only formats is the artifact's quantized model with each layer computing
+`x @ dequantize(W_q)^T` in float32 (what the artifact computes on the CPU, and what MatMulNBits
+computes), so greedy tokens must match. W8A8 and FP8 artifacts quantize activations
 dynamically; the graph uses static scales from calibration text, so its reference is a PyTorch model
 doing the same static arithmetic, and the cost of static scales is measured against the artifact's
 dynamic model on held-out text: top-1 agreement below the artifact's own gate
@@ -162,7 +163,8 @@ def export_quantized_graph(artifact_dir, work_dir, *, opset: int = 21, calibrati
     from inferforge.optimize.llm_quantize import load_as_transformers
     from inferforge.optimize.onnx_quant_graph import rewrite_quantized_matmuls
     from inferforge.optimize.onnx_quant_reference import (collect_static_scales, resolve_calibration,
-                                                          static_agreement, static_reference)
+                                                          static_agreement, static_reference,
+                                                          weight_only_reference)
 
     artifact, work = Path(artifact_dir).resolve(), Path(work_dir)
     manifest, meta = read_quantized_artifact(artifact)
@@ -178,8 +180,10 @@ def export_quantized_graph(artifact_dir, work_dir, *, opset: int = 21, calibrati
     layers = list(meta["layers"])
     with _stage(progress, "exporting the dequantized float decoder"):
         float_onnx = _export_float(dequantized_model(model, layers), artifact, work, opset)
-    scales, agreement, reference = {}, None, model
-    if qdq:
+    scales, agreement = {}, None
+    if not qdq:
+        reference = weight_only_reference(model, layers)
+    else:
         with _stage(progress, "calibrating static activation scales"):
             scales = collect_static_scales(model, layers, cal_batches)
             reference = static_reference(model, scales)

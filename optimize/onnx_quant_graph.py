@@ -122,7 +122,8 @@ def int8_nbits(module, block_size: int = 128) -> NBitsWeight:
 def _tensor(name: str, array: np.ndarray):
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+    array = np.asarray(array)      # (np.ascontiguousarray would make a scalar 1-D)
+    return numpy_helper.from_array(array if array.flags.c_contiguous else np.ascontiguousarray(array), name)
 
 
 def _raw_tensor(name: str, elem_type: int, dims, data: bytes):

@@ -11,6 +11,10 @@ x' = x * (1/smooth) for SmoothQuant (x itself for FP8) and qmax = 127 (int8) or 
     y      = x_dq @ (W_q * s_w)^T + bias
 so ONNX vs this reference is tight, and `static_agreement` measures what the static scales cost
 against the artifact's dynamic model on held-out text.
+
+For weight-only formats `DequantizedLinear` is the graph's arithmetic too (and the artifact's on
+the CPU): `y = (x [/ input_scale]) @ dequantize(W_q)^T + bias` in float32, the same on any device
+(the artifact's GPU kernels may accumulate differently).
 """
 
 from __future__ import annotations
@@ -50,6 +54,42 @@ class StaticQDQLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype)
+
+
+class DequantizedLinear(nn.Module):
+    def __init__(self, module):
+        from inferforge.kernels.reference import dequantize_weight_only_reference
+
+        super().__init__()
+        divisor = getattr(module, "input_scale", None)
+        if hasattr(module, "packed"):   # int4: (q - zero) * scale, without AWQ's 1/s (x is divided instead)
+            weight = dequantize_weight_only_reference(module.packed, module.scales, module.zeros, bits=4,
+                                                      group_size=module.group_size)
+        else:                           # int8: q * scale
+            weight = module.weight_int8.float() * module.scale.float()[:, None]
+        self.register_buffer("weight", weight)
+        self.register_buffer("input_divisor", None if divisor is None else divisor.float().clone())
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach().float().clone())
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    def forward(self, x):
+        xf = x.float()
+        if self.input_divisor is not None:
+            xf = xf / self.input_divisor
+        out = xf @ self.weight.T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
+
+
+def weight_only_reference(model: nn.Module, layers: list[str]) -> nn.Module:
+    """A copy of the quantized `model` whose named weight-only layers are `DequantizedLinear`."""
+    reference = copy.deepcopy(model).eval()
+    for name in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(reference.get_submodule(parent) if parent else reference, child,
+                DequantizedLinear(reference.get_submodule(name)))
+    return reference
 
 
 def input_multiplier(module) -> torch.Tensor | None:
