@@ -162,9 +162,13 @@ def export_quantized_graph(artifact_dir, work_dir, *, opset: int = 21, calibrati
     calibration text; `GateFailed` when static scales lose too much top-1 agreement."""
     from inferforge.optimize.llm_quantize import load_as_transformers
     from inferforge.optimize.onnx_quant_graph import rewrite_quantized_matmuls
-    from inferforge.optimize.onnx_quant_reference import (collect_static_scales, resolve_calibration,
-                                                          static_agreement, static_reference,
-                                                          weight_only_reference)
+    from inferforge.optimize.onnx_quant_reference import (
+        collect_static_scales,
+        resolve_calibration,
+        static_agreement,
+        static_reference,
+        weight_only_reference,
+    )
 
     artifact, work = Path(artifact_dir).resolve(), Path(work_dir)
     manifest, meta = read_quantized_artifact(artifact)

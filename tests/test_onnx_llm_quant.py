@@ -51,8 +51,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(checkpoint):
     """fmt -> (artifact dir, QuantizedGraph), quantized and exported once per module."""
-    from inferforge.optimize.lm_eval import LMGate
     from inferforge.optimize.llm_quantize import quantize_checkpoint
+    from inferforge.optimize.lm_eval import LMGate
 
     root, path, cal = checkpoint
     cache = {}
