@@ -103,9 +103,10 @@ def reference_steps(model, prompt: np.ndarray, next_ids: np.ndarray):
     return out.logits.numpy(), step.logits.numpy()
 
 
-def max_logit_diff(graph, onnx_path=None) -> float:
-    """Largest |ONNX - reference| over prompts of two lengths at batch 2 and one step with past."""
-    sess, worst = session(graph, onnx_path), 0.0
+def position_diffs(graph, onnx_path=None) -> np.ndarray:
+    """Per position, the largest |ONNX - reference| logit difference: prompts of two lengths at batch 2,
+    then one step with past."""
+    sess, diffs = session(graph, onnx_path), []
     rng = np.random.default_rng(1)
     for length in PROMPT_LENGTHS:
         prompt = rng.integers(3, 256, (2, length)).astype(np.int64)
@@ -114,8 +115,12 @@ def max_logit_diff(graph, onnx_path=None) -> float:
         step_logits, _ = ort_step(sess, next_ids, present, length)
         want, want_step = reference_steps(graph.reference, prompt, next_ids)
         assert logits.shape == want.shape and step_logits.shape == want_step.shape
-        worst = max(worst, float(np.abs(logits - want).max()), float(np.abs(step_logits - want_step).max()))
-    return worst
+        diffs += [np.abs(logits - want).max(-1).ravel(), np.abs(step_logits - want_step).max(-1).ravel()]
+    return np.concatenate(diffs)
+
+
+def max_logit_diff(graph, onnx_path=None) -> float:
+    return float(position_diffs(graph, onnx_path).max())
 
 
 def ort_greedy(sess, prompt: list[int], steps: int) -> list[int]:
@@ -234,7 +239,10 @@ def test_qdq_export_matches_static_reference(exported, checkpoint, fmt):
             assert attrs["axis"] == 1 and list(inits[weight_dq.input[1]].dims) == [weight.dims[1]]
     float_weights = weight_names(graph.float_onnx_path, LAYERS)
     assert not set(float_weights.values()) & set(inits)
-    assert max_logit_diff(graph) <= graph.logits_atol
+    diffs = position_diffs(graph)
+    assert diffs.max() <= graph.logits_atol
+    # Same arithmetic: only a value on a rounding boundary may round differently, in few positions.
+    assert (diffs <= 1e-4).mean() >= 0.9, diffs
     export = graph.manifest["quantized_export"]
     assert export["op"] == "QDQ" and export["layers"] == len(LAYERS)
     # No --calibration: the artifact's own calibration file was found beside it, unchanged.
