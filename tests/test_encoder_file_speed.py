@@ -170,3 +170,16 @@ def test_a_model_without_input_ids_is_refused(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(SettingError, match="needs a graph input named 'input_ids'"):
         quantize_word_embeddings(path)
+
+
+def test_quantize_onnx_artifact_with_int8_embeddings_from_the_command_line(tmp_path, capsys):
+    small = ["--calibration-size", "8", "--held-out-size", "8", "-q"]
+    assert main(["export", "tests.factories:tiny_bert", "--output", str(tmp_path / "fp32"), *small]) == 0
+    out = tmp_path / "int8"
+    assert main(["quantize", str(tmp_path / "fp32"), "--onnx", "--quantize-embeddings", "--smoothquant-alpha", "off",
+                 "--min-cosine", "0.5", "--output", str(out), *small]) == 0
+    model = inferforge.load(out)
+    assert (out / "model.onnx").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.onnx").stat().st_size
+    config = json.loads((out / ORT_CONFIG_NAME).read_text())
+    assert config["inferforge"]["embeddings"]["shape"] == [30522, 64]
+    assert model(["a sentence"]).shape == (1, 64)
