@@ -64,10 +64,13 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     from transformers import AutoTokenizer
 
     from inferforge.encoder import OnnxEncoder
+    from inferforge.ort_config import read_session_options
 
     runtime = manifest["runtime"]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = OnnxEncoder(path / runtime["model"], tokenizer, max_length=runtime["max_length"], threads=threads)
+    # The session options the artifact records in ort_config.json (older ones: SkipLayerNormFusion off).
+    model = OnnxEncoder(path / runtime["model"], tokenizer, max_length=runtime["max_length"], threads=threads,
+                        session_options=read_session_options(path, manifest))
     model.manifest = manifest
     return model
 

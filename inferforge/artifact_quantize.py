@@ -150,6 +150,7 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
     from transformers import AutoTokenizer
 
     from inferforge.encoder import OnnxEncoder
+    from inferforge.ort_config import read_session_options
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
@@ -165,7 +166,8 @@ def quantize_artifact(artifact: str | Path, out: str | Path, *, quantize: Quanti
     with staged_run(out) as (staging, work):
         fp32 = _copy_verified_model(artifact, parent, work / "onnx-fp32")
         ctx = RunContext(data=data, gates=gates, source=source, sentences=split, work=work, staging=staging,
-                         progress=progress, reference=OnnxEncoder(fp32, tokenizer, max_length=data.max_length),
+                         progress=progress, reference=OnnxEncoder(fp32, tokenizer, max_length=data.max_length,
+                                                                  session_options=read_session_options(artifact, parent)),
                          fp32_onnx=fp32, final_onnx=fp32,
                          max_length_origin=f"parent artifact ({parent['runtime'].get('max_length_origin', 'runtime.max_length')})")
         steps = run_steps(ctx, (quantize, validate))

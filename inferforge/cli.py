@@ -152,6 +152,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    if args.quantize_embeddings and (args.config or args.explain):
+        raise UserInputError("--quantize-embeddings applies to the ONNX int8 path (encoders); drop it with --config/--explain")
     if args.onnx:
         return _quantize_onnx_artifact(args)
     if args.explain:
@@ -166,7 +168,7 @@ def cmd_quantize(args) -> int:
                              "model directory is calibrated on --sentences (the first --calibration-size of them), "
                              "or export it first and run `inferforge quantize ARTIFACT --onnx --calibration FILE`")
     quant = {"smoothquant_alpha": _smoothquant_alpha(args), "method": args.method,
-             "calibrate_method": args.calibrate_method}
+             "calibrate_method": args.calibrate_method, "embeddings": "int8" if args.quantize_embeddings else "float"}
     steps = [{"export": {"opset": args.opset}}, {"quantize": quant}, "validate"]
     return _adhoc_recipe(args, steps)
 
@@ -188,7 +190,8 @@ def _quantize_onnx_artifact(args) -> int:
                              "works on a causal LM checkpoint; give one of them, not both")
     try:
         quantize = QuantizeConfig(method=args.method, calibrate_method=args.calibrate_method,
-                                  smoothquant_alpha=_smoothquant_alpha(args))
+                                  smoothquant_alpha=_smoothquant_alpha(args),
+                                  embeddings="int8" if args.quantize_embeddings else "float")
         gates = Gates(min_cosine=args.min_cosine)
         data = DataConfig(sentences=args.sentences, calibration_size=args.calibration_size,
                           held_out_size=args.held_out_size)
@@ -581,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX int8: dynamic activations (CPU serving) or static symmetric QDQ (TensorRT); default dynamic-int8")
     p.add_argument("--calibrate-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="activation ranges for --method static-qdq (default minmax)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="ONNX dynamic int8: store the word-embedding table as int8 too, one scale per row (smaller "
+                        "file; gated like the rest)")
     p.add_argument("--explain", action="store_true",
                    help="predict, per layer, whether --config pays at --batch on --gpu (roofline), and run nothing")
     p.add_argument("--config", choices=["int8-weight-only", "int4-g128", "int4-gptq", "int4-awq", "w8a8", "fp8"],

@@ -90,39 +90,55 @@ class TorchEncoder(SentenceEncoder):
         return out.last_hidden_state.numpy()
 
 
-# Graph fusions left off: on the int8 models this fusion's kernel is slower than the plain Add and
-# LayerNormalization it replaces (measured on 2 AVX-512 VNNI cores, batch 8 x 128 tokens: int8 MiniLM
-# 42.2 -> 39.7 ms), and it makes no difference to the fp32 models (77.8 vs 76.4 ms).
+# Graph fusions left off when an artifact does not say otherwise (artifacts written before the
+# shipped graph carried its own fix, `inferforge.optimize.ort_fusions`): on the int8 models this
+# fusion's kernel is slower than the plain Add and LayerNormalization it replaces (measured on 2
+# AVX-512 VNNI cores, batch 8 x 128 tokens: int8 MiniLM 42.2 -> 39.7 ms), and it makes no difference
+# to the fp32 models (77.8 vs 76.4 ms).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
+# How inferforge opens a model when nothing else is said: all graph optimizations but
+# DISABLED_OPTIMIZERS, and intra-op threads that do not spin-wait between calls (spinning threads of
+# one session steal the cores from whatever runs next: another session, PyTorch, the tokenizer;
+# measured on 2 cores, two sessions run alternately took 1.5-1.9x longer each with spinning on).
+DEFAULT_SESSION_OPTIONS = {
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+    "config_entries": {"session.intra_op.allow_spinning": "0"},
+}
 
-def ort_session(onnx_path: str | Path, *, threads: int | None = None):
-    """A CPU ONNX Runtime session with all graph optimizations but `DISABLED_OPTIMIZERS`.
 
-    Intra-op threads do not spin-wait between calls: spinning threads of one session steal the cores
-    from whatever runs next (another session, PyTorch, the tokenizer). Measured on 2 cores: two
-    sessions run alternately took 1.5-1.9x longer each with spinning on.
+def ort_session(onnx_path: str | Path, *, threads: int | None = None, session_options: dict | None = None):
+    """A CPU ONNX Runtime session opened with `session_options` (default `DEFAULT_SESSION_OPTIONS`).
+
+    `session_options` keys (all optional; what an artifact's `ort_config.json` records, see
+    `inferforge.ort_config`): `graph_optimization_level` (a `GraphOptimizationLevel` name, default
+    ORT_ENABLE_ALL), `disabled_optimizers` (graph transformer names), `config_entries` (session
+    config key -> string value).
     """
     import onnxruntime as ort
 
+    options = DEFAULT_SESSION_OPTIONS if session_options is None else session_options
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                            options.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+    for key, value in options.get("config_entries", {}).items():
+        opts.add_session_config_entry(key, str(value))
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+                                disabled_optimizers=list(options.get("disabled_optimizers", [])))
 
 
 class OnnxEncoder(SentenceEncoder):
     """An exported (and possibly quantized) ONNX model run by ONNX Runtime."""
 
     def __init__(self, onnx_path: str | Path, tokenizer, *, max_length: int = 128, threads: int | None = None,
-                 hidden_size: int | None = None):
+                 hidden_size: int | None = None, session_options: dict | None = None):
         super().__init__(tokenizer, max_length=max_length)
         self.onnx_path = Path(onnx_path)
-        self.session = ort_session(onnx_path, threads=threads)
+        self.session = ort_session(onnx_path, threads=threads, session_options=session_options)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._hidden_size = hidden_size or self.session.get_outputs()[0].shape[-1]
 

@@ -34,7 +34,6 @@ from inferforge.data import (
     split_sentences,
     with_extra_held_out,
 )
-from inferforge.encoder import DISABLED_OPTIMIZERS
 from inferforge.errors import GateFailed, UserInputError
 from inferforge.fileio import atomic_write_text
 from inferforge.manifest import (
@@ -47,6 +46,7 @@ from inferforge.manifest import (
     write_manifest,
 )
 from inferforge.models import ModelSource, materialize, source_max_length
+from inferforge.ort_config import ORT_CONFIG_NAME, SESSION_OPTIONS, model_opset, ort_config, write_ort_config
 from inferforge.progress import Progress
 from inferforge.recipe import (
     BenchConfig,
@@ -85,11 +85,15 @@ class RunContext:
     skipped_steps: list = field(default_factory=list)   # names of the steps not run after a failed gate
     step_checks: list = field(default_factory=list)     # gates a step checked itself and missed (GateFailed.check)
     max_length_origin: str = "recipe data.max_length"   # where data.max_length comes from, for the manifest
+    quantize_record: dict | None = None                 # the quantize step's record, for ort_config.json
+    graph_rewrites: dict = field(default_factory=dict)  # rewrite name -> nodes changed in the final model
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
+        """An OnnxEncoder opened as the artifact will be: with the session options ort_config.json records."""
         from inferforge.encoder import OnnxEncoder
 
-        return OnnxEncoder(onnx_path, self.reference.tokenizer, max_length=self.data.max_length, threads=threads)
+        return OnnxEncoder(onnx_path, self.reference.tokenizer, max_length=self.data.max_length, threads=threads,
+                           session_options=SESSION_OPTIONS)
 
 
 _RUNNERS: dict[type, Callable[[RunContext, object], dict]] = {}
@@ -128,9 +132,23 @@ def _export(ctx: RunContext, cfg: ExportConfig) -> dict:
 
     with ctx.progress.spinner("exporting to ONNX with optimum-onnx"):
         ctx.fp32_onnx = export_onnx(ctx.source.path, ctx.work / "onnx-fp32", opset=cfg.opset)
+    # Before anything measures it: the file every later step (and the artifact) uses.
+    _block_slow_fusions(ctx, ctx.fp32_onnx)
     check = check_export(ctx.reference, ctx.encoder(ctx.fp32_onnx), list(ctx.sentences.calibration[:64]), atol=cfg.atol)
+    check["graph_rewrites"] = dict(ctx.graph_rewrites)
     ctx.final_onnx, ctx.final_provider = ctx.fp32_onnx, "onnx-fp32"
     return {"result": check, "summary": f"ONNX Runtime vs PyTorch max abs diff {check['max_abs_diff']:.1e} (atol {cfg.atol:.0e})"}
+
+
+def _block_slow_fusions(ctx: RunContext, onnx_path: Path) -> None:
+    """Rewrite `onnx_path` in place so ONNX Runtime's SkipLayerNormFusion cannot match (bit-identical
+    math, see `inferforge.optimize.ort_fusions`); record how many nodes carry the rewrite. Idempotent."""
+    from inferforge.optimize.ort_fusions import block_skip_layer_norm_fusion_file
+
+    ctx.graph_rewrites[REWRITE_NAME] = block_skip_layer_norm_fusion_file(onnx_path)
+
+
+REWRITE_NAME = "residual Add before LayerNormalization -> Sum (SkipLayerNormFusion cannot match)"
 
 
 @step_runner(QuantizeConfig)
@@ -164,19 +182,39 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
             record = quantize_static_qdq(ctx.fp32_onnx, out, calibrate_method=cfg.calibrate_method, **common)
         else:
             record = quantize_onnx_int8(ctx.fp32_onnx, out, **common)
+        if cfg.embeddings == "int8":
+            record["embeddings"] = _quantize_embeddings(out, score)
+        else:
+            record["embeddings"] = None
     except SettingError as e:   # a setting this model cannot take; anything else is a bug and surfaces as one
         raise UserInputError(f"quantize: {e}") from None
     finally:
         task.close()
+    _block_slow_fusions(ctx, out)   # a no-op after our export; a parent artifact's older fp32 file may need it
+    record["graph_rewrites"] = dict(ctx.graph_rewrites)
     ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
+    record["method"] = cfg.method
     record["calibration_texts"] = len(calibration)
     record["max_auto_excluded"] = cfg.auto_exclusion_bound
     record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
+    ctx.quantize_record = record
     method = f"static QDQ ({cfg.calibrate_method} calibration)" if static else "dynamic int8"
+    embeddings = " and word embeddings" if record["embeddings"] else ""
     return {"result": record,
-            "summary": f"{method}, SmoothQuant alpha {record['smoothquant_alpha']}, {len(record['excluded_nodes'])} "
-                       f"MatMuls kept in float, calibration min cosine {record['calibration_min_cosine']:.4f}; size "
-                       f"{record['size_bytes']['fp32'] / 1e6:.0f} MB -> {record['size_bytes']['int8'] / 1e6:.0f} MB"}
+            "summary": f"{method}{embeddings}, SmoothQuant alpha {record['smoothquant_alpha']}, "
+                       f"{len(record['excluded_nodes'])} MatMuls kept in float, calibration min cosine "
+                       f"{record['calibration_min_cosine']:.4f}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
+                       f"{record['size_bytes']['int8'] / 1e6:.0f} MB"}
+
+
+def _quantize_embeddings(onnx_path: Path, score: Callable[[Path], tuple[float, float]]) -> dict:
+    """Per-row int8 word embeddings in the chosen model, scored again on the calibration texts
+    (the settings search ran with float embeddings; the validate step gates the result)."""
+    from inferforge.optimize.embedding_quant import quantize_word_embeddings
+
+    record = quantize_word_embeddings(onnx_path)
+    record["calibration_min_cosine"], record["calibration_mean_cosine"] = score(onnx_path)
+    return record
 
 
 @step_runner(ValidateConfig)
@@ -475,6 +513,9 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         return report
     shutil.copyfile(ctx.final_onnx, ctx.staging / MODEL_FILE)
     copy_tokenizer(tokenizer_dir, ctx.staging)
+    record = ctx.quantize_record
+    write_ort_config(ctx.staging, ort_config(opset=model_opset(ctx.final_onnx), quantization=record,
+                                             rewrites=ctx.graph_rewrites, embeddings=record and record["embeddings"]))
     for file_name, text in reports.items():
         atomic_write_text(ctx.staging / file_name, text)
     drift_snapshot = _write_drift_snapshot(ctx) if ctx.final_provider == "onnx-int8" else None
@@ -484,7 +525,7 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         "kind": "sentence-encoder",
         "runtime": {"model": MODEL_FILE, "provider": ctx.final_provider, "pooling": "mean",
                     "normalize": True, "max_length": ctx.data.max_length, "max_length_origin": ctx.max_length_origin,
-                    "onnxruntime_disabled_optimizers": list(DISABLED_OPTIMIZERS)},
+                    "session_options": SESSION_OPTIONS, "ort_config": ORT_CONFIG_NAME},
         "source": ctx.source.to_dict(),
         **provenance,
         "steps": steps,

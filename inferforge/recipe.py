@@ -112,7 +112,9 @@ class QuantizeConfig:
     """Int8 quantization with ONNX Runtime: per-channel weights, dynamic activations, SmoothQuant from calibration.
 
     `smoothquant_alpha` is a number in [0, 1], `auto` (pick the best of `alpha_grid` on the calibration
-    set) or `off`. `exclude_nodes` keeps the named ONNX nodes in float.
+    set) or `off`. `exclude_nodes` keeps the named ONNX nodes in float. `embeddings: int8` also stores
+    the word-embedding table as int8 with one scale per row (dynamic-int8 only; about a quarter of the
+    table's size, see `inferforge.optimize.embedding_quant`).
     """
 
     method: str = "dynamic-int8"          # or "static-qdq" (TensorRT-style symmetric QDQ, calibrated)
@@ -123,6 +125,7 @@ class QuantizeConfig:
     exclude_nodes: tuple[str, ...] = ()
     max_auto_excluded: int | None = None  # None: 2 for dynamic-int8 (speed), 16 for static-qdq (accuracy)
     calibration_margin: float = 0.003
+    embeddings: str = "float"             # or "int8": the word-embedding table too
 
     @property
     def auto_exclusion_bound(self) -> int:
@@ -136,6 +139,10 @@ class QuantizeConfig:
         _require(self.method in ("dynamic-int8", "static-qdq"), "method must be 'dynamic-int8' or 'static-qdq'")
         _require(self.calibrate_method in ("minmax", "entropy", "percentile"),
                  "calibrate_method must be 'minmax', 'entropy' or 'percentile'")
+        _require(self.embeddings in ("float", "int8"), "embeddings must be 'float' or 'int8'")
+        _require(self.embeddings == "float" or self.method == "dynamic-int8",
+                 "embeddings: int8 is implemented for method dynamic-int8 (CPU serving); static-qdq models keep "
+                 "float embeddings, drop 'embeddings' or use method dynamic-int8")
         a = self.smoothquant_alpha
         if isinstance(a, str):
             _require(a in ("auto", "off"), "smoothquant_alpha must be a number in [0, 1], 'auto' or 'off'")

@@ -318,7 +318,10 @@ def check_drift(artifact_dir: str | Path, texts: Sequence[str], thresholds: Drif
         for k in range(projected.shape[1]):
             probe.values[f"projection_{k + 1}"] = projected[:, k].tolist()
         if t.check_gate:
-            encoder = OnnxEncoder(model_path, tokenizer, max_length=snapshot["max_length"])
+            from inferforge.ort_config import read_session_options
+
+            encoder = OnnxEncoder(model_path, tokenizer, max_length=snapshot["max_length"],
+                                  session_options=read_session_options(artifact_dir, manifest))
             gate = _gate(manifest, artifact_dir, texts, encoder)
     else:
         from transformers import AutoTokenizer
