@@ -8,7 +8,7 @@ from inferforge.errors import ArtifactError
 from inferforge.manifest import verify_artifact
 
 # Manifest kinds that `load` returns as an `LLMEngine` (generate, serve and bench run them).
-LLM_KINDS = ("causal-lm", "quantized-causal-lm")
+LLM_KINDS = ("causal-lm", "quantized-causal-lm", "distilled-causal-lm")
 
 
 def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False,
@@ -23,7 +23,10 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     `model(sentences: list[str]) -> np.ndarray [n, hidden] float32` (L2-normalized, mean-pooled).
     For a Llama-family model (kind `causal-lm`, or `quantized-causal-lm` from `quantize --config`,
     whose quantized layers run on inferforge's kernels) it returns an `inferforge.runtime.engine.LLMEngine`
-    (`engine_kwargs` go to `LLMEngine.from_pretrained`). The manifest is available as `.manifest`.
+    (`engine_kwargs` go to `LLMEngine.from_pretrained`); a distilled student (`inferforge distill`):
+    kind `distilled-causal-lm` gives the `LLMEngine`, kind `distilled-encoder` a
+    `inferforge.encoder.TorchEncoder` over the student's PyTorch weights, with the same call
+    signature as the ONNX encoder. The manifest is available as `.manifest`.
 
     `path` may also name a registered version, `"NAME@ALIAS"` or `"NAME@3"` (when no such path exists):
     the registry at `INFERFORGE_REGISTRY` resolves it and its stored copy is loaded, verified as above.
@@ -48,6 +51,12 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         engine = LLMEngine.from_pretrained(path, **engine_kwargs)
         engine.manifest = manifest
         return engine
+    if kind == "distilled-encoder":
+        from inferforge.encoder import TorchEncoder
+
+        model = TorchEncoder(path, max_length=manifest["runtime"]["max_length"], threads=threads)
+        model.manifest = manifest
+        return model
     if kind != "sentence-encoder":
         raise ArtifactError(f"{path}: artifact kind {kind!r} is not supported by this version of inferforge")
     from transformers import AutoTokenizer
