@@ -233,9 +233,6 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                                  "changed); give the same teacher, data, student and settings, or remove it")
         start, history = state["step"], state["history"]
         ckpt.set_rng_state(rng_states[env.rank])
-        if start >= config.steps:
-            raise UserInputError(f"--resume: the checkpoint is at step {start}, and --steps is {config.steps}; "
-                                 "raise --steps to train further")
 
     autocast = _autocast(env.device)
     teacher_pooled = None
@@ -326,16 +323,18 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                     break
                 if done % config.save_every == 0 and done < config.steps:
                     path = save(done)
-                    display.line(f"checkpoint: step {done} saved to {path}") if path else None
-            else:
-                done = config.steps
+                    if path:
+                        display.line(f"checkpoint: step {done} saved to {path}")
+            else:   # every step done; a checkpoint at or past `steps` trains no further and is re-evaluated
+                done = max(config.steps, start)
             step = done
             final_metrics = evaluate() if env.rank == 0 else None
             if env.rank == 0:
                 history.append({"step": step, "eval": final_metrics, "final": True})
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and step > start:
                 path = save(step)
-                display.line(f"checkpoint: step {step} saved to {path}") if path else None
+                if path:
+                    display.line(f"checkpoint: step {step} saved to {path}")
     finally:
         display.close()
     if env.distributed:
