@@ -25,7 +25,14 @@ import torch
 
 from inferforge.errors import UserInputError
 from inferforge.optimize import distill_checkpoint as ckpt
-from inferforge.optimize.distill_data import collate, load_distill_data, pad_id, rank_share, step_indices, tokenize_all
+from inferforge.optimize.distill_data import (
+    collate,
+    load_distill_data,
+    pad_id,
+    rank_share,
+    step_indices,
+    tokenize_all,
+)
 from inferforge.optimize.distill_losses import (
     embedding_loss,
     kl_divergence,

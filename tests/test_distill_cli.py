@@ -110,3 +110,13 @@ def test_narrower_student_trains_through_a_projection(teacher_dir, tmp_path, cap
     assert weights["embeddings.word_embeddings.weight"].shape == (30522, 16)
     assert not any("projection" in k for k in weights)   # the projection is a training aid, not the student
     assert torch.isfinite(torch.tensor(manifest["metrics"]["mean_cosine"]))
+
+
+def test_early_stop_at_the_target_and_at_the_time_budget(teacher_dir, tmp_path, capsys):
+    assert _distill(teacher_dir, tmp_path / "target", "--layers", "1", "--target-mean-cosine", "-1", "--json") == 0
+    distill = json.loads(capsys.readouterr().out)["distill"]
+    assert (distill["stopped"], distill["step"]) == ("target", 3)   # the first evaluation, at --eval-every 3
+    assert _distill(teacher_dir, tmp_path / "time", "--layers", "1", "--max-minutes", "1e-6", "--json") == 0
+    distill = json.loads(capsys.readouterr().out)["distill"]
+    assert (distill["stopped"], distill["step"]) == ("time", 1)
+    assert json.loads((tmp_path / "time.checkpoints" / "latest.json").read_text())["step"] == 1
