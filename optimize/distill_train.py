@@ -295,6 +295,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
+                step_seconds = time.monotonic() - last   # this step's training time, before evaluation and saving
                 names = sorted(totals)
                 timed_out = config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60
                 evaluated = config.eval_every and done % config.eval_every == 0 and done < config.steps
@@ -307,11 +308,9 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                 if env.distributed:
                     dist.all_reduce(flags)
                 parts_mean = {n: float(flags[i]) / config.batch_size for i, n in enumerate(names)}
-                now = time.monotonic()
                 row = {"step": done, "loss": sum(parts_mean.values()), **{f"loss_{n}": v for n, v in parts_mean.items()},
                        "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "samples_per_s": config.batch_size / max(now - last, 1e-9)}
-                last = now
+                       "samples_per_s": config.batch_size / max(step_seconds, 1e-9)}
                 if evaluated and env.rank == 0:
                     row["eval"] = metrics
                     display.line(f"step {done}/{config.steps}: held-out {_fmt_metrics(metrics)}")
@@ -332,6 +331,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                     path = save(done)
                     if path:
                         display.line(f"checkpoint: step {done} saved to {path}")
+                last = time.monotonic()
             else:   # every step done; a checkpoint at or past `steps` trains no further and is re-evaluated
                 done = max(config.steps, start)
             step = done
