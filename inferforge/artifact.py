@@ -7,10 +7,10 @@ from pathlib import Path
 from inferforge.errors import ArtifactError
 from inferforge.manifest import verify_artifact
 
-# Manifest kinds that generate, serve and bench run: `load` returns an `LLMEngine` for the first two,
+# Manifest kinds that generate, serve and bench run: `load` returns an `LLMEngine` for the PyTorch ones,
 # an `inferforge.optimize.onnx_decoder.OnnxDecoder` for ONNX_LLM_KIND (`inferforge export` of a decoder).
 ONNX_LLM_KIND = "onnx-causal-lm"
-LLM_KINDS = ("causal-lm", "quantized-causal-lm", ONNX_LLM_KIND)
+LLM_KINDS = ("causal-lm", "quantized-causal-lm", "distilled-causal-lm", ONNX_LLM_KIND)
 
 
 def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = False,
@@ -28,7 +28,9 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
     (`engine_kwargs` go to `LLMEngine.from_pretrained`). For an exported decoder (kind `onnx-causal-lm`,
     `inferforge export LLAMA_DIR`) it returns an `inferforge.optimize.onnx_decoder.OnnxDecoder` on ONNX
     Runtime, with the same `generate` / `stream` (`engine_kwargs` go to `OnnxDecoder.from_artifact`).
-    The manifest is available as `.manifest`.
+    A distilled student (`inferforge distill`): kind `distilled-causal-lm` gives the `LLMEngine`, kind
+    `distilled-encoder` a `inferforge.encoder.TorchEncoder` over the student's PyTorch weights, with the
+    same call signature as the ONNX encoder. The manifest is available as `.manifest`.
 
     `path` may also name a registered version, `"NAME@ALIAS"` or `"NAME@3"` (when no such path exists):
     the registry at `INFERFORGE_REGISTRY` resolves it and its stored copy is loaded, verified as above.
@@ -59,6 +61,12 @@ def load(path: str | Path, *, threads: int | None = None, allow_failed: bool = F
         engine = LLMEngine.from_pretrained(path, **engine_kwargs)
         engine.manifest = manifest
         return engine
+    if kind == "distilled-encoder":
+        from inferforge.encoder import TorchEncoder
+
+        model = TorchEncoder(path, max_length=manifest["runtime"]["max_length"], threads=threads)
+        model.manifest = manifest
+        return model
     if kind != "sentence-encoder":
         raise ArtifactError(f"{path}: artifact kind {kind!r} is not supported by this version of inferforge")
     from transformers import AutoTokenizer

@@ -744,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     from inferforge.drift_cli import add_drift_parser
 
     add_drift_parser(sub, fmt)
+    from inferforge.distill_cli import add_distill_parser
+
+    add_distill_parser(sub, fmt)
     return parser
 
 

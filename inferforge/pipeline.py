@@ -51,6 +51,7 @@ from inferforge.progress import Progress
 from inferforge.recipe import (
     BenchConfig,
     DataConfig,
+    DistillStepConfig,
     ExportConfig,
     Gates,
     QuantizeConfig,
@@ -87,6 +88,11 @@ class RunContext:
     max_length_origin: str = "recipe data.max_length"   # where data.max_length comes from, for the manifest
     quantize_record: dict | None = None                 # the quantize step's record, for ort_config.json
     graph_rewrites: dict = field(default_factory=dict)  # rewrite name -> nodes changed in the final model
+    # After a distill step: the student's directory, which export reads, and the student in PyTorch, which
+    # the export is checked against (validate still compares with `reference`, the teacher).
+    model_path: Path | None = None
+    model_reference: object = None
+    out: Path | None = None     # the artifact's final directory (the distill step's checkpoints go beside it)
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
         """An OnnxEncoder opened as the artifact will be: with the session options ort_config.json records."""
@@ -131,10 +137,11 @@ def _export(ctx: RunContext, cfg: ExportConfig) -> dict:
     from inferforge.optimize.export import check_export, export_onnx
 
     with ctx.progress.spinner("exporting to ONNX with optimum-onnx"):
-        ctx.fp32_onnx = export_onnx(ctx.source.path, ctx.work / "onnx-fp32", opset=cfg.opset)
+        ctx.fp32_onnx = export_onnx(ctx.model_path or ctx.source.path, ctx.work / "onnx-fp32", opset=cfg.opset)
     # Before anything measures it: the file every later step (and the artifact) uses.
     _block_slow_fusions(ctx, ctx.fp32_onnx)
-    check = check_export(ctx.reference, ctx.encoder(ctx.fp32_onnx), list(ctx.sentences.calibration[:64]), atol=cfg.atol)
+    check = check_export(ctx.model_reference or ctx.reference, ctx.encoder(ctx.fp32_onnx),
+                         list(ctx.sentences.calibration[:64]), atol=cfg.atol)
     check["graph_rewrites"] = dict(ctx.graph_rewrites)
     ctx.final_onnx, ctx.final_provider = ctx.fp32_onnx, "onnx-fp32"
     return {"result": check, "summary": f"ONNX Runtime vs PyTorch max abs diff {check['max_abs_diff']:.1e} (atol {cfg.atol:.0e})"}
@@ -149,6 +156,41 @@ def _block_slow_fusions(ctx: RunContext, onnx_path: Path) -> None:
 
 
 REWRITE_NAME = "residual Add before LayerNormalization -> Sum (SkipLayerNormFusion cannot match)"
+
+
+@step_runner(DistillStepConfig)
+def _distill(ctx: RunContext, cfg: DistillStepConfig) -> dict:
+    """Train the student (checkpoints in OUT.checkpoints/, continued by a re-run), gate it on its own
+    held-out split, and make it the model the later steps export; validate compares with the teacher."""
+    from inferforge.distill_cli import checkpoint_dir_for
+    from inferforge.encoder import TorchEncoder
+    from inferforge.optimize.distill import distill
+    from inferforge.optimize.distill_artifact import TOKENIZER_FILES, gate_checks
+    from inferforge.optimize.distill_checkpoint import latest_checkpoint
+
+    checkpoints = checkpoint_dir_for(ctx.out)
+    result = distill(ctx.source, cfg.student, cfg.data, cfg.distill_config(), checkpoint_dir=checkpoints,
+                     resume=latest_checkpoint(checkpoints) is not None, exclude=ctx.sentences.held_out,
+                     progress=ctx.progress)
+    student_dir = ctx.work / "student"
+    result.student.save_pretrained(student_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:   # not config.json: the student has its own
+        if (ctx.source.path / name).is_file():
+            shutil.copyfile(ctx.source.path / name, student_dir / name)
+    ctx.model_path = student_dir
+    ctx.model_reference = TorchEncoder(student_dir, max_length=ctx.data.max_length)
+    m = result.metrics
+    record = {"metrics": m, "student": result.plan, "data": result.data.record(), "step": result.step,
+              "stopped": result.stopped, "train_seconds": result.train_seconds, "checkpoints": str(checkpoints)}
+    summary = (f"{result.plan['num_layers']}-layer student (teacher layers {result.plan['layer_map']}), {result.step} "
+               f"steps ({result.stopped}); its held-out split: mean cosine {m['mean_cosine']:.4f}, min "
+               f"{m['min_cosine']:.4f}")
+    missed = [c for c in gate_checks(result) if not c["passed"]]
+    if missed:
+        c = missed[0]
+        raise GateFailed(f"{summary}; missed {c['name']}: {c['measured']:.6g} {c['op']} {c['limit']:.6g} required; "
+                         f"checkpoints kept in {checkpoints}", check={k: v for k, v in c.items() if k != "passed"})
+    return {"result": record, "summary": summary}
 
 
 @step_runner(QuantizeConfig)
@@ -259,7 +301,8 @@ def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
         batch = fixed_length_batch(vocab, batch_size, cfg.seq_len, rng)
         fns = {}
         for p in providers:
-            encoder = ctx.reference if p == "pytorch-fp32" else encoders[p]
+            # pytorch-fp32: the model that was exported (after a distill step the student, not the teacher)
+            encoder = (ctx.model_reference or ctx.reference) if p == "pytorch-fp32" else encoders[p]
             fns[p] = (lambda e=encoder, b=batch: e.hidden_states(b))
         stats = measure_interleaved(fns, warmup=cfg.warmup, iterations=cfg.iterations,
                                     on_round=lambda i: task.advance())
@@ -402,7 +445,7 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
     if extra_held_out:
         sentences = with_extra_held_out(sentences, extra_held_out)
     ctx = RunContext(data=data, gates=recipe.gates, source=source, sentences=sentences, work=work,
-                     staging=staging, progress=progress, reference=reference, max_length_origin=origin)
+                     staging=staging, progress=progress, reference=reference, max_length_origin=origin, out=out)
     steps = run_steps(ctx, recipe.steps, targets=recipe.targets)
     checks = ctx.step_checks + check_results(recipe.gates, recipe.targets, ctx.results, ctx.final_provider)
     sentence_hashes = sentence_record(sentences, calibration_source=recipe.data.sentences,
@@ -422,7 +465,9 @@ def _run_steps(recipe: Recipe, progress: Progress, out: Path, staging: Path, wor
 
 
 def _step_name(cfg) -> str:
-    return type(cfg).__name__.removesuffix("Config").lower()
+    from inferforge.recipe import STEP_NAMES
+
+    return STEP_NAMES.get(type(cfg)) or type(cfg).__name__.removesuffix("Config").lower()
 
 
 def resolve_max_length(data: DataConfig, model_dir: Path) -> tuple[DataConfig, str]:

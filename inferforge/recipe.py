@@ -314,8 +314,57 @@ class Targets:
         _require(self.min_speedup is None or self.min_speedup > 0, "min_speedup must be > 0")
 
 
+@dataclass(frozen=True)
+class DistillStepConfig:
+    """Distil the recipe's model (the teacher) into a smaller student first; the later steps (export,
+    quantize, validate, bench) work on the student, and validate compares it with the teacher.
+
+    `data`: training text files (.txt, one passage per line, or .jsonl); the recipe's held-out
+    validation texts are removed from them. `student`: a directory with the student's config.json,
+    or leave it out and give `layers` (a list or 'every-other') or `num_layers`. The other keys are
+    those of `inferforge.optimize.distill.DistillConfig` (`inferforge distill --help`); `min_mean_cosine`
+    and `min_cosine` gate the student on the distillation's own held-out split. Checkpoints go to
+    `OUTPUT.checkpoints/`; a re-run of the recipe continues from them."""
+
+    data: tuple[str, ...]
+    student: str | None = None
+    layers: tuple[int, ...] | str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_share: Fraction = 0.1
+    max_minutes: float | None = None
+    eval_every: int = 50
+    save_every: int = 50
+    held_out_share: Fraction = 0.1
+    max_length: int | None = None
+    seed: int = 0
+    embedding_loss: str = "cosine"
+    embedding_weight: float = 1.0
+    hidden_weight: float | None = None
+    target_mean_cosine: float | None = None
+    min_mean_cosine: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self):
+        _require(len(self.data) > 0, "data must list at least one text file (.txt or .jsonl)")
+        _require(self.student is not None or self.layers is not None or self.num_layers is not None,
+                 "layers (a list or 'every-other'), num_layers or student is needed to build the student")
+        self.distill_config()   # DistillConfig validates the rest
+
+    def distill_config(self):
+        from inferforge.optimize.distill import DistillConfig
+
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("data", "student")}
+        return DistillConfig(**settings)
+
+
 # Step name -> config type. The pipeline looks runners up by config type.
 STEP_CONFIGS: dict[str, type] = {
+    "distill": DistillStepConfig,
     "export": ExportConfig,
     "quantize": QuantizeConfig,
     "validate": ValidateConfig,
@@ -358,7 +407,11 @@ class Recipe:
                      "a causal-LM recipe (quantize with 'config') has the one step 'quantize', which validates on "
                      "held-out text itself; export, validate and bench belong to the ONNX encoder path")
             return
-        _require(kinds[0] is ExportConfig, "the first step must be 'export' (every later step works on the ONNX model)")
+        _require(DistillStepConfig not in kinds[1:], "distill must be the first step (the later steps work on the student)")
+        first = 1 if kinds[0] is DistillStepConfig else 0
+        _require(len(kinds) > first and kinds[first] is ExportConfig,
+                 "the first step must be 'export' (every later step works on the ONNX model), or 'distill' "
+                 "followed by 'export'")
         _require(len(set(kinds)) == len(kinds), "each step may appear once")
         if BenchConfig in kinds:
             bench = self.steps[kinds.index(BenchConfig)]
@@ -639,6 +692,11 @@ def _resolve_paths(kwargs: dict, base_dir: Path, *, resolve_output: bool = True)
         dataclasses.replace(s, calibration=str(base_dir / s.calibration))
         if isinstance(s, LLMQuantizeConfig) and s.calibration and not Path(s.calibration).is_absolute() else s
         for s in kwargs["steps"])
+    kwargs["steps"] = tuple(
+        dataclasses.replace(s, data=tuple(p if Path(p).is_absolute() else str(base_dir / p) for p in s.data),
+                            student=s.student if s.student is None or Path(s.student).is_absolute()
+                            else str(base_dir / s.student))
+        if isinstance(s, DistillStepConfig) else s for s in kwargs["steps"])
     return kwargs
 
 
@@ -655,6 +713,16 @@ def _check_paths(recipe: Recipe) -> None:
     if recipe.data.extra_sentences is not None and not Path(recipe.data.extra_sentences).is_file():
         raise _Invalid(("data", "extra_sentences"), f"file not found: {recipe.data.extra_sentences} "
                                                     "(give a text file with one sentence per line)")
+    distill = recipe.step(DistillStepConfig)
+    if distill is not None:
+        i = recipe.steps.index(distill)
+        for j, path in enumerate(distill.data):
+            if not Path(path).is_file():
+                raise _Invalid(("steps", i, "distill", "data", j), f"file not found: {path} (give a .txt file, one "
+                                                                   "passage per line, or a .jsonl file with \"text\")")
+        if distill.student is not None and not (Path(distill.student) / "config.json").is_file():
+            raise _Invalid(("steps", i, "distill", "student"), f"{distill.student}: no config.json; give a directory "
+                                                               "with the student's Hugging Face config.json")
     if recipe.kind == "causal-lm":
         _check_causal_lm(recipe)
     else:

@@ -1,0 +1,202 @@
+"""Knowledge distillation: train a smaller student to reproduce a teacher.
+
+    from inferforge.optimize.distill import DistillConfig, distill
+    result = distill("all-MiniLM-L6-v2", None, ["fortunes.txt"], DistillConfig(layers=(0, 3, 5), steps=200))
+    result.metrics        # held-out: mean/min cosine to the teacher (encoders), top-1 agreement + KL (decoders)
+
+The student is the teacher's own architecture with fewer layers: chosen teacher layers copied
+(`layers=(0, 3, 5)` or `layers="every-other"`, as DistilBERT did), `num_layers=N` (evenly spaced
+teacher layers; with `hidden_size=H` a narrower, freshly initialised model whose hidden states are
+compared through a learned projection), or a directory with a config.json (and optionally weights).
+Training (AdamW, warm-up + cosine schedule, accumulation, clipping, checkpoints that resume to
+identical weights, DistributedDataParallel under torchrun) is in `distill_train`; the student
+artifact (a Hugging Face directory with a manifest) is written by `distill_artifact`.
+
+The modules: `distill_losses` (losses), `distill_student` (teacher loading, student construction),
+`distill_data` (texts, held-out split, batch order), `distill_eval` (held-out metrics),
+`distill_checkpoint` (checkpoints, signal handling), `distill_train` (the loop), `distill_artifact`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EVERY_OTHER = "every-other"
+EMBEDDING_LOSSES = ("cosine", "mse")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _share_ok(value) -> bool:
+    return value is None or 0 <= value <= 1
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to build and train the student, and what held-out quality it must reach.
+
+    Student (one of): `layers` (teacher layer indices to keep, or "every-other"), `num_layers`
+    (evenly spaced teacher layers, or a new model of that depth when `hidden_size` differs), or a
+    student directory passed to `distill` (then neither is needed).
+    Losses (weights of a per-sample sum): encoders `embedding_weight` x `embedding_loss` (cosine or
+    mse) on the attention-masked mean-pooled embedding, `hidden_weight` x MSE on the hidden states of
+    each student layer against its teacher layer; decoders `kl_weight` x T^2 KL on logits softened by
+    `temperature`, `hidden_weight` x hidden-state MSE, `task_weight` x next-token cross-entropy.
+    `hidden_weight` None: 0 for encoders, 1 for decoders.
+    Training: `steps` optimizer steps of `batch_size` texts (all ranks together), each in
+    `grad_accum` micro-batches; AdamW at `lr` with `warmup_share` of the steps of linear warm-up, then
+    a cosine decay to 0; gradients clipped to `max_grad_norm`. Evaluation every `eval_every` steps
+    (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
+    Early stop: `target_mean_cosine` / `target_top1_agreement`. Gate (the artifact is written only
+    if it holds): `min_mean_cosine`, `min_cosine` (encoders), `min_top1_agreement`, `max_kl` (decoders).
+    """
+
+    layers: tuple[int, ...] | str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_share: float = 0.1
+    max_grad_norm: float = 1.0
+    max_minutes: float | None = None
+    eval_every: int = 50
+    save_every: int = 50
+    held_out_share: float = 0.1
+    max_length: int | None = None
+    seed: int = 0
+    embedding_loss: str = "cosine"
+    embedding_weight: float = 1.0
+    hidden_weight: float | None = None
+    kl_weight: float = 1.0
+    task_weight: float = 0.0
+    temperature: float = 2.0
+    target_mean_cosine: float | None = None
+    target_top1_agreement: float | None = None
+    min_mean_cosine: float | None = None
+    min_cosine: float | None = None
+    min_top1_agreement: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.layers, str):
+            _require(self.layers == EVERY_OTHER, f"layers must be a list of layer indices or '{EVERY_OTHER}', "
+                                                 f"got {self.layers!r}")
+        elif self.layers is not None:
+            _require(len(self.layers) > 0, "layers must name at least one teacher layer")
+            _require(all(isinstance(i, int) and i >= 0 for i in self.layers),
+                     "layers must be teacher layer indices >= 0 (counted from 0)")
+            _require(len(set(self.layers)) == len(self.layers), "layers lists a teacher layer twice")
+            _require(list(self.layers) == sorted(self.layers), "layers must be in increasing order")
+        _require(self.layers is None or self.num_layers is None,
+                 "give layers (which teacher layers to keep) or num_layers (how many), not both")
+        _require(self.num_layers is None or self.num_layers >= 1, "num_layers must be >= 1")
+        _require(self.hidden_size is None or self.num_layers is not None,
+                 "hidden_size needs num_layers (a new, narrower student); layers keeps the teacher's width")
+        _require(self.hidden_size is None or self.hidden_size >= 1, "hidden_size must be >= 1")
+        _require(self.steps >= 1, "steps must be >= 1")
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        _require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        _require(self.batch_size % self.grad_accum == 0,
+                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        _require(self.lr > 0, "lr must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _require(0 <= self.warmup_share < 1, "warmup_share must be in [0, 1)")
+        _require(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        _require(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")
+        _require(self.eval_every >= 0, "eval_every must be >= 0 (0: evaluate only at the end)")
+        _require(self.save_every >= 1, "save_every must be >= 1")
+        _require(0 < self.held_out_share < 1, "held_out_share must be between 0 and 1 (0.1 or 10%)")
+        _require(self.max_length is None or 2 <= self.max_length <= 8192, "max_length must be between 2 and 8192")
+        _require(self.embedding_loss in EMBEDDING_LOSSES, f"embedding_loss must be one of {', '.join(EMBEDDING_LOSSES)}")
+        for name in ("embedding_weight", "kl_weight", "task_weight"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _require(self.hidden_weight is None or self.hidden_weight >= 0, "hidden_weight must be >= 0")
+        _require(self.temperature > 0, "temperature must be > 0")
+        for name in ("target_top1_agreement", "min_top1_agreement"):
+            _require(_share_ok(getattr(self, name)), f"{name} must be between 0 and 1")
+        for name in ("target_mean_cosine", "min_mean_cosine", "min_cosine"):
+            value = getattr(self, name)
+            _require(value is None or -1 <= value <= 1, f"{name} must be between -1 and 1")
+        _require(self.max_kl is None or self.max_kl >= 0, "max_kl must be >= 0")
+
+    def resolved_hidden_weight(self, kind: str) -> float:
+        if self.hidden_weight is not None:
+            return self.hidden_weight
+        return 1.0 if kind == "decoder" else 0.0
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the run it continues: every setting that changes the
+        weights step by step. `steps` (a longer run extends it; the schedule follows the new total),
+        the time budget, evaluation, checkpoint interval, targets and gates may change."""
+        free = {"steps", "max_minutes", "eval_every", "save_every", "target_mean_cosine", "target_top1_agreement",
+                "min_mean_cosine", "min_cosine", "min_top1_agreement", "max_kl"}
+        kept = {k: v for k, v in self.to_dict().items() if k not in free}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DistillResult:
+    """What `distill` returns. `student` is the trained Hugging Face model (unwrapped, on the CPU in
+    float32), `metrics` the final held-out metrics, `history` the logged rows (one per eval and per
+    logged step), `stopped` why training ended: "steps", "target", "time", or "interrupted"."""
+
+    kind: str                    # "encoder" or "decoder"
+    student: object
+    tokenizer: object
+    teacher: object              # a ModelSource: spec, local path, weights_sha256
+    data: object                 # a DistillData
+    config: DistillConfig
+    plan: dict                   # the student's layers, width, copied weights
+    metrics: dict
+    history: list = field(default_factory=list)
+    stopped: str = "steps"
+    step: int = 0
+    train_seconds: float = 0.0
+    checkpoint_dir: Path | None = None
+    rank: int = 0                # 0 on the single process and on torchrun's rank 0: the one that writes
+
+
+def distill(teacher, student, data: Sequence[str | Path], config: DistillConfig, *,
+            checkpoint_dir: str | Path | None = None, resume: bool = False, exclude: Sequence[str] = (),
+            progress=None, workdir: str | Path | None = None) -> DistillResult:
+    """Train a student of `teacher` on the texts of `data` and return it with its held-out metrics.
+
+    `teacher`: a model spec as recipes take it (a Hugging Face directory, `all-MiniLM-L6-v2`, or a
+    `module:function` factory) or a `ModelSource`. `student`: None (built from `config`'s `layers`
+    or `num_layers`) or a directory holding the student's config.json (weights optional; its
+    vocabulary must be the teacher's). `data`: .txt (one passage per line) or .jsonl ("text") files;
+    `config.held_out_share` of the distinct texts, chosen with `config.seed`, are held out and never
+    trained on, nor are the texts in `exclude` (e.g. a later validation step's held-out set).
+    `checkpoint_dir`: where checkpoints go (None: none are written); `resume=True` continues the
+    latest checkpoint there. Under torchrun the same call trains with DistributedDataParallel.
+    Raises `UserInputError` for bad inputs and `DistillInterrupted` after saving a checkpoint on
+    SIGINT/SIGTERM.
+    """
+    import tempfile
+
+    from inferforge.models import ModelSource, materialize
+    from inferforge.optimize.distill_train import run_training
+
+    if isinstance(teacher, ModelSource):
+        source = teacher
+    else:
+        scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="inferforge-distill-"))
+        source = materialize(str(teacher), scratch)
+    return run_training(source, student, [Path(p) for p in data], config, checkpoint_dir=checkpoint_dir,
+                        resume=resume, exclude=exclude, progress=progress)

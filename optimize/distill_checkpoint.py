@@ -1,0 +1,134 @@
+"""Distillation checkpoints and the stop flag raised by SIGINT/SIGTERM.
+
+A checkpoint is a directory `step-000040/` under the checkpoint directory:
+    weights.safetensors   student (and projection) weights, `StudentWithHeads.state_dict()`
+    training.pt           optimizer and scheduler state, every rank's RNG states (torch, CUDA,
+                          numpy, python), tensors and plain lists only (read with weights_only=True)
+    state.json            step, epoch, position in the epoch, samples seen, the run's fingerprint,
+                          the metrics logged so far
+It is built under a temporary name and renamed into place, then `latest.json` (written atomically)
+points at it and older checkpoints are removed: a crash at any moment leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inferforge.errors import InferforgeError, UserInputError
+from inferforge.fileio import atomic_write_json, make_public_dir
+
+LATEST = "latest.json"
+
+
+class DistillInterrupted(InferforgeError):
+    """SIGINT or SIGTERM stopped training; a checkpoint was saved first (exit code 130)."""
+
+    exit_code = 130
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint under `directory`, or None."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        raise UserInputError(f"{pointer}: damaged; remove {directory} to start over") from None
+    path = Path(directory) / name
+    if not (path / "state.json").is_file():
+        raise UserInputError(f"{pointer} names {name}, which is missing; remove {directory} to start over")
+    return path
+
+
+def save_checkpoint(directory: str | Path, *, step: int, module: torch.nn.Module, optimizer, scheduler,
+                    rng_states: list[dict], state: dict) -> Path:
+    """Write checkpoint `step` (see the module docstring) and return its directory. Rank 0 only."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=directory))
+    try:
+        make_public_dir(staging)
+        save_model(module, str(staging / "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
+                   staging / "training.pt")
+        atomic_write_json(staging / "state.json", {**state, "step": step})
+        final = directory / name
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_json(directory / LATEST, {"checkpoint": name, "step": step})
+    for old in directory.glob("step-*"):
+        if old.name != name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, *, module: torch.nn.Module, optimizer, scheduler) -> tuple[dict, list[dict]]:
+    """Restore weights, optimizer and scheduler from checkpoint `path`; returns (state, rng_states)."""
+    from safetensors.torch import load_model
+
+    load_model(module, str(path / "weights.safetensors"))
+    training = torch.load(path / "training.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    return json.loads((path / "state.json").read_text(encoding="utf-8")), training["rng"]
+
+
+class StopFlag:
+    """SIGINT and SIGTERM set `requested` (the training loop saves a checkpoint at the next step
+    boundary and stops); a second SIGINT interrupts at once. Handlers are restored on exit. Outside
+    the main thread signals cannot be caught, and the flag stays down."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):   # not the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

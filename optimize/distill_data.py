@@ -1,0 +1,112 @@
+"""Distillation data: texts from local files, a seeded held-out split, and a batch order that is a
+pure function of (seed, epoch, step), so a resumed run reads exactly the batches an uninterrupted
+run would have read.
+
+Texts: the non-empty lines of .txt files, or the "text" fields of .jsonl files, in file order,
+de-duplicated. `held_out_share` of them, drawn with `seed`, are held out; training never sees them,
+nor the `exclude` texts (a later validation step's held-out set).
+
+Order: epoch e visits the training texts in `permutation(seed, e)`; step s of a run with B texts per
+step reads positions [p * B, (p + 1) * B) of epoch s // steps_per_epoch, p = s % steps_per_epoch (a
+last partial batch of an epoch is dropped). Under DDP, rank r of W takes every W-th of those texts
+(r, r + W, ...), so the ranks together read the same batch as a single process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inferforge.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class DistillData:
+    files: tuple[dict, ...]          # {"path", "sha256", "texts"} per file
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+    excluded: int                    # texts dropped because `exclude` holds them
+
+    def record(self) -> dict:
+        """For the manifest: the files with their hashes and the split's sizes."""
+        from inferforge.data import sha256_lines
+
+        return {"files": list(self.files), "train_texts": len(self.train), "held_out_texts": len(self.held_out),
+                "held_out_sha256": sha256_lines(self.held_out), "excluded_texts": self.excluded}
+
+
+def load_distill_data(paths: Sequence[str | Path], *, held_out_share: float, seed: int,
+                      exclude: Iterable[str] = ()) -> DistillData:
+    """Read, de-duplicate and split the texts; raises UserInputError naming --data for bad files."""
+    from inferforge.fileio import sha256_file
+    from inferforge.optimize.calibration import read_texts
+
+    if not paths:
+        raise UserInputError("no training text: give --data FILE (.txt, one passage per line, or .jsonl)")
+    texts, files = [], []
+    for path in paths:
+        read = read_texts(path, flag="--data")
+        files.append({"path": str(path), "sha256": sha256_file(path), "texts": len(read)})
+        texts.extend(read)
+    banned = set(exclude)
+    distinct = list(dict.fromkeys(texts))
+    kept = [t for t in distinct if t not in banned]
+    if len(kept) < 2:
+        raise UserInputError(f"--data: {len(kept)} distinct text(s) left after removing the validation texts; "
+                             "distillation needs at least 2 (some to train on, some held out): give more text")
+    order = np.random.default_rng(seed).permutation(len(kept))
+    n_held = min(max(1, round(len(kept) * held_out_share)), len(kept) - 1)
+    held = sorted(order[:n_held].tolist())
+    held_set = set(held)
+    return DistillData(files=tuple(files), train=tuple(t for i, t in enumerate(kept) if i not in held_set),
+                       held_out=tuple(kept[i] for i in held), excluded=len(distinct) - len(kept))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits `n` training texts: a pure function of its arguments."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    if batch_size > n:
+        raise UserInputError(f"--batch-size {batch_size} is larger than the {n} training texts; lower it or give "
+                             "more --data")
+    return n // batch_size
+
+
+def step_indices(step: int, *, seed: int, n: int, batch_size: int) -> tuple[int, int, np.ndarray]:
+    """(epoch, position in the epoch, the texts' indices) for optimizer step `step` (from 0)."""
+    epoch, position = divmod(step, steps_per_epoch(n, batch_size))
+    order = epoch_order(seed, epoch, n)
+    return epoch, position, order[position * batch_size:(position + 1) * batch_size]
+
+
+def rank_share(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    return indices[rank::world]
+
+
+def tokenize_all(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text (special tokens added, cut at `max_length`)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def collate(token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `input_ids` and `attention_mask`, int64 [batch, longest]."""
+    longest = max(len(t) for t in token_ids)
+    ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
+    for row, tokens in enumerate(token_ids):
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0

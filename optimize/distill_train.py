@@ -1,0 +1,355 @@
+"""The distillation training loop, on one process or under torchrun with DistributedDataParallel.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; with WORLD_SIZE > 1 the
+process group starts from them (NCCL on GPUs, gloo on CPUs), so single- and multi-node torchrun
+arguments work alike. Every rank reads its share of each batch (`distill_data.rank_share`); only
+rank 0 evaluates, logs and writes checkpoints. Each step all ranks agree (one all-reduce) on the
+loss and on whether to stop: a signal, the time budget, or the early-stop target.
+
+Bit-identical resume: the batch order is a function of (seed, epoch, step), the checkpoint holds
+the weights, optimizer, scheduler and every rank's RNG states, and evaluation uses no randomness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inferforge.errors import UserInputError
+from inferforge.optimize import distill_checkpoint as ckpt
+from inferforge.optimize.distill_data import (
+    collate,
+    load_distill_data,
+    pad_id,
+    rank_share,
+    step_indices,
+    tokenize_all,
+)
+from inferforge.optimize.distill_losses import (
+    embedding_loss,
+    kl_divergence,
+    masked_mean_pool,
+    next_token_cross_entropy,
+    token_mse,
+)
+
+DEFAULT_MAX_LENGTH = 512
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> DistEnv:
+    """The process group from torchrun's environment variables, or a single process."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistEnv(device=device)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def lr_factor(step: int, total: int, warmup_share: float) -> float:
+    """Linear warm-up over the first `warmup_share` of the steps, then cosine decay to 0."""
+    warmup = int(total * warmup_share)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(module, config):
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]   # biases, norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.steps, config.warmup_share))
+    return optimizer, scheduler
+
+
+def sample_losses(module, teacher, kind: str, ids, mask, config, hidden_weight: float, layer_map, autocast) -> dict:
+    """The weighted loss terms of one micro-batch, each `[batch]` (see `distill_losses`)."""
+    with autocast():
+        out = module(ids, mask)
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
+    parts = {}
+    if kind == "encoder":
+        if config.embedding_weight:
+            target = masked_mean_pool(t.last_hidden_state.float(), mask)
+            parts["embedding"] = config.embedding_weight * embedding_loss(out["pooled"], target, config.embedding_loss)
+    else:
+        if config.kl_weight:
+            parts["kl"] = config.kl_weight * kl_divergence(out["logits"], t.logits, mask, temperature=config.temperature)
+        if config.task_weight:
+            parts["task"] = config.task_weight * next_token_cross_entropy(out["logits"], ids, mask)
+    if hidden_weight:
+        per_layer = [token_mse(out["hidden"][i], t.hidden_states[j + 1], mask) for i, j in enumerate(layer_map)]
+        parts["hidden"] = hidden_weight * torch.stack(per_layer).mean(dim=0)
+    return parts
+
+
+class _Display:
+    """A progress bar with loss and samples/s on the console (rank 0, not quiet), lines for evaluations
+    and checkpoints."""
+
+    def __init__(self, progress, total: int, start: int):
+        self.progress, self.bar = progress, None
+        if progress is not None and not progress.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(TextColumn("distilling"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                    console=progress.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("distilling", total=total, completed=start, info="")
+
+    def step(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def line(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _target_reached(kind: str, metrics: dict, config) -> bool:
+    if kind == "encoder":
+        return config.target_mean_cosine is not None and metrics["mean_cosine"] >= config.target_mean_cosine
+    return config.target_top1_agreement is not None and metrics["top1_agreement"] >= config.target_top1_agreement
+
+
+def _check_kind_settings(kind: str, config) -> None:
+    """Gates and targets of the other model family are refused before training starts."""
+    other = (("target_top1_agreement", "min_top1_agreement", "max_kl") if kind == "encoder"
+             else ("target_mean_cosine", "min_mean_cosine", "min_cosine"))
+    given = [name for name in other if getattr(config, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        this = "an encoder" if kind == "encoder" else "a causal LM"
+        use = ("--min-mean-cosine, --min-cosine, --target-mean-cosine" if kind == "encoder"
+               else "--min-top1-agreement, --max-kl, --target-top1-agreement")
+        raise UserInputError(f"{flag} does not apply: this teacher is {this}; use {use}")
+
+
+def _fmt_metrics(metrics: dict) -> str:
+    keys = ("mean_cosine", "min_cosine", "retrieval_agreement", "top1_agreement", "kl")
+    return ", ".join(f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None)
+
+
+def run_training(source, student_dir, data_paths: list[Path], config, *, checkpoint_dir=None, resume: bool = False,
+                 exclude=(), progress=None):
+    """See `inferforge.optimize.distill.distill`."""
+    import torch.distributed as dist
+
+    from inferforge.models import source_max_length
+    from inferforge.optimize.distill import DistillResult
+    from inferforge.optimize.distill_eval import evaluate_decoder, evaluate_encoder, teacher_embeddings
+    from inferforge.optimize.distill_student import StudentWithHeads, build_student, load_teacher
+
+    env = init_distributed()
+    progress = progress if env.rank == 0 else None
+    if resume and checkpoint_dir is None:
+        raise UserInputError("--resume needs a checkpoint directory to resume from")
+    latest = ckpt.latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and latest is None:
+        raise UserInputError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start a new run")
+    if not resume and latest is not None:
+        raise UserInputError(f"{checkpoint_dir} holds a checkpoint of an earlier run (step {latest.name}); add "
+                             "--resume to continue it, or remove that directory to start over")
+    data = load_distill_data(data_paths, held_out_share=config.held_out_share, seed=config.seed, exclude=exclude)
+    teacher = load_teacher(source.path)
+    kind = teacher.kind
+    _check_kind_settings(kind, config)
+    hidden_weight = config.resolved_hidden_weight(kind)
+    weights = ([config.embedding_weight] if kind == "encoder" else [config.kl_weight, config.task_weight])
+    if not any(weights) and not hidden_weight:
+        raise UserInputError("every loss weight is 0: nothing to train on; set a weight above 0")
+    try:
+        model_limit = source_max_length(source.path)[0]
+    except UserInputError:
+        model_limit = DEFAULT_MAX_LENGTH
+    max_length = config.max_length or min(model_limit, DEFAULT_MAX_LENGTH)
+    tokenizer = teacher.tokenizer
+    pad = pad_id(tokenizer)
+    train_ids = tokenize_all(tokenizer, data.train, max_length)
+    held_ids = tokenize_all(tokenizer, data.held_out, max_length)
+    per_rank = config.batch_size // env.world
+    if config.batch_size % env.world or per_rank % config.grad_accum:
+        raise UserInputError(f"--batch-size {config.batch_size} must split evenly over {env.world} process(es) "
+                             f"x {config.grad_accum} accumulation micro-batches")
+    step_indices(0, seed=config.seed, n=len(train_ids), batch_size=config.batch_size)   # batch fits the data
+
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    student, plan = build_student(teacher, config, student_dir, seed=config.seed)
+    module = StudentWithHeads(student, kind, teacher.config.hidden_size, want_hidden=hidden_weight > 0)
+    torch.manual_seed(config.seed + env.rank)   # dropout differs between ranks, as their data does
+    module.to(env.device)
+    teacher.model.to(env.device)
+    train_module = module
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_module = DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda"
+                                               else None, find_unused_parameters=True)
+    optimizer, scheduler = _optimizer(module, config)
+    fingerprint = {"config": config.fingerprint(), "teacher": source.weights_sha256,
+                   "data": [f["sha256"] for f in data.files], "student": plan, "world": env.world}
+    start, history = 0, []
+    if latest is not None:
+        state, rng_states = ckpt.load_checkpoint(latest, module=module, optimizer=optimizer, scheduler=scheduler)
+        if state["fingerprint"] != fingerprint:
+            changed = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
+            raise UserInputError(f"--resume: the checkpoint in {checkpoint_dir} is of a different run ({', '.join(changed)} "
+                                 "changed); give the same teacher, data, student and settings, or remove it")
+        start, history = state["step"], state["history"]
+        ckpt.set_rng_state(rng_states[env.rank])
+
+    autocast = _autocast(env.device)
+    teacher_pooled = None
+    if env.rank == 0 and kind == "encoder":
+        teacher_pooled = teacher_embeddings(teacher.model, held_ids, pad, env.device, autocast)
+
+    def evaluate() -> dict:
+        if kind == "encoder":
+            return evaluate_encoder(module, teacher_pooled, held_ids, pad, env.device, autocast)
+        return evaluate_decoder(module, teacher.model, held_ids, pad, env.device, autocast)
+
+    def save(step: int) -> Path | None:
+        rngs = [ckpt.rng_state()]
+        if env.distributed:
+            rngs = [None] * env.world
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        path = None
+        if env.rank == 0 and checkpoint_dir is not None:
+            epoch, position, _ = step_indices(step, seed=config.seed, n=len(train_ids), batch_size=config.batch_size)
+            path = ckpt.save_checkpoint(checkpoint_dir, step=step, module=module, optimizer=optimizer,
+                                        scheduler=scheduler, rng_states=rngs,
+                                        state={"epoch": epoch, "position": position, "fingerprint": fingerprint,
+                                               "samples_seen": step * config.batch_size, "history": history})
+        if env.distributed:
+            dist.barrier()
+        return path
+
+    display = _Display(progress, config.steps, start)
+    if start:
+        display.line(f"resuming at step {start} of {config.steps} from {latest}")
+    stopped, metrics, step = "steps", None, start
+    started = last = time.monotonic()
+    try:
+        with ckpt.StopFlag() as stop:
+            for step in range(start, config.steps):
+                _, _, indices = step_indices(step, seed=config.seed, n=len(train_ids), batch_size=config.batch_size)
+                micro_batches = np.array_split(rank_share(indices, env.rank, env.world), config.grad_accum)
+                totals = {}
+                for j, micro in enumerate(micro_batches):
+                    ids, mask = collate([train_ids[i] for i in micro], pad)
+                    ids, mask = ids.to(env.device), mask.to(env.device)
+                    sync = j == len(micro_batches) - 1 or not env.distributed
+                    with contextlib.nullcontext() if sync else train_module.no_sync():
+                        parts = sample_losses(train_module, teacher.model, kind, ids, mask, config, hidden_weight,
+                                              plan["layer_map"], autocast)
+                        # DDP averages gradients over ranks: scale the rank's sum so the result is the batch mean.
+                        loss = sum(parts.values()).sum() * env.world / config.batch_size
+                        loss.backward()
+                    for name, value in parts.items():
+                        totals[name] = totals.get(name, 0.0) + float(value.detach().sum())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                step_seconds = time.monotonic() - last   # this step's training time, before evaluation and saving
+                names = sorted(totals)
+                timed_out = config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60
+                evaluated = config.eval_every and done % config.eval_every == 0 and done < config.steps
+                reached = False
+                if evaluated and env.rank == 0:
+                    metrics = evaluate()
+                    reached = _target_reached(kind, metrics, config)
+                flags = torch.tensor([totals[n] for n in names] + [float(bool(stop.requested)), float(timed_out),
+                                                                   float(reached)], dtype=torch.float64)
+                if env.distributed:
+                    dist.all_reduce(flags)
+                parts_mean = {n: float(flags[i]) / config.batch_size for i, n in enumerate(names)}
+                row = {"step": done, "loss": sum(parts_mean.values()), **{f"loss_{n}": v for n, v in parts_mean.items()},
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "samples_per_s": config.batch_size / max(step_seconds, 1e-9)}
+                if evaluated and env.rank == 0:
+                    row["eval"] = metrics
+                    display.line(f"step {done}/{config.steps}: held-out {_fmt_metrics(metrics)}")
+                history.append(row)
+                display.step(done, f"loss {row['loss']:.4f}  {row['samples_per_s']:.1f} samples/s")
+                signalled, timed_out, reached = (bool(flags[-3]), bool(flags[-2]), bool(flags[-1]))
+                if signalled:
+                    path = save(done)
+                    display.close()
+                    where = f"checkpoint saved to {path}" if path else "no checkpoint directory, nothing saved"
+                    raise ckpt.DistillInterrupted(
+                        f"interrupted ({stop.requested or 'signal'}) at step {done} of {config.steps}: {where}; "
+                        "run the same command with --resume to continue")
+                if reached or timed_out:
+                    stopped = "target" if reached else "time"
+                    break
+                if done % config.save_every == 0 and done < config.steps:
+                    path = save(done)
+                    if path:
+                        display.line(f"checkpoint: step {done} saved to {path}")
+                last = time.monotonic()
+            else:   # every step done; a checkpoint at or past `steps` trains no further and is re-evaluated
+                done = max(config.steps, start)
+            step = done
+            final_metrics = evaluate() if env.rank == 0 else None
+            if env.rank == 0:
+                history.append({"step": step, "eval": final_metrics, "final": True})
+            if checkpoint_dir is not None and step > start:
+                path = save(step)
+                if path:
+                    display.line(f"checkpoint: step {step} saved to {path}")
+    finally:
+        display.close()
+    if env.distributed:
+        box = [final_metrics]
+        dist.broadcast_object_list(box, src=0)
+        final_metrics = box[0]
+    display.line(f"held-out after {step} steps ({stopped}): {_fmt_metrics(final_metrics)}")
+    return DistillResult(kind=kind, student=module.student.cpu().float().eval(), tokenizer=tokenizer, teacher=source,
+                         data=data, config=config, plan={**plan, "max_length": max_length}, metrics=final_metrics,
+                         history=history, stopped=stopped, step=step, train_seconds=time.monotonic() - started,
+                         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, rank=env.rank)

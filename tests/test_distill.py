@@ -1,0 +1,172 @@
+"""Distillation building blocks: student init, losses, data order, config checks (fast, in-process)."""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from inferforge.errors import UserInputError
+from inferforge.optimize.distill import DistillConfig
+from inferforge.optimize.distill_data import load_distill_data, rank_share, step_indices
+from inferforge.optimize.distill_losses import kl_divergence, masked_mean_pool
+from inferforge.optimize.distill_student import StudentWithHeads, build_student, evenly_spaced, load_teacher
+from inferforge.optimize.distill_train import lr_factor, sample_losses
+from tests.distill_helpers import save_tiny_bert, tiny_bert_teacher
+from tests.factories_llama import save_tiny_llama, save_word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bert_teacher(tmp_path_factory):
+    return tiny_bert_teacher(tmp_path_factory.mktemp("bert"), layers=3)
+
+
+def test_layer_selection_copies_the_chosen_teacher_layers_exactly(bert_teacher):
+    student, plan = build_student(bert_teacher, DistillConfig(layers=(0, 2)))
+    assert plan["layer_map"] == [0, 2] and plan["num_layers"] == 2 and plan["copied_tensors"] == plan["total_tensors"]
+    teacher_sd, student_sd = bert_teacher.model.state_dict(), student.state_dict()
+    for name, tensor in student_sd.items():
+        origin = name.replace("encoder.layer.1.", "encoder.layer.2.")
+        assert torch.equal(tensor, teacher_sd[origin]), name
+    # Each student layer computes exactly what its teacher layer computes.
+    student.eval()
+    hidden = torch.randn(2, 5, 32)
+    for i, j in enumerate((0, 2)):
+        assert torch.equal(student.encoder.layer[i](hidden)[0], bert_teacher.model.encoder.layer[j](hidden)[0])
+    assert not torch.equal(student.encoder.layer[1](hidden)[0], bert_teacher.model.encoder.layer[1](hidden)[0])
+
+
+def test_keeping_every_layer_reproduces_the_teacher(bert_teacher):
+    student, _ = build_student(bert_teacher, DistillConfig(layers=(0, 1, 2)))
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    with torch.no_grad():
+        got = student.eval()(input_ids=ids).last_hidden_state
+        want = bert_teacher.model(input_ids=ids).last_hidden_state
+    assert torch.equal(got, want)
+
+
+def test_every_other_and_evenly_spaced_layer_maps(bert_teacher):
+    _, plan = build_student(bert_teacher, DistillConfig(layers="every-other"))
+    assert plan["layer_map"] == [0, 2]
+    assert evenly_spaced(6, 3) == (1, 3, 5) and evenly_spaced(12, 4) == (2, 5, 8, 11) and evenly_spaced(2, 1) == (1,)
+
+
+def test_narrower_student_gets_a_projection(bert_teacher):
+    student, plan = build_student(bert_teacher, DistillConfig(num_layers=1, hidden_size=16))
+    assert student.config.hidden_size == 16 and student.config.num_attention_heads == 1
+    assert plan["init"].startswith("partly") or plan["init"] == "random"
+    module = StudentWithHeads(student, "encoder", 32, want_hidden=True)
+    out = module(torch.tensor([[101, 2023, 102]]), torch.tensor([[1, 1, 1]]))
+    assert out["pooled"].shape == (1, 32) and out["hidden"][0].shape == (1, 3, 32)
+
+
+def test_llama_layer_selection_renumbers_the_kept_layers(tmp_path):
+    save_tiny_llama(tmp_path, num_hidden_layers=3)
+    save_word_tokenizer(tmp_path)
+    teacher = load_teacher(tmp_path)
+    assert teacher.kind == "decoder"
+    student, plan = build_student(teacher, DistillConfig(layers=(2,)))
+    assert plan["layer_map"] == [2] and student.model.layers[0].self_attn.layer_idx == 0
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(student.lm_head.weight, teacher.model.lm_head.weight)
+
+
+def test_layer_out_of_range_is_a_user_error(bert_teacher):
+    with pytest.raises(UserInputError, match="layer 3 is out of range: the teacher has 3 layers"):
+        build_student(bert_teacher, DistillConfig(layers=(0, 3)))
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(bert_teacher):
+    config = DistillConfig(num_layers=1, hidden_size=16, hidden_weight=0.5)   # random init: a large loss
+    student, plan = build_student(bert_teacher, config)
+    module = StudentWithHeads(student, "encoder", 32, want_hidden=True).eval()   # no dropout: a fixed function
+    ids = torch.tensor([[101, 2023, 2003, 1037, 6251, 102], [101, 7592, 2088, 102, 0, 0]])
+    mask = (ids != 0).long()
+
+    def loss():
+        parts = sample_losses(module, bert_teacher.model, "encoder", ids, mask, config, 0.5, plan["layer_map"],
+                              contextlib.nullcontext)
+        return sum(parts.values()).mean()
+
+    before = loss()
+    assert before.item() > 0
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    assert after.item() < before.item()
+
+
+def test_kl_with_temperature_matches_a_hand_computation():
+    student = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]])
+    teacher = torch.tensor([[[2.0, 0.5, 1.0], [3.0, 0.0, 0.0]]])
+    mask = torch.tensor([[1, 0]])   # the second position is padding
+
+    def softmax(xs, t):
+        e = [math.exp(x / t) for x in xs]
+        return [v / sum(e) for v in e]
+
+    for t in (1.0, 2.0, 4.0):
+        p, q = softmax([2.0, 0.5, 1.0], t), softmax([1.0, 2.0, 0.5], t)
+        want = t * t * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        got = kl_divergence(student, teacher, mask, temperature=t)
+        assert got.shape == (1,) and got.item() == pytest.approx(want, rel=1e-6)
+    assert kl_divergence(teacher, teacher, mask, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    assert torch.equal(masked_mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_held_out_split_is_seeded_disjoint_and_excludes_validation_texts(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(f"text {i}" for i in range(50)) + "\ntext 3\n\n")
+    a = load_distill_data([path], held_out_share=0.2, seed=1, exclude=["text 7"])
+    b = load_distill_data([path], held_out_share=0.2, seed=1, exclude=["text 7"])
+    c = load_distill_data([path], held_out_share=0.2, seed=2, exclude=["text 7"])
+    assert a == b and a.held_out != c.held_out
+    assert len(a.held_out) == 10 and len(a.train) == 39 and a.excluded == 1
+    assert not set(a.train) & set(a.held_out) and "text 7" not in a.train + a.held_out
+    assert a.files[0]["texts"] == 51 and len(a.files[0]["sha256"]) == 64
+
+
+def test_empty_data_file_is_a_user_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UserInputError, match=r"--data .*empty.txt: no text \(empty file\)"):
+        load_distill_data([tmp_path / "empty.txt"], held_out_share=0.1, seed=0)
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_step_and_ranks_share_it():
+    first = [step_indices(s, seed=3, n=10, batch_size=4)[2].tolist() for s in range(5)]
+    again = [step_indices(s, seed=3, n=10, batch_size=4)[2].tolist() for s in (3, 4, 0, 1, 2)]
+    assert [first[i] for i in (3, 4, 0, 1, 2)] == again
+    # 2 steps per epoch (the partial batch of 2 is dropped); each epoch visits distinct texts.
+    assert step_indices(2, seed=3, n=10, batch_size=4)[:2] == (1, 0)
+    assert len(set(first[0] + first[1])) == 8
+    batch = np.array(first[0])
+    assert sorted(rank_share(batch, 0, 2).tolist() + rank_share(batch, 1, 2).tolist()) == sorted(first[0])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 100, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.001
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": (0, 0)}, "twice"), ({"layers": (3, 1)}, "increasing"), ({"layers": "odd"}, "every-other"),
+    ({"layers": (0,), "num_layers": 2}, "not both"), ({"hidden_size": 16}, "needs num_layers"),
+    ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"), ({"held_out_share": 1.0}, "held_out_share"),
+    ({"min_top1_agreement": 1.5}, "min_top1_agreement"), ({"steps": 0}, "steps")])
+def test_config_validates_itself(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**kwargs)
+
+
+def test_student_config_with_another_vocabulary_is_refused(bert_teacher, tmp_path):
+    save_tiny_bert(tmp_path / "student", layers=1, vocab_size=1000)
+    with pytest.raises(UserInputError, match="vocab_size 1000 differs from the teacher's 30522"):
+        build_student(bert_teacher, DistillConfig(), tmp_path / "student")

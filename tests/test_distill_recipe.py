@@ -1,0 +1,74 @@
+"""The `distill` recipe step: validation of the recipe, and a run whose later steps work on the student
+and are gated against the teacher."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inferforge.errors import RecipeError
+from inferforge.recipe import DistillStepConfig, ExportConfig, parse_recipe
+from tests.distill_helpers import DOCS, save_tiny_bert
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill-minilm.yaml"
+
+
+def _recipe(tmp_path, steps: str, **kw):
+    return parse_recipe(f"model: all-MiniLM-L6-v2\nsteps:\n{steps}", base_dir=tmp_path, **kw)
+
+
+def test_the_example_recipe_validates_and_resolves_its_data_files():
+    from inferforge.recipe import load_recipe
+
+    recipe = load_recipe(EXAMPLE)
+    distill = recipe.steps[0]
+    assert isinstance(distill, DistillStepConfig) and isinstance(recipe.steps[1], ExportConfig)
+    assert distill.layers == (0, 3, 5) and all(Path(p).is_file() for p in distill.data)
+    assert distill.distill_config().layers == (0, 3, 5)
+    assert recipe.to_dict()["steps"][0]["distill"]["layers"] == [0, 3, 5]
+
+
+@pytest.mark.parametrize("steps, message", [
+    ("  - distill: {data: [d.txt], layers: [0]}\n  - validate\n", "'distill' followed by 'export'"),
+    ("  - export\n  - distill: {data: [d.txt], layers: [0]}\n", "distill must be the first step"),
+    ("  - distill: {data: [d.txt]}\n  - export\n", "layers (a list or 'every-other'), num_layers or student"),
+    ("  - distill: {data: [d.txt], layers: [2, 1]}\n  - export\n", "steps[0].distill.layers: layers must be in "
+                                                                   "increasing order"),
+    ("  - distill: {data: [d.txt], layers: [0], stepz: 3}\n  - export\n", "did you mean 'steps'"),
+    ("  - distill: {data: [missing.txt], layers: [0]}\n  - export\n", "steps[0].distill.data[0]: file not found"),
+])
+def test_bad_distill_steps_are_refused_before_any_work(tmp_path, steps, message):
+    (tmp_path / "d.txt").write_text("a text\n")
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        _recipe(tmp_path, steps)
+
+
+@pytest.mark.slow
+def test_recipe_distils_then_exports_and_validates_the_student_against_the_teacher(tmp_path):
+    from inferforge.pipeline import run_recipe
+
+    teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
+    recipe = parse_recipe(f"""
+model: {teacher}
+data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
+steps:
+  - distill: {{data: [{DOCS}], layers: [1], steps: 4, batch_size: 8, max_length: 32, min_mean_cosine: 0.5}}
+  - export
+  - validate
+gates: {{min_cosine: 0.5}}
+output: {tmp_path / "out"}
+""")
+    result = run_recipe(recipe)
+    assert result.passed, result.report["checks"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["distill", "export", "validate"]
+    distill = manifest["steps"][0]["result"]
+    # The recipe's held-out sentences were removed from the training text, so validation is on unseen text.
+    assert distill["data"]["excluded_texts"] == 60 and distill["student"]["layer_map"] == [1]
+    assert manifest["source"]["model"] == str(teacher)   # the teacher stays the source the student is gated against
+    assert manifest["validation"]["sentences"] > 0
+    # The export was checked against the student (a 1-layer model), the validation against the teacher.
+    assert manifest["steps"][1]["result"]["max_abs_diff"] < 1e-3
+    assert manifest["validation"]["mean_cosine"] < 0.99999
+    assert (tmp_path / "out.checkpoints" / "latest.json").is_file()
