@@ -274,7 +274,9 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
     write_ort_config(staging, decoder_ort_config(opset=opset, config_entries=session_config,
                                                  quantized_export=extra.get("quantized_export")))
 
-    parent = {**(source.parent or {}), **extra.pop("parent", {})} or None   # the quantizer's record, digest included
+    # The quantized parent: this module's record (manifest_sha256 = the manifest's own digest, as for any
+    # parent) plus what export_quantized_graph adds (its `digest`).
+    parent = {**extra.pop("parent", {}), **(source.parent or {})} or None
     checks = [{"name": "onnx-vs-pytorch logits", "kind": "gate", "measured": worst, "op": "<=", "limit": limit,
                "passed": True},
               {"name": "greedy tokens agree", "kind": "gate", "measured": agreement, "op": ">=",
