@@ -123,9 +123,11 @@ def test_manifest_records_exporter_validation_speed_and_source(exported, checkpo
     assert manifest["throughput"]["tokens_per_s"] > 0 and manifest["throughput"]["batch"] == 1
     assert manifest["source"]["weights_sha256"] == weights_sha256(checkpoints["qwen2"])
     assert manifest["runtime"] == {"engine": "inferforge.optimize.onnx_decoder.OnnxDecoder", "model": "model.onnx",
-                                   "model_type": "qwen2", "dtype": "fp32", "external_data": None}
+                                   "model_type": "qwen2", "dtype": "fp32", "external_data": None,
+                                   "onnxruntime_session_config": {}}
     assert manifest["parent"] is None
-    assert {"tokenizer.json", "config.json", "model.onnx"} <= set(manifest["files"])
+    assert {"tokenizer.json", "config.json", "model.onnx", "ort_config.json"} <= set(manifest["files"])
+    assert json.loads((out / "ort_config.json").read_text())["inferforge"] == {"quantized_export": None}
 
 
 def test_external_data_is_written_and_loads(exported):
