@@ -210,7 +210,6 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
     from inferforge.artifact import CHECKPOINT_FILES
     from inferforge.manifest import environment, utc_now, write_manifest
     from inferforge.models import weights_sha256
-    from inferforge.ort_config import decoder_ort_config, write_ort_config
     from inferforge.optimize import llm_export
     from inferforge.optimize.onnx_decoder import validate_decoder
     from inferforge.optimize.onnx_graph_files import (
@@ -219,6 +218,7 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
         load_graph,
         save_graph,
     )
+    from inferforge.ort_config import decoder_ort_config, write_ort_config
     from inferforge.runtime.llama import LlamaSpec
 
     spec = LlamaSpec.from_config(source.config, source=str(source.model_dir / "config.json"))
