@@ -22,7 +22,8 @@ DECODER_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 def add_export_parser(sub, fmt, model_args, common) -> None:
     """Register `export` on the subparsers `sub`; `model_args` and `common` are the CLI's shared flag groups."""
-    p = sub.add_parser("export", formatter_class=fmt, help="export a model to ONNX and validate it",
+    # allow_abbrev=False: `--calibration` must not be taken for a prefix of `--calibration-size`.
+    p = sub.add_parser("export", formatter_class=fmt, allow_abbrev=False, help="export a model to ONNX and validate it",
                        description="Export to ONNX with optimum-onnx, check ONNX Runtime against PyTorch, and write "
                                    "an artifact. Encoders: cosine against the source on held-out sentences. "
                                    "Llama / Mistral / Qwen2 checkpoints and causal-LM artifacts: one decoder graph "
@@ -32,12 +33,15 @@ def add_export_parser(sub, fmt, model_args, common) -> None:
                        epilog="examples:\n  inferforge export all-MiniLM-L6-v2 --output runs/minilm-onnx\n"
                               "  inferforge export ./Llama-3.2-1B --output runs/llama-onnx\n"
                               "  inferforge export ./Qwen2-0.5B --fp16 --opset 18 --output runs/qwen-onnx-fp16\n"
+                              "  inferforge export runs/llama-int4 --output runs/llama-int4-onnx\n"
+                              "  inferforge export runs/llama-w8a8 --calibration cal.txt --output runs/llama-w8a8-onnx\n"
                               "  inferforge export ./Llama-3.2-1B --format tensorrt --output runs/llama-trt\n"
                               "  inferforge export runs/llama-onnx --format triton --repository models/")
     model_args(p, model_help="; a Llama / Mistral / Qwen2 checkpoint or causal-LM artifact gives an ONNX decoder; "
                              "an ONNX artifact with --format tensorrt|triton")
     opset = next(a for a in p._actions if a.dest == "opset")
-    opset.default, opset.help = None, "ONNX opset (default 17 for an encoder, 18 for a decoder, which takes 14 to 21)"
+    opset.default, opset.help = None, ("ONNX opset (default 17 for an encoder; for a decoder, which takes 14 to 21, "
+                                       "auto: 18, or 19 for an fp8 artifact)")
     p.add_argument("--format", default="onnx", metavar="onnx|tensorrt|triton",
                    help="onnx: the artifact (default onnx); tensorrt: plus TensorRT readiness files and optimization "
                         "profiles under tensorrt/; triton: plus a version of it in the Triton model repository "
@@ -45,6 +49,9 @@ def add_export_parser(sub, fmt, model_args, common) -> None:
     p.add_argument("--fp16", action="store_true",
                    help="decoders: convert the graph to fp16 (RMSNorm, Softmax, reductions and rotary embedding stay "
                         "fp32, logits fp32), validated at a looser tolerance with identical greedy tokens")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="w8a8 / fp8 artifacts: .txt / .jsonl text for the graph's static activation scales (default: "
+                        "the artifact's own calibration file, when found unchanged)")
     p.add_argument("--repository", metavar="DIR", help="with --format triton: the Triton model repository to write into")
     common(p)
     p.set_defaults(func=cmd_export)
@@ -95,6 +102,9 @@ def cmd_export(args) -> int:
     if args.format not in FORMATS:
         raise UserInputError(f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
     route = _route(args)
+    if args.calibration is not None and route != "decoder":
+        raise UserInputError("--calibration FILE sets the static activation scales of a w8a8 / fp8 artifact's export; "
+                             f"{args.model} is not a quantized artifact, drop --calibration")
     if route == "decoder":
         return _export_decoder(args)
     if route == "onnx-artifact":
@@ -106,11 +116,11 @@ def _export_decoder(args) -> int:
     from inferforge.cli import _progress
     from inferforge.optimize.llm_export_artifact import export_llm
 
-    opset = 18 if args.opset is None else args.opset
     name = args.name or Path(args.model).resolve().name
     out = args.output or f"runs/{name}-onnx{'-fp16' if args.fp16 else ''}"
-    manifest = export_llm(args.model, out, opset=opset, fp16=args.fp16, fmt=args.format, repository=args.repository,
-                          name=args.name, progress=_progress(args))
+    manifest = export_llm(args.model, out, opset=args.opset, fp16=args.fp16, fmt=args.format,
+                          repository=args.repository, name=args.name, progress=_progress(args),
+                          calibration=args.calibration)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
@@ -120,6 +130,10 @@ def _export_decoder(args) -> int:
     print(f"validation: logits max |diff| {worst:.3g} over {len(validation['cases'])} cases; greedy tokens "
           f"{'identical' if validation['identical'] else 'not identical'} for {validation['greedy_steps']} steps")
     print(f"speed: {speed['tokens_per_s']:.1f} tokens/s at batch 1 ({speed['provider']})")
+    if "quantized_export" in manifest:
+        record = manifest["quantized_export"]
+        print(f"quantized: {record['format']} as {record['op']} (opset {manifest['export']['opset']}); float32 graph "
+              f"{manifest['throughput_float']['tokens_per_s']:.1f} tokens/s at batch 1 on the same machine")
     if "tensorrt" in manifest:
         print(f"tensorrt: {Path(out).resolve() / 'tensorrt'} (ready: {manifest['tensorrt'].get('ready')})")
     if "triton" in manifest:

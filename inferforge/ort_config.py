@@ -1,4 +1,5 @@
-"""`ort_config.json`: how an encoder artifact's `model.onnx` is meant to be opened, for any reader.
+"""`ort_config.json`: how an ONNX artifact's `model.onnx` is meant to be opened, for any reader
+(encoders; decoders from `inferforge export` through `decoder_ort_config`).
 
 The file follows optimum's `ORTConfig` layout (`optimum.onnxruntime.ORTConfig.from_pretrained(DIR)`
 reads it): `opset`, `use_external_data_format`, `one_external_file`, `optimization` (the graph
@@ -121,3 +122,33 @@ def read_session_options(directory: str | Path, manifest: dict) -> dict:
         return check_session_options({**DEFAULT_SESSION_OPTIONS, "disabled_optimizers": disabled},
                                      f"{directory}: manifest runtime.onnxruntime_disabled_optimizers")
     return DEFAULT_SESSION_OPTIONS
+
+
+def decoder_ort_config(*, opset: int, config_entries: dict[str, str] | None = None,
+                       quantized_export: dict | None = None) -> dict:
+    """`ort_config.json` of an `onnx-causal-lm` artifact (`inferforge export` of a decoder): the same
+    layout, with `session_options.config_entries` the entries the graph needs on ONNX Runtime (fp8 QDQ
+    on the CPU: `session.disable_quant_qdq=1`) and `inferforge.quantized_export` naming the format and
+    its ops (None for a float graph). The decoder's own quantization is in the graph, so optimum's
+    `quantization` block stays `{}`."""
+    options = {"graph_optimization_level": "ORT_ENABLE_ALL", "disabled_optimizers": [],
+               "config_entries": dict(config_entries or {})}
+    config = ort_config(opset=opset, session_options=options)
+    config["optimization"].update(disable_skip_layer_norm_fusion=False, disable_bias_skip_layer_norm_fusion=False)
+    config["inferforge"] = {"quantized_export": None if quantized_export is None else
+                            {k: quantized_export.get(k) for k in ("format", "op", "bits", "block_size", "opset")}}
+    return config
+
+
+def decoder_session_config(directory: str | Path) -> dict[str, str]:
+    """Session config entries an `onnx-causal-lm` artifact asks for: its `ort_config.json`'s
+    `session_options.config_entries`, else (written before that file) the manifest's
+    `quantized_export.onnxruntime_session_config`; `{}` when neither has any."""
+    from inferforge.manifest import MANIFEST_NAME, read_manifest
+
+    directory = Path(directory)
+    if (directory / ORT_CONFIG_NAME).is_file():
+        return dict(read_session_options(directory, {}).get("config_entries", {}))
+    if not (directory / MANIFEST_NAME).is_file():
+        return {}
+    return dict((read_manifest(directory).get("quantized_export") or {}).get("onnxruntime_session_config") or {})

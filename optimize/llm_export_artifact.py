@@ -32,6 +32,12 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 FORMATS = ("onnx", "tensorrt", "triton")
 OPSET_RANGE = (14, 21)      # scaled_dot_product_attention needs 14; ONNX Runtime 1.20 runs up to 21
 LLM_INPUT_KINDS = ("causal-lm", "quantized-causal-lm")
+DEFAULT_OPSET = 18
+# The lowest opset each quantized format exports at. MatMulNBits is a com.microsoft op (any ai.onnx
+# opset); int8 QDQ with a per-channel DequantizeLinear (axis) needs 13; float8e4m3fn QuantizeLinear /
+# DequantizeLinear need 19. opset "auto" (None) is DEFAULT_OPSET, or this when it is higher.
+MIN_OPSET = {"fp8": 19, "w8a8": 13}
+CALIBRATED_FORMATS = ("w8a8", "fp8")
 EXPORTER_PACKAGES = ("optimum", "optimum-onnx", "onnx", "onnxruntime", "torch", "transformers")
 
 
@@ -43,6 +49,7 @@ class ExportSource:
     config: dict
     kind: str                   # "checkpoint", "causal-lm" or "quantized-causal-lm"
     parent: dict | None = None
+    quant_format: str | None = None     # a quantized-causal-lm's format ("int4-g128", "fp8", ...)
 
 
 def unsupported_architecture(model_type) -> UserInputError:
@@ -58,7 +65,7 @@ def resolve_source(path: str | Path) -> ExportSource:
     if not path.exists():
         raise UserInputError(f"{path} does not exist; give a Llama/Mistral/Qwen2 checkpoint directory (config.json "
                              "and *.safetensors) or a causal-LM artifact")
-    kind, parent = "checkpoint", None
+    kind, parent, quant_format = "checkpoint", None, None
     if (path / MANIFEST_NAME).is_file():
         manifest = verify_artifact(path)
         kind = manifest.get("kind")
@@ -68,19 +75,43 @@ def resolve_source(path: str | Path) -> ExportSource:
         parent = {"name": manifest.get("name"), "kind": kind, "version": manifest.get("version"),
                   "manifest_sha256": manifest.get("manifest_sha256"), "path": str(path.resolve()),
                   "source_weights_sha256": (manifest.get("source") or {}).get("weights_sha256")}
+        quant_format = (manifest.get("quantization") or {}).get("format") if kind == "quantized-causal-lm" else None
     config = read_config(path, what="a Llama/Mistral/Qwen2 checkpoint directory")
     if config.get("model_type") not in SUPPORTED_TYPES:
         raise unsupported_architecture(config.get("model_type"))
     if kind == "checkpoint" and not check_safetensors_files(path):
         raise UserInputError(f"{path}: no *.safetensors weights; give a Hugging Face checkpoint directory")
-    return ExportSource(path, config, kind, parent)
+    return ExportSource(path, config, kind, parent, quant_format)
 
 
-def check_export_args(*, opset: int, fp16: bool, fmt: str, repository, source: ExportSource | None = None) -> None:
+def choose_opset(opset: int | None, source: ExportSource | None) -> int:
+    """`opset`, or for None ("auto") DEFAULT_OPSET raised to the quantized format's minimum."""
+    need = MIN_OPSET.get(source.quant_format, 0) if source is not None else 0
+    if opset is None:
+        return max(DEFAULT_OPSET, need)
+    if opset < need:
+        raise UserInputError(f"--opset {opset}: {source.quant_format} needs opset >= {need} (float8e4m3fn "
+                             f"QuantizeLinear/DequantizeLinear); pass --opset {need} or higher, or leave --opset out "
+                             f"(auto picks {max(DEFAULT_OPSET, need)})")
+    return opset
+
+
+def check_export_args(*, opset: int | None, fp16: bool, fmt: str, repository, source: ExportSource | None = None,
+                      calibration=None) -> None:
     low, high = OPSET_RANGE
-    if not low <= opset <= high:
+    if opset is not None and not low <= opset <= high:
         raise UserInputError(f"--opset {opset} is out of range; a decoder exports at opset {low} to {high} "
-                             "(default 18)")
+                             f"(default auto: {DEFAULT_OPSET}, {MIN_OPSET['fp8']} for fp8)")
+    choose_opset(opset, source)
+    if calibration is not None:
+        quant = source.quant_format if source is not None else None
+        if quant not in CALIBRATED_FORMATS:
+            what = f"{quant} is weight-only" if quant else "the input is not a quantized artifact"
+            raise UserInputError(f"--calibration FILE sets the static activation scales of a w8a8 / fp8 artifact's "
+                                 f"export; {what}, drop --calibration")
+        if not Path(calibration).is_file():
+            raise UserInputError(f"--calibration {calibration}: no such file; give the .txt / .jsonl text to "
+                                 "calibrate the static activation scales on")
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "triton" and repository is None:
@@ -121,13 +152,13 @@ def exporter_versions() -> dict:
 
 
 def decode_tokens_per_second(onnx_path, spec, *, new_tokens: int = 32, prompt_tokens: int = 8, repeats: int = 3,
-                             provider: str | None = None) -> dict:
+                             provider: str | None = None, session_config: dict[str, str] | None = None) -> dict:
     """Decode speed of the graph at batch 1 on this machine: `new_tokens` / wall time of one `generate`
     call (the prefill of a `prompt_tokens` prompt included, EOS ignored), median of `repeats` after a
     warm-up call."""
     from inferforge.optimize.onnx_decoder import OnnxDecoder
 
-    decoder = OnnxDecoder(onnx_path, spec, max_num_seqs=1, provider=provider)
+    decoder = OnnxDecoder(onnx_path, spec, max_num_seqs=1, provider=provider, session_config=session_config)
     prompt = [i % spec.vocab_size for i in range(3, 3 + prompt_tokens)]
     decoder.generate([prompt], max_new_tokens=4, stop_token_ids=[])
     seconds = []
@@ -140,25 +171,27 @@ def decode_tokens_per_second(onnx_path, spec, *, new_tokens: int = 32, prompt_to
             "definition": "new tokens / wall time of one generate call (prompt prefill included), median"}
 
 
-def export_llm(model_or_artifact: str | Path, out_dir: str | Path, *, opset: int = 18, fp16: bool = False,
+def export_llm(model_or_artifact: str | Path, out_dir: str | Path, *, opset: int | None = None, fp16: bool = False,
                fmt: str = "onnx", repository: str | Path | None = None, name: str | None = None, progress=None,
-               external_data_threshold: int | None = None) -> dict:
+               external_data_threshold: int | None = None, calibration: str | Path | None = None) -> dict:
     """Export, validate and write the `onnx-causal-lm` artifact `out_dir` (see the module docstring);
-    returns its manifest. With `fmt="triton"` the manifest's `triton.version_dir` is the Triton model
+    returns its manifest. `opset` None ("auto"): 18, or the quantized format's minimum when higher
+    (fp8: 19). `calibration`: the text for a w8a8 / fp8 artifact's static activation scales. With `fmt="triton"` the manifest's `triton.version_dir` is the Triton model
     version written under `repository`. Raises `UserInputError` for bad arguments (before any work) and
     `GateFailed` when ONNX Runtime does not match PyTorch (nothing is written then)."""
     from inferforge.manifest import failed_report_dir, staged_artifact, write_failed_report
     from inferforge.progress import Progress
 
     source = resolve_source(model_or_artifact)
-    check_export_args(opset=opset, fp16=fp16, fmt=fmt, repository=repository, source=source)
+    check_export_args(opset=opset, fp16=fp16, fmt=fmt, repository=repository, source=source, calibration=calibration)
+    requested, opset = "auto" if opset is None else opset, choose_opset(opset, source)
     progress = progress or Progress(quiet=True)
     out = Path(out_dir).resolve()
     try:
         with staged_artifact(out) as staging:
-            manifest = _build(source, staging, opset=opset, fp16=fp16, fmt=fmt, name=name or out.name,
+            manifest = _build(source, staging, opset=(opset, requested), fp16=fp16, fmt=fmt, name=name or out.name,
                               given=str(model_or_artifact), progress=progress,
-                              external_data_threshold=external_data_threshold)
+                              external_data_threshold=external_data_threshold, calibration=calibration)
     except GateFailed as e:
         report = {"kind": "onnx-causal-lm", "passed": False, "error": str(e), "check": e.check,
                   "source": str(model_or_artifact), "opset": opset, "dtype": "fp16" if fp16 else "fp32"}
@@ -173,7 +206,7 @@ def export_llm(model_or_artifact: str | Path, out_dir: str | Path, *, opset: int
 
 
 def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given, progress,
-           external_data_threshold) -> dict:
+           external_data_threshold, calibration) -> dict:
     from inferforge.artifact import CHECKPOINT_FILES
     from inferforge.manifest import environment, utc_now, write_manifest
     from inferforge.models import weights_sha256
@@ -185,19 +218,23 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
         load_graph,
         save_graph,
     )
+    from inferforge.ort_config import decoder_ort_config, write_ort_config
     from inferforge.runtime.llama import LlamaSpec
 
     spec = LlamaSpec.from_config(source.config, source=str(source.model_dir / "config.json"))
+    opset, requested = opset
     work = staging / "_work"
-    steps, extra = [], {}
+    steps, extra, session_config = [], {}, {}
     started = time.perf_counter()
     with progress.spinner(f"exporting {source.model_dir.name} to ONNX (opset {opset})"):
         if source.kind == "quantized-causal-lm":
             quant = _import_optional("inferforge.optimize.onnx_llm_quant", "exporting a quantized artifact")
-            graph = quant.export_quantized_graph(source.model_dir, work, opset=opset, progress=progress)
+            graph = quant.export_quantized_graph(source.model_dir, work, opset=opset, calibration=calibration,
+                                                 progress=progress)
             exported, reference = Path(graph.onnx_path), graph.reference
             exact_tokens, logits_atol = graph.exact_tokens, graph.logits_atol
-            extra["quantized"] = graph.manifest
+            extra.update(graph.manifest)      # quantized_export, parent (the quantized artifact), parent_gate, lineage
+            session_config = dict((graph.manifest.get("quantized_export") or {}).get("onnxruntime_session_config") or {})
         else:
             exported = llm_export.export_decoder_onnx(source.model_dir, work, opset=opset)
             reference, exact_tokens, logits_atol = _torch_reference(source.model_dir), True, None
@@ -212,7 +249,7 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
     started = time.perf_counter()
     with progress.spinner("validating ONNX Runtime against PyTorch"):
         validation = validate_decoder(staging / "model.onnx", reference, spec, fp16=fp16, logits_atol=logits_atol,
-                                      exact_tokens=exact_tokens)
+                                      exact_tokens=exact_tokens, session_config=session_config)
     worst = max(c["logits_max_abs_diff"] for c in validation["cases"])
     limit = min(c["logits_limit"] for c in validation["cases"])
     agreement = min(g["agreement"] for g in validation["greedy"])
@@ -222,7 +259,7 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
 
     started = time.perf_counter()
     with progress.spinner("measuring decode tokens/s at batch 1"):
-        throughput = decode_tokens_per_second(staging / "model.onnx", spec)
+        throughput = decode_tokens_per_second(staging / "model.onnx", spec, session_config=session_config)
         if source.kind == "quantized-causal-lm":
             extra["throughput_float"] = decode_tokens_per_second(graph.float_onnx_path, spec)
     steps.append(_step("bench", started, {"batch": 1, "new_tokens": throughput["new_tokens"]},
@@ -233,7 +270,13 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
             shutil.copyfile(source.model_dir / file_name, staging / file_name)
     if fmt == "tensorrt":
         extra["tensorrt"] = _tensorrt_files(staging, spec)
+    # Other runtimes read how to open the graph from here; OnnxDecoder.from_artifact applies it too.
+    write_ort_config(staging, decoder_ort_config(opset=opset, config_entries=session_config,
+                                                 quantized_export=extra.get("quantized_export")))
 
+    # The quantized parent: this module's record (manifest_sha256 = the manifest's own digest, as for any
+    # parent) plus what export_quantized_graph adds (its `digest`).
+    parent = {**extra.pop("parent", {}), **(source.parent or {})} or None
     checks = [{"name": "onnx-vs-pytorch logits", "kind": "gate", "measured": worst, "op": "<=", "limit": limit,
                "passed": True},
               {"name": "greedy tokens agree", "kind": "gate", "measured": agreement, "op": ">=",
@@ -241,12 +284,12 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
     return write_manifest(staging, {
         "name": name, "created": utc_now(), "kind": "onnx-causal-lm",
         "runtime": {"engine": "inferforge.optimize.onnx_decoder.OnnxDecoder", "model": "model.onnx",
-                    "model_type": spec.model_type, "dtype": dtype,
+                    "model_type": spec.model_type, "dtype": dtype, "onnxruntime_session_config": session_config,
                     "external_data": "model.onnx_data" if len(files) > 1 else None},
         "source": {"model": given, "path": str(source.model_dir.resolve()),
                    "weights_sha256": weights_sha256(source.model_dir)},
-        "parent": source.parent,
-        "export": {"format": fmt, "opset": opset, "dtype": dtype, "task": llm_export.DECODER_TASK,
+        "parent": parent,
+        "export": {"format": fmt, "opset": opset, "opset_requested": requested, "dtype": dtype, "task": llm_export.DECODER_TASK,
                    "exporter": exporter_versions()},
         "validation": validation, "throughput": throughput, **extra,
         "steps": steps, "checks": checks, "passed": True, "accuracy_passed": True, "environment": environment(),

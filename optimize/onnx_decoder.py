@@ -65,7 +65,8 @@ class DecoderSession:
     `run(input_ids, attention_mask, position_ids, past)` takes torch tensors on `.device` and returns
     `(logits [batch, seq, vocab], present)` with `present` in the order of `.past_names`."""
 
-    def __init__(self, onnx_path: str | Path, spec, *, provider: str | None = None, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, spec, *, provider: str | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.path, self.spec = Path(onnx_path), spec
@@ -80,6 +81,9 @@ class DecoderSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        self.session_config = dict(session_config or {})
+        for key, value in self.session_config.items():   # e.g. session.disable_quant_qdq=1 for fp8 QDQ on the CPU
+            options.add_session_config_entry(key, str(value))
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
@@ -169,10 +173,11 @@ class OnnxDecoder:
     """Generate with an exported decoder graph; `generate` and `stream` as `LLMEngine`'s."""
 
     def __init__(self, onnx_path: str | Path, spec, *, tokenizer=None, max_num_seqs: int = 8,
-                 max_context: int | None = None, provider: str | None = None, threads: int | None = None):
+                 max_context: int | None = None, provider: str | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
         if max_num_seqs < 1:
             raise UserInputError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        self.model = DecoderSession(onnx_path, spec, provider=provider, threads=threads)
+        self.model = DecoderSession(onnx_path, spec, provider=provider, threads=threads, session_config=session_config)
         self.provider = self.model.provider
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
@@ -192,8 +197,10 @@ class OnnxDecoder:
                       threads: int | None = None) -> OnnxDecoder:
         """The decoder of an `onnx-causal-lm` artifact directory (graph, config.json, tokenizer files).
         `max_step_tokens` is accepted for `LLMEngine` compatibility: prompts are prefilled whole.
-        `kv_cache_dtype` must be the graph's own past dtype (it is fixed at export)."""
+        `kv_cache_dtype` must be the graph's own past dtype (it is fixed at export). The session config
+        entries the artifact records (`inferforge.ort_config.decoder_session_config`) are applied."""
         from inferforge.checkpoint_files import read_config
+        from inferforge.ort_config import decoder_session_config
         from inferforge.runtime.llama import LlamaSpec
 
         path = Path(path)
@@ -204,7 +211,7 @@ class OnnxDecoder:
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         decoder = cls(path / model, spec, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_context=max_context,
-                      provider=provider, threads=threads)
+                      provider=provider, threads=threads, session_config=decoder_session_config(path))
         wanted = KV_CACHE_DTYPES.get(kv_cache_dtype, kv_cache_dtype)
         if kv_cache_dtype is not None and wanted != decoder.model.kv_dtype:
             have = {v: k for k, v in KV_CACHE_DTYPES.items()}.get(decoder.model.kv_dtype, str(decoder.model.kv_dtype))

@@ -68,14 +68,16 @@ def _fail(message: str, check: dict) -> GateFailed:
 
 def validate_decoder(onnx_path, reference, spec, *, fp16: bool = False, logits_atol: float | None = None,
                      exact_tokens: bool = True, greedy_steps: int = 16, lengths: tuple[int, ...] = (1, 7, 33),
-                     seed: int = 0, provider: str | None = None) -> dict:
+                     seed: int = 0, provider: str | None = None,
+                     session_config: dict[str, str] | None = None) -> dict:
     """Compare the graph at `onnx_path` with the PyTorch `reference` (see the module docstring).
 
-    `spec` is the model's `LlamaSpec`. Returns the numbers: per case the largest absolute difference
+    `spec` is the model's `LlamaSpec`; `session_config`: ONNX Runtime session config entries the graph needs. Returns the numbers: per case the largest absolute difference
     of the logits and of the present key/values with their limits, and the greedy comparison.
     Raises `GateFailed` naming the output, the case and the largest difference on a mismatch."""
     reference = reference.eval()
-    decoder = OnnxDecoder(onnx_path, spec, max_num_seqs=len(lengths), provider=provider)
+    decoder = OnnxDecoder(onnx_path, spec, max_num_seqs=len(lengths), provider=provider,
+                          session_config=session_config)
     session = decoder.model
     rtol = FP16_RTOL if fp16 else FP32_RTOL
     generator = torch.Generator().manual_seed(seed)

@@ -12,7 +12,8 @@ rewritten (`onnx_quant_graph`):
 
     int4-g128 / int4-gptq / int4-awq  MatMulNBits bits=4, block = group size, zero points when
                                       asymmetric (AWQ: Div by the input scale in front)
-    int8-weight-only                  MatMulNBits bits=8 (ONNX Runtime runs it on the CPU)
+    int8-weight-only                  int8 weights + per-channel DequantizeLinear -> MatMul, run with
+                                      session.disable_quant_qdq=1 (INT8_WEIGHT_ONLY_CPU below)
     w8a8                              int8 QDQ: Mul by 1/smooth, QuantizeLinear/DequantizeLinear
                                       with a static per-tensor scale, int8 weights + per-channel DQ
     fp8                               the same with float8e4m3fn (opset >= 19)
@@ -46,6 +47,13 @@ FP8_MIN_OPSET = 19
 # ONNX Runtime's CPU QDQ fusion turns QuantizeLinear/DequantizeLinear + MatMul into MatMulIntegerToFloat,
 # which has no float8 kernel (session creation fails); with this entry the fp8 QDQ nodes run as written.
 FP8_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+# int8-weight-only on ONNX Runtime 1.31 CPU, decode tokens/s at batch 1 of a random Llama (hidden 512,
+# 4 layers, vocab 4096; 2 shared cores, rough; scripts/bench_onnx_nbits_variants.py): MatMulNBits
+# bits=8 16-22 (float32 graph 85-139); MatMulNBits accuracy_level=4 135-260 and DQ + MatMul under the
+# default QDQ fusion 127-263, but both quantize activations (logits move by ~0.2, greedy tokens
+# differ); DQ + MatMul with this entry 81 (= float32, same logits). So int8 exports as DQ + MatMul
+# with this entry: float32 speed and numbers, a quarter of the float file.
+INT8_WEIGHT_ONLY_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 # Tolerances of the ONNX graph against `reference` (float32). Weight-only: the same dequantized
 # weights, only the summation order differs. QDQ: the same, but a value that lands next to a
 # rounding boundary may round the other way in one engine and move by one quantization step.
@@ -93,7 +101,8 @@ def _check_formats(artifact: Path, fmt: str, meta: dict, opset: int) -> None:
             check_block_size(int(info["group_size"]), name)
     if fmt == "fp8" and opset < FP8_MIN_OPSET:
         raise UserInputError(f"--opset {opset}: float8e4m3fn QuantizeLinear/DequantizeLinear need opset >= "
-                             f"{FP8_MIN_OPSET}; pass --opset {FP8_MIN_OPSET} or higher (21 is the default)")
+                             f"{FP8_MIN_OPSET}; pass --opset {FP8_MIN_OPSET} or higher, or leave --opset out (the "
+                             f"export picks {FP8_MIN_OPSET} for fp8)")
 
 
 def dequantized_model(model: nn.Module, layers: list[str]) -> nn.Module:
@@ -131,7 +140,7 @@ def _export_float(model: nn.Module, artifact: Path, work: Path, opset: int) -> P
 
 
 def _layer_weights(model: nn.Module, meta: dict, scales: dict[str, float]) -> dict:
-    from inferforge.optimize.onnx_quant_graph import QDQWeight, int4_nbits, int8_nbits
+    from inferforge.optimize.onnx_quant_graph import QDQWeight, int4_nbits, int8_dq
     from inferforge.optimize.onnx_quant_reference import input_multiplier, weight_codes
 
     weights = {}
@@ -140,7 +149,7 @@ def _layer_weights(model: nn.Module, meta: dict, scales: dict[str, float]) -> di
         if info["format"] == "int4":
             weights[name] = int4_nbits(module)
         elif info["format"] == "int8":
-            weights[name] = int8_nbits(module)
+            weights[name] = int8_dq(module)
         else:
             codes, w_scale = weight_codes(module)
             mult = input_multiplier(module)
@@ -221,7 +230,8 @@ def _manifest(artifact: Path, parent: dict, meta: dict, fmt: str, opset: int, st
     from inferforge.optimize.onnx_quant_reference import sha256_of
 
     formats = {info["format"] for info in meta["layers"].values()}
-    export = {"format": fmt, "op": "QDQ" if fmt in QDQ_FORMATS else "MatMulNBits", "opset": opset,
+    op = "QDQ" if fmt in QDQ_FORMATS else "DequantizeLinear+MatMul" if fmt == "int8-weight-only" else "MatMulNBits"
+    export = {"format": fmt, "op": op, "opset": opset,
               "layers": stats["rewritten"], "layers_float": len(meta.get("skipped", [])) + len(meta.get("auto_skipped", [])),
               "float_layers": [*meta.get("skipped", []), *meta.get("auto_skipped", [])],
               "external_data": stats["external_data"], "graph_bytes": stats["bytes"]}
@@ -230,9 +240,11 @@ def _manifest(artifact: Path, parent: dict, meta: dict, fmt: str, opset: int, st
         export.update(bits=4, block_size=groups[0] if len(groups) == 1 else groups,
                       zero_points=stats["zero_points"], awq_input_scale=fmt == "int4-awq")
     elif "int8" in formats:
-        export.update(bits=8, block_size=stats["block_size"], zero_points=False,
-                      note="symmetric int8 per output channel as MatMulNBits bits=8: codes + 128, default zero point "
-                           "128, the channel scale repeated over its blocks")
+        export.update(bits=8, block_size=None, zero_points=False, weights="int8 per output channel",
+                      note="symmetric int8 W^T [K, N] with a per-channel DequantizeLinear (axis 1) feeding the float "
+                           "MatMul; ONNX Runtime CPU folds it to float32 weights at session creation with "
+                           "session.disable_quant_qdq=1 (without it, its QDQ fusion quantizes activations)",
+                      onnxruntime_session_config=dict(INT8_WEIGHT_ONLY_SESSION_CONFIG))
     else:
         limits = (parent.get("gate") or {}).get("limits") or (parent.get("gate") or {}).get("default_limits") or {}
         limit = limits.get("min_top1_agreement")

@@ -15,7 +15,11 @@ layer's node is replaced in place (so the node order stays topological) by:
   `[Mul(x, 1/smooth)] -> QuantizeLinear(s_x, 0) -> DequantizeLinear(s_x, 0)` for the activation
   with a constant per-tensor scale s_x, and `DequantizeLinear(W_q^T [K, N], s_w, 0, axis=1)` for the
   weight (a scale per output channel, i.e. per column of W^T; a scalar for per-tensor fp8),
-  feeding the original `MatMul`.
+  feeding the original `MatMul`. With no activation scale (int8-weight-only) only the weight is
+  dequantized: `DequantizeLinear(W_q^T int8, s_w, 0, axis=1) -> MatMul`; ONNX Runtime CPU, told
+  `session.disable_quant_qdq=1`, folds the DequantizeLinear into a float weight at session creation
+  (float32 speed and numbers, the file stays int8), where its default QDQ fusion would turn the pair
+  into MatMulNBits with accuracy_level 4 (int8 activations: faster, but logits move by ~0.2).
 
 The float weight initializers that no node reads any more are dropped; the model is written with
 external data when its tensors exceed 2 GB, and checked with `onnx.checker` on the path.
@@ -71,13 +75,14 @@ class NBitsWeight:
 @dataclass
 class QDQWeight:
     """One layer as QDQ: weight codes W_q^T [K, N] (int8 or float8e4m3fn), their scale, the static
-    activation scale and, for SmoothQuant, the multiplier 1/smooth [K]."""
+    activation scale (None: the activation stays float, weight-only) and, for SmoothQuant, the
+    multiplier 1/smooth [K]."""
 
     k: int
     n: int
     weight_t: torch.Tensor              # int8 or float8_e4m3fn [K, N]
     weight_scale: np.ndarray            # float32 [N] (per output channel) or [] (per tensor)
-    act_scale: float
+    act_scale: float | None
     input_multiplier: np.ndarray | None
 
 
@@ -117,6 +122,14 @@ def int8_nbits(module, block_size: int = 128) -> NBitsWeight:
     codes[:, :k] = (module.weight_int8.cpu().numpy().astype(np.int16) + 128).astype(np.uint8)
     scales = np.repeat(module.scale.float().cpu().numpy()[:, None], k_blocks, axis=1).reshape(-1)
     return NBitsWeight(k, n, 8, block, codes.reshape(n, k_blocks, block), scales, None, None)
+
+
+def int8_dq(module) -> QDQWeight:
+    """An `Int8WeightOnlyLinear` (symmetric, a scale per output channel) as DequantizeLinear + MatMul:
+    codes transposed to [K, N], the scale per column (axis 1), no activation quantization."""
+    codes = module.weight_int8.detach().cpu().to(torch.int8)
+    return QDQWeight(module.in_features, module.out_features, codes.T.contiguous(),
+                     module.scale.detach().float().cpu().numpy(), None, None)
 
 
 def _tensor(name: str, array: np.ndarray):
@@ -162,13 +175,15 @@ def _qdq_nodes(layer: str, prefix: str, x: str, y: str, w: QDQWeight):
         nodes.append(helper.make_node("Mul", [x, f"{layer}.inv_smooth"], [f"{prefix}/smooth/Mul_output_0"],
                                       name=f"{prefix}/smooth/Mul"))
         x = nodes[-1].output[0]
-    act_q, act_dq = f"{prefix}/input/QuantizeLinear_output_0", f"{prefix}/input/DequantizeLinear_output_0"
-    inits += [_tensor(f"{layer}.input_scale", np.array(w.act_scale, dtype=np.float32)),
-              _raw_tensor(f"{layer}.input_zero_point", elem, [], bytes(1))]
-    nodes += [helper.make_node("QuantizeLinear", [x, f"{layer}.input_scale", f"{layer}.input_zero_point"], [act_q],
-                               name=f"{prefix}/input/QuantizeLinear"),
-              helper.make_node("DequantizeLinear", [act_q, f"{layer}.input_scale", f"{layer}.input_zero_point"],
-                               [act_dq], name=f"{prefix}/input/DequantizeLinear")]
+    act_dq = x
+    if w.act_scale is not None:
+        act_q, act_dq = f"{prefix}/input/QuantizeLinear_output_0", f"{prefix}/input/DequantizeLinear_output_0"
+        inits += [_tensor(f"{layer}.input_scale", np.array(w.act_scale, dtype=np.float32)),
+                  _raw_tensor(f"{layer}.input_zero_point", elem, [], bytes(1))]
+        nodes += [helper.make_node("QuantizeLinear", [x, f"{layer}.input_scale", f"{layer}.input_zero_point"],
+                                   [act_q], name=f"{prefix}/input/QuantizeLinear"),
+                  helper.make_node("DequantizeLinear", [act_q, f"{layer}.input_scale", f"{layer}.input_zero_point"],
+                                   [act_dq], name=f"{prefix}/input/DequantizeLinear")]
     per_channel = w.weight_scale.ndim == 1
     zero_dims = [w.n] if per_channel else []
     inits += [_raw_tensor(f"{layer}.weight_quantized", elem, [w.k, w.n],

@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path, threads: int, config: dict | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -94,8 +96,9 @@ def main() -> None:
             artifact = root / f"artifact-{fmt}"
             quantize_checkpoint(root / "model", artifact, fmt=fmt, gate=None, group_size=args.group)
             graph = export_quantized_graph(artifact, root / f"work-{fmt}")
+            config = graph.manifest["quantized_export"].get("onnxruntime_session_config")
             sessions = {"float32": _session(graph.float_onnx_path, args.threads),
-                        fmt: _session(graph.onnx_path, args.threads)}
+                        fmt: _session(graph.onnx_path, args.threads, config)}
             for sess in sessions.values():
                 _decode_seconds(sess, prompt, 4)                     # warm-up
             decode = {name: [] for name in sessions}

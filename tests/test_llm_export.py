@@ -123,9 +123,11 @@ def test_manifest_records_exporter_validation_speed_and_source(exported, checkpo
     assert manifest["throughput"]["tokens_per_s"] > 0 and manifest["throughput"]["batch"] == 1
     assert manifest["source"]["weights_sha256"] == weights_sha256(checkpoints["qwen2"])
     assert manifest["runtime"] == {"engine": "inferforge.optimize.onnx_decoder.OnnxDecoder", "model": "model.onnx",
-                                   "model_type": "qwen2", "dtype": "fp32", "external_data": None}
+                                   "model_type": "qwen2", "dtype": "fp32", "external_data": None,
+                                   "onnxruntime_session_config": {}}
     assert manifest["parent"] is None
-    assert {"tokenizer.json", "config.json", "model.onnx"} <= set(manifest["files"])
+    assert {"tokenizer.json", "config.json", "model.onnx", "ort_config.json"} <= set(manifest["files"])
+    assert json.loads((out / "ort_config.json").read_text())["inferforge"] == {"quantized_export": None}
 
 
 def test_external_data_is_written_and_loads(exported):
@@ -415,7 +417,7 @@ def test_quantized_artifact_goes_through_the_quantized_graph(exported, checkpoin
         shutil.copyfile(exported["llama"][1] / "model.onnx", Path(work_dir) / "model.onnx")
         return QuantizedGraph(Path(work_dir) / "model.onnx", Path(work_dir) / "model.onnx",
                               AutoModelForCausalLM.from_pretrained(artifact_dir), True, 1e-3,
-                              {"format": "stand-in", "opset": opset})
+                              {"quantized_export": {"format": "stand-in", "opset": opset}})
 
     _fake_module(monkeypatch, "inferforge.optimize.onnx_llm_quant", export_quantized_graph=export_quantized_graph)
     artifact = shutil.copytree(checkpoints["llama"], tmp_path / "quant")
@@ -423,7 +425,7 @@ def test_quantized_artifact_goes_through_the_quantized_graph(exported, checkpoin
                               "source": {"model": "llama", "weights_sha256": "x"}, "steps": [], "checks": [],
                               "passed": True, "accuracy_passed": True, "environment": environment()})
     manifest = export_llm(artifact, tmp_path / "out")
-    assert manifest["quantized"] == {"format": "stand-in", "opset": 18}
+    assert manifest["quantized_export"] == {"format": "stand-in", "opset": 18}
     assert manifest["validation"]["logits_atol"] == 1e-3 and manifest["validation"]["identical"]
     assert manifest["throughput_float"]["tokens_per_s"] > 0 and manifest["parent"]["kind"] == "quantized-causal-lm"
     with pytest.raises(UserInputError, match="--fp16 converts a float graph"):
@@ -438,7 +440,7 @@ def test_real_quantized_export_when_available(tmp_path):
     model = save_tiny(tmp_path / "llama", "llama")
     quantize_checkpoint(model, tmp_path / "int8", fmt="int8-weight-only", gate=None, num_samples=2, seq_len=16)
     manifest = export_llm(tmp_path / "int8", tmp_path / "out")
-    assert manifest["quantized"] and manifest["throughput_float"]["tokens_per_s"] > 0
+    assert manifest["quantized_export"]["op"] == "DequantizeLinear+MatMul" and manifest["throughput_float"]["tokens_per_s"] > 0
 
 
 @pytest.mark.gpu

@@ -160,15 +160,26 @@ def test_weight_only_export_matches_reference(exported, fmt):
     assert graph.exact_tokens and graph.logits_atol <= 1e-3
     model, inits, nodes = graph_parts(graph.onnx_path)
     nbits = {n.name: n for n in nodes if n.op_type == "MatMulNBits"}
+    by_name = {n.name: n for n in nodes}
     bits = 8 if fmt == "int8-weight-only" else 4
-    for layer in LAYERS:   # every quantized layer became MatMulNBits, with the artifact's block size
-        node = nbits[matmul_node_name(layer)[: -len("/MatMul")] + "/MatMulNBits"]
+    for layer in LAYERS:
+        k, n = graph.reference.get_submodule(layer).in_features, graph.reference.get_submodule(layer).out_features
+        prefix = matmul_node_name(layer)[: -len("/MatMul")]
+        if bits == 8:   # int8 weights [K, N], a scale per output channel, into the float MatMul; x stays float
+            dq, matmul = by_name[f"{prefix}/weight/DequantizeLinear"], by_name[f"{prefix}/MatMul"]
+            weight = inits[dq.input[0]]
+            assert weight.data_type == onnx.TensorProto.INT8 and list(weight.dims) == [k, n]
+            assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 1}
+            assert list(inits[dq.input[1]].dims) == [n] and matmul.input[1] == dq.output[0]
+            assert f"{prefix}/input/QuantizeLinear" not in by_name
+            continue
+        node = nbits[prefix + "/MatMulNBits"]   # every int4 layer became MatMulNBits, with the artifact's block size
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert node.domain == "com.microsoft" and attrs["bits"] == bits
-        k = graph.reference.get_submodule(layer).in_features
-        assert attrs["block_size"] == (GROUP if bits == 4 else k) and attrs["K"] == k   # int8: one block per row here
-        assert (len(node.input) == 4) == (bits == 4)     # asymmetric int4 keeps zero points; int8 uses 128
-    assert len(nbits) == len(LAYERS) and not any(n.name.endswith("proj/MatMul") for n in nodes)
+        assert node.domain == "com.microsoft" and attrs["bits"] == 4
+        assert attrs["block_size"] == GROUP and attrs["K"] == k
+        assert len(node.input) == 4      # asymmetric int4 keeps zero points
+    assert len(nbits) == (0 if bits == 8 else len(LAYERS))
+    assert sum(n.name.endswith("proj/MatMul") for n in nodes) == (len(LAYERS) - 1 if bits == 8 else 0)
     float_weights = weight_names(graph.float_onnx_path, LAYERS)
     assert not set(float_weights.values()) & set(inits)   # no float weight of a quantized layer remains
     divs = [n for n in nodes if n.name.endswith("/input_scale/Div")]
@@ -183,8 +194,11 @@ def test_weight_only_export_matches_reference(exported, fmt):
     prompt = [1, 17, 42, 99, 5]
     assert ort_greedy(session(graph), prompt, 16) == reference_greedy(graph.reference, prompt, 16)
     export = graph.manifest["quantized_export"]
-    assert export["op"] == "MatMulNBits" and export["layers"] == len(LAYERS) and export["layers_float"] == 0
+    assert export["op"] == ("DequantizeLinear+MatMul" if bits == 8 else "MatMulNBits")
+    assert export["layers"] == len(LAYERS) and export["layers_float"] == 0
     assert export["bits"] == bits and export["zero_points"] == (bits == 4)
+    # int8: without the recorded session entry ONNX Runtime's QDQ fusion quantizes activations.
+    assert export.get("onnxruntime_session_config") == ({"session.disable_quant_qdq": "1"} if bits == 8 else None)
 
 
 def test_manifest_names_parent_gate_and_lineage(exported):
