@@ -169,6 +169,16 @@ class _Request:
     finish_reason: str | None = None
 
 
+def _check_params(max_new_tokens, temperature, top_k, top_p, truncate) -> None:
+    if max_new_tokens is None or max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise UserInputError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
+                             f"{temperature}, top_k={top_k}, top_p={top_p}")
+    if truncate not in (None, "left"):
+        raise UserInputError(f"truncate must be None or 'left', got {truncate!r}")
+
+
 class OnnxDecoder:
     """Generate with an exported decoder graph; `generate` and `stream` as `LLMEngine`'s."""
 
@@ -224,13 +234,7 @@ class OnnxDecoder:
                       stop_token_ids=None, truncate=None) -> _Request:
         from inferforge.runtime.engine import ContextWindowExceeded
 
-        if max_new_tokens is None or max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise UserInputError(f"sampling needs temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got temperature="
-                                 f"{temperature}, top_k={top_k}, top_p={top_p}")
-        if truncate not in (None, "left"):
-            raise UserInputError(f"truncate must be None or 'left', got {truncate!r}")
+        _check_params(max_new_tokens, temperature, top_k, top_p, truncate)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise UserInputError("prompts must be a list of non-empty token-id lists")
         vocab = self.model.spec.vocab_size
@@ -279,8 +283,11 @@ class OnnxDecoder:
         if self.has_unfinished():
             raise UserInputError("this decoder is already generating (a stream is still open); finish or close it "
                                  "first, or pass all prompts in one call")
-        if not isinstance(prompts, (list, tuple)) or not prompts:
+        if not isinstance(prompts, (list, tuple)):
             raise UserInputError("prompts must be a list of non-empty token-id lists")
+        # No prompts: nothing to generate (as LLMEngine), once the arguments are checked.
+        _check_params(max_new_tokens, params.get("temperature", 0.0),
+                      params.get("top_k"), params.get("top_p"), params.get("truncate"))
         self._waiting.extend(self._make_request(i, p, max_new_tokens, **params) for i, p in enumerate(prompts))
         try:
             while self.has_unfinished():

@@ -288,6 +288,18 @@ def test_sampling_is_seeded_and_unsupported_options_are_refused(exported):
         inferforge.load(out, kv_cache_dtype="fp16")
 
 
+def test_no_prompts_give_no_outputs_as_the_engine_does(exported):
+    """`generate([])` is `[]` (LLMEngine.generate too); its arguments are still checked."""
+    import inferforge
+
+    _, out = exported["llama"]
+    decoder = inferforge.load(out)
+    assert decoder.generate([], max_new_tokens=4) == [] and decoder.generate((), max_new_tokens=1) == []
+    with pytest.raises(UserInputError, match="max_new_tokens must be >= 1"):
+        decoder.generate([], max_new_tokens=0)
+    assert len(decoder.generate([[5]], max_new_tokens=2, stop_token_ids=[])[0]) == 2
+
+
 def test_fp16_export_validates_with_identical_greedy_tokens(checkpoints, tmp_path):
     import onnx
 
