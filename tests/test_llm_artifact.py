@@ -104,7 +104,8 @@ def test_bench_measures_generation_with_the_engine(artifacts, tmp_path, monkeypa
             "--warmup", "0", "--max-num-seqs", "2", "-o", str(tmp_path / "run"), "--json", "-q"]
     assert main([*args, "--target", "ttft_ms:median:1e9", "--target", "tpot_ms:median:1e-6"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["target"] == {"backend": "inferforge-engine", "model": "int4", "path": "int4"}
+    assert report["target"] == {"backend": "inferforge-engine", "model": "int4",
+                                "path": str(artifacts["int4"].resolve())}
     assert report["workload"]["settings"]["input_len"]["mean"] == 6 and report["completed"] == 4
     assert report["total_output_tokens"] == 12
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):

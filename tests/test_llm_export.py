@@ -242,6 +242,8 @@ def test_serving_bench_runs_in_process(exported, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert report["completed"] == 5 and report["failed"] == 0
+    assert report["target"] == {"backend": "onnxruntime", "provider": "CPUExecutionProvider", "model": out.name,
+                                "path": str(out.resolve())}
 
 
 def test_requests_join_and_leave_between_steps(exported):

@@ -110,6 +110,16 @@ class OpenAIHTTPBackend:
         await self.client.aclose()
 
 
+def engine_target(engine, path: Path) -> dict:
+    """The report's `target` for an in-process run: which runtime ran the model, and the model's full path.
+    An ONNX decoder records ONNX Runtime and its execution provider; the engine is "inferforge-engine"."""
+    target = {"backend": EngineBackend.name, "model": path.name, "path": str(path.resolve())}
+    provider = getattr(engine, "provider", None)
+    if provider is not None:     # OnnxDecoder: an onnx-causal-lm artifact on ONNX Runtime
+        target.update(backend="onnxruntime", provider=provider)
+    return target
+
+
 def load_engine(target: str | Path, *, max_num_seqs: int, max_context: int, **engine_kwargs):
     """The `LLMEngine` for a causal-LM artifact (hashes verified) or a Llama-family checkpoint directory."""
     from inferforge.runtime.load import load_engine as load

@@ -230,7 +230,7 @@ def cmd_bench_llm(args) -> int:
                                  f"window ({window}); lower --input-len / --output-len")
         with progress.spinner("loading the engine"):
             engine = backends.load_engine(path, max_num_seqs=args.max_num_seqs, max_context=longest)
-        target = {"backend": "inferforge-engine", "model": path.name, "path": path.name}
+        target = backends.engine_target(engine, path)
         backend = None
 
     async def main():
