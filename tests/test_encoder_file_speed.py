@@ -183,3 +183,33 @@ def test_quantize_onnx_artifact_with_int8_embeddings_from_the_command_line(tmp_p
     config = json.loads((out / ORT_CONFIG_NAME).read_text())
     assert config["inferforge"]["embeddings"]["shape"] == [30522, 64]
     assert model(["a sentence"]).shape == (1, 64)
+
+
+def test_each_row_gets_its_own_scale_and_half_a_step_of_error(tiny_int8, tmp_path):
+    """Per-row symmetric int8: scale = max|row| / 127 for every row (shape [vocab, 1]), so each row's
+    largest element maps to +-127 and no element is off by more than half a step, max|row| / 254."""
+    from onnx import numpy_helper
+
+    from inferforge.optimize.embedding_quant import quantize_rows
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((6, 5)) * np.array([[1e-3], [0.1], [1.0], [10.0], [3.0], [0.0]])).astype(np.float32)
+    q, scale = quantize_rows(table)
+    row_max = np.abs(table).max(axis=1)
+    assert q.dtype == np.int8 and scale.shape == (6, 1)
+    np.testing.assert_allclose(scale[:5, 0], row_max[:5] / 127, rtol=1e-6)
+    assert np.abs(q[:5]).max(axis=1).tolist() == [127] * 5 and not q[5].any()
+    error = np.abs(q.astype(np.float32) * scale - table).max(axis=1)
+    assert np.all(error <= row_max / 254 * (1 + 1e-5))
+    # The graph's scale table: one float per token, from that token's row of the float table.
+    _, int8, _ = tiny_int8
+    float_table = numpy_helper.to_array(next(i for i in onnx.load(str(int8)).graph.initializer
+                                             if i.name == "embeddings.word_embeddings.weight"))
+    out = tmp_path / "emb.onnx"
+    record = quantize_word_embeddings(int8, out)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    written = inits["embeddings.word_embeddings.weight_row_scale"]
+    assert written.shape == (float_table.shape[0], 1)
+    np.testing.assert_allclose(written[:, 0], np.maximum(np.abs(float_table).max(axis=1) / 127,
+                                                         np.finfo(np.float32).tiny), rtol=1e-6)
+    assert record["max_abs_error"] <= np.abs(float_table).max() / 254 * (1 + 1e-5)
