@@ -191,6 +191,33 @@ def test_greedy_tokens_that_differ_fail_unless_only_agreement_is_asked(exported,
     assert not report["identical"] and all(g["agreement"] < 0.5 for g in report["greedy"])
 
 
+def test_a_difference_in_a_later_batch_row_fails_validation(exported, checkpoints, monkeypatch):
+    """Every row of the batched greedy run is compared, not the first: PyTorch's tokens changed in the
+    last row only fail the gate, naming that row."""
+    from transformers import AutoModelForCausalLM
+
+    from inferforge.optimize import onnx_decoder_validate
+    from inferforge.runtime.llama import LlamaSpec
+
+    _, out = exported["llama"]
+    spec = LlamaSpec.from_config(json.loads((out / "config.json").read_text()))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    real = onnx_decoder_validate.torch_greedy
+
+    def last_row_differs(model, prompts, steps):
+        tokens = real(model, prompts, steps)
+        if len(prompts) > 1:
+            tokens[-1][3] = (tokens[-1][3] + 1) % spec.vocab_size
+        return tokens
+
+    monkeypatch.setattr(onnx_decoder_validate, "torch_greedy", last_row_differs)
+    with pytest.raises(GateFailed, match=r"greedy tokens differ from PyTorch's at step 3 of prompt 2 \(batch 3"):
+        onnx_decoder_validate.validate_decoder(out / "model.onnx", reference, spec)
+    report = onnx_decoder_validate.validate_decoder(out / "model.onnx", reference, spec, exact_tokens=False)
+    assert report["greedy"][0]["identical"] and not report["greedy"][1]["identical"]
+    assert report["greedy"][1]["agreement"] == 1 - 1 / (3 * report["greedy_steps"])
+
+
 def test_planted_mismatch_writes_nothing_and_keeps_the_earlier_artifact(exported, checkpoints, tmp_path, monkeypatch):
     from inferforge.manifest import verify_artifact
     from inferforge.optimize import llm_export
