@@ -17,6 +17,11 @@ from pathlib import Path
 from inferforge.errors import UserInputError
 
 ONNX_ARTIFACT_KINDS = ("sentence-encoder", "onnx-causal-lm")
+# Encoder-only flags (the cosine gate and its sentences): None unless given, so a decoder export or an
+# existing artifact can refuse them instead of ignoring them; an encoder export fills in these defaults.
+ENCODER_FLAGS = {"min_cosine": "--min-cosine", "sentences": "--sentences", "calibration_size": "--calibration-size",
+                 "held_out_size": "--held-out-size"}
+_ENCODER_DEFAULTS: dict = {}      # dest -> the shared parser's default, filled when the parser is built
 DECODER_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -39,6 +44,10 @@ def add_export_parser(sub, fmt, model_args, common) -> None:
                               "  inferforge export runs/llama-onnx --format triton --repository models/")
     model_args(p, model_help="; a Llama / Mistral / Qwen2 checkpoint or causal-LM artifact gives an ONNX decoder; "
                              "an ONNX artifact with --format tensorrt|triton")
+    for action in p._actions:
+        if action.dest in ENCODER_FLAGS:
+            _ENCODER_DEFAULTS[action.dest] = action.default
+            action.default, action.help = None, f"encoders: {action.help}"
     opset = next(a for a in p._actions if a.dest == "opset")
     opset.default, opset.help = None, ("ONNX opset (default 17 for an encoder; for a decoder, which takes 14 to 21, "
                                        "auto: 18, or 19 for an fp8 artifact)")
@@ -53,6 +62,15 @@ def add_export_parser(sub, fmt, model_args, common) -> None:
                    help="w8a8 / fp8 artifacts: .txt / .jsonl text for the graph's static activation scales (default: "
                         "the artifact's own calibration file, when found unchanged)")
     p.add_argument("--repository", metavar="DIR", help="with --format triton: the Triton model repository to write into")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="with --format tensorrt: the profiles' largest batch; with --format triton: the config's "
+                        "max_batch_size (default 8)")
+    p.add_argument("--max-sequence", type=int, metavar="N",
+                   help="with --format tensorrt: the longest sequence the profiles take, at most the model's "
+                        "max_position_embeddings (default: encoders min(512, positions); decoders min(4096, "
+                        "positions) as the whole context, half of it per call, the rest as past). A graph that is "
+                        "not TensorRT-ready fails (exit 1): nothing is written, the readiness report goes to "
+                        "OUTPUT.failed/")
     common(p)
     p.set_defaults(func=cmd_export)
 
@@ -96,12 +114,21 @@ def _route(args) -> str:
     return "encoder"
 
 
+def _given_encoder_flags(args) -> list[str]:
+    return [flag for dest, flag in ENCODER_FLAGS.items() if getattr(args, dest, None) is not None]
+
+
 def cmd_export(args) -> int:
     from inferforge.optimize.llm_export_artifact import FORMATS
 
     if args.format not in FORMATS:
         raise UserInputError(f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
     route = _route(args)
+    given = _given_encoder_flags(args)
+    if given and route != "encoder":
+        what = "a decoder export is gated by its logits and greedy tokens against PyTorch" if route == "decoder" \
+            else f"{args.model} is an ONNX artifact already validated"
+        raise UserInputError(f"{given[0]} sets an encoder's cosine gate; {what}, drop {given[0]}")
     if args.calibration is not None and route != "decoder":
         raise UserInputError("--calibration FILE sets the static activation scales of a w8a8 / fp8 artifact's export; "
                              f"{args.model} is not a quantized artifact, drop --calibration")
@@ -119,8 +146,8 @@ def _export_decoder(args) -> int:
     name = args.name or Path(args.model).resolve().name
     out = args.output or f"runs/{name}-onnx{'-fp16' if args.fp16 else ''}"
     manifest = export_llm(args.model, out, opset=args.opset, fp16=args.fp16, fmt=args.format,
-                          repository=args.repository, name=args.name, progress=_progress(args),
-                          calibration=args.calibration)
+                          repository=args.repository, name=name, progress=_progress(args),
+                          calibration=args.calibration, max_batch=args.max_batch, max_sequence=args.max_sequence)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
@@ -131,14 +158,19 @@ def _export_decoder(args) -> int:
           f"{'identical' if validation['identical'] else 'not identical'} for {validation['greedy_steps']} steps")
     print(f"speed: {speed['tokens_per_s']:.1f} tokens/s at batch 1 ({speed['provider']})")
     if "quantized_export" in manifest:
-        record = manifest["quantized_export"]
-        print(f"quantized: {record['format']} as {record['op']} (opset {manifest['export']['opset']}); float32 graph "
-              f"{manifest['throughput_float']['tokens_per_s']:.1f} tokens/s at batch 1 on the same machine")
+        print(quantized_summary(manifest))
     if "tensorrt" in manifest:
         print(f"tensorrt: {Path(out).resolve() / 'tensorrt'} (ready: {manifest['tensorrt'].get('ready')})")
     if "triton" in manifest:
         print(f"triton: {manifest['triton']['version_dir']}")
     return 0
+
+
+def quantized_summary(manifest: dict) -> str:
+    """'quantized: int4-g128 as MatMulNBits (opset 18); float32 graph 12.3 tokens/s ...' for a quantized export."""
+    record = manifest["quantized_export"]
+    return (f"quantized: {record['format']} as {record['op']} (opset {manifest['export']['opset']}); float32 graph "
+            f"{manifest['throughput_float']['tokens_per_s']:.1f} tokens/s at batch 1 on the same machine")
 
 
 def _encoder_only_flags(args) -> None:
@@ -152,6 +184,12 @@ def _encoder_only_flags(args) -> None:
         raise UserInputError("--format triton needs --repository DIR, the Triton model repository to write into")
     if args.repository is not None and args.format != "triton":
         raise UserInputError("--repository is for --format triton; add --format triton or drop --repository")
+    if args.max_sequence is not None:
+        raise UserInputError("--max-sequence sizes TensorRT profiles; for an encoder, export it first, then run "
+                             "`inferforge export DIR --format tensorrt --max-sequence N --output DIR2`")
+    if args.max_batch is not None and args.format != "triton":
+        raise UserInputError("--max-batch sizes TensorRT profiles and Triton's max_batch_size; add --format triton "
+                             "or drop --max-batch")
 
 
 def _export_encoder(args) -> int:
@@ -161,6 +199,9 @@ def _export_encoder(args) -> int:
     _encoder_only_flags(args)
     if args.opset is None:
         args.opset = ExportConfig().opset
+    for dest, default in _ENCODER_DEFAULTS.items():     # the shared parser's defaults, for the flags not given
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
     triton = None
     if args.format == "triton":
         from inferforge.optimize.llm_export_artifact import _import_optional
@@ -170,14 +211,18 @@ def _export_encoder(args) -> int:
     args.output = args.output or f"runs/{name}-export"
     code = _adhoc_recipe(args, [{"export": {"opset": args.opset}}, "validate"])
     if code == 0 and triton is not None:
-        print(f"triton: {triton.write_triton_repository(Path(args.output), args.repository)}")
+        max_batch = 8 if args.max_batch is None else args.max_batch
+        version = triton.write_triton_repository(Path(args.output), args.repository, name=args.name,
+                                                 max_batch_size=max_batch)
+        print(f"triton: {version}")
     return code
 
 
 def _existing_artifact(args) -> int:
     """An ONNX artifact: --format triton writes it into the repository, tensorrt a copy with readiness files."""
     from inferforge.manifest import verify_artifact
-    from inferforge.optimize.llm_export_artifact import _import_optional, tensorrt_artifact
+    from inferforge.optimize.llm_export_artifact import _import_optional
+    from inferforge.optimize.tensorrt_export import check_profile_flags, tensorrt_artifact
 
     if args.fp16:
         raise UserInputError(f"{args.model} is already an ONNX artifact; --fp16 applies when exporting a checkpoint: "
@@ -185,18 +230,26 @@ def _existing_artifact(args) -> int:
     if args.format == "onnx":
         raise UserInputError(f"{args.model} is already an ONNX artifact; add --format tensorrt or --format triton, or "
                              "export its source model")
+    if args.opset is not None:
+        raise UserInputError(f"--opset {args.opset}: {args.model} is already an ONNX artifact, its graph keeps the "
+                             "opset it was exported at; re-export its source model with --opset, or drop --opset")
+    check_profile_flags(args.format, max_batch=args.max_batch, max_sequence=args.max_sequence, position_limit=None)
     if args.format == "triton":
         if args.repository is None:
             raise UserInputError("--format triton needs --repository DIR, the Triton model repository to write into")
         triton = _import_optional("inferforge.optimize.triton_repo", "--format triton")
         verify_artifact(args.model)
-        print(f"triton: {triton.write_triton_repository(Path(args.model), args.repository)}")
+        max_batch = 8 if args.max_batch is None else args.max_batch
+        version = triton.write_triton_repository(Path(args.model), args.repository, name=args.name,
+                                                 max_batch_size=max_batch)
+        print(f"triton: {version}")
         return 0
     if args.repository is not None:
         raise UserInputError("--repository is for --format triton; add --format triton or drop --repository")
     name = args.name or Path(args.model).resolve().name
     out = args.output or f"runs/{name}-tensorrt"
-    manifest = tensorrt_artifact(args.model, out)
+    manifest = tensorrt_artifact(args.model, out, name=args.name, max_batch=args.max_batch,
+                                 max_sequence=args.max_sequence)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:

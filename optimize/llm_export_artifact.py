@@ -97,7 +97,7 @@ def choose_opset(opset: int | None, source: ExportSource | None) -> int:
 
 
 def check_export_args(*, opset: int | None, fp16: bool, fmt: str, repository, source: ExportSource | None = None,
-                      calibration=None) -> None:
+                      calibration=None, max_batch: int | None = None, max_sequence: int | None = None) -> None:
     low, high = OPSET_RANGE
     if opset is not None and not low <= opset <= high:
         raise UserInputError(f"--opset {opset} is out of range; a decoder exports at opset {low} to {high} "
@@ -126,8 +126,13 @@ def check_export_args(*, opset: int | None, fp16: bool, fmt: str, repository, so
     if fp16 and source is not None and source.kind == "quantized-causal-lm":
         raise UserInputError("--fp16 converts a float graph; a quantized artifact exports as it was quantized, "
                              "drop --fp16")
+    from inferforge.optimize.tensorrt_export import check_profile_flags, check_tensorrt_opset
+
+    check_profile_flags(fmt, max_batch=max_batch, max_sequence=max_sequence,
+                        position_limit=(source.config.get("max_position_embeddings") if source is not None else None))
     if fmt == "tensorrt":
-        _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
+        trt = _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
+        check_tensorrt_opset(choose_opset(opset, source), trt)
     if fmt == "triton":
         _import_optional("inferforge.optimize.triton_repo", "--format triton")
 
@@ -173,40 +178,50 @@ def decode_tokens_per_second(onnx_path, spec, *, new_tokens: int = 32, prompt_to
 
 def export_llm(model_or_artifact: str | Path, out_dir: str | Path, *, opset: int | None = None, fp16: bool = False,
                fmt: str = "onnx", repository: str | Path | None = None, name: str | None = None, progress=None,
-               external_data_threshold: int | None = None, calibration: str | Path | None = None) -> dict:
+               external_data_threshold: int | None = None, calibration: str | Path | None = None,
+               max_batch: int | None = None, max_sequence: int | None = None) -> dict:
     """Export, validate and write the `onnx-causal-lm` artifact `out_dir` (see the module docstring);
     returns its manifest. `opset` None ("auto"): 18, or the quantized format's minimum when higher
-    (fp8: 19). `calibration`: the text for a w8a8 / fp8 artifact's static activation scales. With `fmt="triton"` the manifest's `triton.version_dir` is the Triton model
-    version written under `repository`. Raises `UserInputError` for bad arguments (before any work) and
-    `GateFailed` when ONNX Runtime does not match PyTorch (nothing is written then)."""
+    (fp8: 19). `calibration`: the text for a w8a8 / fp8 artifact's static activation scales. With
+    `fmt="triton"` the manifest's `triton.version_dir` is the Triton model version written under
+    `repository` (`max_batch`: its max_batch_size, default 8). With `fmt="tensorrt"`, `max_batch` and
+    `max_sequence` size the profiles (`tensorrt_profiles.model_profiles`). `name` defaults to the
+    model directory's name. Raises `UserInputError` for bad arguments (before any work) and
+    `GateFailed` when ONNX Runtime does not match PyTorch, or with `fmt="tensorrt"` when the graph is
+    not TensorRT-ready (nothing is written then; the reports go to `OUT.failed/`)."""
     from inferforge.manifest import failed_report_dir, staged_artifact, write_failed_report
     from inferforge.progress import Progress
 
     source = resolve_source(model_or_artifact)
-    check_export_args(opset=opset, fp16=fp16, fmt=fmt, repository=repository, source=source, calibration=calibration)
+    check_export_args(opset=opset, fp16=fp16, fmt=fmt, repository=repository, source=source, calibration=calibration,
+                      max_batch=max_batch, max_sequence=max_sequence)
     requested, opset = "auto" if opset is None else opset, choose_opset(opset, source)
     progress = progress or Progress(quiet=True)
     out = Path(out_dir).resolve()
     try:
         with staged_artifact(out) as staging:
-            manifest = _build(source, staging, opset=(opset, requested), fp16=fp16, fmt=fmt, name=name or out.name,
-                              given=str(model_or_artifact), progress=progress,
-                              external_data_threshold=external_data_threshold, calibration=calibration)
+            manifest = _build(source, staging, opset=(opset, requested), fp16=fp16, fmt=fmt,
+                              name=name or source.model_dir.resolve().name, given=str(model_or_artifact),
+                              progress=progress, external_data_threshold=external_data_threshold,
+                              calibration=calibration, profile_limits=(max_batch, max_sequence))
     except GateFailed as e:
-        report = {"kind": "onnx-causal-lm", "passed": False, "error": str(e), "check": e.check,
+        check = {k: v for k, v in (e.check or {}).items() if k != "readiness_md"}
+        report = {"kind": "onnx-causal-lm", "passed": False, "error": str(e), "check": check,
                   "source": str(model_or_artifact), "opset": opset, "dtype": "fp16" if fp16 else "fp32"}
         text = f"# ONNX export of {Path(model_or_artifact).name}: FAILED\n\n{e}\n\nNo artifact was written.\n"
+        text += f"\n{(e.check or {}).get('readiness_md')}" if (e.check or {}).get("readiness_md") else ""
         write_failed_report(out, {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": text})
         raise GateFailed(f"{e} (no artifact written; report in {failed_report_dir(out)})",
-                         report_dir=str(failed_report_dir(out)), check=e.check) from None
+                         report_dir=str(failed_report_dir(out)), check=check) from None
     if fmt == "triton":
         triton = _import_optional("inferforge.optimize.triton_repo", "--format triton")
-        manifest["triton"] = {"version_dir": str(triton.write_triton_repository(out, repository))}
+        version_dir = triton.write_triton_repository(out, repository, max_batch_size=8 if max_batch is None else max_batch)
+        manifest["triton"] = {"version_dir": str(version_dir)}
     return manifest
 
 
 def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given, progress,
-           external_data_threshold, calibration) -> dict:
+           external_data_threshold, calibration, profile_limits=(None, None)) -> dict:
     from inferforge.artifact import CHECKPOINT_FILES
     from inferforge.manifest import environment, utc_now, write_manifest
     from inferforge.models import weights_sha256
@@ -243,8 +258,12 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
                            external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD)
         del model
     dtype = "fp16" if fp16 else "fp32"
-    steps.append(_step("export", started, {"opset": opset, "dtype": dtype, "task": llm_export.DECODER_TASK},
-                       f"{', '.join(files)} ({dtype}, opset {opset})", progress))
+    quantized = extra.get("quantized_export")
+    # A quantized graph's weights are in its format (int4 MatMulNBits, int8 QDQ...), not fp32: say so.
+    weights = f"{quantized['format']} {quantized['op']}" if quantized else dtype
+    steps.append(_step("export", started, {"opset": opset, "dtype": quantized["format"] if quantized else dtype,
+                                           "task": llm_export.DECODER_TASK},
+                       f"{', '.join(files)} ({weights}, opset {opset})", progress))
 
     started = time.perf_counter()
     with progress.spinner("validating ONNX Runtime against PyTorch"):
@@ -269,13 +288,15 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
         if (source.model_dir / file_name).is_file():
             shutil.copyfile(source.model_dir / file_name, staging / file_name)
     if fmt == "tensorrt":
-        extra["tensorrt"] = _tensorrt_files(staging, spec)
+        from inferforge.optimize.tensorrt_export import tensorrt_files
+
+        extra["tensorrt"] = tensorrt_files(staging, spec.max_position_embeddings, *profile_limits)
     # Other runtimes read how to open the graph from here; OnnxDecoder.from_artifact applies it too.
     write_ort_config(staging, decoder_ort_config(opset=opset, config_entries=session_config,
                                                  quantized_export=extra.get("quantized_export")))
 
-    # The quantized parent: this module's record (manifest_sha256 = the manifest's own digest, as for any
-    # parent) plus what export_quantized_graph adds (its `digest`).
+    # The quantized parent: this module's record (manifest_sha256 = the parent manifest's own digest, as
+    # for any parent) plus what export_quantized_graph adds (manifest_file_sha256, ...).
     parent = {**extra.pop("parent", {}), **(source.parent or {})} or None
     checks = [{"name": "onnx-vs-pytorch logits", "kind": "gate", "measured": worst, "op": "<=", "limit": limit,
                "passed": True},
@@ -289,7 +310,9 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
         "source": {"model": given, "path": str(source.model_dir.resolve()),
                    "weights_sha256": weights_sha256(source.model_dir)},
         "parent": parent,
-        "export": {"format": fmt, "opset": opset, "opset_requested": requested, "dtype": dtype, "task": llm_export.DECODER_TASK,
+        # export.dtype: the graph's weights (fp32, fp16, or the quantized format); runtime.dtype: its activations.
+        "export": {"format": fmt, "opset": opset, "opset_requested": requested,
+                   "dtype": quantized["format"] if quantized else dtype, "task": llm_export.DECODER_TASK,
                    "exporter": exporter_versions()},
         "validation": validation, "throughput": throughput, **extra,
         "steps": steps, "checks": checks, "passed": True, "accuracy_passed": True, "environment": environment(),
@@ -308,42 +331,7 @@ def _torch_reference(model_dir: Path):
         hf_logging.set_verbosity(verbosity)
 
 
-def _tensorrt_files(staging: Path, spec) -> dict:
-    trt = _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
-    longest = min(spec.max_position_embeddings, 4096)
-    profiles = trt.default_profiles(staging / "model.onnx", max_batch=8, max_sequence=longest, max_past=longest)
-    return trt.write_tensorrt_files(staging, "model.onnx", profiles=profiles)
-
-
 def _step(name: str, started: float, settings: dict, summary: str, progress) -> dict:
     seconds = time.perf_counter() - started
     progress.done(name, seconds, summary)
     return {"name": name, "settings": settings, "duration_s": seconds, "summary": summary}
-
-
-def tensorrt_artifact(artifact: str | Path, out_dir: str | Path) -> dict:
-    """A copy of the ONNX artifact `artifact` (sentence-encoder or onnx-causal-lm, hashes verified) at
-    `out_dir` with TensorRT readiness files under `tensorrt/`; the input artifact is not changed."""
-    from inferforge.manifest import staged_artifact, utc_now, verify_artifact, write_manifest
-
-    artifact, out = Path(artifact), Path(out_dir).resolve()
-    if out == artifact.resolve():
-        raise UserInputError(f"--output {out_dir} is the input artifact; give another --output for the copy with "
-                             "TensorRT files")
-    manifest = verify_artifact(artifact)
-    trt = _import_optional("inferforge.optimize.tensorrt_ready", "--format tensorrt")
-    model_name = manifest["runtime"]["model"]
-    started = time.perf_counter()
-    with staged_artifact(out) as staging:
-        for relative in manifest["files"]:
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(artifact / relative, staging / relative)
-        summary = trt.write_tensorrt_files(staging, model_name, profiles=trt.default_profiles(staging / model_name))
-        body = {k: v for k, v in manifest.items() if k not in ("format", "files", "version", "manifest_sha256")}
-        step = {"name": "tensorrt", "settings": {}, "duration_s": time.perf_counter() - started,
-                "summary": f"TensorRT readiness: {'ready' if summary.get('ready') else 'not ready'}"}
-        body.update(created=utc_now(), tensorrt=summary, steps=[*manifest.get("steps", []), step],
-                    parent={"name": manifest.get("name"), "kind": manifest.get("kind"),
-                            "version": manifest.get("version"), "manifest_sha256": manifest.get("manifest_sha256"),
-                            "path": str(artifact.resolve())})
-        return write_manifest(staging, body)

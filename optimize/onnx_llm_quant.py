@@ -263,8 +263,11 @@ def _manifest(artifact: Path, parent: dict, meta: dict, fmt: str, opset: int, st
             export["onnxruntime_session_config"] = dict(FP8_SESSION_CONFIG)
             export["onnxruntime_cpu"] = ("runs with session config session.disable_quant_qdq=1 (ONNX Runtime's QDQ "
                                          "fusion has no float8 MatMulIntegerToFloat kernel)")
-    record = {"name": parent.get("name"), "version": parent.get("version"), "digest": parent.get(DIGEST_KEY),
-              "manifest_sha256": sha256_of(artifact / MANIFEST_NAME), "path": str(artifact), "kind": parent.get("kind")}
+    # manifest_sha256 means what it means everywhere: the parent manifest's own digest (its DIGEST_KEY);
+    # the sha256 of the manifest.json file's bytes is another number, under its own name.
+    record = {"name": parent.get("name"), "version": parent.get("version"), "manifest_sha256": parent.get(DIGEST_KEY),
+              "manifest_file_sha256": sha256_of(artifact / MANIFEST_NAME), "path": str(artifact),
+              "kind": parent.get("kind")}
     return {"quantized_export": export, "parent": record,
             "parent_gate": {"gate": parent.get("gate"), "checks": parent.get("checks"),
                             "validation": parent.get("validation")},

@@ -88,6 +88,56 @@ def default_profiles(onnx_path: str | Path, *, max_batch: int = 8, max_sequence:
     return profiles
 
 
+def model_profiles(onnx_path: str | Path, *, position_limit: int | None, max_batch: int = 8,
+                   max_sequence: int | None = None) -> dict:
+    """`default_profiles` sized to what the model can take: `position_limit` is its
+    `max_position_embeddings` (None: unknown), `max_sequence` the longest sequence asked for.
+
+    An encoder: inputs of up to `max_sequence` tokens (default min(512, position_limit)).
+    A decoder with past: `max_sequence` (default min(4096, position_limit)) is the whole context,
+    past + new tokens. A profile bounds each dimension on its own and cannot state "past + sequence
+    <= context", so the context is split: new tokens per call up to half of it (a prompt prefilled
+    in one call), past up to the rest. `attention_mask` (past + sequence) then ends at the context
+    and no shape in the profile runs past the model's positions. Raises UserInputError when
+    `max_sequence` exceeds `position_limit`."""
+    import onnx
+
+    inputs = graph_inputs(onnx.load(str(onnx_path), load_external_data=False))
+    decoder = _has_past({d for _, _, dims in inputs for d in dims if isinstance(d, str)})
+    cap = 4096 if decoder else 512
+    if max_sequence is not None and (max_sequence < 1 or (position_limit and max_sequence > position_limit)):
+        raise UserInputError(f"--max-sequence {max_sequence}: the model takes 1 to {position_limit or 'any'} tokens "
+                             f"(max_position_embeddings); choose a value in that range")
+    if max_batch < 1:
+        raise UserInputError(f"--max-batch {max_batch}: must be at least 1")
+    longest = max_sequence or min(cap, position_limit or cap)
+    if not decoder:
+        return default_profiles(onnx_path, max_batch=max_batch, max_sequence=longest, max_past=0)
+    new_tokens = max(1, longest // 2)
+    return default_profiles(onnx_path, max_batch=max_batch, max_sequence=new_tokens, max_past=longest - new_tokens)
+
+
+def position_problems(inputs: list[tuple[str, int, list]], profiles: dict, position_limit: int) -> list:
+    """(input name, problem) for every sequence axis (a dim named after a sequence, a past or a sum of
+    them) whose profile max exceeds the model's `position_limit` tokens: such shapes fail at run time
+    (an encoder's position-embedding lookup) or leave the positions the model was trained on."""
+    problems = []
+    for name, _, dims in inputs:
+        profile = profiles.get(name)
+        if not isinstance(profile, dict) or not isinstance(profile.get("max"), list):
+            continue
+        for axis, dim in enumerate(dims):
+            parts = dim.split("+") if isinstance(dim, str) and dim else []
+            # Known symbols other than the batch: sequence, past, and their sums.
+            sequence_axis = bool(parts) and not any("batch" in p.lower() for p in parts) and all(
+                _symbol_range(p, has_past=True, max_batch=1, max_sequence=1, max_past=1) for p in parts)
+            high = profile["max"][axis] if axis < len(profile["max"]) else None
+            if sequence_axis and isinstance(high, int) and high > position_limit:
+                problems.append((name, f"axis {axis} ('{dim}') goes up to {high}, past the model's {position_limit} "
+                                       "positions (max_position_embeddings); lower the profile's max"))
+    return problems
+
+
 def profile_problems(inputs: list[tuple[str, int, list]], profiles: dict) -> list[tuple[str, str]]:
     """(input name, problem) for every dynamic dim the profile leaves uncovered or gets wrong."""
     problems = []

@@ -12,6 +12,8 @@
   DequantizeLinear pairs (QLinear*, MatMulInteger, ConvInteger, DynamicQuantizeLinear, MatMulNBits
   are ONNX Runtime's integer formats); qdq-zero-point: Q/DQ zero points are signed and zero;
 - profile: every dynamic dimension of every input has a min / opt / max in the profile;
+- position-limit: given the model's `max_position_embeddings`, no sequence axis of the profile
+  (sequence, past, or their sum) goes beyond it;
 - int64 (warnings): INT64 initializers and casts to INT64, and INT64 constants beyond the INT32 range.
 
 Errors make `ready` False; warnings do not. Each finding names the node (or initializer / input) and
@@ -34,11 +36,13 @@ from inferforge.optimize.tensorrt_profiles import (
     PROFILE_KEYS,
     default_profiles,
     graph_inputs,
+    model_profiles,
+    position_problems,
     profile_problems,
     shape_arg,
 )
 
-__all__ = ["default_profiles", "readiness_report", "write_tensorrt_files", "build_and_compare"]
+__all__ = ["default_profiles", "model_profiles", "readiness_report", "write_tensorrt_files", "build_and_compare"]
 
 DATA_FILE = Path(__file__).parent / "data" / "tensorrt_ops.json"
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -116,9 +120,11 @@ def _element_types(model) -> dict[str, int]:
     return types
 
 
-def readiness_report(onnx_path: str | Path, *, profiles: dict | None) -> dict:
+def readiness_report(onnx_path: str | Path, *, profiles: dict | None, position_limit: int | None = None) -> dict:
     """Check the graph at `onnx_path` for a TensorRT engine build with `profiles`
     ({input: {"min": [...], "opt": [...], "max": [...]}}; None: `default_profiles(onnx_path)`).
+    `position_limit`, when known, is the model's `max_position_embeddings`: a profile whose sequence
+    axes go beyond it is an error (shapes the model cannot run).
 
     Returns {"ready", "trt_version", "source", "opset", "opset_range", "errors", "warnings",
     "op_counts", "profiles"}; each error or warning is {"severity", "check", "name", "op_type",
@@ -160,6 +166,9 @@ def readiness_report(onnx_path: str | Path, *, profiles: dict | None) -> dict:
                                      op_type=owners[name][1], severity="warning"))
     for name, problem in profile_problems(graph_inputs(model), profiles):
         findings.append(_finding("profile", problem, name=name, op_type="input"))
+    if position_limit:
+        for name, problem in position_problems(graph_inputs(model), profiles, position_limit):
+            findings.append(_finding("position-limit", problem, name=name, op_type="input"))
     errors = [f for f in findings if f["severity"] == "error"]
     return {
         "ready": not errors,
@@ -168,6 +177,7 @@ def readiness_report(onnx_path: str | Path, *, profiles: dict | None) -> dict:
         "source": table["source"],
         "opset": opset,
         "opset_range": [low, high],
+        "position_limit": position_limit,
         "errors": errors,
         "warnings": [f for f in findings if f["severity"] == "warning"],
         "op_counts": dict(sorted(op_counts.items())),
@@ -242,13 +252,15 @@ def _precision_flag(onnx_path: Path) -> tuple[str, str]:
     return "", "an FP32 graph built in FP32; add --fp16 to let TensorRT pick FP16 kernels (check accuracy after)"
 
 
-def write_tensorrt_files(dest_dir: str | Path, onnx_name: str = "model.onnx", *, profiles: dict | None) -> dict:
+def write_tensorrt_files(dest_dir: str | Path, onnx_name: str = "model.onnx", *, profiles: dict | None,
+                         position_limit: int | None = None) -> dict:
     """Write `dest_dir/tensorrt/{readiness.json, readiness.md, profiles.json, trtexec.sh}` for the graph
-    `dest_dir/onnx_name`, each file atomically. Returns {"ready", "errors", "warnings" (counts),
-    "trt_version", "precision_flag", "files"} for the caller's manifest."""
+    `dest_dir/onnx_name`, each file atomically (`position_limit`: see `readiness_report`). Returns
+    {"ready", "errors", "warnings" (counts), "trt_version", "precision_flag", "files", "findings"
+    (the first errors, "check: op_type name")} for the caller's manifest."""
     dest_dir = Path(dest_dir)
     onnx_path = dest_dir / onnx_name
-    report = readiness_report(onnx_path, profiles=profiles)
+    report = readiness_report(onnx_path, profiles=profiles, position_limit=position_limit)
     profiles = report["profiles"]
     out = dest_dir / "tensorrt"
     flag, why = _precision_flag(onnx_path)
@@ -259,7 +271,17 @@ def write_tensorrt_files(dest_dir: str | Path, onnx_name: str = "model.onnx", *,
     (out / "trtexec.sh").chmod(0o755)
     return {"ready": report["ready"], "errors": len(report["errors"]), "warnings": len(report["warnings"]),
             "trt_version": report["trt_version"], "precision_flag": flag or None,
-            "files": [f"tensorrt/{n}" for n in ("readiness.json", "readiness.md", "profiles.json", "trtexec.sh")]}
+            "files": [f"tensorrt/{n}" for n in ("readiness.json", "readiness.md", "profiles.json", "trtexec.sh")],
+            "error_summary": error_summary(report["errors"])}
+
+
+def error_summary(errors: list[dict], *, shown: int = 3) -> str:
+    """'contrib-op: 12 x com.microsoft MatMulNBits (e.g. /model/...); opset: ...' grouped by check and op."""
+    groups: dict[tuple, list[str]] = {}
+    for f in errors:
+        groups.setdefault((f["check"], f["op_type"]), []).append(str(f["name"]))
+    parts = [f"{check}: {len(names)} x {op} (e.g. {names[0]})" for (check, op), names in groups.items()]
+    return "; ".join(parts[:shown]) + (f"; and {len(parts) - shown} more kinds" if len(parts) > shown else "")
 
 
 def trtexec_script(onnx_name: str, profiles: dict, flag: str, why: str) -> str:

@@ -6,6 +6,7 @@ prompt lengths at batch 2 (prompt, then one more token from `present.*`), greedy
 weight-only formats, the ops each quantized layer became, and what a corrupted graph does.
 """
 
+import hashlib
 import json
 import shutil
 
@@ -206,7 +207,9 @@ def test_manifest_names_parent_gate_and_lineage(exported):
     parent = json.loads((artifact / "manifest.json").read_text())
     record = graph.manifest
     assert record["quantized_export"]["block_size"] == GROUP and record["quantized_export"]["format"] == "int4-g128"
-    assert record["parent"]["version"] == parent["version"] and record["parent"]["digest"] == parent["manifest_sha256"]
+    assert record["parent"]["version"] == parent["version"] and record["parent"]["manifest_sha256"] == parent["manifest_sha256"]
+    assert "digest" not in record["parent"]
+    assert record["parent"]["manifest_file_sha256"] == hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()
     assert record["parent"]["kind"] == "quantized-causal-lm" and record["parent"]["path"] == str(artifact.resolve())
     assert record["parent_gate"]["checks"] == parent["checks"] and record["parent_gate"]["gate"] == parent["gate"]
     first, source = record["lineage"]
