@@ -251,6 +251,7 @@ def test_cli_exports_an_artifact_and_generate_runs_it(checkpoints, exported, tmp
     assert main(["export", str(parent), "--output", str(out), "-q"]) == 0
     assert f"artifact: {out}" in capsys.readouterr().out
     manifest = read_manifest(out)
+    assert manifest["name"] == "llama-art"        # the model folder's name, not the output's
     assert manifest["parent"]["name"] == "llama" and manifest["parent"]["kind"] == "causal-lm"
     assert manifest["parent"]["version"] == read_manifest(parent)["version"]
     assert main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "6", "--json", "-q"]) == 0
@@ -364,6 +365,14 @@ def gpt2_dir(tmp_path):
     (["--format", "pdf"], "--format 'pdf': choose one of onnx, tensorrt, triton"),
     (["--format", "triton"], "--format triton needs --repository DIR"),
     (["--repository", "repo"], "--repository is for --format triton"),
+    (["--format", "tensorrt", "--opset", "21"], "--opset 21 with --format tensorrt: TensorRT 10.1 parses opsets 9 to 20"),
+    (["--min-cosine", "0.5"], "--min-cosine sets an encoder's cosine gate; a decoder export is gated by its logits"),
+    (["--sentences", "s.txt"], "--sentences sets an encoder's cosine gate"),
+    (["--calibration-size", "3"], "--calibration-size sets an encoder's cosine gate"),
+    (["--max-batch", "4"], "--max-batch sizes TensorRT profiles and Triton's max_batch_size; --format onnx"),
+    (["--format", "triton", "--repository", "r", "--max-sequence", "8"], "--max-sequence sizes TensorRT profiles"),
+    (["--format", "tensorrt", "--max-sequence", "300"], "--max-sequence 300: the model takes 1 to 256 tokens"),
+    (["--format", "tensorrt", "--max-batch", "0"], "--max-batch 0: must be at least 1"),
 ])
 def test_bad_flags_are_one_line_before_any_work(checkpoints, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -402,35 +411,41 @@ def test_tensorrt_and_triton_hooks_get_the_artifact(exported, tmp_path, monkeypa
     its manifest, the repository is written from the finished artifact."""
     calls = []
 
-    def default_profiles(onnx_path, **kwargs):
-        calls.append(("profiles", Path(onnx_path).name))
+    def model_profiles(onnx_path, **kwargs):
+        calls.append(("profiles", Path(onnx_path).name, kwargs))
         return {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [8, 16]}}
 
-    def write_tensorrt_files(dest, onnx_name="model.onnx", *, profiles):
+    def write_tensorrt_files(dest, onnx_name="model.onnx", *, profiles, position_limit=None):
         (Path(dest) / "tensorrt").mkdir()
         (Path(dest) / "tensorrt" / "profiles.json").write_text(json.dumps(profiles))
         return {"ready": True, "nodes": 3}
 
     def write_triton_repository(artifact_dir, repository, **kwargs):
-        calls.append(("triton", Path(artifact_dir), Path(repository)))
+        calls.append(("triton", Path(artifact_dir), Path(repository), kwargs))
         version = Path(repository) / "m" / "1"
         version.mkdir(parents=True)
         return version
 
-    _fake_module(monkeypatch, "inferforge.optimize.tensorrt_ready", default_profiles=default_profiles,
-                 write_tensorrt_files=write_tensorrt_files)
+    from inferforge.optimize.tensorrt_ready import operator_table
+
+    _fake_module(monkeypatch, "inferforge.optimize.tensorrt_ready", model_profiles=model_profiles,
+                 write_tensorrt_files=write_tensorrt_files, operator_table=operator_table)
     _fake_module(monkeypatch, "inferforge.optimize.triton_repo", write_triton_repository=write_triton_repository)
     from inferforge.manifest import verify_artifact
 
     _, src = exported["llama"]
     out = tmp_path / "trt"
-    assert main(["export", str(src), "--format", "tensorrt", "--output", str(out), "-q"]) == 0
+    assert main(["export", str(src), "--format", "tensorrt", "--max-batch", "2", "--max-sequence", "64",
+                 "--name", "trt-copy", "--output", str(out), "-q"]) == 0
     manifest = verify_artifact(out)
+    assert manifest["name"] == "trt-copy"
     assert manifest["tensorrt"] == {"ready": True, "nodes": 3} and "tensorrt/profiles.json" in manifest["files"]
     assert manifest["parent"]["path"] == str(src.resolve()) and manifest["kind"] == "onnx-causal-lm"
-    assert main(["export", str(src), "--format", "triton", "--repository", str(tmp_path / "repo"), "-q"]) == 0
+    assert main(["export", str(src), "--format", "triton", "--repository", str(tmp_path / "repo"), "--name", "served",
+                 "--max-batch", "4", "-q"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "repo" / "m" / "1"))
-    assert calls == [("profiles", "model.onnx"), ("triton", src, tmp_path / "repo")]
+    assert calls == [("profiles", "model.onnx", {"position_limit": 256, "max_batch": 2, "max_sequence": 64}),
+                     ("triton", src, tmp_path / "repo", {"name": "served", "max_batch_size": 4})]
 
 
 def test_quantized_artifact_goes_through_the_quantized_graph(exported, checkpoints, tmp_path, monkeypatch):
@@ -514,3 +529,22 @@ def test_serve_app_runs_the_onnx_decoder(exported):
                                                     "temperature": 0}).json()
     assert body["usage"]["completion_tokens"] == len(expected)
     assert body["choices"][0]["text"] == decoder.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_tensorrt_copy_of_a_decoder_stays_within_its_positions(exported, tmp_path, capsys):
+    """Profiles of a decoder with 256 positions: the context (attention_mask, past + new) ends at 256, half
+    of it per call; a graph TensorRT's parser would refuse (opset 21) is refused up front."""
+    from inferforge.manifest import verify_artifact
+
+    _, src = exported["llama"]
+    out = tmp_path / "trt"
+    assert main(["export", str(src), "--format", "tensorrt", "--max-batch", "2", "--output", str(out), "-q"]) == 0
+    assert verify_artifact(out)["tensorrt"]["ready"] is True
+    profiles = json.loads((out / "tensorrt" / "profiles.json").read_text())
+    assert profiles["attention_mask"]["max"] == [2, 256] and profiles["input_ids"]["max"] == [2, 128]
+    assert profiles["past_key_values.0.key"]["max"][2] == 128
+    assert main(["export", str(src), "--format", "tensorrt", "--opset", "18", "--output", str(tmp_path / "x")]) == 2
+    assert "--opset 18: " in _one_line(capsys.readouterr().err) and not (tmp_path / "x").exists()
+    for flag in (["--min-cosine", "0.9"], ["--held-out-size", "5"]):
+        assert main(["export", str(src), "--format", "tensorrt", *flag, "--output", str(tmp_path / "x")]) == 2
+        assert f"{flag[0]} sets an encoder's cosine gate; " in _one_line(capsys.readouterr().err)
