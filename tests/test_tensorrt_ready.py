@@ -251,3 +251,79 @@ def test_build_and_compare_matches_onnxruntime(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     result = build_and_compare(path, FLOAT_PROFILE, lambda feeds: {"y": session.run(None, feeds)[0]}, atol=1e-3)
     assert result["passed"], result
+
+
+def test_profiles_stay_within_the_models_positions(tmp_path, decoder_dir):
+    """An encoder with 128 positions gets sequences up to 128, not 512; a decoder's context (past + new,
+    attention_mask's axis) ends at its positions; a hand-written profile beyond them is an error."""
+    from inferforge.optimize.tensorrt_profiles import model_profiles
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "sequence_length", 4])
+    encoder = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")], inputs=[x])
+    assert model_profiles(encoder, position_limit=128)["x"]["max"] == [8, 128, 4]
+    assert model_profiles(encoder, position_limit=None)["x"]["max"] == [8, 512, 4]
+    assert model_profiles(encoder, position_limit=128, max_batch=2, max_sequence=100)["x"]["max"] == [2, 100, 4]
+    with pytest.raises(UserInputError, match="--max-sequence 129: the model takes 1 to 128 tokens"):
+        model_profiles(encoder, position_limit=128, max_sequence=129)
+    onnx_path = decoder_dir / "model.onnx"
+    profiles = model_profiles(onnx_path, position_limit=64, max_batch=4)
+    assert profiles["attention_mask"]["max"] == [4, 64] and profiles["input_ids"]["max"] == [4, 32]
+    assert profiles["past_key_values.0.key"]["max"] == [4, 2, 32, 16]
+    assert readiness_report(onnx_path, profiles=profiles, position_limit=64)["ready"]
+    # The old sizing (past and new tokens each up to the context) lets attention_mask reach twice it.
+    doubled = default_profiles(onnx_path, max_batch=4, max_sequence=64, max_past=64)
+    report = readiness_report(onnx_path, profiles=doubled, position_limit=64)
+    assert not report["ready"] and report["position_limit"] == 64
+    flagged = [f for f in report["errors"] if f["check"] == "position-limit"]
+    assert [f["name"] for f in flagged] == ["attention_mask"] and "up to 128, past the model's 64" in flagged[0]["message"]
+    assert readiness_report(onnx_path, profiles=doubled)["ready"]       # no limit given: nothing to check against
+    text = write_tensorrt_files(decoder_dir, profiles=doubled, position_limit=64)["error_summary"]
+    assert text == "position-limit: 1 x input (e.g. attention_mask)"
+
+
+def _encoder_artifact(path, *, positions=128, opset=17, contrib=False):
+    from inferforge.manifest import write_manifest
+
+    path.mkdir(parents=True)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", "sequence_length", 4])
+    table = numpy_helper.from_array(np.ones((positions, 4), np.float32), "table")
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["g"], name="gather"),
+             helper.make_node("Gelu" if contrib else "Relu", ["g"], ["y"], name="act",
+                              **({"domain": "com.microsoft"} if contrib else {}))]
+    _save(path, nodes, inputs=[ids], outputs=[out], initializers=[table], opset=opset,
+          extra_opsets=["com.microsoft"] if contrib else ())
+    (path / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": positions}))
+    write_manifest(path, {"name": "enc", "kind": "sentence-encoder", "runtime": {"model": "model.onnx"}})
+    return path
+
+
+def test_tensorrt_copy_of_an_encoder_artifact_from_the_command_line(tmp_path, capsys):
+    """`inferforge export ART --format tensorrt`: profiles bounded by config.json's positions, --name and
+    --max-batch taken; an opset TensorRT cannot parse is refused up front; a graph that is not ready
+    writes nothing, exits 1 and leaves the readiness report in OUT.failed/."""
+    from inferforge.cli import main
+    from inferforge.manifest import verify_artifact
+
+    art = _encoder_artifact(tmp_path / "art")
+    out = tmp_path / "trt"
+    assert main(["export", str(art), "--format", "tensorrt", "--name", "enc-trt", "--max-batch", "2",
+                 "--output", str(out), "-q"]) == 0
+    manifest = verify_artifact(out)
+    assert manifest["name"] == "enc-trt" and manifest["tensorrt"]["ready"] is True
+    assert json.loads((out / "tensorrt" / "profiles.json").read_text())["input_ids"]["max"] == [2, 128]
+    capsys.readouterr()
+    assert main(["export", str(art), "--format", "tensorrt", "--max-sequence", "200", "--output", str(tmp_path / "x")]) == 2
+    assert "--max-sequence 200: the model takes 1 to 128 tokens" in capsys.readouterr().err
+    assert main(["export", str(art), "--format", "tensorrt", "--opset", "17", "--output", str(tmp_path / "x")]) == 2
+    assert "--opset 17: " in (err := capsys.readouterr().err) and "is already an ONNX artifact" in err
+    new = _encoder_artifact(tmp_path / "art21", opset=21)
+    assert main(["export", str(new), "--format", "tensorrt", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--opset 21 with --format tensorrt: TensorRT 10.1 parses opsets 9 to 20" in err and len(err.splitlines()) == 1
+    contrib = _encoder_artifact(tmp_path / "contrib", contrib=True)
+    assert main(["export", str(contrib), "--format", "tensorrt", "--output", str(tmp_path / "x"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "TensorRT readiness: not ready, 1 errors (contrib-op: 1 x Gelu (e.g. act))" in err
+    assert "no artifact written" in err and not (tmp_path / "x").exists()
+    assert "# TensorRT readiness: NOT READY" in (tmp_path / "x.failed" / "report.md").read_text()
