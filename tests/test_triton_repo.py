@@ -203,3 +203,17 @@ def test_decoder_with_past_repository(decoder_artifact, tmp_path):
     session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(inputs)
     assert sha256_file(version / "model.onnx") == sha256_file(decoder_artifact / "model.onnx")
+
+
+def test_cli_puts_an_existing_artifact_under_the_name_given(tmp_path, capsys):
+    """`inferforge export ART --format triton --name N --max-batch B`: the model is N with max_batch_size B."""
+    from inferforge.cli import main
+
+    artifact = _artifact(tmp_path / "art")
+    assert main(["export", str(artifact), "--format", "triton", "--repository", str(tmp_path / "repo"),
+                 "--name", "served", "--max-batch", "3", "-q"]) == 0
+    assert capsys.readouterr().out.strip() == f"triton: {tmp_path / 'repo' / 'served' / '1'}"
+    assert _config(tmp_path / "repo" / "served").max_batch_size == 3
+    assert main(["export", str(artifact), "--format", "triton", "--repository", str(tmp_path / "repo"),
+                 "--max-sequence", "64"]) == 2
+    assert "--max-sequence sizes TensorRT profiles; --format triton has none" in capsys.readouterr().err
