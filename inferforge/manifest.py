@@ -23,7 +23,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from inferforge.errors import ArtifactError, UserInputError
+from inferforge.errors import ArtifactError, EnvironmentFailure, UserInputError
 from inferforge.fileio import (
     atomic_write_json,
     atomic_write_text,
@@ -158,7 +158,7 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); the manifest is damaged, re-run the recipe") from None
+        raise ArtifactError(f"{path}: not valid JSON ({e}); the manifest is damaged, re-run the command or recipe that wrote it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path}: not an {FORMAT} manifest")
     return manifest
@@ -170,22 +170,22 @@ def verify_artifact(directory: str | Path) -> dict:
     manifest = read_manifest(directory)
     if DIGEST_KEY not in manifest:
         raise ArtifactError(f"{directory}: {MANIFEST_NAME} has no {DIGEST_KEY}, so its content cannot be checked (it "
-                            "was edited, or written by an older inferforge); re-run the recipe to rebuild the artifact")
+                            "was edited, or written by an older inferforge); re-run the command or recipe that wrote it to rebuild the artifact")
     if manifest_digest(manifest) != manifest[DIGEST_KEY]:
         raise ArtifactError(f"{directory}: {MANIFEST_NAME} was edited after the run (its content does not match its "
-                            f"{DIGEST_KEY}); restore the original manifest or re-run the recipe")
+                            f"{DIGEST_KEY}); restore the original manifest or re-run the command or recipe that wrote it")
     listed = manifest["files"]
     for name, info in listed.items():
         path = directory / name
         if not path.is_file():
-            raise ArtifactError(f"{directory}: incomplete artifact, '{name}' is missing; re-run the recipe or restore the file")
+            raise ArtifactError(f"{directory}: incomplete artifact, '{name}' is missing; re-run the command or recipe that wrote it, or restore the file")
         if path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
             raise ArtifactError(f"{directory}: '{name}' does not match its sha256 in {MANIFEST_NAME}; "
-                                "the file was modified or damaged after the run, re-run the recipe")
+                                "the file was modified or damaged after the run, re-run the command or recipe that wrote it")
     extra = sorted(set(artifact_files(directory)) - set(listed))
     if extra:
         raise ArtifactError(f"{directory}: files not in {MANIFEST_NAME}: {', '.join(extra)}; "
-                            "remove them or re-run the recipe")
+                            "remove them or re-run the command or recipe that wrote it")
     return manifest
 
 
@@ -250,8 +250,13 @@ def staged_artifact(out: str | Path):
     an interrupt publishes nothing: the staging directory is removed and `out` is untouched."""
     out = Path(out)
     check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        # Name the output the user gave, not the hidden staging directory beside it.
+        raise EnvironmentFailure(f"cannot write the output {out}: {e.strerror or e} in {out.parent}; choose a "
+                                 "writable output directory (--output)") from None
     try:
         make_public_dir(staging)
         yield staging

@@ -88,11 +88,11 @@ def write_ort_config(directory: str | Path, config: dict) -> Path:
 def check_session_options(options, source: str) -> dict:
     """`options` if it is a session-options block this version can apply; else ArtifactError naming `source`."""
     if not isinstance(options, dict):
-        raise ArtifactError(f"{source}: session_options must be an object; re-run the recipe to rewrite the artifact")
+        raise ArtifactError(f"{source}: session_options must be an object; re-run the command or recipe that wrote the artifact")
     unknown = sorted(set(options) - _KEYS)
     if unknown:
         raise ArtifactError(f"{source}: unknown session option {unknown[0]!r} (this version reads "
-                            f"{', '.join(sorted(_KEYS))}); upgrade inferforge or re-run the recipe")
+                            f"{', '.join(sorted(_KEYS))}); upgrade inferforge or re-run the command or recipe that wrote the artifact")
     level = options.get("graph_optimization_level", "ORT_ENABLE_ALL")
     if level not in _LEVELS:
         raise ArtifactError(f"{source}: graph_optimization_level {level!r} is not one of {', '.join(_LEVELS)}")
@@ -113,9 +113,9 @@ def read_session_options(directory: str | Path, manifest: dict) -> dict:
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{path}: not valid JSON ({e}); re-run the recipe to rewrite the artifact") from None
+            raise ArtifactError(f"{path}: not valid JSON ({e}); re-run the command or recipe that wrote the artifact") from None
         if not isinstance(config, dict) or "session_options" not in config:
-            raise ArtifactError(f"{path}: no session_options block; re-run the recipe to rewrite the artifact")
+            raise ArtifactError(f"{path}: no session_options block; re-run the command or recipe that wrote the artifact")
         return check_session_options(config["session_options"], str(path))
     disabled = (manifest.get("runtime") or {}).get("onnxruntime_disabled_optimizers")
     if disabled is not None:

@@ -134,7 +134,7 @@ def test_manifest_without_its_digest_is_refused(artifact):
     d, written = artifact
     del written["manifest_sha256"]
     (d / MANIFEST_NAME).write_text(json.dumps(written))
-    with pytest.raises(ArtifactError, match="has no manifest_sha256.*re-run the recipe"):
+    with pytest.raises(ArtifactError, match="has no manifest_sha256.*re-run the command or recipe that wrote it"):
         verify_artifact(d)
 
 
@@ -197,3 +197,25 @@ def test_a_foreign_dot_failed_directory_is_not_replaced(tmp_path):
         with staged_artifact(tmp_path / "art"):
             pass
     assert (tmp_path / "art.failed" / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_that_cannot_be_written_names_the_output_given(tmp_path, monkeypatch, capsys):
+    """A directory that takes no new entries (here mkdtemp refused): exit 3, the message names the output
+    the user gave, never the hidden staging directory beside it."""
+    import errno
+    import tempfile
+
+    from inferforge.cli import main
+    from inferforge.errors import EnvironmentFailure
+
+    def refuse(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}abc")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    out = tmp_path / "x"
+    with pytest.raises(EnvironmentFailure, match=f"cannot write the output {out}: Permission denied"):
+        with staged_artifact(out):
+            pass
+    assert main(["export", "tests.factories:tiny_bert", "--output", str(out), "-q"]) == 3
+    err = capsys.readouterr().err
+    assert f"cannot write the output {out}" in err and ".partial-" not in err and len(err.strip().splitlines()) == 1
