@@ -506,8 +506,7 @@ def run_steps(ctx: RunContext, configs: Iterable, targets: Targets | None = None
         summary = outcome.get("summary", "")
         for label, missed in (("gate missed", failed), ("target missed", missed_targets)):
             if missed:
-                summary += f"; {label}: " + "; ".join(
-                    f"{c['name']} measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}" for c in missed)
+                summary += f"; {label}: " + "; ".join(check_line(c, sep=" ") for c in missed)
                 record["summary"] = summary
         ctx.progress.done(name, record["duration_s"], summary, passed=not failed and not missed_targets)
         if failed:
@@ -597,11 +596,30 @@ def _write_drift_snapshot(ctx: RunContext) -> dict:
         return write_snapshot(ctx.staging, snapshot)
 
 
+def check_numbers(measured, limit) -> tuple[str, str]:
+    """(measured, limit) as text: 6 significant digits, more where 6 would hide the limit's value
+    (0.9999999 is not 'required >= 1') or make a missed measurement print like its limit."""
+    def text(value, digits):
+        return f"{value:.{digits}g}" if isinstance(value, (int, float)) else str(value)
+
+    digits = 6
+    while digits < 17 and isinstance(limit, (int, float)) and (
+            float(text(limit, digits)) != limit
+            or (isinstance(measured, (int, float)) and measured != limit
+                and text(measured, digits) == text(limit, digits))):
+        digits += 1
+    return text(measured, digits), text(limit, digits)
+
+
+def check_line(c: dict, sep: str = ": ") -> str:
+    """'NAME: measured X, required >= Y' for one check."""
+    measured, limit = check_numbers(c["measured"], c["limit"])
+    return f"{c['name']}{sep}measured {measured}, required {c['op']} {limit}"
+
+
 def missed_message(checks: list[dict]) -> str:
     """'missed: NAME: measured X, required >= Y; ...' for the checks that did not pass."""
-    lines = [f"{c['name']}: measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}"
-             for c in checks if not c["passed"]]
-    return "missed: " + "; ".join(lines)
+    return "missed: " + "; ".join(check_line(c) for c in checks if not c["passed"])
 
 
 def gate_failure_message(result: RunResult) -> str:

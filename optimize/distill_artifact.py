@@ -106,8 +106,9 @@ def write_student_artifact(result, out: str | Path, *, name: str | None = None, 
     reports = {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": render_report(report)}
     if not passed:
         failed_dir = write_failed_report(out, reports)
-        missed = "; ".join(f"{c['name']}: measured {c['measured']:.6g}, required {c['op']} {c['limit']:.6g}"
-                           for c in checks if not c["passed"])
+        from inferforge.pipeline import check_line
+
+        missed = "; ".join(check_line(c) for c in checks if not c["passed"])
         where = f"checkpoints kept in {result.checkpoint_dir}: resume with --resume and more --steps"
         raise GateFailed(f"missed: {missed}; no artifact was written ({out} is unchanged); report: "
                          f"{failed_dir / 'report.md'}; {where if result.checkpoint_dir else 'no checkpoints kept'}",

@@ -278,3 +278,16 @@ def test_a_factory_module_is_found_from_the_working_directory():
     code = "from inferforge.models import check_model_spec; check_model_spec('tests.factories:tiny_bert')"
     proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_missed_checks_print_limits_with_the_digits_they_have():
+    """A limit of 0.9999999 prints as itself, not 'required >= 1', and a measurement just below it prints
+    differently from it."""
+    from inferforge.pipeline import check_line, missed_message
+
+    check = {"name": "min cosine", "measured": 0.99999984, "op": ">=", "limit": 0.9999999, "passed": False}
+    assert check_line(check) == "min cosine: measured 0.9999998, required >= 0.9999999"
+    assert missed_message([check, {**check, "name": "ok", "passed": True}]) == (
+        "missed: min cosine: measured 0.9999998, required >= 0.9999999")
+    assert check_line({**check, "measured": 0.912345678, "limit": 0.99}) == (
+        "min cosine: measured 0.912346, required >= 0.99")
