@@ -87,12 +87,22 @@ def _print_summary(report: dict) -> None:
             table.add_column(col)
         for c in report["checks"]:
             if "measured" in c:
-                measured, limit = f"{c['measured']:.4g}", f"{c['op']} {c['limit']:.4g}"
+                from inferforge.pipeline import check_numbers
+
+                measured, limit = check_numbers(c["measured"], c["limit"])
+                limit = f"{c['op']} {limit}"
             else:   # a quantization gate: its limits, with the measurements under "validation"
                 measured = "-"
                 limit = ", ".join(f"{k} {v}" for k, v in (c.get("limits") or {}).items() if v is not None)
             table.add_row(c["name"], measured, limit, "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]")
         console.print(table)
+    speed = report.get("throughput")
+    if report.get("kind") == "onnx-causal-lm" and isinstance(speed, dict):
+        from inferforge.export_cli import quantized_summary
+
+        console.print(f"speed: {speed['tokens_per_s']:.1f} tokens/s at batch 1 ({speed.get('provider')})")
+        if "quantized_export" in report and "throughput_float" in report:
+            console.print(quantized_summary(report), markup=False)
     gate = report.get("gate")
     if report.get("kind") == "quantized-causal-lm" and isinstance(gate, dict):
         console.print(f"accuracy gate: on ({gate.get('note', '')})" if gate.get("enabled")

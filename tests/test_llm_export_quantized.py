@@ -7,6 +7,7 @@ both speeds and the opset it chose; `inferforge generate` / `inferforge.load` ru
 session config it records); bad flags are one line, exit 2.
 """
 
+import hashlib
 import json
 import shutil
 
@@ -118,6 +119,23 @@ def test_int4_manifest_links_parent_and_records_both_speeds(int4):
     config = json.loads((out / "ort_config.json").read_text())
     assert "ort_config.json" in manifest["files"] and config["session_options"]["config_entries"] == {}
     assert config["inferforge"]["quantized_export"]["op"] == "MatMulNBits" and config["opset"] == 18
+    # The graph is int4 MatMulNBits, not fp32; manifest_sha256 is the parent's digest, as for any parent.
+    assert manifest["export"]["dtype"] == "int4-g128" and manifest["runtime"]["dtype"] == "fp32"
+    step = next(s for s in manifest["steps"] if s["name"] == "export")
+    assert "(int4-g128 MatMulNBits, opset 18)" in step["summary"] and "fp32" not in step["summary"]
+    assert "digest" not in manifest["parent"]
+    assert manifest["parent"]["manifest_file_sha256"] == hashlib.sha256((quant / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_inspect_prints_both_speeds_of_a_quantized_export(int4, capsys):
+    _, out, _ = int4
+    manifest = _manifest(out)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"speed: {manifest['throughput']['tokens_per_s']:.1f} tokens/s at batch 1" in text
+    assert (f"quantized: int4-g128 as MatMulNBits (opset 18); float32 graph "
+            f"{manifest['throughput_float']['tokens_per_s']:.1f} tokens/s") in text
 
 
 def test_generate_gives_the_quantized_models_greedy_tokens(int4, capsys):
