@@ -53,8 +53,9 @@ def add_export_parser(sub, fmt, model_args, common) -> None:
                                        "auto: 18, or 19 for an fp8 artifact)")
     p.add_argument("--format", default="onnx", metavar="onnx|tensorrt|triton",
                    help="onnx: the artifact (default onnx); tensorrt: plus TensorRT readiness files and optimization "
-                        "profiles under tensorrt/; triton: plus a version of it in the Triton model repository "
-                        "--repository")
+                        "profiles under tensorrt/ (a graph TensorRT cannot build fails: exit 1, nothing written, "
+                        "the readiness report in OUTPUT.failed/); triton: plus a version of it in the Triton model "
+                        "repository --repository")
     p.add_argument("--fp16", action="store_true",
                    help="decoders: convert the graph to fp16 (RMSNorm, Softmax, reductions and rotary embedding stay "
                         "fp32, logits fp32), validated at a looser tolerance with identical greedy tokens")
@@ -68,9 +69,7 @@ def add_export_parser(sub, fmt, model_args, common) -> None:
     p.add_argument("--max-sequence", type=int, metavar="N",
                    help="with --format tensorrt: the longest sequence the profiles take, at most the model's "
                         "max_position_embeddings (default: encoders min(512, positions); decoders min(4096, "
-                        "positions) as the whole context, half of it per call, the rest as past). A graph that is "
-                        "not TensorRT-ready fails (exit 1): nothing is written, the readiness report goes to "
-                        "OUTPUT.failed/")
+                        "positions) as the whole context, half of it per call, the rest as past)")
     common(p)
     p.set_defaults(func=cmd_export)
 

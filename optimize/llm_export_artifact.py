@@ -260,7 +260,7 @@ def _build(source: ExportSource, staging: Path, *, opset, fp16, fmt, name, given
     dtype = "fp16" if fp16 else "fp32"
     quantized = extra.get("quantized_export")
     # A quantized graph's weights are in its format (int4 MatMulNBits, int8 QDQ...), not fp32: say so.
-    weights = f"{quantized['format']} {quantized['op']}" if quantized else dtype
+    weights = " ".join(str(quantized[k]) for k in ("format", "op") if quantized.get(k)) if quantized else dtype
     steps.append(_step("export", started, {"opset": opset, "dtype": quantized["format"] if quantized else dtype,
                                            "task": llm_export.DECODER_TASK},
                        f"{', '.join(files)} ({weights}, opset {opset})", progress))
