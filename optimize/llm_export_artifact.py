@@ -11,7 +11,8 @@ and leaves an earlier artifact in place:
    16 greedy tokens through the past; a mismatch raises `GateFailed` and its report goes to
    `OUT.failed/`.
 3. bench: decode tokens/s at batch 1 on this machine (`decode_tokens_per_second`).
-4. `fmt="tensorrt"`: TensorRT readiness files (`inferforge.optimize.tensorrt_ready`) under `tensorrt/`.
+4. `fmt="tensorrt"`: TensorRT readiness files under `tensorrt/` (`inferforge.optimize.tensorrt_export`:
+   profiles within the model's positions; a graph that is not ready is a `GateFailed`).
 5. manifest, kind `onnx-causal-lm`; `inferforge.load` returns an `OnnxDecoder` for it.
    `fmt="triton"`: then a Triton model repository version is written from the artifact
    (`inferforge.optimize.triton_repo.write_triton_repository`).

@@ -256,8 +256,8 @@ def write_tensorrt_files(dest_dir: str | Path, onnx_name: str = "model.onnx", *,
                          position_limit: int | None = None) -> dict:
     """Write `dest_dir/tensorrt/{readiness.json, readiness.md, profiles.json, trtexec.sh}` for the graph
     `dest_dir/onnx_name`, each file atomically (`position_limit`: see `readiness_report`). Returns
-    {"ready", "errors", "warnings" (counts), "trt_version", "precision_flag", "files", "findings"
-    (the first errors, "check: op_type name")} for the caller's manifest."""
+    {"ready", "errors", "warnings" (counts), "trt_version", "precision_flag", "files",
+    "error_summary" (the errors grouped by check and op type, `error_summary`)} for the caller's manifest."""
     dest_dir = Path(dest_dir)
     onnx_path = dest_dir / onnx_name
     report = readiness_report(onnx_path, profiles=profiles, position_limit=position_limit)
