@@ -23,7 +23,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from inferforge.errors import ArtifactError, EnvironmentFailure, UserInputError
+from inferforge.errors import ArtifactError, UserInputError
 from inferforge.fileio import (
     atomic_write_json,
     atomic_write_text,
@@ -254,9 +254,9 @@ def staged_artifact(out: str | Path):
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
-        # Name the output the user gave, not the hidden staging directory beside it.
-        raise EnvironmentFailure(f"cannot write the output {out}: {e.strerror or e} in {out.parent}; choose a "
-                                 "writable output directory (--output)") from None
+        # Name the directory the output goes in, not the hidden staging directory made there; the CLI
+        # turns the error into one line with the fix for its errno.
+        raise OSError(e.errno, e.strerror, str(out.parent)) from None
     try:
         make_public_dir(staging)
         yield staging

@@ -200,22 +200,23 @@ def test_a_foreign_dot_failed_directory_is_not_replaced(tmp_path):
 
 
 def test_an_output_that_cannot_be_written_names_the_output_given(tmp_path, monkeypatch, capsys):
-    """A directory that takes no new entries (here mkdtemp refused): exit 3, the message names the output
-    the user gave, never the hidden staging directory beside it."""
+    """A directory that takes no new entries (here mkdtemp refused): exit 3, the message names the
+    directory the output goes in, never the hidden staging directory made there, with the errno's fix."""
     import errno
     import tempfile
 
     from inferforge.cli import main
-    from inferforge.errors import EnvironmentFailure
 
     def refuse(*args, dir=None, prefix="", **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}abc")
 
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     out = tmp_path / "x"
-    with pytest.raises(EnvironmentFailure, match=f"cannot write the output {out}: Permission denied"):
+    with pytest.raises(OSError, match="Permission denied") as caught:
         with staged_artifact(out):
             pass
+    assert caught.value.filename == str(tmp_path)
     assert main(["export", "tests.factories:tiny_bert", "--output", str(out), "-q"]) == 3
     err = capsys.readouterr().err
-    assert f"cannot write the output {out}" in err and ".partial-" not in err and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path}: Permission denied" in err and "permissions" in err and ".partial-" not in err
+    assert len(err.strip().splitlines()) == 1
