@@ -53,7 +53,11 @@ class DistillConfig:
     `hidden_weight` None: 0 for encoders, 1 for decoders.
     Training: `steps` optimizer steps of `batch_size` texts (all ranks together), each in
     `grad_accum` micro-batches; AdamW at `lr` with `warmup_share` of the steps of linear warm-up, then
-    a cosine decay to 0; gradients clipped to `max_grad_norm`. Evaluation every `eval_every` steps
+    a cosine decay to 0; gradients clipped to `max_grad_norm`. `group_by_length`: each batch holds
+    texts of similar length (random batches, shuffled; see `distill_data.epoch_order`), so batches
+    pad to fewer tokens. `cache_teacher` (encoders): run the teacher once over the training texts
+    before training and keep its outputs, instead of once per step (see `distill_teacher_cache`; the
+    time counts in `max_minutes`). Evaluation every `eval_every` steps
     (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
     Early stop: `target_mean_cosine` / `target_top1_agreement`. Gate (the artifact is written only
     if it holds): `min_mean_cosine`, `min_cosine` (encoders), `min_top1_agreement`, `max_kl` (decoders).
@@ -74,6 +78,8 @@ class DistillConfig:
     save_every: int = 50
     held_out_share: float = 0.1
     max_length: int | None = None
+    group_by_length: bool = True
+    cache_teacher: bool = False
     seed: int = 0
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0
