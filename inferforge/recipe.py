@@ -342,10 +342,13 @@ class DistillStepConfig:
     lr: float = 3e-4
     warmup_share: Fraction = 0.1
     max_minutes: float | None = None
+    lr_schedule: str = "steps"
     eval_every: int = 50
     save_every: int = 50
     held_out_share: Fraction = 0.1
     max_length: int | None = None
+    group_by_length: bool = True
+    cache_teacher: bool = False
     seed: int = 0
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0

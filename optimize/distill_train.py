@@ -87,13 +87,24 @@ def lr_factor(step: int, total: int, warmup_share: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _optimizer(module, config):
+def schedule_step(step: int, total: int, time_share: float | None) -> int:
+    """The step the learning-rate schedule is at: `step`, or with a time-driven schedule the step as far
+    through `total` as `time_share` (the elapsed share of the time budget) is, when that is further."""
+    if time_share is None:
+        return step
+    return min(max(step, int(time_share * total)), total - 1)
+
+
+def _optimizer(module, config, time_share=None):
+    """AdamW and the warm-up + cosine schedule; `time_share`: a callable giving the elapsed share of the
+    time budget, for `lr_schedule="time"`."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]   # biases, norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.steps, config.warmup_share))
+        optimizer, lambda s: lr_factor(schedule_step(s, config.steps, time_share() if time_share else None),
+                                       config.steps, config.warmup_share))
     return optimizer, scheduler
 
 
@@ -253,7 +264,16 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
 
         train_module = DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda"
                                                else None, find_unused_parameters=True)
-    optimizer, scheduler = _optimizer(module, config)
+    clock = {"started": None, "seconds": None}
+
+    def time_share() -> float:
+        """The elapsed share of the training time: the budget left when the first step starts (the teacher
+        cache has taken its part), so a slow cache shortens the schedule but does not skip the warm-up."""
+        began = clock["started"]
+        return 0.0 if began is None else (time.monotonic() - began) / clock["seconds"]
+
+    timed_schedule = config.lr_schedule == "time" and config.max_minutes is not None
+    optimizer, scheduler = _optimizer(module, config, time_share if timed_schedule else None)
     fingerprint = {"config": config.fingerprint(), "teacher": source.weights_sha256,
                    "data": [f["sha256"] for f in data.files], "student": plan, "world": env.world}
     start, history = 0, []
@@ -300,7 +320,9 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     if start:
         display.line(f"resuming at step {start} of {config.steps} from {latest}")
     stopped, metrics, step = "steps", None, start
-    last = time.monotonic()
+    last = clock["started"] = time.monotonic()
+    if config.max_minutes is not None:
+        clock["seconds"] = max(config.max_minutes * 60 - (last - started), 1e-3)
     try:
         with ckpt.StopFlag() as stop:
             for step in range(start, config.steps):

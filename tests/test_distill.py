@@ -12,7 +12,7 @@ from inferforge.optimize.distill import DistillConfig
 from inferforge.optimize.distill_data import load_distill_data, rank_share, step_indices
 from inferforge.optimize.distill_losses import kl_divergence, masked_mean_pool
 from inferforge.optimize.distill_student import StudentWithHeads, build_student, evenly_spaced, load_teacher
-from inferforge.optimize.distill_train import lr_factor, sample_losses
+from inferforge.optimize.distill_train import lr_factor, sample_losses, schedule_step
 from tests.distill_helpers import save_tiny_bert, tiny_bert_teacher
 from tests.factories_llama import save_tiny_llama, save_word_tokenizer
 
@@ -202,11 +202,20 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.001
 
 
+def test_time_driven_schedule_follows_the_budget_when_it_is_further_along_than_the_steps():
+    assert schedule_step(10, 100, None) == 10                 # the step-driven schedule
+    assert schedule_step(10, 100, 0.5) == 50                  # half the budget gone after 10 of 100 steps
+    assert schedule_step(60, 100, 0.5) == 60                  # the steps are further along
+    assert schedule_step(10, 100, 1.7) == 99                  # past the budget: the last step's rate
+    assert lr_factor(schedule_step(3, 100, 0.999), 100, 0.1) < 0.001 < lr_factor(3, 100, 0.1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": (0, 0)}, "twice"), ({"layers": (3, 1)}, "increasing"), ({"layers": "odd"}, "every-other"),
     ({"layers": (0,), "num_layers": 2}, "not both"), ({"hidden_size": 16}, "needs num_layers"),
     ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"), ({"held_out_share": 1.0}, "held_out_share"),
-    ({"min_top1_agreement": 1.5}, "min_top1_agreement"), ({"steps": 0}, "steps")])
+    ({"min_top1_agreement": 1.5}, "min_top1_agreement"), ({"steps": 0}, "steps"),
+    ({"lr_schedule": "time"}, "set max_minutes too"), ({"lr_schedule": "epochs", "max_minutes": 1}, "lr_schedule")])
 def test_config_validates_itself(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**kwargs)
