@@ -264,16 +264,20 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
 
         train_module = DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda"
                                                else None, find_unused_parameters=True)
-    clock = {"started": None, "seconds": None}
-
-    def time_share() -> float:
-        """The elapsed share of the training time: the budget left when the first step starts (the teacher
-        cache has taken its part), so a slow cache shortens the schedule but does not skip the warm-up."""
-        began = clock["started"]
-        return 0.0 if began is None else (time.monotonic() - began) / clock["seconds"]
-
+    # lr_schedule "time": the elapsed share of the training time, i.e. of the budget left when the first
+    # step starts (the teacher cache has taken its part: a slow cache shortens the schedule but does not
+    # skip the warm-up). Read once per step and agreed on by all ranks (the largest), so every replica
+    # steps with the same learning rate.
+    clock = {"started": None, "seconds": None, "share": 0.0}
     timed_schedule = config.lr_schedule == "time" and config.max_minutes is not None
-    optimizer, scheduler = _optimizer(module, config, time_share if timed_schedule else None)
+
+    def update_time_share() -> None:
+        share = torch.tensor([(time.monotonic() - clock["started"]) / clock["seconds"]], dtype=torch.float64)
+        if env.distributed:
+            dist.all_reduce(share, op=dist.ReduceOp.MAX)
+        clock["share"] = float(share)
+
+    optimizer, scheduler = _optimizer(module, config, (lambda: clock["share"]) if timed_schedule else None)
     fingerprint = {"config": config.fingerprint(), "teacher": source.weights_sha256,
                    "data": [f["sha256"] for f in data.files], "student": plan, "world": env.world}
     start, history = 0, []
@@ -343,6 +347,8 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                     for name, value in parts.items():
                         totals[name] = totals.get(name, 0.0) + float(value.detach().sum())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))
+                if timed_schedule:
+                    update_time_share()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
