@@ -69,15 +69,18 @@ def render_markdown(report: dict) -> str:
 
     bench = report.get("benchmark")
     if bench:
+        teacher = any("speedup_vs_teacher_onnx_fp32" in r for r in bench["results"])
         lines += ["## Latency", "",
                   f"Sequence length {bench['seq_len']}, {bench['threads']} threads, {bench['iterations']} timed "
                   f"iterations after {bench['warmup']} warm-up, providers interleaved.", "",
-                  "| provider | batch | p50 ms | p95 ms | p99 ms | seq/s | speedup vs onnx-fp32 (p50) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| provider | batch | p50 ms | p95 ms | p99 ms | seq/s | speedup vs onnx-fp32 (p50) |"
+                  + (" vs the teacher's onnx-fp32 |" if teacher else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if teacher else "")]
         for r in bench["results"]:
             speed = f"{r['speedup_vs_onnx_fp32']:.2f}x" if r.get("speedup_vs_onnx_fp32") else "-"
             lines.append(f"| {r['provider']} | {r['batch_size']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {r['throughput_seq_s']:.1f} | {speed} |")
+                         f"{r['p99_ms']:.2f} | {r['throughput_seq_s']:.1f} | {speed} |"
+                         + (f" {r['speedup_vs_teacher_onnx_fp32']:.2f}x |" if teacher else ""))
         lines.append("")
 
     env = report.get("environment", {})

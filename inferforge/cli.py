@@ -74,12 +74,14 @@ def _print_summary(report: dict) -> None:
     bench = report.get("benchmark")
     if bench:
         table = Table(title=f"latency, seq {bench['seq_len']}, {bench['threads']} threads")
-        for col in ("provider", "batch", "p50 ms", "p95 ms", "p99 ms", "vs onnx-fp32"):
+        teacher = any("speedup_vs_teacher_onnx_fp32" in r for r in bench["results"])
+        for col in ("provider", "batch", "p50 ms", "p95 ms", "p99 ms", "vs onnx-fp32") + (("vs teacher",) * teacher):
             table.add_column(col, justify="right" if col != "provider" else "left")
         for r in bench["results"]:
             speed = f"{r['speedup_vs_onnx_fp32']:.2f}x" if r["speedup_vs_onnx_fp32"] else "-"
+            vs_teacher = (f"{r['speedup_vs_teacher_onnx_fp32']:.2f}x",) if teacher else ()
             table.add_row(r["provider"], str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}",
-                          f"{r['p99_ms']:.2f}", speed)
+                          f"{r['p99_ms']:.2f}", speed, *vs_teacher)
         console.print(table)
     if report.get("checks"):
         table = Table(title="gates and targets")

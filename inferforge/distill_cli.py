@@ -71,10 +71,18 @@ def add_distill_parser(sub, fmt) -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (default 3e-4)")
     p.add_argument("--warmup-share", type=_share, default=0.1, help="share of the steps of linear warm-up (default 0.1)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate and gate)")
+    p.add_argument("--lr-schedule", choices=["steps", "time"], default="steps",
+                   help="time: with --max-minutes, the warm-up and decay follow the elapsed share of the budget "
+                        "when it is further along than the steps (default: steps)")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate on the held-out texts every N steps "
                                                               "(default 50; 0: only at the end)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     p.add_argument("--max-length", type=int, help="tokens per text (default: the teacher's limit, at most 512)")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batches of random texts (default: random batches of texts of similar length, less padding)")
+    p.add_argument("--cache-teacher", action="store_true",
+                   help="encoders: run the teacher once over the training texts and keep its outputs in memory "
+                        "instead of once per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and the init (default 0)")
     p.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine",
                    help="encoders: loss on the mean-pooled embedding (default cosine)")
@@ -111,8 +119,9 @@ def config_from_args(args):
         return DistillConfig(
             layers=layers, num_layers=args.num_layers, hidden_size=args.hidden_size, steps=args.steps,
             batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_share=args.warmup_share,
-            max_minutes=args.max_minutes, eval_every=args.eval_every, save_every=args.save_every,
+            max_minutes=args.max_minutes, lr_schedule=args.lr_schedule, eval_every=args.eval_every, save_every=args.save_every,
             held_out_share=args.held_out_share, max_length=args.max_length, seed=args.seed,
+            group_by_length=args.group_by_length, cache_teacher=args.cache_teacher,
             embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
             task_weight=args.task_weight, temperature=args.temperature, target_mean_cosine=args.target_mean_cosine,
             target_top1_agreement=args.target_top1_agreement, min_mean_cosine=args.min_mean_cosine,

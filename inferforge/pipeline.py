@@ -293,6 +293,10 @@ def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
     encoders = {"onnx-fp32": ctx.encoder(ctx.fp32_onnx, threads)}
     if "onnx-int8" in providers:
         encoders["onnx-int8"] = ctx.encoder(ctx.final_onnx, threads)
+    teacher = TEACHER_PROVIDER if _compare_teacher(ctx, cfg) else None
+    if teacher:
+        encoders[teacher] = ctx.encoder(_teacher_onnx(ctx), threads)
+        providers.append(teacher)
     vocab = ctx.reference.tokenizer.vocab_size
     rng = np.random.default_rng(0)
     results = []
@@ -311,16 +315,43 @@ def _bench(ctx: RunContext, cfg: BenchConfig) -> dict:
             row = {"provider": p, "batch_size": batch_size, **stats[p],
                    "throughput_seq_s": batch_size / stats[p]["p50_ms"] * 1e3}
             row["speedup_vs_onnx_fp32"] = base / stats[p]["p50_ms"] if base else None
+            if teacher:
+                row["speedup_vs_teacher_onnx_fp32"] = stats[teacher]["p50_ms"] / stats[p]["p50_ms"]
             results.append(row)
     task.close()
     bench = {"seq_len": cfg.seq_len, "threads": threads, "warmup": cfg.warmup, "iterations": cfg.iterations,
              "final_provider": ctx.final_provider, "results": results}
     ctx.results["benchmark"] = bench
     final = [r for r in results if r["provider"] == ctx.final_provider]
-    summary = ", ".join(f"batch {r['batch_size']}: p50 {r['p50_ms']:.1f} ms"
-                        + (f" ({r['speedup_vs_onnx_fp32']:.2f}x onnx-fp32)" if r["speedup_vs_onnx_fp32"] else "")
-                        for r in final)
+    summary = ", ".join(f"batch {r['batch_size']}: p50 {r['p50_ms']:.1f} ms{_speedups(r)}" for r in final)
     return {"result": bench, "summary": f"{ctx.final_provider}: {summary}"}
+
+
+TEACHER_PROVIDER = "teacher-onnx-fp32"
+
+
+def _speedups(row: dict) -> str:
+    parts = [f"{row['speedup_vs_onnx_fp32']:.2f}x onnx-fp32"] if row["speedup_vs_onnx_fp32"] else []
+    if "speedup_vs_teacher_onnx_fp32" in row:
+        parts.append(f"{row['speedup_vs_teacher_onnx_fp32']:.2f}x the teacher's onnx-fp32")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _compare_teacher(ctx: RunContext, cfg: BenchConfig) -> bool:
+    """Time the teacher too: asked for, or by default after a distill step (then `model_path` is the student)."""
+    distilled = ctx.model_path is not None
+    return distilled if cfg.compare_teacher is None else cfg.compare_teacher and distilled
+
+
+def _teacher_onnx(ctx: RunContext) -> Path:
+    """The teacher (the recipe's model) exported to fp32 ONNX as the student was, with the same rewrite."""
+    from inferforge.optimize.export import export_onnx
+    from inferforge.optimize.ort_fusions import block_skip_layer_norm_fusion_file
+
+    with ctx.progress.spinner("exporting the teacher to ONNX (fp32) to compare speeds"):
+        path = export_onnx(ctx.source.path, ctx.work / "teacher-onnx-fp32", opset=model_opset(ctx.fp32_onnx))
+    block_skip_layer_norm_fusion_file(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -256,7 +256,11 @@ class ValidateConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Latency of each provider at each batch size, at a fixed sequence length, measured interleaved."""
+    """Latency of each provider at each batch size, at a fixed sequence length, measured interleaved.
+
+    `compare_teacher`: after a distill step, also time the teacher (the recipe's `model`) exported to
+    fp32 ONNX, as the row `teacher-onnx-fp32`, and give every row its speed-up over it
+    (`speedup_vs_teacher_onnx_fp32`). Default: on when the recipe distils."""
 
     batch_sizes: tuple[int, ...] = (1, 8)
     seq_len: int = 128
@@ -264,6 +268,7 @@ class BenchConfig:
     iterations: int = 30
     providers: tuple[str, ...] = BENCH_PROVIDERS
     threads: int | None = None
+    compare_teacher: bool | None = None
 
     def __post_init__(self):
         _require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes),
@@ -337,10 +342,13 @@ class DistillStepConfig:
     lr: float = 3e-4
     warmup_share: Fraction = 0.1
     max_minutes: float | None = None
+    lr_schedule: str = "steps"
     eval_every: int = 50
     save_every: int = 50
     held_out_share: Fraction = 0.1
     max_length: int | None = None
+    group_by_length: bool = True
+    cache_teacher: bool = False
     seed: int = 0
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0
@@ -415,6 +423,8 @@ class Recipe:
         _require(len(set(kinds)) == len(kinds), "each step may appear once")
         if BenchConfig in kinds:
             bench = self.steps[kinds.index(BenchConfig)]
+            _require(not bench.compare_teacher or DistillStepConfig in kinds,
+                     "bench compare_teacher needs a distill step first (the teacher is the model it distils)")
             for t in self.targets.latency:
                 _require(t.batch_size in bench.batch_sizes,
                          f"targets.latency asks for batch_size {t.batch_size}, which the bench step does not "

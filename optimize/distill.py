@@ -28,6 +28,7 @@ from pathlib import Path
 
 EVERY_OTHER = "every-other"
 EMBEDDING_LOSSES = ("cosine", "mse")
+LR_SCHEDULES = ("steps", "time")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -53,8 +54,17 @@ class DistillConfig:
     `hidden_weight` None: 0 for encoders, 1 for decoders.
     Training: `steps` optimizer steps of `batch_size` texts (all ranks together), each in
     `grad_accum` micro-batches; AdamW at `lr` with `warmup_share` of the steps of linear warm-up, then
-    a cosine decay to 0; gradients clipped to `max_grad_norm`. Evaluation every `eval_every` steps
+    a cosine decay to 0; gradients clipped to `max_grad_norm`. `group_by_length`: each batch holds
+    texts of similar length (random batches, shuffled; see `distill_data.epoch_order`), so batches
+    pad to fewer tokens. `cache_teacher` (encoders): run the teacher once over the training texts
+    before training and keep its outputs, instead of once per step (see `distill_teacher_cache`; the
+    time counts in `max_minutes`). Evaluation every `eval_every` steps
     (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
+    `lr_schedule="time"` (with `max_minutes`): warm-up and decay advance with the elapsed share of the
+    time budget whenever that is further along than the share of `steps` done, so a run that the
+    budget cuts short still ends with the learning rate decayed to ~0 (set `steps` to what a quiet
+    machine would reach; the weights then depend on the machine's speed, so a resumed run is not
+    bit-identical to an uninterrupted one).
     Early stop: `target_mean_cosine` / `target_top1_agreement`. Gate (the artifact is written only
     if it holds): `min_mean_cosine`, `min_cosine` (encoders), `min_top1_agreement`, `max_kl` (decoders).
     """
@@ -70,10 +80,13 @@ class DistillConfig:
     warmup_share: float = 0.1
     max_grad_norm: float = 1.0
     max_minutes: float | None = None
+    lr_schedule: str = "steps"
     eval_every: int = 50
     save_every: int = 50
     held_out_share: float = 0.1
     max_length: int | None = None
+    group_by_length: bool = True
+    cache_teacher: bool = False
     seed: int = 0
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0
@@ -116,6 +129,9 @@ class DistillConfig:
         _require(0 <= self.warmup_share < 1, "warmup_share must be in [0, 1)")
         _require(self.max_grad_norm > 0, "max_grad_norm must be > 0")
         _require(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")
+        _require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        _require(self.lr_schedule != "time" or self.max_minutes is not None,
+                 "lr_schedule 'time' follows the time budget: set max_minutes too")
         _require(self.eval_every >= 0, "eval_every must be >= 0 (0: evaluate only at the end)")
         _require(self.save_every >= 1, "save_every must be >= 1")
         _require(0 < self.held_out_share < 1, "held_out_share must be between 0 and 1 (0.1 or 10%)")

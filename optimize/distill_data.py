@@ -8,7 +8,12 @@ nor the `exclude` texts (a later validation step's held-out set).
 
 Order: epoch e visits the training texts in `permutation(seed, e)`; step s of a run with B texts per
 step reads positions [p * B, (p + 1) * B) of epoch s // steps_per_epoch, p = s % steps_per_epoch (a
-last partial batch of an epoch is dropped). Under DDP, rank r of W takes every W-th of those texts
+last partial batch of an epoch is dropped). With `lengths` given (grouping by length), the epoch's
+batches are then rearranged so each holds texts of similar length: the permutation is cut into
+groups of `GROUP_BATCHES` batches, each group sorted by length and cut into batches, and the
+batches of the epoch shuffled (seeded). Every text is still visited once per epoch, in a random
+context, and a batch pads to far fewer tokens (short fortunes no longer wait on long sentences).
+Under DDP, rank r of W takes every W-th of those texts
 (r, r + W, ...), so the ranks together read the same batch as a single process.
 """
 
@@ -66,9 +71,26 @@ def load_distill_data(paths: Sequence[str | Path], *, held_out_share: float, see
                        held_out=tuple(kept[i] for i in held), excluded=len(distinct) - len(kept))
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order in which epoch `epoch` visits `n` training texts: a pure function of its arguments."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+GROUP_BATCHES = 50
+
+
+def epoch_order(seed: int, epoch: int, n: int, *, lengths: Sequence[int] | None = None,
+                batch_size: int = 1) -> np.ndarray:
+    """The order in which epoch `epoch` visits `n` training texts: a pure function of its arguments.
+    With `lengths` (tokens per text), consecutive `batch_size` slices hold texts of similar length."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if lengths is None or batch_size <= 1:
+        return order
+    used = (n // batch_size) * batch_size
+    group = batch_size * GROUP_BATCHES
+    batches = []
+    for start in range(0, used, group):
+        chunk = order[start:min(start + group, used)]
+        chunk = chunk[np.argsort([lengths[i] for i in chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    shuffled = [batches[i] for i in rng.permutation(len(batches))]
+    return np.concatenate(shuffled + [order[used:]])
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -78,10 +100,12 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size
 
 
-def step_indices(step: int, *, seed: int, n: int, batch_size: int) -> tuple[int, int, np.ndarray]:
-    """(epoch, position in the epoch, the texts' indices) for optimizer step `step` (from 0)."""
+def step_indices(step: int, *, seed: int, n: int, batch_size: int,
+                 lengths: Sequence[int] | None = None) -> tuple[int, int, np.ndarray]:
+    """(epoch, position in the epoch, the texts' indices) for optimizer step `step` (from 0);
+    `lengths`: group each batch's texts by length (see `epoch_order`)."""
     epoch, position = divmod(step, steps_per_epoch(n, batch_size))
-    order = epoch_order(seed, epoch, n)
+    order = epoch_order(seed, epoch, n, lengths=lengths, batch_size=batch_size)
     return epoch, position, order[position * batch_size:(position + 1) * batch_size]
 
 

@@ -87,36 +87,67 @@ def lr_factor(step: int, total: int, warmup_share: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _optimizer(module, config):
+def schedule_step(step: int, total: int, time_share: float | None) -> int:
+    """The step the learning-rate schedule is at: `step`, or with a time-driven schedule the step as far
+    through `total` as `time_share` (the elapsed share of the time budget) is, when that is further."""
+    if time_share is None:
+        return step
+    return min(max(step, int(time_share * total)), total - 1)
+
+
+def _optimizer(module, config, time_share=None):
+    """AdamW and the warm-up + cosine schedule; `time_share`: a callable giving the elapsed share of the
+    time budget, for `lr_schedule="time"`."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]   # biases, norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.steps, config.warmup_share))
+        optimizer, lambda s: lr_factor(schedule_step(s, config.steps, time_share() if time_share else None),
+                                       config.steps, config.warmup_share))
     return optimizer, scheduler
 
 
-def sample_losses(module, teacher, kind: str, ids, mask, config, hidden_weight: float, layer_map, autocast) -> dict:
-    """The weighted loss terms of one micro-batch, each `[batch]` (see `distill_losses`)."""
+def sample_losses(module, teacher, kind: str, ids, mask, config, hidden_weight: float, layer_map, autocast,
+                  targets: dict | None = None) -> dict:
+    """The weighted loss terms of one micro-batch, each `[batch]` (see `distill_losses`). `targets`: the
+    teacher's outputs for this batch from a `TeacherCache` (encoders) instead of running the teacher."""
     with autocast():
         out = module(ids, mask)
-        with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
+        if targets is None:
+            with torch.no_grad():
+                t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
+    if targets is None and kind == "encoder":
+        targets = {"pooled": masked_mean_pool(t.last_hidden_state.float(), mask)}
+        if hidden_weight:
+            targets["hidden"] = [t.hidden_states[j + 1] for j in layer_map]
     parts = {}
     if kind == "encoder":
         if config.embedding_weight:
-            target = masked_mean_pool(t.last_hidden_state.float(), mask)
-            parts["embedding"] = config.embedding_weight * embedding_loss(out["pooled"], target, config.embedding_loss)
+            parts["embedding"] = config.embedding_weight * embedding_loss(out["pooled"], targets["pooled"].to(ids.device),
+                                                                          config.embedding_loss)
     else:
         if config.kl_weight:
             parts["kl"] = config.kl_weight * kl_divergence(out["logits"], t.logits, mask, temperature=config.temperature)
         if config.task_weight:
             parts["task"] = config.task_weight * next_token_cross_entropy(out["logits"], ids, mask)
     if hidden_weight:
-        per_layer = [token_mse(out["hidden"][i], t.hidden_states[j + 1], mask) for i, j in enumerate(layer_map)]
+        wanted = (targets["hidden"] if kind == "encoder" else [t.hidden_states[j + 1] for j in layer_map])
+        per_layer = [token_mse(out["hidden"][i], wanted[i].to(ids.device), mask) for i in range(len(layer_map))]
         parts["hidden"] = hidden_weight * torch.stack(per_layer).mean(dim=0)
     return parts
+
+
+def _teacher_cache(teacher, train_ids, pad: int, device, autocast, progress, *, layers):
+    from inferforge.optimize.distill_teacher_cache import TeacherCache
+
+    task = progress.task("running the teacher once over the training texts", total=len(train_ids)) if progress else None
+    try:
+        return TeacherCache.build(teacher, train_ids, pad, device, autocast, layers=layers,
+                                  on_batch=task.advance if task else None)
+    finally:
+        if task:
+            task.close()
 
 
 class _Display:
@@ -213,7 +244,12 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     if config.batch_size % env.world or per_rank % config.grad_accum:
         raise UserInputError(f"--batch-size {config.batch_size} must split evenly over {env.world} process(es) "
                              f"x {config.grad_accum} accumulation micro-batches")
-    step_indices(0, seed=config.seed, n=len(train_ids), batch_size=config.batch_size)   # batch fits the data
+    lengths = [len(t) for t in train_ids] if config.group_by_length else None
+
+    def batch_at(step: int) -> tuple[int, int, np.ndarray]:
+        return step_indices(step, seed=config.seed, n=len(train_ids), batch_size=config.batch_size, lengths=lengths)
+
+    batch_at(0)   # the batch fits the data
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -228,7 +264,20 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
 
         train_module = DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda"
                                                else None, find_unused_parameters=True)
-    optimizer, scheduler = _optimizer(module, config)
+    # lr_schedule "time": the elapsed share of the training time, i.e. of the budget left when the first
+    # step starts (the teacher cache has taken its part: a slow cache shortens the schedule but does not
+    # skip the warm-up). Read once per step and agreed on by all ranks (the largest), so every replica
+    # steps with the same learning rate.
+    clock = {"started": None, "seconds": None, "share": 0.0}
+    timed_schedule = config.lr_schedule == "time" and config.max_minutes is not None
+
+    def update_time_share() -> None:
+        share = torch.tensor([(time.monotonic() - clock["started"]) / clock["seconds"]], dtype=torch.float64)
+        if env.distributed:
+            dist.all_reduce(share, op=dist.ReduceOp.MAX)
+        clock["share"] = float(share)
+
+    optimizer, scheduler = _optimizer(module, config, (lambda: clock["share"]) if timed_schedule else None)
     fingerprint = {"config": config.fingerprint(), "teacher": source.weights_sha256,
                    "data": [f["sha256"] for f in data.files], "student": plan, "world": env.world}
     start, history = 0, []
@@ -242,6 +291,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
         ckpt.set_rng_state(rng_states[env.rank])
 
     autocast = _autocast(env.device)
+    cache_on = config.cache_teacher and kind == "encoder" and start < config.steps
     teacher_pooled = None
     if env.rank == 0 and kind == "encoder":
         teacher_pooled = teacher_embeddings(teacher.model, held_ids, pad, env.device, autocast)
@@ -258,7 +308,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             dist.all_gather_object(rngs, ckpt.rng_state())
         path = None
         if env.rank == 0 and checkpoint_dir is not None:
-            epoch, position, _ = step_indices(step, seed=config.seed, n=len(train_ids), batch_size=config.batch_size)
+            epoch, position, _ = batch_at(step)
             path = ckpt.save_checkpoint(checkpoint_dir, step=step, module=module, optimizer=optimizer,
                                         scheduler=scheduler, rng_states=rngs,
                                         state={"epoch": epoch, "position": position, "fingerprint": fingerprint,
@@ -267,30 +317,38 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             dist.barrier()
         return path
 
+    started = time.monotonic()   # the time budget counts the teacher cache
+    cache = _teacher_cache(teacher.model, train_ids, pad, env.device, autocast, progress,
+                           layers=plan["layer_map"] if hidden_weight else None) if cache_on else None
     display = _Display(progress, config.steps, start)
     if start:
         display.line(f"resuming at step {start} of {config.steps} from {latest}")
     stopped, metrics, step = "steps", None, start
-    started = last = time.monotonic()
+    last = clock["started"] = time.monotonic()
+    if config.max_minutes is not None:
+        clock["seconds"] = max(config.max_minutes * 60 - (last - started), 1e-3)
     try:
         with ckpt.StopFlag() as stop:
             for step in range(start, config.steps):
-                _, _, indices = step_indices(step, seed=config.seed, n=len(train_ids), batch_size=config.batch_size)
+                _, _, indices = batch_at(step)
                 micro_batches = np.array_split(rank_share(indices, env.rank, env.world), config.grad_accum)
                 totals = {}
                 for j, micro in enumerate(micro_batches):
                     ids, mask = collate([train_ids[i] for i in micro], pad)
                     ids, mask = ids.to(env.device), mask.to(env.device)
+                    targets = cache.targets(micro, ids.shape[1]) if cache is not None else None
                     sync = j == len(micro_batches) - 1 or not env.distributed
                     with contextlib.nullcontext() if sync else train_module.no_sync():
                         parts = sample_losses(train_module, teacher.model, kind, ids, mask, config, hidden_weight,
-                                              plan["layer_map"], autocast)
+                                              plan["layer_map"], autocast, targets)
                         # DDP averages gradients over ranks: scale the rank's sum so the result is the batch mean.
                         loss = sum(parts.values()).sum() * env.world / config.batch_size
                         loss.backward()
                     for name, value in parts.items():
                         totals[name] = totals.get(name, 0.0) + float(value.detach().sum())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))
+                if timed_schedule:
+                    update_time_share()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

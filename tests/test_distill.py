@@ -12,7 +12,7 @@ from inferforge.optimize.distill import DistillConfig
 from inferforge.optimize.distill_data import load_distill_data, rank_share, step_indices
 from inferforge.optimize.distill_losses import kl_divergence, masked_mean_pool
 from inferforge.optimize.distill_student import StudentWithHeads, build_student, evenly_spaced, load_teacher
-from inferforge.optimize.distill_train import lr_factor, sample_losses
+from inferforge.optimize.distill_train import lr_factor, sample_losses, schedule_step
 from tests.distill_helpers import save_tiny_bert, tiny_bert_teacher
 from tests.factories_llama import save_tiny_llama, save_word_tokenizer
 
@@ -150,17 +150,72 @@ def test_batch_order_is_a_pure_function_of_seed_and_step_and_ranks_share_it():
     assert sorted(rank_share(batch, 0, 2).tolist() + rank_share(batch, 1, 2).tolist()) == sorted(first[0])
 
 
+def test_cached_teacher_targets_give_the_losses_of_running_the_teacher(bert_teacher):
+    from inferforge.optimize.distill_data import collate
+    from inferforge.optimize.distill_teacher_cache import TeacherCache
+
+    config = DistillConfig(layers=(0, 2), hidden_weight=0.5)
+    student, plan = build_student(bert_teacher, config)
+    module = StudentWithHeads(student, "encoder", 32, want_hidden=True).eval()
+    texts = [[101, 2023, 2003, 1037, 6251, 102], [101, 7592, 2088, 102], [101, 2088, 102], [101, 7592, 2023, 2088, 102]]
+    cache = TeacherCache.build(bert_teacher.model, texts, 0, "cpu", contextlib.nullcontext, layers=plan["layer_map"])
+    for batch in ([1, 3], [2, 0, 1]):   # batched with other texts than in the cache, in another order
+        ids, mask = collate([texts[i] for i in batch], 0)
+        live = sample_losses(module, bert_teacher.model, "encoder", ids, mask, config, 0.5, plan["layer_map"],
+                             contextlib.nullcontext)
+        cached = sample_losses(module, bert_teacher.model, "encoder", ids, mask, config, 0.5, plan["layer_map"],
+                               contextlib.nullcontext, cache.targets(batch, ids.shape[1]))
+        assert sorted(live) == sorted(cached) == ["embedding", "hidden"]
+        for name in live:
+            torch.testing.assert_close(cached[name], live[name], rtol=2e-3, atol=1e-4)
+        assert float(live["hidden"].detach().min()) > 0   # the layers differ from the student's: a non-trivial check
+    pooled_only = TeacherCache.build(bert_teacher.model, texts, 0, "cpu", contextlib.nullcontext)
+    assert pooled_only.hidden is None and "hidden" not in pooled_only.targets([0, 1], 6)
+    torch.testing.assert_close(pooled_only.pooled, cache.pooled)
+
+
+def test_length_grouped_batches_visit_every_text_once_and_pad_less():
+    lengths = np.random.default_rng(1).integers(3, 100, size=1003).tolist()
+    spread = {}
+    for grouped in (False, True):
+        kw = {"lengths": lengths} if grouped else {}
+        batches = [step_indices(s, seed=5, n=1003, batch_size=8, **kw)[2].tolist() for s in range(125)]
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)) == 1000          # one epoch: each text once, the last 3 dropped
+        # padding: tokens of the longest text in each batch, summed
+        spread[grouped] = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        again = [step_indices(s, seed=5, n=1003, batch_size=8, **kw)[2].tolist() for s in (124, 0, 60)]
+        assert again == [batches[124], batches[0], batches[60]]
+    assert spread[True] < 0.7 * spread[False]
+    # batches are not simply sorted through the epoch: the first batches are of mixed lengths
+    firsts = [max(lengths[i] for i in step_indices(s, seed=5, n=1003, batch_size=8, lengths=lengths)[2])
+              for s in range(10)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    # a new epoch regroups
+    assert (step_indices(125, seed=5, n=1003, batch_size=8, lengths=lengths)[2].tolist()
+            != step_indices(0, seed=5, n=1003, batch_size=8, lengths=lengths)[2].tolist())
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     factors = [lr_factor(s, 100, 0.1) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.001
 
 
+def test_time_driven_schedule_follows_the_budget_when_it_is_further_along_than_the_steps():
+    assert schedule_step(10, 100, None) == 10                 # the step-driven schedule
+    assert schedule_step(10, 100, 0.5) == 50                  # half the budget gone after 10 of 100 steps
+    assert schedule_step(60, 100, 0.5) == 60                  # the steps are further along
+    assert schedule_step(10, 100, 1.7) == 99                  # past the budget: the last step's rate
+    assert lr_factor(schedule_step(3, 100, 0.999), 100, 0.1) < 0.001 < lr_factor(3, 100, 0.1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": (0, 0)}, "twice"), ({"layers": (3, 1)}, "increasing"), ({"layers": "odd"}, "every-other"),
     ({"layers": (0,), "num_layers": 2}, "not both"), ({"hidden_size": 16}, "needs num_layers"),
     ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"), ({"held_out_share": 1.0}, "held_out_share"),
-    ({"min_top1_agreement": 1.5}, "min_top1_agreement"), ({"steps": 0}, "steps")])
+    ({"min_top1_agreement": 1.5}, "min_top1_agreement"), ({"steps": 0}, "steps"),
+    ({"lr_schedule": "time"}, "set max_minutes too"), ({"lr_schedule": "epochs", "max_minutes": 1}, "lr_schedule")])
 def test_config_validates_itself(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**kwargs)

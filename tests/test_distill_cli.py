@@ -120,3 +120,11 @@ def test_early_stop_at_the_target_and_at_the_time_budget(teacher_dir, tmp_path, 
     distill = json.loads(capsys.readouterr().out)["distill"]
     assert (distill["stopped"], distill["step"]) == ("time", 1)
     assert json.loads((tmp_path / "time.checkpoints" / "latest.json").read_text())["step"] == 1
+    # A time-driven schedule: the budget is spent after step 1, so that step already ran at the decayed rate,
+    # where the step-driven schedule is still warming up; the teacher's outputs came from the cache.
+    assert _distill(teacher_dir, tmp_path / "timed", "--layers", "1", "--max-minutes", "1e-6", "--lr-schedule", "time",
+                    "--steps", "100", "--cache-teacher", "--json") == 0
+    timed = json.loads(capsys.readouterr().out)["distill"]
+    assert (timed["stopped"], timed["step"]) == ("time", 1)
+    rates = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["lr"] for name in ("time", "timed")]
+    assert rates[1] < 0.01 * rates[0]

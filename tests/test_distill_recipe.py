@@ -36,6 +36,7 @@ def test_the_example_recipe_validates_and_resolves_its_data_files():
                                                                    "increasing order"),
     ("  - distill: {data: [d.txt], layers: [0], stepz: 3}\n  - export\n", "did you mean 'steps'"),
     ("  - distill: {data: [missing.txt], layers: [0]}\n  - export\n", "steps[0].distill.data[0]: file not found"),
+    ("  - export\n  - bench: {compare_teacher: true}\n", "compare_teacher needs a distill step"),
 ])
 def test_bad_distill_steps_are_refused_before_any_work(tmp_path, steps, message):
     (tmp_path / "d.txt").write_text("a text\n")
@@ -56,13 +57,14 @@ steps:
   - distill: {{data: [{DOCS}], layers: [1], steps: 4, batch_size: 8, max_length: 32, min_mean_cosine: 0.5}}
   - export
   - validate
+  - bench: {{batch_sizes: [2], seq_len: 16, warmup: 1, iterations: 3, providers: [onnx-fp32]}}
 gates: {{min_cosine: 0.5}}
 output: {tmp_path / "out"}
 """)
     result = run_recipe(recipe)
     assert result.passed, result.report["checks"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [s["name"] for s in manifest["steps"]] == ["distill", "export", "validate"]
+    assert [s["name"] for s in manifest["steps"]] == ["distill", "export", "validate", "bench"]
     distill = manifest["steps"][0]["result"]
     # The recipe's held-out sentences were removed from the training text, so validation is on unseen text.
     assert distill["data"]["excluded_texts"] == 60 and distill["student"]["layer_map"] == [1]
@@ -72,3 +74,11 @@ output: {tmp_path / "out"}
     assert manifest["steps"][1]["result"]["max_abs_diff"] < 1e-3
     assert manifest["validation"]["mean_cosine"] < 0.99999
     assert (tmp_path / "out.checkpoints" / "latest.json").is_file()
+    # After a distill step the bench times the teacher's fp32 ONNX too, and every row's speed-up over it.
+    rows = {r["provider"]: r for r in manifest["benchmark"]["results"]}
+    assert sorted(rows) == ["onnx-fp32", "teacher-onnx-fp32"]
+    assert rows["teacher-onnx-fp32"]["speedup_vs_teacher_onnx_fp32"] == pytest.approx(1.0)
+    student = rows["onnx-fp32"]
+    assert student["speedup_vs_teacher_onnx_fp32"] == pytest.approx(rows["teacher-onnx-fp32"]["p50_ms"]
+                                                                    / student["p50_ms"])
+    assert "vs the teacher's onnx-fp32" in (tmp_path / "out" / "report.md").read_text()
