@@ -4,8 +4,8 @@ A checkpoint is a directory `step-000040/` under the checkpoint directory:
     weights.safetensors   student (and projection) weights, `StudentWithHeads.state_dict()`
     training.pt           optimizer and scheduler state, every rank's RNG states (torch, CUDA,
                           numpy, python), tensors and plain lists only (read with weights_only=True)
-    state.json            step, epoch, position in the epoch, samples seen, the run's fingerprint,
-                          the metrics logged so far
+    state.json            step, epoch, position in the epoch, samples seen, the run's fingerprint
+                          and settings, training seconds so far, the metrics logged so far
 It is built under a temporary name and renamed into place, then `latest.json` (written atomically)
 points at it and older checkpoints are removed: a crash at any moment leaves the previous one whole.
 """
@@ -105,6 +105,28 @@ def load_checkpoint(path: Path, *, module: torch.nn.Module, optimizer, scheduler
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     return json.loads((path / "state.json").read_text(encoding="utf-8")), training["rng"]
+
+
+_PARTS = {"config": "settings", "teacher": "teacher weights", "data": "data files", "student": "student",
+          "world": "number of processes"}
+
+
+def changes(state: dict, fingerprint: dict, settings: dict) -> str:
+    """What differs between a checkpoint's run (its state.json) and this one, for the refusal to
+    resume: 'changed: lr 0.0003 -> 0.001, data files'."""
+    old, found = state.get("fingerprint") or {}, []
+    for key, value in fingerprint.items():
+        if old.get(key) == value:
+            continue
+        earlier = state.get("settings")
+        if key == "config" and isinstance(earlier, dict):
+            found += [f"{k} {earlier.get(k)} -> {settings.get(k)}" for k in sorted(set(earlier) | set(settings))
+                      if earlier.get(k) != settings.get(k)] or ["settings"]
+        elif key == "world":
+            found.append(f"number of processes {old.get(key)} -> {value}")
+        else:
+            found.append(_PARTS.get(key, key))
+    return "changed: " + ", ".join(found)
 
 
 class StopFlag:
