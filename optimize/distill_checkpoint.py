@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from inferforge.errors import InferforgeError, UserInputError
-from inferforge.fileio import atomic_write_json, make_public_dir
+from inferforge.fileio import atomic_write_json, make_public_dir, make_public_file
 
 LATEST = "latest.json"
 
@@ -80,6 +80,7 @@ def save_checkpoint(directory: str | Path, *, step: int, module: torch.nn.Module
     try:
         make_public_dir(staging)
         save_model(module, str(staging / "weights.safetensors"))
+        make_public_file(staging / "weights.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
                    staging / "training.pt")
         atomic_write_json(staging / "state.json", {**state, "step": step})
@@ -154,3 +155,22 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+@contextlib.contextmanager
+def sigterm_raises(message: str):
+    """Within the block SIGTERM raises `DistillInterrupted(message)` (SIGINT already raises
+    KeyboardInterrupt), so the `finally` blocks of setup and writing run: no temporary directory is
+    left behind. Training's `StopFlag` takes over the signal while it is active."""
+    def handle(signum, frame):
+        raise DistillInterrupted(message)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:   # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -28,7 +28,7 @@ DEFAULT_MAX_LENGTH = 512
 
 @dataclass(frozen=True)
 class DistillData:
-    files: tuple[dict, ...]          # {"path", "sha256", "texts"} per file
+    files: tuple[dict, ...]          # {"path" (absolute), "sha256", "texts"} per file
     train: tuple[str, ...]
     held_out: tuple[str, ...]
     excluded: int                    # texts dropped because `exclude` holds them
@@ -52,7 +52,7 @@ def load_distill_data(paths: Sequence[str | Path], *, held_out_share: float, see
     texts, files = [], []
     for path in paths:
         read = read_texts(path, flag="--data")
-        files.append({"path": str(path), "sha256": sha256_file(path), "texts": len(read)})
+        files.append({"path": str(Path(path).resolve()), "sha256": sha256_file(path), "texts": len(read)})
         texts.extend(read)
     banned = set(exclude)
     distinct = list(dict.fromkeys(texts))
