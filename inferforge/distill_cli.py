@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def add_distill_parser(sub, fmt) -> None:
                "--output runs/llama-l4\n"
                "exit codes: 0 ok, 1 the gate was missed (no artifact; checkpoints kept), 2 bad input, "
                "130 interrupted (checkpoint saved; --resume continues)")
+    # `--layers -1,2` is a value, not an option: argparse takes "-1" and "-0.5" for numbers, and here a
+    # comma-separated list of them too, so a negative index gets the one-line out-of-range error.
+    p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
     p.add_argument("teacher", metavar="TEACHER",
                    help="a Hugging Face model directory, 'all-MiniLM-L6-v2' (the demo model) or module:function")
     student = p.add_mutually_exclusive_group(required=True)
@@ -135,6 +139,8 @@ def cmd_distill(args) -> int:
     from inferforge.cli import _progress
     from inferforge.manifest import check_output_dir
     from inferforge.models import materialize
+    from inferforge.optimize import distill_checkpoint as ckpt
+    from inferforge.optimize.calibration import check_text_file
     from inferforge.optimize.distill import distill
     from inferforge.optimize.distill_artifact import write_student_artifact
 
@@ -142,11 +148,13 @@ def cmd_distill(args) -> int:
     out = Path(args.output).resolve()
     check_output_dir(out)   # before hours of training, not after
     for path in args.data:
-        if not Path(path).is_file():
-            raise UserInputError(f"--data {path}: no such file")
+        check_text_file(path, flag="--data")
     checkpoints = checkpoint_dir_for(out)
     progress = _progress(args)
-    with tempfile.TemporaryDirectory(prefix=".distill-teacher-", dir=out.parent if out.parent.is_dir() else None) as work:
+    interrupted = (f"interrupted (SIGTERM) outside training: no artifact was written; run the same command again "
+                   f"(with --resume if {checkpoints} holds a checkpoint)")
+    with ckpt.sigterm_raises(interrupted), tempfile.TemporaryDirectory(
+            prefix=".distill-teacher-", dir=out.parent if out.parent.is_dir() else None) as work:
         source = materialize(args.teacher, Path(work))
         try:
             result = distill(source, args.student_config, args.data, config, checkpoint_dir=checkpoints,

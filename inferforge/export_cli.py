@@ -1,9 +1,10 @@
 """`inferforge export`: the command's flags and where each input goes.
 
-- A Llama / Mistral / Qwen2 checkpoint (config.json `model_type`) or a causal-LM artifact: an ONNX
+- A Llama / Mistral / Qwen2 checkpoint (config.json `model_type`) or a causal-LM artifact (causal-lm,
+  quantized-causal-lm, or a distilled-causal-lm student, recorded as the parent): an ONNX
   decoder artifact (`inferforge.optimize.llm_export_artifact.export_llm`), `--fp16` and `--format`
   tensorrt / triton included. Another decoder architecture is refused in one line.
-- An encoder (a model directory, the demo name or module:function): the recipe's export and validate
+- An encoder (a model directory, a distilled-encoder student, the demo name or module:function): the recipe's export and validate
   steps, as before; `--format triton --repository DIR` then writes the artifact into a Triton repository.
 - An ONNX artifact already written (sentence-encoder or onnx-causal-lm): `--format triton` writes it
   into the repository, `--format tensorrt` writes a copy with the TensorRT readiness files at --output.
@@ -17,6 +18,8 @@ from pathlib import Path
 from inferforge.errors import UserInputError
 
 ONNX_ARTIFACT_KINDS = ("sentence-encoder", "onnx-causal-lm")
+# Artifacts that are also Hugging Face model directories of an encoder: exported as the model directory.
+ENCODER_MODEL_KINDS = ("distilled-encoder",)
 # Encoder-only flags (the cosine gate and its sentences): None unless given, so a decoder export or an
 # existing artifact can refuse them instead of ignoring them; an encoder export fills in these defaults.
 ENCODER_FLAGS = {"min_cosine": "--min-cosine", "sentences": "--sentences", "calibration_size": "--calibration-size",
@@ -97,6 +100,8 @@ def _route(args) -> str:
             return "decoder"
         if kind in ONNX_ARTIFACT_KINDS:
             return "onnx-artifact"
+        if kind in ENCODER_MODEL_KINDS:
+            return "encoder"
         raise UserInputError(f"{path} is a {kind} artifact; export takes a model directory, a causal-LM artifact, or "
                              "an ONNX artifact with --format tensorrt|triton")
     if not looks_like_path(args.model):

@@ -59,6 +59,11 @@ def make_public_dir(path: str | os.PathLike) -> None:
     os.chmod(path, 0o777 & ~_umask())
 
 
+def make_public_file(path: str | os.PathLike) -> None:
+    """Give a file a library wrote 0600 (safetensors does) the usual permissions."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

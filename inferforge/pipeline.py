@@ -93,6 +93,8 @@ class RunContext:
     model_path: Path | None = None
     model_reference: object = None
     out: Path | None = None     # the artifact's final directory (the distill step's checkpoints go beside it)
+    report_files: dict = field(default_factory=dict)    # name -> text, written beside the reports (distill's curve)
+    lineage: dict | None = None                         # the manifest's lineage (a distilled student's teacher)
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
         """An OnnxEncoder opened as the artifact will be: with the session options ort_config.json records."""
@@ -165,7 +167,7 @@ def _distill(ctx: RunContext, cfg: DistillStepConfig) -> dict:
     from inferforge.distill_cli import checkpoint_dir_for
     from inferforge.encoder import TorchEncoder
     from inferforge.optimize.distill import distill
-    from inferforge.optimize.distill_artifact import TOKENIZER_FILES, gate_checks
+    from inferforge.optimize.distill_artifact import TOKENIZER_FILES, gate_checks, loss_curve_svg
     from inferforge.optimize.distill_checkpoint import latest_checkpoint
 
     checkpoints = checkpoint_dir_for(ctx.out)
@@ -179,6 +181,9 @@ def _distill(ctx: RunContext, cfg: DistillStepConfig) -> dict:
             shutil.copyfile(ctx.source.path / name, student_dir / name)
     ctx.model_path = student_dir
     ctx.model_reference = TorchEncoder(student_dir, max_length=ctx.data.max_length)
+    ctx.report_files.update({"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in result.history),
+                             "loss_curve.svg": loss_curve_svg(result.history)})
+    ctx.lineage = {"parent": {"role": "teacher", **ctx.source.to_dict()}}
     m = result.metrics
     record = {"metrics": m, "student": result.plan, "data": result.data.record(), "step": result.step,
               "stopped": result.stopped, "train_seconds": result.train_seconds, "checkpoints": str(checkpoints)}
@@ -582,7 +587,7 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
         "total_duration_s": time.perf_counter() - started,
     }
     reports = {"report.json": json.dumps(report, indent=2, default=str) + "\n", "report.md": render_markdown(report),
-               **(files or {})}
+               **ctx.report_files, **(files or {})}
     if not passed:
         write_failed_report(out, reports)
         return report
@@ -602,6 +607,7 @@ def write_run_outputs(ctx: RunContext, *, name: str, out: Path, tokenizer_dir: P
                     "normalize": True, "max_length": ctx.data.max_length, "max_length_origin": ctx.max_length_origin,
                     "session_options": SESSION_OPTIONS, "ort_config": ORT_CONFIG_NAME},
         "source": ctx.source.to_dict(),
+        **({"lineage": ctx.lineage} if ctx.lineage else {}),
         **provenance,
         "steps": steps,
         "validation": report["validation"],

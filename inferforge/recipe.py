@@ -730,6 +730,10 @@ def _check_paths(recipe: Recipe) -> None:
             if not Path(path).is_file():
                 raise _Invalid(("steps", i, "distill", "data", j), f"file not found: {path} (give a .txt file, one "
                                                                    "passage per line, or a .jsonl file with \"text\")")
+            if Path(path).suffix.lower() not in (".txt", ".jsonl"):
+                raise _Invalid(("steps", i, "distill", "data", j), f"{path}: not a .txt or .jsonl file (give a .txt "
+                                                                   "file, one passage per line, or a .jsonl file with "
+                                                                   "\"text\")")
         if distill.student is not None and not (Path(distill.student) / "config.json").is_file():
             raise _Invalid(("steps", i, "distill", "student"), f"{distill.student}: no config.json; give a directory "
                                                                "with the student's Hugging Face config.json")

@@ -20,15 +20,31 @@ import torch
 from inferforge.errors import UserInputError
 
 OBSERVERS = ("minmax", "percentile", "mse")
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def check_text_file(path: str | Path, *, flag: str | None = None) -> None:
+    """Refuse, in one line, what `read_texts` cannot read: a directory, a missing file, a file that is
+    neither .txt nor .jsonl. Cheap: a command checks its text files with it before any work."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise UserInputError(f"{where}: is a directory; give a text file in it (.txt, one passage per line, or "
+                             ".jsonl)")
+    if not path.is_file():
+        raise UserInputError(f"{where}: no such file" if flag else f"calibration file not found: {path}")
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        kind = f"'{path.suffix}'" if path.suffix else "without an extension"
+        raise UserInputError(f"{where}: a file {kind} is not read; give a .txt file (one passage per line) or a "
+                             ".jsonl file (a \"text\" field per line)")
 
 
 def read_texts(path: str | Path, *, flag: str | None = None) -> list[str]:
-    """Non-empty lines of a text file, or the "text" fields of a .jsonl file. Errors name `flag` (e.g.
-    "--data") when given."""
+    """Non-empty lines of a .txt file, or the "text" fields of a .jsonl file; other files are refused.
+    Errors name `flag` (e.g. "--data") when given."""
     path = Path(path)
     where = f"{flag} {path}" if flag else str(path)
-    if not path.is_file():
-        raise UserInputError(f"{where}: no such file" if flag else f"calibration file not found: {path}")
+    check_text_file(path, flag=flag)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -38,7 +54,7 @@ def read_texts(path: str | Path, *, flag: str | None = None) -> list[str]:
         line = line.strip()
         if not line:
             continue
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:

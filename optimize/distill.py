@@ -29,6 +29,11 @@ from pathlib import Path
 EVERY_OTHER = "every-other"
 EMBEDDING_LOSSES = ("cosine", "mse")
 LR_SCHEDULES = ("steps", "time")
+# Settings a resumed run may change (see DistillConfig.run_settings).
+RESUME_FREE = frozenset({"steps", "max_minutes", "eval_every", "save_every", "target_mean_cosine",
+                         "target_top1_agreement", "min_mean_cosine", "min_cosine", "min_top1_agreement", "max_kl"})
+# Loss settings only one model family uses.
+LOSS_SETTINGS = {"encoder": ("embedding_loss", "embedding_weight"), "decoder": ("kl_weight", "task_weight", "temperature")}
 
 
 def _require(cond: bool, message: str) -> None:
@@ -156,14 +161,18 @@ class DistillConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def fingerprint(self) -> str:
+    def run_settings(self, kind: str) -> dict:
         """What a resumed run must share with the run it continues: every setting that changes the
-        weights step by step. `steps` (a longer run extends it; the schedule follows the new total),
-        the time budget, evaluation, checkpoint interval, targets and gates may change."""
-        free = {"steps", "max_minutes", "eval_every", "save_every", "target_mean_cosine", "target_top1_agreement",
-                "min_mean_cosine", "min_cosine", "min_top1_agreement", "max_kl"}
-        kept = {k: v for k, v in self.to_dict().items() if k not in free}
-        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+        weights step by step for a teacher of `kind` ("encoder" or "decoder"). `steps` (a longer run
+        extends it; the schedule follows the new total), the time budget, evaluation, checkpoint
+        interval, targets and gates may change, and so may the other model family's loss settings."""
+        other = LOSS_SETTINGS["decoder" if kind == "encoder" else "encoder"]
+        kept = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE and k not in other}
+        kept["hidden_weight"] = self.resolved_hidden_weight(kind)
+        return kept
+
+    def fingerprint(self, kind: str) -> str:
+        return hashlib.sha256(json.dumps(self.run_settings(kind), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -199,12 +208,15 @@ def distill(teacher, student, data: Sequence[str | Path], config: DistillConfig,
     vocabulary must be the teacher's). `data`: .txt (one passage per line) or .jsonl ("text") files;
     `config.held_out_share` of the distinct texts, chosen with `config.seed`, are held out and never
     trained on, nor are the texts in `exclude` (e.g. a later validation step's held-out set).
-    `checkpoint_dir`: where checkpoints go (None: none are written); `resume=True` continues the
-    latest checkpoint there. Under torchrun the same call trains with DistributedDataParallel.
+    `workdir`: where a `module:function` teacher is saved (None: a temporary directory, removed with
+    the returned result). `checkpoint_dir`: where checkpoints go (None: none are written);
+    `resume=True` continues the latest checkpoint there. Under torchrun the same call trains with DistributedDataParallel.
     Raises `UserInputError` for bad inputs and `DistillInterrupted` after saving a checkpoint on
     SIGINT/SIGTERM.
     """
+    import shutil
     import tempfile
+    import weakref
 
     from inferforge.models import ModelSource, materialize
     from inferforge.optimize.distill_train import run_training
@@ -212,7 +224,20 @@ def distill(teacher, student, data: Sequence[str | Path], config: DistillConfig,
     if isinstance(teacher, ModelSource):
         source = teacher
     else:
-        scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="inferforge-distill-"))
-        source = materialize(str(teacher), scratch)
+        scratch = None if workdir else Path(tempfile.mkdtemp(prefix="inferforge-distill-"))
+        kept = False
+        try:
+            source = materialize(str(teacher), Path(workdir) if workdir else scratch)
+            result = run_training(source, student, [Path(p) for p in data], config, checkpoint_dir=checkpoint_dir,
+                                  resume=resume, exclude=exclude, progress=progress)
+            # A factory's teacher was saved in the scratch directory, which result.teacher.path names (the
+            # artifact copies its tokenizer from there): it goes when the result does.
+            if scratch is not None and scratch in Path(source.path).parents:
+                weakref.finalize(result, shutil.rmtree, scratch, True)
+                kept = True
+            return result
+        finally:
+            if scratch is not None and not kept:
+                shutil.rmtree(scratch, ignore_errors=True)
     return run_training(source, student, [Path(p) for p in data], config, checkpoint_dir=checkpoint_dir,
                         resume=resume, exclude=exclude, progress=progress)

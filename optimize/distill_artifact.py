@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from inferforge.errors import GateFailed
+from inferforge.fileio import make_public_file
 
 KINDS = {"encoder": "distilled-encoder", "decoder": "distilled-causal-lm"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -115,6 +116,8 @@ def write_student_artifact(result, out: str | Path, *, name: str | None = None, 
                          report_dir=str(failed_dir))
     with staged_artifact(out) as staging:
         result.student.save_pretrained(staging, safe_serialization=True)
+        for weights in staging.glob("*.safetensors"):
+            make_public_file(weights)   # safetensors writes 0600; the artifact's files are all readable alike
         teacher_dir = Path(result.teacher.path)
         names = TOKENIZER_FILES + (SENTENCE_TRANSFORMERS_FILES if result.kind == "encoder" else ())
         for file_name in names:

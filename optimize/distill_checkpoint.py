@@ -4,8 +4,8 @@ A checkpoint is a directory `step-000040/` under the checkpoint directory:
     weights.safetensors   student (and projection) weights, `StudentWithHeads.state_dict()`
     training.pt           optimizer and scheduler state, every rank's RNG states (torch, CUDA,
                           numpy, python), tensors and plain lists only (read with weights_only=True)
-    state.json            step, epoch, position in the epoch, samples seen, the run's fingerprint,
-                          the metrics logged so far
+    state.json            step, epoch, position in the epoch, samples seen, the run's fingerprint
+                          and settings, training seconds so far, the metrics logged so far
 It is built under a temporary name and renamed into place, then `latest.json` (written atomically)
 points at it and older checkpoints are removed: a crash at any moment leaves the previous one whole.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from inferforge.errors import InferforgeError, UserInputError
-from inferforge.fileio import atomic_write_json, make_public_dir
+from inferforge.fileio import atomic_write_json, make_public_dir, make_public_file
 
 LATEST = "latest.json"
 
@@ -80,6 +80,7 @@ def save_checkpoint(directory: str | Path, *, step: int, module: torch.nn.Module
     try:
         make_public_dir(staging)
         save_model(module, str(staging / "weights.safetensors"))
+        make_public_file(staging / "weights.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
                    staging / "training.pt")
         atomic_write_json(staging / "state.json", {**state, "step": step})
@@ -107,6 +108,28 @@ def load_checkpoint(path: Path, *, module: torch.nn.Module, optimizer, scheduler
     return json.loads((path / "state.json").read_text(encoding="utf-8")), training["rng"]
 
 
+_PARTS = {"config": "settings", "teacher": "teacher weights", "data": "data files", "student": "student",
+          "world": "number of processes"}
+
+
+def changes(state: dict, fingerprint: dict, settings: dict) -> str:
+    """What differs between a checkpoint's run (its state.json) and this one, for the refusal to
+    resume: 'changed: lr 0.0003 -> 0.001, data files'."""
+    old, found = state.get("fingerprint") or {}, []
+    for key, value in fingerprint.items():
+        if old.get(key) == value:
+            continue
+        earlier = state.get("settings")
+        if key == "config" and isinstance(earlier, dict):
+            found += [f"{k} {earlier.get(k)} -> {settings.get(k)}" for k in sorted(set(earlier) | set(settings))
+                      if earlier.get(k) != settings.get(k)] or ["settings"]
+        elif key == "world":
+            found.append(f"number of processes {old.get(key)} -> {value}")
+        else:
+            found.append(_PARTS.get(key, key))
+    return "changed: " + ", ".join(found)
+
+
 class StopFlag:
     """SIGINT and SIGTERM set `requested` (the training loop saves a checkpoint at the next step
     boundary and stops); a second SIGINT interrupts at once. Handlers are restored on exit. Outside
@@ -132,3 +155,22 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+@contextlib.contextmanager
+def sigterm_raises(message: str):
+    """Within the block SIGTERM raises `DistillInterrupted(message)` (SIGINT already raises
+    KeyboardInterrupt), so the `finally` blocks of setup and writing run: no temporary directory is
+    left behind. Training's `StopFlag` takes over the signal while it is active."""
+    def handle(signum, frame):
+        raise DistillInterrupted(message)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:   # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

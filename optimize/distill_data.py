@@ -28,10 +28,12 @@ import torch
 
 from inferforge.errors import UserInputError
 
+DEFAULT_MAX_LENGTH = 512
+
 
 @dataclass(frozen=True)
 class DistillData:
-    files: tuple[dict, ...]          # {"path", "sha256", "texts"} per file
+    files: tuple[dict, ...]          # {"path" (absolute), "sha256", "texts"} per file
     train: tuple[str, ...]
     held_out: tuple[str, ...]
     excluded: int                    # texts dropped because `exclude` holds them
@@ -55,7 +57,7 @@ def load_distill_data(paths: Sequence[str | Path], *, held_out_share: float, see
     texts, files = [], []
     for path in paths:
         read = read_texts(path, flag="--data")
-        files.append({"path": str(path), "sha256": sha256_file(path), "texts": len(read)})
+        files.append({"path": str(Path(path).resolve()), "sha256": sha256_file(path), "texts": len(read)})
         texts.extend(read)
     banned = set(exclude)
     distinct = list(dict.fromkeys(texts))
@@ -111,6 +113,34 @@ def step_indices(step: int, *, seed: int, n: int, batch_size: int,
 
 def rank_share(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     return indices[rank::world]
+
+
+def position_limit(teacher_config) -> int | None:
+    """The most tokens the teacher's position embeddings take (RoBERTa-style models offset theirs by
+    the padding id + 1), or None when the configuration has no such limit."""
+    positions = getattr(teacher_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if teacher_config.model_type in ("roberta", "xlm-roberta"):
+        positions -= (teacher_config.pad_token_id or 0) + 1
+    return positions
+
+
+def resolve_max_length(requested: int | None, teacher_path, teacher_config) -> int:
+    """`requested` (refused above the teacher's positions), or min(the teacher's limit, 512, positions)."""
+    from inferforge.models import source_max_length
+
+    positions = position_limit(teacher_config)
+    if requested is not None:
+        if positions is not None and requested > positions:
+            raise UserInputError(f"--max-length {requested}: the teacher takes at most {positions} tokens "
+                                 f"(max_position_embeddings); give --max-length {positions} or less")
+        return requested
+    try:
+        model_limit = source_max_length(teacher_path)[0]
+    except UserInputError:
+        model_limit = DEFAULT_MAX_LENGTH
+    return min(model_limit, DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
 
 
 def tokenize_all(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:

@@ -61,10 +61,15 @@ def parse_layers(text: str) -> tuple[int, ...] | str:
     if text == "every-other":
         return text
     try:
-        return tuple(int(p) for p in text.split(","))
+        layers = tuple(int(p) for p in text.split(","))
     except ValueError:
         raise UserInputError(f"--layers {text!r}: give comma-separated teacher layer indices such as 0,3,5, "
                              "or use --every-other") from None
+    negative = [i for i in layers if i < 0]
+    if negative:
+        raise UserInputError(f"--layers {text}: layer {negative[0]} is out of range: teacher layers are counted from "
+                             "0 (the first is 0); fix --layers")
+    return layers
 
 
 def resolve_layers(layers, num_teacher_layers: int) -> tuple[int, ...]:
@@ -121,6 +126,9 @@ def build_student(teacher: Teacher, config, student_dir: str | Path | None = Non
     else:
         raise UserInputError("no student: give --layers, --every-other, --num-layers or --student-config")
     n = student_config["num_hidden_layers"]
+    if student_dir is not None and not 1 <= n <= teacher.num_layers:
+        raise UserInputError(f"--student-config {student_dir}: num_hidden_layers {n}, but the teacher has "
+                             f"{teacher.num_layers} layers; a student has 1-{teacher.num_layers}")
     if config.layers is None or student_dir is not None:
         layer_map = evenly_spaced(teacher.num_layers, n)
     if student_config.get("layer_types"):   # transformers' per-layer attention kinds follow the kept layers
@@ -129,8 +137,7 @@ def build_student(teacher: Teacher, config, student_dir: str | Path | None = Non
     student = type(teacher.model)(config_obj)
     copied = copy_teacher_weights(teacher, student, layer_map)
     if student_dir is not None and any(Path(student_dir).glob("*.safetensors")):
-        loaded = type(teacher.model).from_pretrained(student_dir).float()
-        student.load_state_dict(loaded.state_dict())
+        _load_student_weights(student, student_dir)
         copied = []   # the student directory's own weights
     total = len(student.state_dict())
     plan = {"layer_map": list(layer_map), "num_layers": n, "hidden_size": student_config["hidden_size"],
@@ -160,6 +167,29 @@ def _read_student_config(student_dir, base: dict) -> dict:
                              f"teacher's {base['vocab_size']}; teacher and student must share the tokenizer's "
                              "vocabulary (set vocab_size to the teacher's)")
     return dict(base, **{k: v for k, v in data.items() if k not in ("architectures", "_name_or_path")})
+
+
+def _load_student_weights(student: torch.nn.Module, student_dir) -> None:
+    """The student directory's safetensors weights into `student` (built from its config.json); a
+    tensor whose shape the config does not give is refused naming the file and the tensor."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(t.shape) for name, t in student.state_dict().items()}
+    for path in sorted(Path(student_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    raise UserInputError(f"--student-config {student_dir}: {path.name} does not match its config.json: "
+                                         f"{key} has shape {list(shape)}, the config gives {list(expected[key])}; "
+                                         "save the weights and config.json together (save_pretrained)")
+    try:
+        loaded = type(student).from_pretrained(student_dir).float()
+        student.load_state_dict(loaded.state_dict())
+    except (RuntimeError, ValueError, OSError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if "mismatch" in line), str(e).splitlines()[0])
+        raise UserInputError(f"--student-config {student_dir}: its weights do not match its config.json ({first}); "
+                             "save the weights and config.json together (save_pretrained)") from None
 
 
 def copy_teacher_weights(teacher: Teacher, student: torch.nn.Module, layer_map) -> list[str]:

@@ -30,6 +30,7 @@ from inferforge.optimize.distill_data import (
     load_distill_data,
     pad_id,
     rank_share,
+    resolve_max_length,
     step_indices,
     tokenize_all,
 )
@@ -40,8 +41,6 @@ from inferforge.optimize.distill_losses import (
     next_token_cross_entropy,
     token_mse,
 )
-
-DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -150,6 +149,30 @@ def _teacher_cache(teacher, train_ids, pad: int, device, autocast, progress, *, 
             task.close()
 
 
+def accumulate_gradients(train_module, teacher_model, kind: str, micro_batches, pad: int, config,
+                         hidden_weight: float, layer_map, *, world: int = 1, device: str | torch.device = "cpu",
+                         autocast=contextlib.nullcontext, targets_for=None) -> dict:
+    """Forward and backward over this rank's micro-batches of one step (each a list of token id
+    lists), adding to the gradients (`targets_for(j, ids)`: the cached teacher outputs of
+    micro-batch j, or None to run the teacher): after it (and DDP's average over `world` ranks) they are those of
+    the mean loss over the step's `config.batch_size` texts. Returns each loss term's sum over them."""
+    totals = {}
+    for j, micro in enumerate(micro_batches):
+        ids, mask = collate(micro, pad)
+        ids, mask = ids.to(device), mask.to(device)
+        sync = j == len(micro_batches) - 1 or world == 1
+        with contextlib.nullcontext() if sync else train_module.no_sync():
+            targets = targets_for(j, ids) if targets_for is not None else None
+            parts = sample_losses(train_module, teacher_model, kind, ids, mask, config, hidden_weight, layer_map,
+                                  autocast, targets)
+            # DDP averages gradients over ranks: scale the rank's sum so the result is the batch mean.
+            loss = sum(parts.values()).sum() * world / config.batch_size
+            loss.backward()
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach().sum())
+    return totals
+
+
 class _Display:
     """A progress bar with loss and samples/s on the console (rank 0, not quiet), lines for evaluations
     and checkpoints."""
@@ -208,7 +231,6 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     """See `inferforge.optimize.distill.distill`."""
     import torch.distributed as dist
 
-    from inferforge.models import source_max_length
     from inferforge.optimize.distill import DistillResult
     from inferforge.optimize.distill_eval import evaluate_decoder, evaluate_encoder, teacher_embeddings
     from inferforge.optimize.distill_student import StudentWithHeads, build_student, load_teacher
@@ -231,11 +253,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     weights = ([config.embedding_weight] if kind == "encoder" else [config.kl_weight, config.task_weight])
     if not any(weights) and not hidden_weight:
         raise UserInputError("every loss weight is 0: nothing to train on; set a weight above 0")
-    try:
-        model_limit = source_max_length(source.path)[0]
-    except UserInputError:
-        model_limit = DEFAULT_MAX_LENGTH
-    max_length = config.max_length or min(model_limit, DEFAULT_MAX_LENGTH)
+    max_length = resolve_max_length(config.max_length, source.path, teacher.config)
     tokenizer = teacher.tokenizer
     pad = pad_id(tokenizer)
     train_ids = tokenize_all(tokenizer, data.train, max_length)
@@ -278,17 +296,25 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
         clock["share"] = float(share)
 
     optimizer, scheduler = _optimizer(module, config, (lambda: clock["share"]) if timed_schedule else None)
-    fingerprint = {"config": config.fingerprint(), "teacher": source.weights_sha256,
+    settings = config.run_settings(kind)
+    fingerprint = {"config": config.fingerprint(kind), "teacher": source.weights_sha256,
                    "data": [f["sha256"] for f in data.files], "student": plan, "world": env.world}
-    start, history = 0, []
+    start, history, earlier_seconds = 0, [], 0.0
     if latest is not None:
         state, rng_states = ckpt.load_checkpoint(latest, module=module, optimizer=optimizer, scheduler=scheduler)
         if state["fingerprint"] != fingerprint:
-            changed = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
-            raise UserInputError(f"--resume: the checkpoint in {checkpoint_dir} is of a different run ({', '.join(changed)} "
-                                 "changed); give the same teacher, data, student and settings, or remove it")
+            raise UserInputError(f"the checkpoint in {checkpoint_dir} is of a different run "
+                                 f"({ckpt.changes(state, fingerprint, settings)}); give the same teacher, data, "
+                                 f"student and settings to continue it, or remove {checkpoint_dir} to start over")
         start, history = state["step"], state["history"]
+        earlier_seconds = state.get("train_seconds", 0.0)
         ckpt.set_rng_state(rng_states[env.rank])
+        # The optimizer state holds the learning rate of the checkpointed step under the old total of
+        # steps; the first step of a longer run takes the new schedule's.
+        factor = lr_factor(start, config.steps, config.warmup_share)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     autocast = _autocast(env.device)
     cache_on = config.cache_teacher and kind == "encoder" and start < config.steps
@@ -312,7 +338,9 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             path = ckpt.save_checkpoint(checkpoint_dir, step=step, module=module, optimizer=optimizer,
                                         scheduler=scheduler, rng_states=rngs,
                                         state={"epoch": epoch, "position": position, "fingerprint": fingerprint,
-                                               "samples_seen": step * config.batch_size, "history": history})
+                                               "settings": settings, "samples_seen": step * config.batch_size,
+                                               "train_seconds": earlier_seconds + time.monotonic() - started,
+                                               "history": history})
         if env.distributed:
             dist.barrier()
         return path
@@ -332,20 +360,12 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             for step in range(start, config.steps):
                 _, _, indices = batch_at(step)
                 micro_batches = np.array_split(rank_share(indices, env.rank, env.world), config.grad_accum)
-                totals = {}
-                for j, micro in enumerate(micro_batches):
-                    ids, mask = collate([train_ids[i] for i in micro], pad)
-                    ids, mask = ids.to(env.device), mask.to(env.device)
-                    targets = cache.targets(micro, ids.shape[1]) if cache is not None else None
-                    sync = j == len(micro_batches) - 1 or not env.distributed
-                    with contextlib.nullcontext() if sync else train_module.no_sync():
-                        parts = sample_losses(train_module, teacher.model, kind, ids, mask, config, hidden_weight,
-                                              plan["layer_map"], autocast, targets)
-                        # DDP averages gradients over ranks: scale the rank's sum so the result is the batch mean.
-                        loss = sum(parts.values()).sum() * env.world / config.batch_size
-                        loss.backward()
-                    for name, value in parts.items():
-                        totals[name] = totals.get(name, 0.0) + float(value.detach().sum())
+                totals = accumulate_gradients(train_module, teacher.model, kind,
+                                              [[train_ids[i] for i in micro] for micro in micro_batches], pad, config,
+                                              hidden_weight, plan["layer_map"], world=env.world, device=env.device,
+                                              autocast=autocast,
+                                              targets_for=(lambda j, ids: cache.targets(micro_batches[j], ids.shape[1]))
+                                              if cache is not None else None)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))
                 if timed_schedule:
                     update_time_share()
@@ -409,5 +429,6 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     display.line(f"held-out after {step} steps ({stopped}): {_fmt_metrics(final_metrics)}")
     return DistillResult(kind=kind, student=module.student.cpu().float().eval(), tokenizer=tokenizer, teacher=source,
                          data=data, config=config, plan={**plan, "max_length": max_length}, metrics=final_metrics,
-                         history=history, stopped=stopped, step=step, train_seconds=time.monotonic() - started,
+                         history=history, stopped=stopped, step=step,
+                         train_seconds=earlier_seconds + time.monotonic() - started,
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, rank=env.rank)

@@ -32,7 +32,7 @@ from inferforge.errors import GateFailed, UserInputError
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 FORMATS = ("onnx", "tensorrt", "triton")
 OPSET_RANGE = (14, 21)      # scaled_dot_product_attention needs 14; ONNX Runtime 1.20 runs up to 21
-LLM_INPUT_KINDS = ("causal-lm", "quantized-causal-lm")
+LLM_INPUT_KINDS = ("causal-lm", "quantized-causal-lm", "distilled-causal-lm")
 DEFAULT_OPSET = 18
 # The lowest opset each quantized format exports at. MatMulNBits is a com.microsoft op (any ai.onnx
 # opset); int8 QDQ with a per-channel DequantizeLinear (axis) needs 13; float8e4m3fn QuantizeLinear /
@@ -48,7 +48,7 @@ class ExportSource:
 
     model_dir: Path
     config: dict
-    kind: str                   # "checkpoint", "causal-lm" or "quantized-causal-lm"
+    kind: str                   # "checkpoint", or an LLM_INPUT_KINDS artifact kind
     parent: dict | None = None
     quant_format: str | None = None     # a quantized-causal-lm's format ("int4-g128", "fp8", ...)
 
@@ -72,7 +72,7 @@ def resolve_source(path: str | Path) -> ExportSource:
         kind = manifest.get("kind")
         if kind not in LLM_INPUT_KINDS:
             raise UserInputError(f"{path} is a {kind} artifact; `export` makes an ONNX decoder from a causal-LM "
-                                 "checkpoint or a causal-lm / quantized-causal-lm artifact")
+                                 "checkpoint or a causal-lm / quantized-causal-lm / distilled-causal-lm artifact")
         parent = {"name": manifest.get("name"), "kind": kind, "version": manifest.get("version"),
                   "manifest_sha256": manifest.get("manifest_sha256"), "path": str(path.resolve()),
                   "source_weights_sha256": (manifest.get("source") or {}).get("weights_sha256")}

@@ -225,3 +225,26 @@ def test_student_config_with_another_vocabulary_is_refused(bert_teacher, tmp_pat
     save_tiny_bert(tmp_path / "student", layers=1, vocab_size=1000)
     with pytest.raises(UserInputError, match="vocab_size 1000 differs from the teacher's 30522"):
         build_student(bert_teacher, DistillConfig(), tmp_path / "student")
+
+
+def _accumulated_gradient(teacher, config, token_ids, *, world=1, module=None):
+    """The gradient one step adds (dropout off), by parameter name."""
+    from inferforge.optimize.distill_train import accumulate_gradients
+
+    if module is None:
+        student, _ = build_student(teacher, config)
+        module = StudentWithHeads(student, "encoder", 32, want_hidden=True).eval()
+    micro = [[token_ids[i] for i in part] for part in np.array_split(np.arange(len(token_ids)), config.grad_accum)]
+    totals = accumulate_gradients(module, teacher.model, "encoder", micro, 0, config, 0.5, [0], world=world)
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}, totals
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(bert_teacher):
+    ids = [[101, 2023, 2003, 1037, 102], [101, 7592, 102], [101, 2088, 2003, 2312, 1012, 102], [101, 2023, 102]]
+    one, totals_one = _accumulated_gradient(bert_teacher, DistillConfig(layers=(0,), batch_size=4, grad_accum=1), ids)
+    two, totals_two = _accumulated_gradient(bert_teacher, DistillConfig(layers=(0,), batch_size=4, grad_accum=2), ids)
+    assert one.keys() == two.keys() and sum(float(g.abs().sum()) for g in one.values()) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert totals_one.keys() == totals_two.keys() == {"embedding", "hidden"}
+    assert totals_two["embedding"] == pytest.approx(totals_one["embedding"], rel=1e-5)

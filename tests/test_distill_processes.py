@@ -1,5 +1,6 @@
 """Distillation across processes: SIGTERM then --resume gives the uninterrupted run's weights; torchrun
-with 2 CPU processes (gloo) writes exactly one student."""
+with 2 CPU processes (gloo) writes exactly one student; one DDP step over 2 ranks has the gradient of
+one process on the whole batch."""
 
 import json
 import os
@@ -76,3 +77,18 @@ def test_torchrun_two_cpu_processes_write_exactly_one_student(teacher_dir, tmp_p
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] > 0 for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_one_ddp_step_over_two_ranks_has_the_single_process_gradient(teacher_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.distill_helpers import ddp_step_gradient_worker, step_gradient
+
+    out = tmp_path / "ddp_grad.pt"
+    mp.spawn(ddp_step_gradient_worker, args=(2, str(teacher_dir), str(tmp_path / "init"), str(out)), nprocs=2)
+    ddp = torch.load(out, weights_only=True)
+    single = step_gradient(teacher_dir)
+    assert ddp.keys() == single.keys() and sum(float(g.abs().sum()) for g in single.values()) > 0
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from inferforge.errors import RecipeError
+from inferforge.errors import RecipeError, UserInputError
 from inferforge.recipe import DistillStepConfig, ExportConfig, parse_recipe
 from tests.distill_helpers import DOCS, save_tiny_bert
 
@@ -50,7 +50,7 @@ def test_recipe_distils_then_exports_and_validates_the_student_against_the_teach
     from inferforge.pipeline import run_recipe
 
     teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
-    recipe = parse_recipe(f"""
+    recipe_text = f"""
 model: {teacher}
 data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
 steps:
@@ -60,8 +60,8 @@ steps:
   - bench: {{batch_sizes: [2], seq_len: 16, warmup: 1, iterations: 3, providers: [onnx-fp32]}}
 gates: {{min_cosine: 0.5}}
 output: {tmp_path / "out"}
-""")
-    result = run_recipe(recipe)
+"""
+    result = run_recipe(parse_recipe(recipe_text))
     assert result.passed, result.report["checks"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["steps"]] == ["distill", "export", "validate", "bench"]
@@ -82,3 +82,15 @@ output: {tmp_path / "out"}
     assert student["speedup_vs_teacher_onnx_fp32"] == pytest.approx(rows["teacher-onnx-fp32"]["p50_ms"]
                                                                     / student["p50_ms"])
     assert "vs the teacher's onnx-fp32" in (tmp_path / "out" / "report.md").read_text()
+    # The training curve and the teacher as the student's parent travel with the artifact.
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and rows[-1]["final"]
+    assert (tmp_path / "out" / "loss_curve.svg").read_text().startswith("<svg")
+    assert {"metrics.jsonl", "loss_curve.svg"} <= set(manifest["files"])
+    parent = manifest["lineage"]["parent"]
+    assert parent["role"] == "teacher" and parent["weights_sha256"] == manifest["source"]["weights_sha256"]
+    # A re-run continues the checkpoints; with a changed setting it is refused naming it (no --resume flag in
+    # a recipe, so the message does not name one).
+    changed = parse_recipe(recipe_text.replace("steps: 4,", "steps: 5, lr: 0.001,"))
+    with pytest.raises(UserInputError, match=r"^the checkpoint in .* \(changed: lr 0.0003 -> 0.001\)"):
+        run_recipe(changed)

@@ -59,3 +59,22 @@ def test_encoder_student_exports_quantizes_and_loads(tmp_path):
                    "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["benchmark"]["results"][0]["provider"] == "pytorch-fp32"
+
+
+@pytest.mark.parametrize("kind, route", [("distilled-encoder", "encoder"), ("distilled-causal-lm", "decoder")])
+def test_export_routes_a_student_artifact_as_the_model_directory_it_is(tmp_path, kind, route):
+    """A student is a Hugging Face model directory with a manifest: an encoder goes to the encoder export
+    (the student directory as the model), a causal LM to the decoder export with the student as parent."""
+    from argparse import Namespace
+
+    from inferforge.export_cli import _route
+    from inferforge.manifest import write_manifest
+    from inferforge.optimize.llm_export_artifact import resolve_source
+
+    student = save_tiny_bert(tmp_path / "s", layers=1) if route == "encoder" else save_tiny_llama(tmp_path / "s")
+    manifest = write_manifest(student, {"name": "student", "kind": kind})
+    assert _route(Namespace(model=str(student))) == route
+    if route == "decoder":
+        source = resolve_source(student)
+        assert source.kind == kind and source.model_dir == student
+        assert source.parent["kind"] == kind and source.parent["manifest_sha256"] == manifest["manifest_sha256"]
