@@ -37,7 +37,9 @@ SIGNATURE_NAME = "model.sig"          # written by `inferforge sign`; not listed
 DIGEST_KEY = "manifest_sha256"
 FORMAT = "inferforge-artifact/1"
 FAILED_SUFFIX = ".failed"
-REPORT_FILES = ("report.md", "report.json", "drift_report.json")   # the last: a recalibration's drift report
+# What `OUT.failed/` may hold: the reports, a recalibration's drift report, and a distillation's
+# training log and loss curve (a student that missed its gate is worth looking at).
+REPORT_FILES = ("report.md", "report.json", "drift_report.json", "metrics.jsonl", "loss_curve.svg")
 
 
 def _version(module: str) -> str | None:

@@ -94,3 +94,28 @@ output: {tmp_path / "out"}
     changed = parse_recipe(recipe_text.replace("steps: 4,", "steps: 5, lr: 0.001,"))
     with pytest.raises(UserInputError, match=r"^the checkpoint in .* \(changed: lr 0.0003 -> 0.001\)"):
         run_recipe(changed)
+
+
+def test_a_student_that_misses_the_distill_gate_leaves_its_training_log_in_the_failed_report(tmp_path):
+    """The distill step's own gate missed: no artifact, the later steps skipped, and OUT.failed/ holds the
+    report with the student's metrics log and loss curve (not a crash on the extra files)."""
+    from inferforge.pipeline import run_recipe
+
+    teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
+    recipe = parse_recipe(f"""
+model: {teacher}
+data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
+steps:
+  - distill: {{data: [{DOCS}], layers: [1], steps: 2, batch_size: 8, max_length: 32, min_mean_cosine: 0.9999999}}
+  - export
+  - validate
+gates: {{min_cosine: 0.5}}
+output: {tmp_path / "out"}
+""")
+    result = run_recipe(recipe)
+    assert not result.passed and not (tmp_path / "out").exists()
+    failed = tmp_path / "out.failed"
+    assert sorted(p.name for p in failed.iterdir()) == ["loss_curve.svg", "metrics.jsonl", "report.json", "report.md"]
+    assert "mean cosine to the teacher" in (failed / "report.md").read_text()
+    rows = [json.loads(line) for line in (failed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
