@@ -1,0 +1,183 @@
+"""Compile report: build shipped kernel configurations for Hopper (sm_90) without a GPU, and read what
+the compiler did with them.
+
+Triton compiles for any NVIDIA target on a machine without a GPU (it ships `ptxas`), so CI can check
+properties that decide speed on the real card:
+- registers per thread and spill bytes (`ptxas -v` on the generated PTX): a spill means local-memory
+  traffic in the inner loop, usually a large slowdown;
+- shared memory per program (Triton's metadata) against the sm_90 limit of 227 KiB per block;
+- the tensor-core path: Hopper's asynchronous warpgroup MMA shows as `wgmma` in the PTX; a kernel that
+  falls back to `mma.sync` (Ampere-style) loses about half the peak.
+
+A kernel module offers its shipped configurations through a `compile_specs()` function returning
+`KernelSpec`s; `PROVIDERS` names those functions. The report runs in a subprocess without
+`TRITON_INTERPRET` (under the interpreter `@triton.jit` gives interpreted functions, which cannot be
+compiled): `python -m inferforge.kernels.compile_report [--kernels attention,...] [--json FILE]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+SM90_SHARED_LIMIT = 227 * 1024        # bytes of shared memory one block may use on H100 / H200 (opt-in maximum)
+
+# kernel family -> "module:function" returning a list of KernelSpec
+PROVIDERS: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One configuration to compile: the kernel object (`@triton.jit`, possibly under autotune or
+    heuristics), its argument types (`*fp16`, `i32`, `fp32`, `constexpr` ...) and constexpr values."""
+
+    family: str                  # "attention", "weight_only", ...
+    label: str                   # what the configuration is, e.g. "bf16 d128 causal 128x64 w8 s3"
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 3
+    expect_wgmma: bool = False   # the configuration is meant to run on Hopper tensor cores
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    family: str
+    label: str
+    registers: int
+    spill_bytes: int             # spill stores + spill loads reported by ptxas
+    shared_bytes: int
+    wgmma: bool
+    expect_wgmma: bool
+    num_warps: int
+    num_stages: int
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _jit_function(kernel):
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        if not hasattr(kernel, "fn"):
+            raise TypeError(f"{kernel!r} is not a Triton kernel (run the compile report without TRITON_INTERPRET)")
+        kernel = kernel.fn
+    return kernel
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) from `ptxas -v` on the PTX."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        ptxas = nvidia.get_ptxas(arch).path
+    except TypeError:            # older Triton: get_ptxas() takes no argument
+        ptxas = nvidia.get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, check=False)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{log[-2000:]}")
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
+
+
+def compile_spec(spec: KernelSpec, *, arch: int = 90) -> CompiledKernel:
+    """Compile one configuration for sm_`arch` and check registers, spills, shared memory and wgmma."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=_jit_function(spec.kernel), signature=spec.signature, constexprs=spec.constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    ptx = compiled.asm["ptx"]
+    registers, spills = _ptxas_usage(ptx, arch)
+    shared = int(compiled.metadata.shared)
+    wgmma = "wgmma.mma_async" in ptx
+    problems = []
+    if spills:
+        problems.append(f"spills {spills} bytes to local memory")
+    if shared > SM90_SHARED_LIMIT:
+        problems.append(f"needs {shared} bytes of shared memory, over the {SM90_SHARED_LIMIT} limit")
+    if spec.expect_wgmma and not wgmma:
+        problems.append("fell off the Hopper tensor-core path (no wgmma in the PTX)")
+    return CompiledKernel(spec.family, spec.label, registers, spills, shared, wgmma, spec.expect_wgmma,
+                          spec.num_warps, spec.num_stages, problems)
+
+
+def collect_specs(families: list[str] | None = None) -> list[KernelSpec]:
+    unknown = set(families or []) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"unknown kernel families: {', '.join(sorted(unknown))}; choose from {', '.join(PROVIDERS)}")
+    specs = []
+    for family in families or list(PROVIDERS):
+        module, function = PROVIDERS[family].split(":")
+        specs.extend(getattr(importlib.import_module(module), function)())
+    return specs
+
+
+def format_table(rows: list[CompiledKernel]) -> str:
+    lines = ["| kernel | config | warps | stages | registers | spills (B) | shared (KiB) | wgmma | result |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        wgmma = "yes" if r.wgmma else ("NO" if r.expect_wgmma else "no (not expected)")
+        lines.append(f"| {r.family} | {r.label} | {r.num_warps} | {r.num_stages} | {r.registers} | {r.spill_bytes} | "
+                     f"{r.shared_bytes / 1024:.1f} | {wgmma} | {'ok' if r.ok else '; '.join(r.problems)} |")
+    return "\n".join(lines)
+
+
+def run_report(families: list[str] | None = None, *, timeout: float = 900) -> list[dict]:
+    """Run the report in a fresh interpreter without TRITON_INTERPRET; returns one dict per configuration.
+    This is what tests call: the calling process may have the interpreter on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        cmd = [sys.executable, "-m", "inferforge.kernels.compile_report", "--json", out]
+        if families:
+            cmd += ["--kernels", ",".join(families)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        if not os.path.exists(out):
+            raise RuntimeError(f"compile report failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inferforge.kernels.compile_report", description=__doc__.split("\n")[0])
+    parser.add_argument("--kernels", help=f"comma-separated families (default: all of {', '.join(PROVIDERS)})")
+    parser.add_argument("--arch", type=int, default=90, help="NVIDIA compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--json", help="write the rows as JSON to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    rows = [compile_spec(s, arch=args.arch) for s in collect_specs(args.kernels.split(",") if args.kernels else None)]
+    print(format_table(rows))
+    if args.json:
+        from inferforge.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps([{**asdict(r), "ok": r.ok} for r in rows], indent=1))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        print(f"\n{len(bad)} of {len(rows)} configurations have problems", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
