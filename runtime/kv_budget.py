@@ -267,3 +267,36 @@ def measure_activation_peak_cuda(model, *, max_step_tokens: int, max_num_seqs: i
     del scratch, batch
     torch.cuda.empty_cache()
     return int(peak)
+
+
+# ---------------------------------------------------------------------- command-line flags
+def add_memory_flags(parser) -> None:
+    """`--memory-budget` and `--memory-utilization` for the commands that build an engine."""
+    parser.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory the engine may use (weights + activations + KV cache), e.g. 4GiB; the KV "
+                             "cache gets what is left (default: 0.9 of the GPU, or on CPU half of MemAvailable "
+                             "with at most 1 GiB of KV cache)")
+    parser.add_argument("--memory-utilization", type=float, metavar="FRACTION",
+                        help="fraction of the device's memory the engine may use, as vLLM's gpu_memory_utilization "
+                             "(on CPU: of MemAvailable)")
+
+
+def memory_kwargs(args) -> dict:
+    """The engine keyword arguments for the flags, checked so a message names the flag; only those given
+    (an exported ONNX decoder takes none)."""
+    budget, utilization = getattr(args, "memory_budget", None), getattr(args, "memory_utilization", None)
+    if budget is not None and utilization is not None:
+        raise UserInputError("give --memory-budget or --memory-utilization, not both")
+    if utilization is not None and not 0 < utilization <= 1:
+        raise UserInputError(f"--memory-utilization must be a fraction in (0, 1], got {utilization}")
+    if budget is not None:
+        from inferforge.runtime.plan import parse_bytes
+
+        try:
+            size = parse_bytes(budget)
+        except UserInputError:
+            raise UserInputError(f"--memory-budget {budget!r}: give a size such as 4GiB, 512MiB or 2GB") from None
+        if size <= 0:
+            raise UserInputError(f"--memory-budget must be more than 0 bytes, got {budget!r}")
+        return {"memory_budget": size}
+    return {"memory_utilization": utilization} if utilization is not None else {}
