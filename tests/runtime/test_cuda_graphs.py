@@ -83,3 +83,13 @@ def test_benchmark_script_parses_its_arguments_on_cpu():
                     "providers": ["engine", "engine+cuda-graphs", "transformers-static"]}
     with pytest.raises(SystemExit):
         bench_decode_graphs.main(["--new-tokens", "0", "--dry-run"])
+
+
+def test_benchmark_smoke_runs_every_provider_on_cpu(tmp_path):
+    """The GPU benchmark's code paths on a 2-layer model (graphs in eager mode); the numbers mean nothing."""
+    from inferforge.bench.kernels import bench_decode_graphs
+
+    out = tmp_path / "graphs.md"
+    assert bench_decode_graphs.main(["--smoke", "--batch", "2", "--new-tokens", "3", "--prompt-len", "5",
+                                     "--repeats", "1", "--out", str(out)]) == 0
+    assert "| 2 |" in out.read_text() and "CPU smoke run" in out.read_text()
