@@ -152,27 +152,11 @@ class LLMEngine:
         cache_dtype = kv_cache_dtype or model.dtype
         if isinstance(cache_dtype, str):
             cache_dtype = CACHE_DTYPES.get(cache_dtype, cache_dtype)
-        per_token = kv_budget.kv_bytes_per_token(spec.num_layers, spec.n_kv_heads, spec.head_dim,
-                                                 torch.empty(0, dtype=cache_dtype).element_size())
-        weights = kv_budget.model_weight_bytes(model)
-        if num_blocks is not None:
-            plan = kv_budget.KVPlan(0, "num_blocks given", weights, 0, "not measured", per_token, 0, block_size,
-                                    num_blocks, max_num_seqs, context)
-        else:
-            if device.type == "cuda":
-                peak = kv_budget.measure_activation_peak_cuda(model, max_step_tokens=max_step_tokens,
-                                                              max_num_seqs=max_num_seqs, kv_cache_dtype=cache_dtype)
-                peak_from = "measured (torch.cuda.max_memory_allocated)"
-            else:
-                peak = kv_budget.activation_peak_for(model, max_step_tokens=max_step_tokens, max_num_seqs=max_num_seqs)
-                peak_from = "formula"
-            total, how = kv_budget.resolve_budget(device, before, budget, memory_utilization, weight_bytes=weights,
-                                                  activation_peak_bytes=peak)
-            plan = kv_budget.size_cache(budget_bytes=total, budget_from=how, weight_bytes=weights,
-                                        activation_peak_bytes=peak, activation_from=peak_from, kv_per_token=per_token,
-                                        block_size=block_size, max_num_seqs=max_num_seqs, max_context=context,
-                                        window=window, context_given=max_context is not None)
-            context = plan.max_context
+        plan = kv_budget.plan_engine_cache(model, before, budget=budget, utilization=memory_utilization,
+                                           num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                                           max_context=context, context_given=max_context is not None,
+                                           max_step_tokens=max_step_tokens, cache_dtype=cache_dtype)
+        context = plan.max_context
         _log.info(plan.describe())
         k_scales, v_scales = kv_scales or (None, None)
         cache = PagedKVCache(num_layers=spec.num_layers, num_blocks=plan.num_blocks, n_kv_heads=spec.n_kv_heads,

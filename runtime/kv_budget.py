@@ -269,6 +269,33 @@ def measure_activation_peak_cuda(model, *, max_step_tokens: int, max_num_seqs: i
     return int(peak)
 
 
+def plan_engine_cache(model, before: dict | None, *, budget: int | None, utilization: float | None,
+                      num_blocks: int | None, block_size: int, max_num_seqs: int, max_context: int,
+                      context_given: bool, max_step_tokens: int, cache_dtype) -> KVPlan:
+    """`LLMEngine.from_pretrained`'s KV plan for a loaded model: `num_blocks` when given, else sized from
+    the budget (`before`: `device_memory_before_load`, read before the weights loaded)."""
+    import torch
+
+    spec, device = model.spec, model.device
+    per_token = kv_bytes_per_token(spec.num_layers, spec.n_kv_heads, spec.head_dim,
+                                   torch.empty(0, dtype=cache_dtype).element_size())
+    weights = model_weight_bytes(model)
+    if num_blocks is not None:
+        return KVPlan(0, "num_blocks given", weights, 0, "not measured", per_token, 0, block_size, num_blocks,
+                      max_num_seqs, max_context)
+    if device.type == "cuda":
+        peak = measure_activation_peak_cuda(model, max_step_tokens=max_step_tokens, max_num_seqs=max_num_seqs,
+                                            kv_cache_dtype=cache_dtype)
+        peak_from = "measured (torch.cuda.max_memory_allocated)"
+    else:
+        peak, peak_from = activation_peak_for(model, max_step_tokens=max_step_tokens, max_num_seqs=max_num_seqs), "formula"
+    total, how = resolve_budget(device, before, budget, utilization, weight_bytes=weights, activation_peak_bytes=peak)
+    return size_cache(budget_bytes=total, budget_from=how, weight_bytes=weights, activation_peak_bytes=peak,
+                      activation_from=peak_from, kv_per_token=per_token, block_size=block_size,
+                      max_num_seqs=max_num_seqs, max_context=max_context, window=spec.max_position_embeddings,
+                      context_given=context_given)
+
+
 # ---------------------------------------------------------------------- command-line flags
 def add_memory_flags(parser) -> None:
     """`--memory-budget` and `--memory-utilization` for the commands that build an engine."""
