@@ -401,7 +401,8 @@ def cmd_plan(args) -> int:
     from inferforge.runtime.plan import plan
 
     result = plan(args.model, memory=args.memory, kv_cache_dtype=args.kv_cache_dtype, weights_dtype=args.weights_dtype,
-                  max_context=args.max_context, concurrency=args.concurrency, reserve=args.reserve)
+                  max_context=args.max_context, concurrency=args.concurrency, reserve=args.reserve,
+                  max_step_tokens=args.max_step_tokens)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -420,7 +421,12 @@ def cmd_plan(args) -> int:
                   f"{result['weight_bytes'] / gib:.2f} GiB ({shape['parameters'] / 1e9:.2f}B parameters, "
                   f"{shape['weights_dtype']}); KV cache {result['kv_cache_dtype']}: "
                   f"{result['kv_bytes_per_token'] / 1024:.0f} KiB per token, {result['kv_tokens']:,} tokens in "
-                  f"{result['kv_budget_bytes'] / gib:.2f} GiB")
+                  f"{result['kv_budget_bytes'] / gib:.2f} GiB after an activation peak of "
+                  f"{result['activation_peak_bytes'] / 2**20:.1f} MiB ({result['max_step_tokens']} tokens a step)")
+    engine = result["engine"]
+    console.print(f"the engine (--memory-budget {result['memory_bytes'] * (1 - result['reserve']) / gib:.2f}GiB) "
+                  f"would allocate {engine['num_blocks']:,} blocks of {result['block_size']} tokens for "
+                  f"{engine['max_num_seqs']} sequences of {engine['max_context']:,} tokens")
     table = Table(title="largest context for a concurrency")
     table.add_column("concurrent sequences", justify="right")
     table.add_column("max context (tokens)", justify="right")
@@ -452,14 +458,19 @@ def _check_generate_flags(args) -> None:
             raise UserInputError(f"{flag} must be {want}, got {value}")
     if args.truncate_left and args.sliding_window is not None:
         raise UserInputError("choose one context policy: --truncate-left or --sliding-window")
+    from inferforge.runtime.kv_budget import memory_kwargs
+
+    memory_kwargs(args)
 
 
 def _generation_engine(args):
     """The engine for `generate`: an artifact through `inferforge.load` (hashes verified), or a checkpoint."""
     from inferforge.runtime.load import load_engine
 
+    from inferforge.runtime.kv_budget import memory_kwargs
+
     return load_engine(args.model, command="generate", kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1,
-                       max_context=args.max_context)
+                       max_context=args.max_context, **memory_kwargs(args))
 
 
 def cmd_generate(args) -> int:
@@ -683,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the most recent TOKENS (plus --sink-tokens) in the cache: an endless stream "
                         "(default: off, a request must fit the context window)")
     p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept with --sliding-window (default 4)")
+    from inferforge.runtime.kv_budget import add_memory_flags
+
+    add_memory_flags(p)
     _common(p)
     p.set_defaults(func=cmd_generate)
 
@@ -718,7 +732,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving dtype of the weights (default: as stored)")
     p.add_argument("--max-context", type=int, help="also report this context length")
     p.add_argument("--concurrency", type=int, help="also report this number of concurrent sequences")
-    p.add_argument("--reserve", type=float, default=0.10, help="fraction kept for activations (default 0.10)")
+    p.add_argument("--reserve", type=float, default=0.10,
+                   help="fraction kept for the CUDA context and fragmentation (default 0.10)")
+    p.add_argument("--max-step-tokens", type=int, default=256,
+                   help="tokens in the largest engine step, for the activation peak (default 256, as the engine)")
     _common(p)
     p.set_defaults(func=cmd_plan)
 

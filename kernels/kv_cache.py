@@ -141,8 +141,11 @@ class PagedKVCache:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.n_kv_heads, self.head_dim, self.dtype, self.device = n_kv_heads, head_dim, dtype, torch.device(device)
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.k_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Not zero-filled: every reader (append_kv's targets aside) loads only slots below a sequence's
+        # length, with masked loads (other=0) in the kernels and slicing in the references, so unwritten
+        # slots are never read; a test poisons the pools with NaN to hold this.
+        self.k_pools = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_pools = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.quantized = dtype in (torch.int8, torch.float8_e4m3fn)
         if self.quantized:
             # Per layer, per KV head; 1.0 until calibrated (KV-cache quantization calibrates them).

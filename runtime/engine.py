@@ -24,6 +24,7 @@ says which requests ended in that step and why, `abort(id)` drops a request and 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ import torch
 from inferforge.errors import UserInputError
 from inferforge.kernels import PagedKVCache
 from inferforge.runtime.llama import LlamaModel, StepBatch, shift_cached_keys
+
+_log = logging.getLogger(__name__)
 
 
 class ContextWindowExceeded(UserInputError):
@@ -101,32 +104,71 @@ class LLMEngine:
         self._running: list[_Request] = []
         self.steps = 0
         self.finished: dict[int, str] = {}   # after each step: request id -> "stop" or "length"
+        self.kv_plan = None     # from_pretrained: how the KV cache was sized (runtime/kv_budget.py KVPlan)
+        self._graphs = None     # a runtime/cuda_graphs.py DecodeGraphRunner when enabled
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None,
                         kv_cache_dtype: str | torch.dtype | None = None, max_num_seqs: int = 8,
                         max_context: int | None = None, block_size: int = 16, num_blocks: int | None = None,
-                        max_step_tokens: int = 256, kv_scales: tuple | None = None) -> LLMEngine:
+                        max_step_tokens: int = 256, kv_scales: tuple | None = None,
+                        memory_budget: str | int | None = None, memory_utilization: float | None = None,
+                        cuda_graphs: bool = False) -> LLMEngine:
         """Load a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safetensors).
 
-        The KV cache gets `num_blocks` blocks of `block_size` tokens; by default enough for
-        `max_num_seqs` sequences of `max_context` tokens (the model's window unless given).
+        KV-cache size (see `runtime/kv_budget.py`): `num_blocks` blocks of `block_size` tokens when
+        given; otherwise what fits in the memory budget after the weights and the activation peak of
+        a `max_step_tokens` step, and never more than `max_num_seqs` sequences of `max_context`
+        tokens need. The budget is `memory_budget` ("4GiB" or bytes: weights + activations + KV),
+        or `memory_utilization` (a fraction of the device's memory, as vLLM's gpu_memory_utilization),
+        or by default 0.9 of the GPU / half of MemAvailable on CPU with at most 1 GiB of KV cache.
+        `max_context` defaults to the model's window, lowered to what one sequence can hold when the
+        budget is smaller; a `max_context` you give that does not fit raises UserInputError. The
+        choice is logged and kept in `engine.kv_plan`.
         `kv_cache_dtype` "fp8" works with unit scales (e4m3 is a float format); "int8" needs
         calibrated per-layer, per-KV-head scales: `kv_scales=(k_scales, v_scales)`, each
-        `[num_layers, n_kv_heads]`."""
+        `[num_layers, n_kv_heads]`. `cuda_graphs=True` (CUDA only, off by default and not yet
+        measured) replays captured decode steps: see `runtime/cuda_graphs.py`."""
+        from inferforge.kernels.kv_cache import CACHE_DTYPES
+        from inferforge.runtime import kv_budget
+
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = LlamaModel.load(path, dtype=dtype, device=device)
-        spec = model.spec
-        context = min(max_context or spec.max_position_embeddings, spec.max_position_embeddings)
-        num_blocks = num_blocks or max_num_seqs * -(-context // block_size)
+        if cuda_graphs and device.type != "cuda":
+            raise UserInputError(f"cuda_graphs=True needs a CUDA GPU; the engine runs on {device}: leave cuda_graphs "
+                                 "off there")
         if kv_cache_dtype in ("int8", torch.int8) and kv_scales is None:
             raise UserInputError("an int8 KV cache needs calibrated scales: pass kv_scales=(k_scales, v_scales), "
                                  "each [num_layers, n_kv_heads], or use kv_cache_dtype='fp8'")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_step_tokens", max_step_tokens),
+                            ("block_size", block_size), ("max_context", max_context), ("num_blocks", num_blocks)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserInputError(f"{name} must be a whole number >= 1, got {value!r}")
+        budget = kv_budget.check_memory_options(memory_budget, memory_utilization)
+        before = kv_budget.device_memory_before_load(device) if num_blocks is None else None
+        model = LlamaModel.load(path, dtype=dtype, device=device)
+        spec = model.spec
+        window = spec.max_position_embeddings
+        context = min(max_context or window, window)
+        cache_dtype = kv_cache_dtype or model.dtype
+        if isinstance(cache_dtype, str):
+            cache_dtype = CACHE_DTYPES.get(cache_dtype, cache_dtype)
+        plan = kv_budget.plan_engine_cache(model, before, budget=budget, utilization=memory_utilization,
+                                           num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                                           max_context=context, context_given=max_context is not None,
+                                           max_step_tokens=max_step_tokens, cache_dtype=cache_dtype)
+        context = plan.max_context
+        _log.info(plan.describe())
         k_scales, v_scales = kv_scales or (None, None)
-        cache = PagedKVCache(num_layers=spec.num_layers, num_blocks=num_blocks, n_kv_heads=spec.n_kv_heads,
-                             head_dim=spec.head_dim, block_size=block_size, dtype=kv_cache_dtype or model.dtype,
+        cache = PagedKVCache(num_layers=spec.num_layers, num_blocks=plan.num_blocks, n_kv_heads=spec.n_kv_heads,
+                             head_dim=spec.head_dim, block_size=block_size, dtype=cache_dtype,
                              device=device, k_scales=k_scales, v_scales=v_scales)
-        return cls(model, cache, max_num_seqs=max_num_seqs, max_context=context, max_step_tokens=max_step_tokens)
+        engine = cls(model, cache, max_num_seqs=max_num_seqs, max_context=context, max_step_tokens=max_step_tokens)
+        engine.kv_plan = plan
+        if cuda_graphs:
+            from inferforge.runtime.cuda_graphs import DecodeGraphRunner
+
+            engine._graphs = DecodeGraphRunner(engine, mode="graph")
+        return engine
 
     # ------------------------------------------------------------------ requests
     def _fit(self, prompt: list[int], max_new_tokens: int, truncate: str | None) -> list[int]:
@@ -356,7 +398,10 @@ class LLMEngine:
             ids = [r.index for r in decode]
             batch.decode_block_tables, batch.decode_seq_lens = cache.block_tables(ids), cache.seq_lens(ids)
         # Always run the step: a prompt chunk that ends mid-prompt needs no logits, but its K/V must be written.
-        logits = self.model.forward(batch, cache) if tokens else None
+        if self._graphs is not None and decode and not prefill and self._graphs.can_run(len(decode)):
+            logits = self._graphs.run(batch)   # pure decode: padded to a bucket, replayed (runtime/cuda_graphs.py)
+        else:
+            logits = self.model.forward(batch, cache) if tokens else None
         self.steps += 1
 
         produced, row = [], 0

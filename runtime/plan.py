@@ -4,13 +4,20 @@
                       config.json only, the parameters of a Llama-family decoder counted from the config
                       (embeddings, per layer q/k/v/o and the gated MLP and two norms, final norm, lm_head
                       unless tied) at `torch_dtype` (bf16 when unset)
+    activation_peak = the transient memory of one step of `max_step_tokens` tokens, by the formula in
+                      `runtime/kv_budget.py` (the engine measures it on CUDA, and uses the same formula on CPU)
     kv_bytes/token  = 2 (K and V) * layers * n_kv_heads * head_dim * bytes(kv dtype)
-    kv_budget       = memory * (1 - reserve) - weights
+    kv_budget       = memory * (1 - reserve) - weights - activation_peak
     max_context(c)  = kv_budget / (c * kv_bytes/token), rounded down to whole cache blocks, capped at
                       the model's context window
     max_concurrency(n) = kv_budget / (n rounded up to whole blocks * kv_bytes/token)
+    engine.num_blocks  = what `LLMEngine.from_pretrained(memory_budget=memory * (1 - reserve))` allocates
+                      for `concurrency` (default 8) sequences of `max_context` (default: the window):
+                      min(kv_budget // (block_size * kv_bytes/token), concurrency * ceil(max_context / block_size))
 
-`reserve` (default 10%) is left for activations, the CUDA context and allocator fragmentation.
+`--memory` is the device's whole memory; `reserve` (default 10%) is left for the CUDA context and
+allocator fragmentation, as vLLM's gpu_memory_utilization=0.9. The KV arithmetic is shared with the
+engine (`runtime/kv_budget.py`) so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 from inferforge.checkpoint_files import read_config, read_safetensors_header
 from inferforge.errors import UserInputError
+from inferforge.runtime import kv_budget as kvb
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1,
                "int4": 0.5}
@@ -58,6 +66,8 @@ class ModelShape:
     parameters: int
     weights_dtype: str
     weights_from: str = "safetensors headers"     # or "config.json" when the directory has no weights
+    intermediate: int = 0
+    vocab: int = 0
 
 
 def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None) -> ModelShape:
@@ -90,7 +100,8 @@ def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None)
     else:
         weight_bytes, dtype = stored, stored_dtype or "as stored"
     return ModelShape(layers, n_heads, n_kv, head_dim, hidden, int(cfg.get("max_position_embeddings", 0)),
-                      weight_bytes, params, dtype, source)
+                      weight_bytes, params, dtype, source, int(cfg.get("intermediate_size", 0)),
+                      int(cfg.get("vocab_size", 0)))
 
 
 def _parameters_from_config(cfg: dict, cfg_path: Path) -> int:
@@ -113,9 +124,10 @@ def _parameters_from_config(cfg: dict, cfg_path: Path) -> int:
 
 def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf16", weights_dtype: str | None = None,
          max_context: int | None = None, concurrency: int | None = None, block_size: int = 16,
-         reserve: float = 0.10) -> dict:
+         reserve: float = 0.10, max_step_tokens: int = 256) -> dict:
     """Memory plan for serving `model_dir` in `memory`: see the module docstring for the formulas."""
-    for value, flag in ((max_context, "--max-context"), (concurrency, "--concurrency"), (block_size, "block_size")):
+    for value, flag in ((max_context, "--max-context"), (concurrency, "--concurrency"), (block_size, "block_size"),
+                        (max_step_tokens, "--max-step-tokens")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UserInputError(f"{flag} must be a whole number >= 1, got {value!r}")
     if not 0 <= reserve < 1:
@@ -124,11 +136,20 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     if total <= 0:
         raise UserInputError(f"--memory must be more than 0 bytes, got {memory!r}")
     shape = read_model_shape(model_dir, weights_dtype=weights_dtype)
-    kv_per_token = 2 * shape.layers * shape.n_kv_heads * shape.head_dim * _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype")
-    budget = total * (1 - reserve) - shape.weight_bytes
+    kv_per_token = kvb.kv_bytes_per_token(shape.layers, shape.n_kv_heads, shape.head_dim,
+                                          _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype"))
+    engine_seqs = concurrency or 8
+    activation = kvb.activation_peak_formula(
+        hidden=shape.hidden, intermediate=shape.intermediate, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+        head_dim=shape.head_dim, vocab=shape.vocab, step_tokens=max_step_tokens, max_num_seqs=engine_seqs,
+        act_bytes=4 if shape.weights_dtype in ("fp32", "float32") else 2)
+    budget = kvb.kv_budget_bytes(total, weight_bytes=shape.weight_bytes, activation_peak_bytes=activation,
+                                 reserve=reserve)
     if budget <= 0:
-        raise UserInputError(f"the weights ({shape.weight_bytes / 2**30:.2f} GiB) do not fit in {memory} with "
-                             f"{reserve:.0%} reserved; give more memory or quantize the weights (--weights-dtype int8)")
+        raise UserInputError(f"the weights ({shape.weight_bytes / 2**30:.2f} GiB) and the activation peak "
+                             f"({activation / 2**20:.1f} MiB for {max_step_tokens} tokens a step) do not fit in "
+                             f"{memory} with {reserve:.0%} reserved; give more memory or quantize the weights "
+                             "(--weights-dtype int8)")
     tokens = int(budget // kv_per_token)
     window = shape.context_window or None
 
@@ -139,12 +160,16 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     def concurrency_for(n: int) -> int:
         return tokens // (-(-n // block_size) * block_size)
 
+    engine_context = min(max_context, window) if max_context and window else (max_context or window or block_size)
     contexts = sorted({1024, 4096, 8192, 32768, 131072, *([max_context] if max_context is not None else [])})
     concurrencies = sorted({1, 8, 32, 128, *([concurrency] if concurrency is not None else [])})
     return {
         "model": str(model_dir), "memory_bytes": total, "reserve": reserve, "kv_cache_dtype": kv_cache_dtype,
         "model_shape": asdict(shape), "weight_bytes": shape.weight_bytes, "weights_from": shape.weights_from,
-        "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_per_token": kv_per_token, "activation_peak_bytes": activation, "max_step_tokens": max_step_tokens,
+        "engine": {"max_num_seqs": engine_seqs, "max_context": engine_context, "num_blocks": kvb.num_blocks_for(
+            budget, kv_per_token=kv_per_token, block_size=block_size, max_num_seqs=engine_seqs,
+            max_context=engine_context)},
         "kv_budget_bytes": int(budget), "kv_tokens": tokens, "block_size": block_size,
         "max_context_by_concurrency": [{"concurrency": c, "max_context": context_for(c)} for c in concurrencies],
         "max_concurrency_by_context": [{"context": n, "max_concurrency": concurrency_for(n),

@@ -39,6 +39,9 @@ def add_serve_parser(sub, fmt) -> None:
                    help="token budget of one engine step: decodes plus prompt chunks (default 256)")
     p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="KV cache dtype (default: the model's dtype)")
+    from inferforge.runtime.kv_budget import add_memory_flags
+
+    add_memory_flags(p)
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the directory's name)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -53,14 +56,18 @@ def _check_flags(args) -> None:
             ("--max-context", args.max_context, args.max_context is None or args.max_context >= 1, ">= 1")):
         if not ok:
             raise UserInputError(f"{flag} must be {want}, got {value}")
+    from inferforge.runtime.kv_budget import memory_kwargs
+
+    memory_kwargs(args)
 
 
 def _serving_engine(args):
+    from inferforge.runtime.kv_budget import memory_kwargs
     from inferforge.runtime.load import load_engine
 
     return load_engine(args.model, command="serve", kv_cache_dtype=args.kv_cache_dtype,
                        max_num_seqs=args.max_num_seqs, max_context=args.max_context,
-                       max_step_tokens=args.max_step_tokens)
+                       max_step_tokens=args.max_step_tokens, **memory_kwargs(args))
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -7,7 +7,8 @@
 #   bash scripts/gpu_check.sh quant-tests quant   # several parts in one call
 #
 # Parts: tests (every kernel test + quantization), quant-tests (the quantization kernels and layers
-# only), attention, decode, quant. Each has its own time limit (150, 120, 180, 200, 240 s); pick parts
+# only), attention, decode (kernels + end to end, then the CUDA-graph test and benchmark), graphs (the
+# CUDA-graph part alone), quant. Time limits: 150, 120, 180, 200 + 90 + 150, 90 + 150, 240 s; pick parts
 # so one call stays under the device tool's 10 minutes per command.
 # The GPU image has torch and triton but not this project's other dependencies and no internet,
 # so nothing is installed: the inferforge namespace is assembled from the source folders with links.
@@ -35,7 +36,7 @@ unset TRITON_INTERPRET
 parts=" ${*:-all} "
 want() { [[ "$parts" == *" all "* || "$parts" == *" $1 "* ]]; }
 quick="--quick"; [ "${BENCH_FULL:-0}" = "1" ] && quick=""
-tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0
+tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0; graphs_rc=0
 
 if want tests; then
   # Correctness, compiled, fp16/fp32/bf16: one fixed config (INFERFORGE_AUTOTUNE=0) so each case compiles once.
@@ -61,6 +62,16 @@ if want decode; then
     > "$OUT/bench-decode.log" 2>&1
   decode_rc=$?
 fi
+if want decode || want graphs; then
+  # CUDA-graph decode (off by default until measured): the capture test, then engine / engine+graphs /
+  # transformers static cache at batch 1 on the Llama-3.2-1B shape.
+  INFERFORGE_AUTOTUNE=0 timeout 90 python -m pytest tests/runtime/test_cuda_graphs.py -q -rs -p no:cacheprovider \
+    > "$OUT/graphs-tests.log" 2>&1
+  graphs_rc=$?
+  timeout 150 python -m inferforge.bench.kernels.bench_decode_graphs --batch 1 --new-tokens 64 --repeats 3 \
+    --out "$OUT/decode-graphs.md" > "$OUT/bench-graphs.log" 2>&1
+  graphs_rc=$(( graphs_rc != 0 || $? != 0 ))
+fi
 
 if want quant; then
   timeout 240 python -m inferforge.bench.kernels.bench_quant_matmul $quick --out "$OUT/quant-matmul.md" \
@@ -74,10 +85,11 @@ if [ -f "$OUT/quant-tests.log" ]; then
   echo "== quantization tests (exit $qtests_rc) =="; grep -E "^(FAILED|ERROR)" "$OUT/quant-tests.log" | head -20
   tail -n 3 "$OUT/quant-tests.log"
 fi
-for name in attention decode quant; do
+if [ -f "$OUT/graphs-tests.log" ]; then echo "== CUDA-graph tests =="; tail -n 3 "$OUT/graphs-tests.log"; fi
+for name in attention decode graphs quant; do
   log="$OUT/bench-$name.log"; [ -f "$log" ] || continue
-  case "$name" in attention) md="$OUT/attention-bf16.md" ;; decode) md="$OUT/decode.md" ;; quant) md="$OUT/quant-matmul.md" ;; esac
+  case "$name" in attention) md="$OUT/attention-bf16.md" ;; decode) md="$OUT/decode.md" ;; graphs) md="$OUT/decode-graphs.md" ;; quant) md="$OUT/quant-matmul.md" ;; esac
   echo "== $name benchmark =="
   if [ -f "$md" ]; then cat "$md"; else tail -n 20 "$log"; fi
 done
-exit $(( tests_rc != 0 || qtests_rc != 0 || attention_rc != 0 || decode_rc != 0 || quant_rc != 0 ))
+exit $(( tests_rc != 0 || qtests_rc != 0 || attention_rc != 0 || decode_rc != 0 || quant_rc != 0 || graphs_rc != 0 ))

@@ -28,7 +28,11 @@ def test_plan_numbers_follow_the_formulas(tiny):
     assert shape["parameters"] == 256 * 64 * 2 + 2 * per_layer + 64
     assert result["weight_bytes"] == shape["parameters"] * 4          # saved as float32
     assert result["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2
-    budget = 8 * 2**20 * 0.75 - result["weight_bytes"]
+    # The activation peak of a 256-token step (runtime/kv_budget.py formula; float32 weights: 4 bytes):
+    # residual, normed input, q/k/v, gate/up + SiLU product, float32 RoPE copies, 8 logits rows.
+    activation = 256 * 4 * (3 * 64 + (4 + 2 * 2) * 16 + 4 * 128) + 256 * 4 * 3 * 4 * 16 + 8 * 256 * (4 + 4)
+    assert result["activation_peak_bytes"] == activation
+    budget = 8 * 2**20 * 0.75 - result["weight_bytes"] - activation
     assert result["kv_tokens"] == int(budget // result["kv_bytes_per_token"])
     rows = {r["concurrency"]: r["max_context"] for r in result["max_context_by_concurrency"]}
     assert rows[1] == 256                                              # capped at the model's window
