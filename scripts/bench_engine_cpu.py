@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         params = build_model(Path(tmp), args.seed)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         engine = LLMEngine.from_pretrained(tmp, dtype=torch.float32, device="cpu", max_num_seqs=8,
                                            max_context=256 + args.new_tokens)
     cases = make_cases(args.prompt_len, args.seed)
