@@ -11,6 +11,10 @@ partial output and log2-sum-exp, and a second kernel merges the splits by their 
 fp8 (e4m3) and int8 caches are dequantized in registers: values are cast to the query dtype
 (exact for both), the per-KV-head key scale is folded into the score scale and the value scale is
 applied to the accumulator once.
+
+On a CPU without the Triton interpreter, `paged_decode_attention_torch` runs instead: the same
+math for the whole batch in a few PyTorch ops (one block-table gather, a length mask, GQA by
+reshaping q); `kernels/reference.py` keeps the per-sequence loop as the spec both are tested against.
 """
 
 from __future__ import annotations
@@ -133,6 +137,53 @@ def _merge_splits_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, k_scale=None, v_scale=None,
+                                 window=None, max_seq_len=None):
+    """The CPU path of `paged_decode_attention` (same arguments, already checked): the whole batch in
+    a few tensor ops, no loop over sequences.
+
+    One gather of the block tables brings every sequence's first `ceil(max_len / block_size)` blocks
+    into `[batch, tokens, n_kv, d]`; a mask from `seq_lens` (and `window`) hides the padding. GQA
+    reshapes q to `[batch, n_kv, group, d]` so each KV head is read once by its `group` query
+    heads. Scores and values are computed in float32 (float64 for float64 q). int8/fp8 caches are
+    cast, and their per-KV-head scales folded into the scores (k) and the output (v). A sequence of
+    length 0 gets zeros. `max_seq_len` (an int) saves reading `seq_lens.max()` when the caller knows it.
+    """
+    batch, n_heads, head_dim = q.shape
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    longest = int(seq_lens.max()) if max_seq_len is None and batch else (max_seq_len or 0)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if longest == 0:
+        return torch.zeros_like(q)
+    num_blocks = -(-longest // block_size)
+    tables = block_tables[:, :num_blocks].long()
+    # [batch, num_blocks, block_size, n_kv, d] -> [batch, n_kv, tokens, d]: token t of sequence b is
+    # row t of its gathered blocks, as the block table orders them.
+    keys = k_cache[tables].reshape(batch, num_blocks * block_size, n_kv, head_dim).transpose(1, 2).to(compute)
+    values = v_cache[tables].reshape(batch, num_blocks * block_size, n_kv, head_dim).transpose(1, 2).to(compute)
+    query = q.reshape(batch, n_kv, group, head_dim).to(compute)
+    scores = torch.matmul(query, keys.transpose(-1, -2))           # [batch, n_kv, group, tokens]
+    scale = torch.full((n_kv,), sm_scale, dtype=compute, device=q.device)
+    if k_scale is not None and k_cache.dtype in QUANTIZED_CACHE_DTYPES:
+        scale = scale * k_scale.to(compute)
+    scores = scores * scale[None, :, None, None]
+    token = torch.arange(num_blocks * block_size, device=q.device)[None, :]
+    lens = seq_lens.to(torch.int64)[:, None]
+    hidden = token >= lens                                          # [batch, tokens]
+    if window is not None:
+        hidden |= token < lens - window
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, values)                               # [batch, n_kv, group, d]
+    if v_scale is not None and v_cache.dtype in QUANTIZED_CACHE_DTYPES:
+        out = out * v_scale.to(compute)[None, :, None, None]
+    out = out.reshape(batch, n_heads, head_dim)
+    # A sequence with no tokens saw only -inf scores (NaN probabilities): it gets zeros.
+    out = out.masked_fill((seq_lens == 0)[:, None, None], 0.0)
+    return out.to(q.dtype)
+
+
 def _num_splits(batch: int, n_kv: int, max_tokens: int, device) -> int:
     """Enough programs to fill the GPU twice over, at least 256 tokens per split, at most 32 splits."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -204,11 +255,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, sm_sc
               f"seq_lens must be between 0 and max_blocks * block_size = {capacity}, got up to {longest}")
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if not (q.is_cuda or _INTERPRET):
-        from inferforge.kernels.reference import paged_decode_attention_reference
-
         reference_fallback("paged_decode_attention")
-        return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
-                                                k_scale=k_scale, v_scale=v_scale, window=window)
+        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
+                                            k_scale=k_scale, v_scale=v_scale, window=window,
+                                            max_seq_len=longest if batch else 0)
     splits = num_splits or _num_splits(batch, n_kv, min(capacity, window or capacity), q.device)
     # The kernel indexes these small vectors with unit stride.
     seq_lens = seq_lens.contiguous()

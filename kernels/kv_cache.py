@@ -253,6 +253,14 @@ class PagedKVCache:
         self._lens[seq_id] = length + num_new
         return (blocks * self.block_size + positions % self.block_size).to(self.device)
 
+    def next_slot(self, seq_id) -> int:
+        """`slots(seq_id, 1)` as a Python int: the decode step's one new token, without a tensor."""
+        table, length = self._tables[seq_id], self._lens[seq_id]
+        if length % self.block_size == 0 or self._refs[table[-1]] > 1:
+            return int(self.slots(seq_id, 1))       # a new block, or a copy-on-write first
+        self._lens[seq_id] = length + 1
+        return table[length // self.block_size] * self.block_size + length % self.block_size
+
     def extend_tokens(self, seq_id, token_ids: Sequence[int]) -> None:
         """Record generated token ids (they make later blocks shareable by prefix)."""
         self._tokens[seq_id].extend(token_ids)
@@ -322,10 +330,8 @@ class PagedKVCache:
         """int32 `[batch, max_blocks]`, padded with block 0 (never read: seq_lens bound the reads)."""
         tables = [self._tables[s] for s in seq_ids]
         width = max((len(t) for t in tables), default=0) or 1
-        out = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out.to(self.device)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(len(tables), width)
 
     def seq_lens(self, seq_ids) -> torch.Tensor:
         return torch.tensor([self._lens[s] for s in seq_ids], dtype=torch.int32, device=self.device)

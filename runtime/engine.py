@@ -372,13 +372,16 @@ class LLMEngine:
         cache, device = self.cache, self.model.device
         tokens, positions, slots, logits_rows = [], [], [], []
         # Positions are positions in the cache: the absolute ones, unless a sliding window evicted blocks.
+        decode_slots = []
         for r in decode:
             self._make_room(r, 1)
             pos = cache.seq_len(r.index)
             tokens.append(r.output[-1])
             positions.append(pos)
-            slots.append(cache.slots(r.index, 1))
+            decode_slots.append(cache.next_slot(r.index))
             logits_rows.append(len(tokens) - 1)
+        if decode_slots:   # one tensor for all decode rows (python ints, no tensor per sequence)
+            slots.append(torch.tensor(decode_slots, dtype=torch.int64, device=cache.device))
         chunks = []
         for r, n in prefill:
             self._make_room(r, n)
@@ -401,7 +404,8 @@ class LLMEngine:
         if self._graphs is not None and decode and not prefill and self._graphs.can_run(len(decode)):
             logits = self._graphs.run(batch)   # pure decode: padded to a bucket, replayed (runtime/cuda_graphs.py)
         else:
-            logits = self.model.forward(batch, cache) if tokens else None
+            with torch.inference_mode():
+                logits = self.model.forward(batch, cache) if tokens else None
         self.steps += 1
 
         produced, row = [], 0
@@ -410,9 +414,15 @@ class LLMEngine:
             if not r.sliding:   # sliding-window blocks are rewritten in place: never shared
                 cache.mark_computed(r.index, r.prefilled)
         sampled = [r for r in decode] + [r for r, n in prefill if not r.in_prefill]
+        # Greedy rows all at once: one argmax and one host copy instead of one per row (same ties:
+        # the first maximum). Rows with temperature > 0 draw from their own generator as before.
+        greedy = torch.argmax(logits, dim=-1).tolist() if sampled else []
         for r in sampled:
-            token = sample(logits[row], temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                           generator=r.generator)
+            if r.temperature <= 0:
+                token = greedy[row]
+            else:
+                token = sample(logits[row], temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                               generator=r.generator)
             row += 1
             r.output.append(token)
             cache.extend_tokens(r.index, [token])

@@ -197,7 +197,8 @@ def test_reference_runs_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.setattr(cache_module, "_INTERPRET", False)
     q, k, v, bt, lens, _, _ = paged_setup([9, 30], n_heads=4, n_kv=2, head_dim=32)
     want = paged_decode_attention_reference(q, k, v, bt, lens)
-    assert torch.equal(paged_decode_attention(q, k, v, bt, lens), want)
+    # The CPU path is the batched one (tests/kernels/test_decode_attention_cpu.py): equal up to rounding.
+    torch.testing.assert_close(paged_decode_attention(q, k, v, bt, lens), want, atol=2e-3, rtol=2e-3)
     k_new = torch.randn(2, 2, 32, dtype=torch.float16)
     append_kv(k_new, k_new, k, v, torch.tensor([0, 5]))
     assert torch.equal(k[0, 5], k_new[1]) and torch.equal(v[0, 0], k_new[0])

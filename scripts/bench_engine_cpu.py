@@ -1,0 +1,160 @@
+"""LLMEngine against transformers' `generate` on the CPU, interleaved in one process.
+
+Builds a seeded random Llama (hidden 1024, 16 layers, 16 query / 4 KV heads, MLP 2816, vocab 32000;
+about 240M parameters) from a transformers `LlamaConfig`, saves it as safetensors in a temporary
+directory, and times greedy fp32 generation of exactly `--new-tokens` tokens per prompt (no EOS
+stop: `min_new_tokens` for transformers, `stop_token_ids=[]` for the engine) for three cases:
+batch 1, batch 8 with equal prompt lengths, and batch 8 with varied prompt lengths (transformers
+left-pads them to the longest; the engine batches them continuously over its paged cache).
+
+Each repetition runs every case once per implementation, alternating which goes first, so both
+see the same machine load; the table reports the median tokens/s over repetitions (with min and
+max) and the ratio of medians. tokens/s = prompts * new_tokens / wall seconds of one `generate`
+call (prefill included).
+
+    python scripts/bench_engine_cpu.py --threads 2 --reps 3 --out engine_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+MODEL_SHAPE = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                   intermediate_size=2816, vocab_size=32000)
+
+
+def build_model(directory: Path, seed: int = 0) -> int:
+    """Save a random Llama (safetensors) to `directory`; returns its parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**MODEL_SHAPE, initializer_range=0.05, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_cases(prompt_len: int, seed: int) -> dict[str, list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+
+    def prompt(n):
+        return torch.randint(3, MODEL_SHAPE["vocab_size"], (n,), generator=g).tolist()
+
+    varied = [8, 16, 24, 32, 48, 64, 96, 128]
+    return {"batch 1": [prompt(prompt_len)], "batch 8": [prompt(prompt_len) for _ in range(8)],
+            "batch 8 varied": [prompt(n) for n in varied]}
+
+
+def run_engine(engine, prompts, new_tokens):
+    return engine.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=[])
+
+
+def run_transformers(model, prompts, new_tokens):
+    """Left-padded batch, greedy, exactly `new_tokens` per row; returns the new tokens per prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per case and implementation")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt length of the equal-length cases")
+    parser.add_argument("--cases", nargs="+", default=None, help="subset of: 'batch 1' 'batch 8' 'batch 8 varied'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    from inferforge.runtime.engine import LLMEngine
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = build_model(Path(tmp), args.seed)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        engine = LLMEngine.from_pretrained(tmp, dtype=torch.float32, device="cpu", max_num_seqs=8,
+                                           max_context=256 + args.new_tokens)
+    cases = make_cases(args.prompt_len, args.seed)
+    if args.cases:
+        cases = {name: cases[name] for name in args.cases}
+    runners = {"engine": lambda p: run_engine(engine, p, args.new_tokens),
+               "transformers": lambda p: run_transformers(hf, p, args.new_tokens)}
+    # Warm-up (allocator, thread pools), and the greedy tokens of both for the record.
+    same = {}
+    for name, prompts in cases.items():
+        same[name] = runners["engine"](prompts) == runners["transformers"](prompts)
+    times = {name: {impl: [] for impl in runners} for name in cases}
+    for rep in range(args.reps):
+        for name, prompts in cases.items():
+            order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
+            for impl in order:
+                start = time.perf_counter()
+                runners[impl](prompts)
+                times[name][impl].append(time.perf_counter() - start)
+            print(f"rep {rep + 1}/{args.reps} {name}: " + ", ".join(
+                f"{impl} {times[name][impl][-1]:.2f}s" for impl in runners), file=sys.stderr, flush=True)
+
+    rows = []
+    for name, prompts in cases.items():
+        tokens = len(prompts) * args.new_tokens
+        rates = {impl: [tokens / t for t in times[name][impl]] for impl in runners}
+        med = {impl: statistics.median(r) for impl, r in rates.items()}
+        rows.append(dict(case=name, prompts=len(prompts), prompt_lens=[len(p) for p in prompts],
+                         new_tokens=args.new_tokens, tokens_per_s={impl: dict(median=med[impl], min=min(r), max=max(r),
+                                                                              all=r) for impl, r in rates.items()},
+                         ratio=med["engine"] / med["transformers"],
+                         ratios_per_rep=[e / t for e, t in zip(rates["engine"], rates["transformers"])],
+                         greedy_tokens_identical=same[name]))
+    import transformers
+
+    meta = dict(model=dict(**MODEL_SHAPE, parameters=params, dtype="float32"), threads=args.threads,
+                nproc=os.cpu_count(), cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+                transformers=transformers.__version__, git=git_revision(), reps=args.reps,
+                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    print(f"model: {params / 1e6:.0f}M params {MODEL_SHAPE}, fp32; threads {args.threads}, nproc {os.cpu_count()}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, git {meta['git']}")
+    print(f"{'case':<16}{'engine tok/s':>22}{'transformers tok/s':>24}{'ratio':>8}{'per-rep ratios':>22}  same tokens")
+    for r in rows:
+        e, t = r["tokens_per_s"]["engine"], r["tokens_per_s"]["transformers"]
+        span = lambda s: f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"  # noqa: E731
+        print(f"{r['case']:<16}{span(e):>22}{span(t):>24}{r['ratio']:>7.2f}x"
+              f"{' '.join(f'{x:.2f}' for x in r['ratios_per_rep']):>22}  {r['greedy_tokens_identical']}")
+    if args.out:
+        from inferforge.fileio import atomic_write_json
+
+        atomic_write_json(args.out, dict(meta=meta, results=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The batched CPU path of paged decode attention (`paged_decode_attention_torch`) against the
+per-sequence loop reference, on fresh random caches whose unused slots hold large garbage."""
+
+import pytest
+import torch
+
+from inferforge.kernels import decode_attention as decode_module
+from inferforge.kernels import paged_decode_attention
+from inferforge.kernels.decode_attention import paged_decode_attention_torch
+from inferforge.kernels.reference import paged_decode_attention_reference
+from tests.kernels.test_decode_attention import FP8, paged_setup
+
+
+def poisoned_setup(seq_lens, *, n_heads, n_kv, head_dim, block_size=16, dtype=torch.float32, cache_dtype=None):
+    """`paged_setup`, then every cache slot no sequence reads (free blocks, the tail of a partly
+    filled last block, the padding column the tables point to) set to a large finite value: a mask
+    that lets one through moves the output far away. The block tables get one padding column of
+    block 0 past what the longest sequence needs, as `PagedKVCache.block_tables` pads."""
+    q, k, v, bt, lens, k_scale, v_scale = paged_setup(seq_lens, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+                                                      block_size=block_size, dtype=dtype, cache_dtype=cache_dtype)
+    used = torch.zeros(k.shape[0], block_size, dtype=torch.bool)
+    for b, length in enumerate(seq_lens):
+        for t in range(length):
+            used[bt[b, t // block_size], t % block_size] = True
+    garbage = {torch.int8: 127, FP8: 448.0}.get(k.dtype, 300.0)
+    for cache, value in ((k, garbage), (v, -garbage)):
+        bits = cache.view(torch.uint8) if cache.dtype == FP8 else cache   # fp8 has no masked_fill
+        bits[~used] = torch.tensor(value).to(cache.dtype).view(bits.dtype) if cache.dtype == FP8 else value
+    pad = torch.zeros(bt.shape[0], 1, dtype=torch.int32)
+    pad[:] = int(torch.nonzero(~used.all(dim=1))[0]) if (~used.all(dim=1)).any() else 0
+    return q, k, v, torch.cat([bt, pad], dim=1), lens, k_scale, v_scale
+
+
+def assert_close_to_reference(q, k, v, bt, lens, k_scale=None, v_scale=None, window=None):
+    """FlashAttention's rule: the error against a float64 reference is at most twice that of the
+    reference computed in float32 (plus a small floor for fp16 outputs)."""
+    args = dict(k_scale=k_scale, v_scale=v_scale, window=window)
+    out = paged_decode_attention_torch(q, k, v, bt, lens, sm_scale=q.shape[-1] ** -0.5, **args)
+    exact = paged_decode_attention_reference(q, k, v, bt, lens, compute_dtype=torch.float64, **args)
+    in_float32 = paged_decode_attention_reference(q, k, v, bt, lens, **args)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    err = (out.double() - exact).abs().max().item()
+    ref_err = (in_float32.double() - exact).abs().max().item()
+    floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(q.dtype, 2e-3)
+    assert err <= 2 * ref_err + floor, f"max error {err:.3e}, reference in float32 {ref_err:.3e}"
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(8, 8), (8, 4), (8, 2), (6, 3)], ids=lambda h: f"h{h[0]}-kv{h[1]}")
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_matches_reference(dtype, heads, block_size):
+    q, k, v, bt, lens, _, _ = poisoned_setup([1, 17, 33, 130, 7], n_heads=heads[0], n_kv=heads[1], head_dim=40,
+                                             block_size=block_size, dtype=dtype)
+    assert_close_to_reference(q, k, v, bt, lens)
+
+
+def test_float64_is_exact_to_rounding():
+    q, k, v, bt, lens, _, _ = poisoned_setup([3, 64, 29], n_heads=4, n_kv=2, head_dim=16, dtype=torch.float32)
+    q, k, v = q.double(), k.double(), v.double()
+    out = paged_decode_attention_torch(q, k, v, bt, lens, sm_scale=0.25)
+    exact = paged_decode_attention_reference(q, k, v, bt, lens, sm_scale=0.25, compute_dtype=torch.float64)
+    torch.testing.assert_close(out, exact, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16, 100, 1000])
+def test_sliding_window(window):
+    q, k, v, bt, lens, _, _ = poisoned_setup([2, 20, 45, 130], n_heads=8, n_kv=2, head_dim=32, block_size=8)
+    assert_close_to_reference(q, k, v, bt, lens, window=window)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, FP8], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_quantized_caches(cache_dtype, dtype):
+    q, k, v, bt, lens, k_scale, v_scale = poisoned_setup([5, 31, 64], n_heads=8, n_kv=4, head_dim=32, dtype=dtype,
+                                                         cache_dtype=cache_dtype)
+    assert k.dtype == cache_dtype
+    out = assert_close_to_reference(q, k, v, bt, lens, k_scale, v_scale)
+    # The scales matter: doubling v's scale doubles the output.
+    doubled = paged_decode_attention_torch(q, k, v, bt, lens, sm_scale=32 ** -0.5, k_scale=k_scale,
+                                           v_scale=2 * v_scale)
+    torch.testing.assert_close(doubled.float(), 2 * out.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_empty_sequences_get_zeros():
+    q, k, v, bt, lens, _, _ = poisoned_setup([0, 9, 0], n_heads=4, n_kv=2, head_dim=16)
+    out = assert_close_to_reference(q, k, v, bt, lens)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert out[1].abs().sum() > 0
+    none = paged_decode_attention_torch(q, k, v, bt, torch.zeros(3, dtype=torch.int32), sm_scale=0.25)
+    assert torch.equal(none, torch.zeros_like(q))
+    assert paged_decode_attention_torch(q[:0], k, v, bt[:0], lens[:0], sm_scale=0.25).shape == (0, 4, 16)
+
+
+@pytest.mark.reference_fallback
+def test_cpu_dispatch_takes_the_batched_path(monkeypatch):
+    """Without a GPU and the interpreter, the public op runs the batched path, not the loop."""
+    monkeypatch.setattr(decode_module, "_INTERPRET", False)
+    q, k, v, bt, lens, _, _ = poisoned_setup([9, 30, 1], n_heads=4, n_kv=2, head_dim=32)
+    want = paged_decode_attention_reference(q, k, v, bt, lens)
+
+    def loop_reference(*args, **kwargs):
+        raise AssertionError("the per-sequence reference ran")
+
+    monkeypatch.setattr("inferforge.kernels.reference.paged_decode_attention_reference", loop_reference)
+    torch.testing.assert_close(paged_decode_attention(q, k, v, bt, lens), want, atol=1e-5, rtol=1e-5)
