@@ -4,7 +4,7 @@ On a CPU (without TRITON_INTERPRET) the quantized modules of `inferforge.optimiz
 their PyTorch references, which dequantize the whole weight on every call. Instead:
 
 - int8 weight-only: `aten._weight_int8pack_mm(x, weight_int8 [N, K], scale [N])` reads the int8
-  weights as stored (no repacking).
+  weights as stored (no copy), unless K is not a multiple of 32 (then a zero-padded copy).
 - int4 weight-only: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)` on the
   weights converted once by `aten._convert_weight_to_int4pack_for_cpu` (int32 codes [N, K], N a
   multiple of 16: the rows are padded with zeros and the output sliced). Its dequantization is
@@ -56,14 +56,21 @@ class Int8PackedCPU:
     """int8 weight-only `x @ (weight_int8 * scale[:, None]).T + bias` with `_weight_int8pack_mm`."""
 
     def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        self.weight = weight_int8.contiguous()                 # [N, K] int8, the module's own buffer
+        k = weight_int8.shape[1]
+        # The bf16 kernel reads K in blocks of 32 (with other K it returns NaN or crashes in torch 2.13):
+        # such layers get a zero-padded copy of the weights and x is padded per call.
+        self.k_pad = -k % 32
+        self.weight = torch.nn.functional.pad(weight_int8, (0, self.k_pad)).contiguous() if self.k_pad \
+            else weight_int8.contiguous()                      # [N, K] int8: the module's own buffer
         self.scale = scale.to(torch.bfloat16)                  # [N]: the kernel wants x's dtype
         self.bias = bias
-        self.in_features = weight_int8.shape[1]
+        self.in_features = k
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.k_pad:
+            x2 = torch.nn.functional.pad(x2, (0, self.k_pad))
         out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
