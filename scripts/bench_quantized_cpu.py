@@ -69,8 +69,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     paths = build(args.workdir, [f for f in args.formats.split(",") if f])
-    engines = {name: inferforge.load(path, dtype=torch.float32, device="cpu", max_num_seqs=1)
-               for name, path in paths.items()}
+    from inferforge.runtime.engine import LLMEngine
+
+    # The float checkpoint is a plain Hugging Face directory; the quantized ones are artifacts.
+    engines = {name: (LLMEngine.from_pretrained if name == "fp32" else inferforge.load)(
+        path, dtype=torch.float32, device="cpu", max_num_seqs=1) for name, path in paths.items()}
     prompt = [[1] + [int(t) for t in torch.randint(3, 32000, (args.prompt_len - 1,),
                                                    generator=torch.Generator().manual_seed(1))]]
     outputs, rates = {}, {name: [] for name in engines}
