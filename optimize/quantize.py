@@ -115,7 +115,10 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         from inferforge.kernels import w8a16_matmul
+        from inferforge.kernels.cpu_packed import packed_for, use_cpu_packed
 
+        if use_cpu_packed(x):        # PyTorch's packed int8 kernel (kernels/cpu_packed.py)
+            return packed_for(self)(x)
         return w8a16_matmul(x, self.weight_int8, self.scale, self.bias)
 
 
@@ -140,7 +143,11 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         from inferforge.kernels import w4a16_matmul
+        from inferforge.kernels.cpu_packed import packed_for, use_cpu_packed
 
+        packed = packed_for(self) if use_cpu_packed(x) else None
+        if packed is not None:       # PyTorch's packed int4 kernel (kernels/cpu_packed.py)
+            return packed(x)
         if self.input_scale is not None:
             x = (x / self.input_scale).to(x.dtype)
         return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size)
@@ -160,10 +167,14 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x):
         from inferforge.kernels import int8_matmul, quantize_rows
+        from inferforge.kernels.cpu_packed import int8_linear_cpu, use_cpu_packed
 
         lead = x.shape[:-1]
         # Per-token int8 of x / smooth: one fused Triton pass on a GPU, the same arithmetic in torch elsewhere.
         x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features), torch.int8, divisor=self.smooth)
+        if use_cpu_packed(x):        # exact int32 products with torch._int_mm, not the int64 reference
+            out = int8_linear_cpu(x_q, self.weight_int8, x_scale, self.w_scale, self.bias, out_dtype=x.dtype)
+            return out.reshape(*lead, self.out_features)
         out = int8_matmul(x_q, self.weight_int8, x_scale, self.w_scale, self.bias, out_dtype=x.dtype)
         return out.reshape(*lead, self.out_features)
 

@@ -13,6 +13,9 @@ stacks their output channels into one module when that changes no number: every 
 has its own scale (and int4 zero points per group of its own row), and nothing is applied per
 *input* channel that differs between the layers (AWQ's input scale, SmoothQuant's divisor, a
 per-tensor fp8 scale). Otherwise the layers run one after another (`ConcatLinear`).
+
+On the CPU the int8 and int4 modules run PyTorch's packed kernels (`inferforge.kernels.cpu_packed`),
+packed here once at load: fused projections after fusing, the other layers as they are read.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def read_quantization(path: Path) -> dict | None:
 def take_quantized_linears(meta: dict, weights: dict[str, torch.Tensor], device) -> dict[str, nn.Module]:
     """Rebuild every quantized layer of `meta` from `weights` (its tensors are removed from the dict),
     on `device` with the stored dtypes; returns {transformers name: module}."""
+    from inferforge.kernels.cpu_packed import prepare_cpu_packed
     from inferforge.optimize.quantize import quantized_shell
 
     layers = {}
@@ -78,7 +82,13 @@ def take_quantized_linears(meta: dict, weights: dict[str, torch.Tensor], device)
             state[key] = weights.pop(full)
         module.load_state_dict(state, strict=True)
         layers[name] = module.to(device).eval()
+        if not name.endswith(_FUSED_PARTS):      # those are packed once fused (fused_projection)
+            prepare_cpu_packed(layers[name])
     return layers
+
+
+# The projections LlamaModel passes to fused_projection (q/k/v, gate/up).
+_FUSED_PARTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 def _same(tensors) -> bool:
@@ -124,8 +134,13 @@ def fused_projection(parts: list, biases: list):
     a dense weight with its bias for `F.linear` when every part is float, else a module."""
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts), (torch.cat(biases) if biases[0] is not None else None)
+    from inferforge.kernels.cpu_packed import prepare_cpu_packed
+
     if all(isinstance(p, nn.Module) for p in parts):
         fused = fuse_rows(parts)
         if fused is not None:
+            prepare_cpu_packed(fused)                # on the CPU: PyTorch's packed kernels, packed once here
             return fused, None
+    for p in parts:
+        prepare_cpu_packed(p)
     return ConcatLinear([p if isinstance(p, nn.Module) else DenseLinear(p, b) for p, b in zip(parts, biases)]), None
