@@ -8,12 +8,13 @@ Program (n_block, split) owns BLOCK_N output rows and one long slice of K (a few
 "reverse split-K": long contiguous runs of each weight row, few partial sums to combine):
 
     W rows  n_block*BLOCK_N ..  | split 0: k 0 .. k_per_split | split 1 | ... |
-    per row and group of GROUP k:   qx = sum_k q[k] x[k]     (one FMA per weight, codes as floats)
-                                    xs = sum_k x[k]
-                                    y += scale * (qx - zero * xs)     (scale and zero loaded once per group)
+    per row and tile of BLOCK_K k (inside one group):
+        qx = sum_k q[k] x[k]                 (one multiply-add per weight, codes as floats)
+        xs = sum_k x[k]
+        y += scale * (qx - zero * xs)        (scale and zero loaded once per tile)
 
-That is (q - zero) * scale summed over the group, with the zero point and scale applied once per group
-instead of once per weight. int8 is symmetric with a per-row scale: y = scale * sum_k q[k] x[k].
+That is (q - zero) * scale summed over the tile, with the zero point and scale applied once per tile
+(once per group with the shipped BLOCK_K = group size) instead of once per weight. int8 is symmetric with a per-row scale: y = scale * sum_k q[k] x[k].
 
 Int4 bytes are unpacked as `b & 0xF` and `b >> 4`. In `int4-interleaved-v1` these are contiguous halves
 of each 32-k unit (see int4_layout.py), met by contiguous runs of x; in `int4-kpairs-v0` they are
@@ -28,6 +29,7 @@ workspace needs no memset before the next call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
@@ -72,7 +74,9 @@ def _gemv_kernel(
             qx += (_codes_to_float(q.to(tl.int32) + 128) - 128.0) * x[None, :]
         acc = tl.sum(qx, axis=1) * tl.load(Scales + offs_n, mask=n_mask, other=0.0)
     else:
-        # k_per_split and K are multiples of GROUP, and BLOCK_K divides GROUP: no tile crosses k_hi.
+        # k_per_split and K are multiples of GROUP, and BLOCK_K divides GROUP: no tile crosses k_hi or a
+        # group. One flat loop (so Triton pipelines its loads); the row sums per tile are the price of
+        # applying zero and scale per tile instead of per weight (per group when BLOCK_K == GROUP).
         HALF: tl.constexpr = BLOCK_K // 2
         offs_j = tl.arange(0, HALF)                          # byte within the tile
         if INTERLEAVED:                                      # byte 16u + i: k 32u + i (lo), 32u + 16 + i (hi)
@@ -82,19 +86,15 @@ def _gemv_kernel(
             k_of_lo = 2 * offs_j
             k_of_hi = k_of_lo + 1
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g0 in range(k_lo, k_hi, GROUP):
-            qx = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-            xs = tl.zeros([HALF], dtype=tl.float32)
-            for k0 in range(g0, g0 + GROUP, BLOCK_K):
-                packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-                x_lo = tl.load(X + k0 + k_of_lo).to(tl.float32)
-                x_hi = tl.load(X + k0 + k_of_hi).to(tl.float32)
-                qx += _codes_to_float(packed & 0xF) * x_lo[None, :] + _codes_to_float(packed >> 4) * x_hi[None, :]
-                xs += x_lo + x_hi
-            group = g0 // GROUP
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+            x_lo = tl.load(X + k0 + k_of_lo).to(tl.float32)
+            x_hi = tl.load(X + k0 + k_of_hi).to(tl.float32)
+            qx = _codes_to_float(packed & 0xF) * x_lo[None, :] + _codes_to_float(packed >> 4) * x_hi[None, :]
+            group = k0 // GROUP
             scale = tl.load(Scales + offs_n * stride_sn + group, mask=n_mask, other=0.0)
             zero = tl.load(Zeros + offs_n * stride_sn + group, mask=n_mask, other=0.0)
-            acc += scale * (tl.sum(qx, axis=1) - zero * tl.sum(xs, axis=0))
+            acc += scale * (tl.sum(qx, axis=1) - zero * tl.sum(x_lo + x_hi, axis=0))
     if SPLITS == 1:
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -115,12 +115,17 @@ def _gemv_kernel(
 
 @dataclass(frozen=True)
 class GemvConfig:
+    """A GEMV launch configuration; shares `block_m` / `dequantize_first` with the tiled kernel's
+    TileConfig so code that reads the tuner's choice can treat both alike."""
+
+    block_m: ClassVar[int] = 1
+    dequantize_first: ClassVar[bool] = False
     block_n: int
     block_k: int             # int4: divides the group size
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4           # split K until about waves x (SM count) programs run
-    min_k_per_split: int = 1024
+    min_k_per_split: int = 512
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
