@@ -105,7 +105,7 @@ def _gemv_kernel(
         arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
             # Every other split's add happened before its count (release), read from L2 (.cg), not L1.
-            total = tl.load(Partial + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg", volatile=True)
+            total = tl.load(Partial + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
             tl.store(Partial + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
             if HAS_BIAS:
                 total += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)

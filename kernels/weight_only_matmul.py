@@ -222,7 +222,7 @@ def _default_config(m: int, bits: int, group: int) -> TileConfig | GemvConfig:
         return TileConfig(16 if m <= 16 else 32, 32, min(group, 32) if bits == 4 else 32)
     block_k = min(group, 128) if bits == 4 else 128
     if m == 1:
-        return GemvConfig(64, min(group, 128) if bits == 4 else 256)
+        return GemvConfig(64, min(group, 128), 8) if bits == 4 else GemvConfig(64, 128, 8)
     return TileConfig(16 if m <= 16 else 64, 64, min(block_k, 64) if m > 16 else block_k)
 
 
@@ -235,9 +235,12 @@ def _candidates(m: int, bits: int, group: int) -> list[TileConfig | GemvConfig]:
     def warps(bm, bn, bk):
         return 8 if bm * bn >= 8192 or bn * bk >= 16384 else 4
     if m == 1:     # the GEMV first; the tiles it replaces stay candidates, so tuning never picks worse
-        gemv_ks = [bk for bk in (64, 128, 256) if bk <= group] if bits == 4 else [256, 512]
-        gemvs = [GemvConfig(bn, bk, 8 if bn * bk >= 32768 else 4, waves=wv)
-                 for bn in (32, 64, 128) for bk in gemv_ks[-2:] for wv in (2, 8)]
+        # Warps so that each thread holds at most 16 weight bytes per tile (32 int4 codes or 16 int8 weights):
+        # more spilled on sm_90 (compile_report.py, weight_only family).
+        gemv_ks = [bk for bk in (64, 128, 256) if bk <= group][-2:] if bits == 4 else [128, 256]
+        per_warp = 1024 if bits == 4 else 512
+        gemvs = [GemvConfig(bn, bk, max(4, bn * bk // per_warp), waves=wv)
+                 for bn in (16, 32, 64) for bk in gemv_ks for wv in (2, 8) if bn * bk // per_warp <= 8]
     if m <= 16:
         shapes = [(1, bn, bk) for bn in (32, 64, 128) for bk in ks] if m == 1 else []
         shapes += [(16, bn, bk) for bn in ((64, 128) if m == 1 else (32, 64, 128)) for bk in ks]
@@ -323,7 +326,7 @@ def dequantize(w, scales, zeros, *, bits: int, group: int, dtype: torch.dtype, k
         _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             w, scales, zeros if zeros is not None else scales, out, n, k, w.stride(0), scales.stride(0),
             BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, INTERLEAVED=layout == int4_layout.INTERLEAVED,
-            num_warps=4)
+            num_warps=8)   # 4 spills on sm_90 with the interleaved stores
     return out
 
 
