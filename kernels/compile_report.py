@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 SM90_SHARED_LIMIT = 227 * 1024        # bytes of shared memory one block may use on H100 / H200 (opt-in maximum)
 
 # kernel family -> "module:function" returning a list of KernelSpec
-PROVIDERS: dict[str, str] = {}
+PROVIDERS: dict[str, str] = {
+    "weight_only": "inferforge.kernels.weight_only_specs:compile_specs",
+}
 
 
 @dataclass(frozen=True)

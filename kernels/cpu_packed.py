@@ -149,6 +149,7 @@ def packed_for(module) -> Int8PackedCPU | Int4PackedCPU | None:
     """The packed CPU form of an `Int8WeightOnlyLinear` or `Int4WeightOnlyLinear`, built on first use
     (or by `prepare_cpu_packed`) and kept beside the module's own buffers, which stay as they are for
     saving and export; rebuilt if those buffers change. None when the format has no packed kernel."""
+    from inferforge.kernels.int4_layout import KPAIRS
     from inferforge.optimize.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     if isinstance(module, Int8WeightOnlyLinear):
@@ -165,7 +166,8 @@ def packed_for(module) -> Int8PackedCPU | Int4PackedCPU | None:
         packed = Int8PackedCPU(*sources)
         _log_once("int8 weight-only layers on the CPU: aten._weight_int8pack_mm with bfloat16 activations")
     else:
-        packed = Int4PackedCPU.build(*sources[:4], module.group_size, sources[4])
+        codes = module.packed_in(KPAIRS)     # the CPU kernel's packing starts from k-pair codes
+        packed = Int4PackedCPU.build(codes, *sources[1:4], module.group_size, sources[4])
         if packed is None:
             _log_once(f"int4 group size {module.group_size}: no packed CPU kernel (it takes groups of "
                       f"{', '.join(map(str, _INT4_GROUPS))} or multiples of 256); using the PyTorch reference",

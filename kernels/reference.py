@@ -139,31 +139,37 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
     return out if compute_dtype == torch.float64 else out.to(q.dtype)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K // 2] -> uint8 [N, K]: even k from the low nibble, odd k from the high one."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+def unpack_int4(packed: torch.Tensor, layout: str = "int4-kpairs-v0") -> torch.Tensor:
+    """uint8 [N, K // 2] -> uint8 [N, K] codes in k order; by default even k from the low nibble, odd k
+    from the high one (`int4-kpairs-v0`; the layouts are in int4_layout.py)."""
+    from inferforge.kernels.int4_layout import unpack
+
+    return unpack(packed, layout)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values 0..15 [N, K] (K even) -> uint8 [N, K // 2], the layout `w4a16_matmul` reads."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+def pack_int4(q: torch.Tensor, layout: str = "int4-kpairs-v0") -> torch.Tensor:
+    """uint8 values 0..15 [N, K] (K even) -> uint8 [N, K // 2] in `layout`, which `w4a16_matmul` reads."""
+    from inferforge.kernels.int4_layout import pack
+
+    return pack(q, layout)
 
 
-def dequantize_weight_only_reference(w, scales, zeros, *, bits, group_size, compute=torch.float32):
-    """The dense [N, K] weights of a w8a16 (bits=8) or w4a16 (bits=4) layer."""
+def dequantize_weight_only_reference(w, scales, zeros, *, bits, group_size, compute=torch.float32,
+                                     layout="int4-kpairs-v0"):
+    """The dense [N, K] weights of a w8a16 (bits=8) or w4a16 (bits=4, packed in `layout`) layer."""
     if bits == 8:
         return w.to(compute) * scales.to(compute)[:, None]
-    q = unpack_int4(w).to(compute)
+    q = unpack_int4(w, layout).to(compute)
     expand = lambda t: t.to(compute).repeat_interleave(group_size, dim=1)  # noqa: E731
     return (q - expand(zeros)) * expand(scales)
 
 
-def weight_only_matmul_reference(x, w, scales, zeros, bias, *, bits, group_size):
+def weight_only_matmul_reference(x, w, scales, zeros, bias, *, bits, group_size, layout="int4-kpairs-v0"):
     """Reference for `w8a16_matmul` (bits=8) and `w4a16_matmul` (bits=4): dequantize, then matmul in
     float32 (float64 when x is float64)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weight = dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group_size, compute=compute)
+    weight = dequantize_weight_only_reference(w, scales, zeros, bits=bits, group_size=group_size, compute=compute,
+                                              layout=layout)
     out = x.to(compute) @ weight.T
     if bias is not None:
         out = out + bias.to(compute)

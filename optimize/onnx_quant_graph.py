@@ -100,7 +100,7 @@ def int4_nbits(module) -> NBitsWeight:
     n, k, g = module.out_features, module.in_features, module.group_size
     check_block_size(g, "int4 layer")
     k_blocks = k // g
-    packed = module.packed.cpu().numpy().reshape(n, k_blocks, g // 2)
+    packed = module.packed_in("int4-kpairs-v0").cpu().numpy().reshape(n, k_blocks, g // 2)   # MatMulNBits' order
     zeros = module.zeros.cpu()
     if not torch.equal(zeros, torch.round(zeros)) or zeros.min() < 0 or zeros.max() > 15:
         raise ValueError("int4 zero points must be integers in 0..15 to be stored as MatMulNBits zero points")

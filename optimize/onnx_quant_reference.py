@@ -64,7 +64,7 @@ class DequantizedLinear(nn.Module):
         divisor = getattr(module, "input_scale", None)
         if hasattr(module, "packed"):   # int4: (q - zero) * scale, without AWQ's 1/s (x is divided instead)
             weight = dequantize_weight_only_reference(module.packed, module.scales, module.zeros, bits=4,
-                                                      group_size=module.group_size)
+                                                      group_size=module.group_size, layout=module.layout)
         else:                           # int8: q * scale
             weight = module.weight_int8.float() * module.scale.float()[:, None]
         self.register_buffer("weight", weight)

@@ -123,8 +123,15 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    def __init__(self, packed, scales, zeros, bias, group_size: int, input_scale=None):
+    """`packed` holds the int4 codes in `layout` (kernels/int4_layout.py); readers that need another
+    layout ask `packed_in(layout)`, and `use_kernel_layout()` re-packs for the device's kernel."""
+
+    def __init__(self, packed, scales, zeros, bias, group_size: int, input_scale=None, layout: str = "int4-kpairs-v0"):
+        from inferforge.kernels.int4_layout import check_layout
+
         super().__init__()
+        check_layout(layout, k=packed.shape[1] * 2, group=group_size)
+        self.layout = layout
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
@@ -136,7 +143,7 @@ class Int4WeightOnlyLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         from inferforge.kernels.reference import unpack_int4
 
-        q = unpack_int4(self.packed).float()
+        q = unpack_int4(self.packed, self.layout).float()
         g = self.group_size
         w = (q - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
         return w if self.input_scale is None else w / self.input_scale[None, :]
@@ -150,7 +157,23 @@ class Int4WeightOnlyLinear(nn.Module):
             return packed(x)
         if self.input_scale is not None:
             x = (x / self.input_scale).to(x.dtype)
-        return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size)
+        return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size,
+                            layout=self.layout)
+
+    def packed_in(self, layout: str) -> torch.Tensor:
+        """The packed codes in `layout` (this module's tensor itself when it already is)."""
+        from inferforge.kernels.int4_layout import to_layout
+
+        return to_layout(self.packed, self.layout, layout, self.out_features, self.in_features, self.group_size)
+
+    def use_kernel_layout(self) -> "Int4WeightOnlyLinear":
+        """Re-pack (exactly) into the layout the w4a16 kernel prefers on this module's device; returns self."""
+        from inferforge.kernels.int4_layout import kernel_layout
+
+        layout = kernel_layout(self.packed.device, self.group_size, self.in_features)
+        self.packed = self.packed_in(layout)
+        self.layout = layout
+        return self
 
 
 class W8A8Linear(nn.Module):
@@ -329,6 +352,7 @@ def _gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int, symmetri
 @register_quantize_handler(Int4WeightOnly)
 def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hessian=None, act_mean=None,
                       act_sample=None) -> nn.Module:
+    from inferforge.kernels.int4_layout import kernel_layout
     from inferforge.kernels.reference import pack_int4
 
     n, k = linear.weight.shape
@@ -354,7 +378,9 @@ def _int4_weight_only(linear: nn.Linear, config: Int4WeightOnly, name: str, hess
         scales, zeros = _int4_group_params(w, config.symmetric)
         q = _int4_codes(w, scales[..., None], zeros[..., None]).reshape(n, k)
     bias = linear.bias.detach().clone() if linear.bias is not None else None
-    return Int4WeightOnlyLinear(pack_int4(q), scales.contiguous(), zeros.contiguous(), bias, g, input_scale)
+    layout = kernel_layout(linear.weight.device, g, k)      # interleaved when quantizing on a GPU
+    return Int4WeightOnlyLinear(pack_int4(q, layout), scales.contiguous(), zeros.contiguous(), bias, g, input_scale,
+                                layout)
 
 
 def _rtn_int4(w: torch.Tensor, group: int, symmetric: bool):
@@ -573,7 +599,7 @@ def save_quantized(model: nn.Module, directory, report: QuantizeReport) -> None:
         elif isinstance(module, Int4WeightOnlyLinear):
             layers[name] = {"format": "int4", "in": module.in_features, "out": module.out_features,
                             "bias": module.bias is not None, "group_size": module.group_size,
-                            "input_scale": module.input_scale is not None}
+                            "input_scale": module.input_scale is not None, "layout": module.layout}
         elif isinstance(module, W8A8Linear):
             layers[name] = {"format": "w8a8", "in": module.in_features, "out": module.out_features,
                             "bias": module.bias is not None}
@@ -614,6 +640,9 @@ def load_quantized(model: nn.Module, directory) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized_shell(info).to(current.weight.device))
     load_model(model, str(directory / "model.safetensors"), strict=True)
+    for module in model.modules():
+        if isinstance(module, Int4WeightOnlyLinear):
+            module.use_kernel_layout()
     return model
 
 
@@ -630,6 +659,8 @@ def quantized_shell(info: dict) -> nn.Module:
         return FP8Linear(torch.empty(n, k, dtype=torch.float8_e4m3fn), torch.empty(rows), bias, info["granularity"])
     if info["format"] == "int4":
         g = info["group_size"]
+        # An entry without "layout" predates the field: the only layout then was int4-kpairs-v0.
         return Int4WeightOnlyLinear(torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
-                                    torch.empty(n, k // g), bias, g, torch.empty(k) if info.get("input_scale") else None)
+                                    torch.empty(n, k // g), bias, g, torch.empty(k) if info.get("input_scale") else None,
+                                    info.get("layout", "int4-kpairs-v0"))
     raise UserInputError(f"quantized layer format {info['format']!r} is not known to this version of inferforge")

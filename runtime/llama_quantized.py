@@ -82,6 +82,8 @@ def take_quantized_linears(meta: dict, weights: dict[str, torch.Tensor], device)
             state[key] = weights.pop(full)
         module.load_state_dict(state, strict=True)
         layers[name] = module.to(device).eval()
+        if hasattr(module, "use_kernel_layout"):       # int4: the stored layout -> the device kernel's
+            module.use_kernel_layout()
         if not name.endswith(_FUSED_PARTS):      # those are packed once fused (fused_projection)
             prepare_cpu_packed(layers[name])
     return layers
@@ -114,9 +116,11 @@ def fuse_rows(modules: list[nn.Module]) -> nn.Module | None:
     if isinstance(first, Int8WeightOnlyLinear):
         return Int8WeightOnlyLinear(cat("weight_int8"), cat("scale"), bias)
     if isinstance(first, Int4WeightOnlyLinear):
-        if any(m.input_scale is not None for m in modules) or any(m.group_size != first.group_size for m in modules):
+        if any(m.input_scale is not None or m.group_size != first.group_size or m.layout != first.layout
+               for m in modules):
             return None
-        return Int4WeightOnlyLinear(cat("packed"), cat("scales"), cat("zeros"), bias, first.group_size)
+        return Int4WeightOnlyLinear(cat("packed"), cat("scales"), cat("zeros"), bias, first.group_size,
+                                    layout=first.layout)
     if isinstance(first, W8A8Linear):
         if not _same([m.smooth for m in modules]):
             return None

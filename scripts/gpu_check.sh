@@ -45,7 +45,7 @@ if want tests; then
   tests_rc=$?
 fi
 if want quant-tests; then
-  INFERFORGE_AUTOTUNE=0 timeout 120 python -m pytest tests/kernels/test_weight_only_matmul.py \
+  INFERFORGE_AUTOTUNE=0 timeout 120 python -m pytest tests/kernels/test_weight_only_matmul.py tests/kernels/test_weight_only_gemv.py \
     tests/kernels/test_act_quant.py tests/kernels/test_kv_cache.py tests/test_quantize.py -q -rs -p no:cacheprovider \
     -k "not test_encoder_gate_on_a_bert" \
     --junitxml="$OUT/quant-tests.xml" > "$OUT/quant-tests.log" 2>&1

@@ -4,7 +4,9 @@
     python -m inferforge.bench.kernels.bench_quant_matmul --smoke                               # CPU paths only
 
 Shapes: Llama-3-8B's linear layers (N x K: 4096x4096, 1024x4096, 14336x4096, 4096x14336). Weight-only
-formats (w8a16, w4a16 g128) at M = 1, 16, 64, 256; W8A8 (int8 x int8) and FP8 at M = 256 to 4096.
+formats (w8a16, w4a16 g128 in the GPU layout `int4-interleaved-v1`) at decode sizes M = 1, 2, 4, 8, 16
+(M = 1: the GEMV; 2-16: split-K tiles) and at M = 64, 256 (the tuner's choice, dequantize + cuBLAS
+included); W8A8 (int8 x int8) and FP8 at M = 256 to 4096. The `tuned tile` column names the path.
 Reported: time, speed-up over bf16 measured in the same run, TFLOP/s, GB/s of the bytes the format
 must move, and the `explain` roofline prediction (inferforge/optimize/explain.py).
 """
@@ -39,7 +41,7 @@ def _rotating(make, nbytes: int, device):
 
 def providers(fmt: str, m: int, n: int, k: int, device, dtype):
     """A zero-argument callable computing [m, k] x [n, k]^T in `fmt`, on random (never all-zero) data."""
-    from inferforge.kernels import int8_matmul, quantize_rows, w4a16_matmul, w8a16_matmul
+    from inferforge.kernels import int4_layout, int8_matmul, quantize_rows, w4a16_matmul, w8a16_matmul
     from inferforge.kernels.reference import pack_int4
     from inferforge.optimize.quantize import FP8Linear, quantize_fp8
 
@@ -52,10 +54,11 @@ def providers(fmt: str, m: int, n: int, k: int, device, dtype):
                                torch.rand(n, device=device) * 0.01), n * k, device)
         return lambda: w8a16_matmul(x, *w())
     if fmt == "int4-g128":
-        w = _rotating(lambda: (pack_int4(torch.randint(0, 16, (n, k), device=device)),
+        layout = int4_layout.kernel_layout(device, 128, k)       # what quantizing on this device stores
+        w = _rotating(lambda: (pack_int4(torch.randint(0, 16, (n, k), device=device), layout),
                                torch.rand(n, k // 128, device=device) * 0.01,
                                torch.full((n, k // 128), 8.0, device=device)), n * k // 2, device)
-        return lambda: w4a16_matmul(x, *w(), group_size=128)
+        return lambda: w4a16_matmul(x, *w(), group_size=128, layout=layout)
     if fmt == "w8a8":
         # What W8A8Linear runs: fused per-token quantization of the activations, then int8 x int8.
         w = _rotating(lambda: (torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
@@ -106,9 +109,15 @@ def _tuned_tile(fmt: str, m: int, n: int, k: int) -> str | None:
     hits = [cfg for key, cfg in _TUNED.items() if key[:5] == (_m_bucket(m), n, k, bits, k if bits == 8 else 128)]
     if not hits:
         return None
-    c = hits[0]
+    return describe_config(hits[0])
+
+
+def describe_config(c) -> str:
+    """A tuner choice as a table cell: `gemv 64x128 w8 waves4`, `16x64x128 w4 waves2`, `dequantize + cuBLAS`."""
     if c.dequantize_first:
         return "dequantize + cuBLAS"
+    if type(c).__name__ == "GemvConfig":
+        return f"gemv {c.block_n}x{c.block_k} w{c.num_warps} waves{c.waves}"
     return f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} waves{c.waves}"
 
 
@@ -172,6 +181,12 @@ def to_markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def weight_only_ms(quick: bool) -> tuple[int, ...]:
+    """M values for the weight-only formats: decode sizes (GEMV, split-K) and two prefill sizes. The quick
+    grid keeps one M per path so that tuning fits gpu_check.sh's time limit."""
+    return (1, 4, 16, 64, 256) if quick else (1, 2, 4, 8, 16, 64, 256)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out")
@@ -189,7 +204,8 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(0).lower()
         gpu_key = next((key for key in GPUS if key in name), "h100")
         shapes = LLAMA3_8B[::2] if args.quick else LLAMA3_8B
-        cases = [(f, m, s) for f in ("int8-weight-only", "int4-g128") for m in (1, 16, 64, 256) for s in shapes]
+        cases = [(f, m, s) for f in ("int8-weight-only", "int4-g128") for m in weight_only_ms(args.quick)
+                 for s in shapes]
         cases += [(f, m, s) for f in ("w8a8", "fp8") for m in ((256, 4096) if args.quick else (256, 1024, 4096))
                   for s in shapes]
     report = {"environment": environment(device), "ceilings": ceilings(device),
