@@ -163,7 +163,26 @@ def cmd_export(args) -> int:
     return run(args)
 
 
+def _speed_gate(args):
+    """The `SpeedGate` from --min-speedup / --at-batch (None without them), for --config runs only."""
+    if args.at_batch is not None and args.min_speedup is None:
+        raise UserInputError("--at-batch sets the batch size of the speed gate; add --min-speedup X (e.g. 1.2), or "
+                             "drop --at-batch")
+    if args.min_speedup is None:
+        return None
+    if not args.config or args.explain or args.onnx:
+        raise UserInputError("--min-speedup gates a causal LM quantized with --config FORMAT (without --explain or "
+                             "--onnx); drop it, or quantize with --config")
+    from inferforge.optimize.speed_gate import SpeedGate
+
+    try:
+        return SpeedGate(min_speedup=args.min_speedup, at_batch=1 if args.at_batch is None else args.at_batch)
+    except UserInputError as e:
+        raise UserInputError(f"{str(e).replace('min_speedup', '--min-speedup').replace('at_batch', '--at-batch')}") from None
+
+
 def cmd_quantize(args) -> int:
+    args.speed_gate = _speed_gate(args)
     if args.quantize_embeddings and (args.config or args.explain):
         raise UserInputError("--quantize-embeddings applies to the ONNX int8 path (encoders); drop it with --config/--explain")
     if args.onnx:
@@ -238,7 +257,8 @@ def _quantize_llm(args) -> int:
     manifest = quantize_checkpoint(args.model, out, fmt=args.config, calibration_file=args.calibration,
                                    num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
                                    auto_skip=args.auto_skip, skip=tuple(args.skip), group_size=args.group_size,
-                                   max_float_share=args.max_float_share, progress=_progress(args))
+                                   max_float_share=args.max_float_share, progress=_progress(args),
+                                   speed_gate=args.speed_gate)
     return _print_quantized(args, manifest, Path(out).resolve())
 
 
@@ -256,6 +276,10 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
                   f"KL {metrics['kl']:.4f}")
         gate = manifest.get("gate") or {}
         print(f"gate: PASS ({gate['note']})" if gate.get("enabled") else f"gate: OFF, {gate.get('note', 'not checked')}")
+        if manifest.get("speed_gate"):
+            from inferforge.optimize.speed_gate import describe_record
+
+            print(describe_record(manifest["speed_gate"]))
     return EXIT_OK
 
 
@@ -626,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-skip", action="store_true", help="keep the most sensitive layers in float until the gate passes")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="layers kept in float, e.g. lm_head")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--min-speedup", type=float, metavar="X",
+                   help="with --config: speed gate, the quantized model must run at least X times faster than bf16 "
+                        "(measured on the CUDA GPU; without one the gate is skipped and says so, never passed)")
+    p.add_argument("--at-batch", type=int, metavar="B",
+                   help="with --min-speedup: sequences per decode step the speed gate measures (default 1)")
     p.add_argument("--batch", type=int, default=1, help="tokens per forward pass for --explain (default 1)")
     p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"],
                    help="GPU for --explain (default h100)")
