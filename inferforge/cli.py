@@ -276,6 +276,10 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
                   f"KL {metrics['kl']:.4f}")
         gate = manifest.get("gate") or {}
         print(f"gate: PASS ({gate['note']})" if gate.get("enabled") else f"gate: OFF, {gate.get('note', 'not checked')}")
+        if manifest.get("dispatch"):
+            from inferforge.kernels.weight_only_dispatch import render_dispatch_report
+
+            print("kernels per layer (measured on this GPU):\n" + render_dispatch_report(manifest["dispatch"]))
         if manifest.get("speed_gate"):
             from inferforge.optimize.speed_gate import describe_record
 

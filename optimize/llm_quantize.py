@@ -210,6 +210,13 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
             if measure_speed else speed.skipped(speed_gate)
         if speed_record["status"] == "failed":
             _fail_speed_gate(out, fmt, speed_record, report, names)
+    dispatch_rows = None
+    if speed.cuda_available() and fmt not in ("w8a8", "fp8"):
+        # Which kernel each weight-only layer runs at the measured batch sizes, from the dispatcher's cache.
+        from inferforge.kernels.weight_only_dispatch import dispatch_report
+
+        batches = sorted({1, speed_gate.at_batch if speed_gate is not None else 1})
+        dispatch_rows = dispatch_report(model, batches, gpu=torch.cuda.get_device_name())
     return _write_artifact(model, report, out, model_dir=model_dir, config=config, fmt=fmt, gate=gate,
                            layers_total=len(linears), max_float_share=max_float_share, data_record=data_record,
                            settings={"format": fmt, "skip": list(skip), "group_size": group_size,
@@ -217,7 +224,8 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
                                      "max_float_share": max_float_share},
                            started=started, name=name, recipe=recipe, names=names,
                            snapshot_texts=_snapshot_texts(calibration_file)
-                           if calibration_file is not None else None, speed_record=speed_record)
+                           if calibration_file is not None else None, speed_record=speed_record,
+                           dispatch_rows=dispatch_rows)
 
 
 def _fail_speed_gate(out: Path, fmt: str, record: dict, report, names: dict):
@@ -251,7 +259,7 @@ def _tokens_sha256(batches: list[torch.Tensor]) -> str:
 def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, fmt: str, gate, layers_total: int,
                     max_float_share: float, data_record: dict | None, settings: dict, started: float,
                     name: str | None, recipe: dict | None, names: dict, snapshot_texts=None,
-                    speed_record: dict | None = None) -> dict:
+                    speed_record: dict | None = None, dispatch_rows: list | None = None) -> dict:
     from inferforge.artifact import CHECKPOINT_FILES
     from inferforge.bench.report import render_causal_lm_markdown
     from inferforge.fileio import atomic_write_json, atomic_write_text
@@ -293,6 +301,8 @@ def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, 
         "gate": gate_record, "validation": report.metrics, "checks": checks, "passed": True, "accuracy_passed": True,
         "environment": environment(),
     }
+    if dispatch_rows is not None:
+        body["dispatch"] = dispatch_rows
     if speed_record is not None:    # "skipped" stays out of checks: it is recorded here, never counted as passed
         body["speed_gate"] = speed_record
         if speed_record["status"] == "passed":

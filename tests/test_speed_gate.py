@@ -101,10 +101,26 @@ def test_a_missed_speed_gate_writes_no_artifact(checkpoint, tmp_path, capsys, mo
 
 
 def test_a_met_speed_gate_is_recorded_as_a_check(checkpoint, tmp_path, capsys, monkeypatch):
+    """Also, on a (recorded) GPU the manifest and output carry the dispatcher's per-layer report."""
+    from inferforge.kernels import weight_only_dispatch as wod
+
     _recorded_gpu(monkeypatch, [0.0423, 0.0424, 0.0422], [0.0275, 0.0274, 0.0290], [])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    cache = wod.TimingCache()
+    model = json.loads((checkpoint / "config.json").read_text())
+    hidden = model["hidden_size"]
+    cache.put(wod.ShapeKey("GPU X", "w8a16", hidden, hidden, hidden, 1), {"fused": 1.0, "dequantize+cublas": 2.0, "bf16": 0.5})
+    monkeypatch.setattr(wod, "_DISPATCHER", wod.Dispatcher(cache))
     out = tmp_path / "fast"
-    assert _quantize(checkpoint, out, "--min-speedup", "1.2", "--json") == 0
-    manifest = json.loads(capsys.readouterr().out)
+    assert _quantize(checkpoint, out, "--min-speedup", "1.2", "--at-batch", "1") == 0
+    printed = capsys.readouterr().out
+    assert "kernels per layer (measured on this GPU):" in printed and "bf16 is faster than every quantized" in printed
+    assert "model.layers.0.self_attn.q_proj M=1: fused 1.0000 ms, 0.50x vs bf16  (bf16 is faster)" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    q_proj = [r for r in manifest["dispatch"] if r["layer"] == "model.layers.0.self_attn.q_proj"]
+    assert q_proj == [{"layer": "model.layers.0.self_attn.q_proj", "format": "w8a16", "n": hidden, "k": hidden, "m": 1,
+                       "m_bucket": 1, "candidate": "fused", "ms": 1.0, "bf16_ms": 0.5, "speedup": 0.5,
+                       "bf16_faster": True}]
     assert manifest["speed_gate"]["status"] == "passed" and manifest["speed_gate"]["device"].startswith("NVIDIA H100")
     (check,) = [c for c in manifest["checks"] if c["kind"] == "speed"]
     assert check["passed"] and check["measured"] == pytest.approx(0.0423 / 0.0275) and check["limit"] == 1.2
