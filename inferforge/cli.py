@@ -548,10 +548,39 @@ def cmd_explain(args) -> int:
                       f"{r['intensity']:.1f}", r["bound"], f"{r['predicted_speedup']:.2f}x")
     console = Console()
     console.print(table)
+    measured = result["measured"]
+    if measured.get("calibrated_speedup") is not None:
+        table = Table(title=f"next to the roofline: {measured['label']}")
+        for col in ("layer", "predicted", "measured", "shape measured", "calibrated"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in result["layers"]:
+            table.add_row(r["layer"], f"{r['predicted_speedup']:.2f}x",
+                          f"{r['measured_speedup']:.2f}x" if r["measured_speedup"] else "-", r["measured_shape"],
+                          f"{r['calibrated_speedup']:.2f}x")
+        console.print(table)
     verdict = "pays" if result["pays"] else "does not pay"
     console.print(f"predicted speed-up of the linear layers: {result['predicted_speedup']:.2f}x ({verdict}); "
-                  "an upper bound from the roofline, see inferforge/optimize/explain.py")
+                  "an upper bound from the roofline, see inferforge/optimize/explain.py", markup=False)
+    for line in explain_measured_lines(result):
+        console.print(line, markup=False)
     return EXIT_OK
+
+
+def explain_measured_lines(result: dict) -> list[str]:
+    """What `explain` prints under the table about the kernel measurements for this GPU."""
+    measured = result["measured"]
+    if measured.get("calibrated_speedup") is None:
+        return [f"measured: {measured['note']}" + (f" ({measured['label']}, {measured['source']})"
+                                                    if measured.get("label") else "")]
+    lines = [f"measured ({measured['label']}, {measured['date'][:10]}, {measured['source']}): calibrated speed-up "
+             f"{measured['calibrated_speedup']:.2f}x "
+             f"({'pays' if measured['calibrated_speedup'] > 1.0 else 'does not pay: bf16 is faster'}) = the roofline times the share of it the kernels reached "
+             "('measured' is per layer shape that was measured; 'calibrated' applies the nearest shape's share)"]
+    if measured["flagged"]:
+        lines.append(f"FLAGGED: {result['format']} at batch {result['batch']} falls short of the roofline in the "
+                     "measurements:")
+        lines += [f"  - {reason}" for reason in measured["reasons"]]
+    return lines
 
 
 def _common(p, *, json_flag=True):
