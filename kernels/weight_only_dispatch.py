@@ -249,14 +249,17 @@ def dispatch_report(model: torch.nn.Module, batch_sizes, *, gpu: str, dtype: tor
 
 def render_dispatch_report(rows: list[dict]) -> str:
     """Plain-text lines: one per layer and batch size, then the layers where bf16 is faster."""
-    lines = []
+    lines, unmeasured = [], []
     for r in rows:
         if r["candidate"] is None:
-            lines.append(f"{r['layer']} M={r['m']}: not measured on this GPU yet")
+            unmeasured.append(f"{r['layer']} M={r['m']}")
             continue
         speed = f"{r['speedup']:.2f}x vs bf16" if r["speedup"] else "no bf16 timing"
         flag = "  (bf16 is faster)" if r["bf16_faster"] else ""
         lines.append(f"{r['layer']} M={r['m']}: {r['candidate']} {r['ms']:.4f} ms, {speed}{flag}")
+    if unmeasured:
+        lines.append(f"not measured on this GPU yet ({len(unmeasured)} layer/batch case(s), timed on first use): "
+                     + (", ".join(unmeasured[:8]) + (" ..." if len(unmeasured) > 8 else "")))
     slower = sorted({f"{r['layer']} M={r['m']}" for r in rows if r["bf16_faster"]})
     if slower:
         lines.append(f"bf16 is faster than every quantized candidate for {len(slower)} layer/batch case(s): "

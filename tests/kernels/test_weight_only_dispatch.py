@@ -60,7 +60,7 @@ def test_report_names_layers_where_bf16_is_faster():
         (1, "fused", False), (16, "fused", True), (256, "dequantize+cublas", True), (2048, None, False)]
     text = wod.render_dispatch_report(rows)
     assert "0 M=256: dequantize+cublas" in text and "(bf16 is faster)" in text
-    assert "0 M=2048: not measured on this GPU yet" in text
+    assert "not measured on this GPU yet (5 layer/batch case(s), timed on first use): 0 M=2048, 2 M=1, 2 M=16" in text
     assert "bf16 is faster than every quantized candidate for 2 layer/batch case(s): 0 M=16, 0 M=256" in text
 
 
