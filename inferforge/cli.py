@@ -266,6 +266,10 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
     """What `quantize --config` and a causal-LM recipe print: the manifest as JSON, or a summary."""
     if args.json:
         print(json.dumps(manifest, indent=2))
+        if (manifest.get("speed_gate") or {}).get("status") == "skipped":   # stdout stays one JSON document
+            from inferforge.optimize.speed_gate import describe_record
+
+            print(describe_record(manifest["speed_gate"]), file=sys.stderr)
     else:
         metrics = manifest.get("validation")
         print(f"artifact: {out}")

@@ -197,6 +197,7 @@ class Dispatcher:
 
 
 _DISPATCHER: Dispatcher | None = None
+_DEVICE_NAMES: dict[int, str] = {}     # device index -> name, looked up once (forwards run per layer per step)
 
 
 def default_dispatcher() -> Dispatcher:
@@ -216,7 +217,10 @@ def dispatch_forward(module, x: torch.Tensor, dispatcher: Dispatcher | None = No
     shape. Falls back to the fused path, without measuring, while a CUDA graph is captured or with
     INFERFORGE_AUTOTUNE=0 (the kernel tuner's switch) when the shape is not cached."""
     x2 = x.reshape(-1, module.in_features)
-    key = shape_key(module, x2.shape[0], x.dtype, torch.cuda.get_device_name(x.device))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    key = shape_key(module, x2.shape[0], x.dtype, _DEVICE_NAMES[index])
     may_measure = not torch.cuda.is_current_stream_capturing() and os.environ.get("INFERFORGE_AUTOTUNE") != "0"
     choice = (dispatcher or default_dispatcher()).choice(
         key, (lambda: _runners(module, x2.contiguous())) if may_measure else None)

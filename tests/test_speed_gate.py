@@ -72,6 +72,10 @@ def test_cpu_skip_path_through_the_cli(checkpoint, tmp_path, capsys):
     assert all(c.get("kind") != "speed" for c in manifest["checks"])
     assert "## Speed gate" in (out / "report.md").read_text() and "SKIPPED" in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["speed_gate"]["status"] == "skipped"
+    assert _quantize(checkpoint, tmp_path / "json", "--min-speedup", "1.2", "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["speed_gate"]["status"] == "skipped"
+    assert "speed gate: SKIPPED (speed gate needs a CUDA GPU; skipped" in captured.err
 
 
 def _recorded_gpu(monkeypatch, bf16_ms, quant_ms, seen):

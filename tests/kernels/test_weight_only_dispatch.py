@@ -97,7 +97,9 @@ def test_unknown_gpu_is_measured_once_and_runs_the_choice(monkeypatch, tmp_path,
     called once and its output checked, then recorded timings are returned), stores them, and later
     forwards reuse them; the chosen candidate's output matches the dequantized reference."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(wod, "_DEVICE_NAMES", {})
     model = _model(fmt)
     layer = model[0]
     x = torch.randn(3, 5, 64)
@@ -123,7 +125,9 @@ def test_unknown_gpu_is_measured_once_and_runs_the_choice(monkeypatch, tmp_path,
 
 def test_no_measuring_while_autotune_is_off(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(wod, "_DEVICE_NAMES", {})
     monkeypatch.setenv("INFERFORGE_AUTOTUNE", "0")
     layer = _model("w8a16")[0]
     d = wod.Dispatcher(wod.TimingCache(), measure=lambda runners: pytest.fail("measured with autotune off"))
