@@ -163,7 +163,26 @@ def cmd_export(args) -> int:
     return run(args)
 
 
+def _speed_gate(args):
+    """The `SpeedGate` from --min-speedup / --at-batch (None without them), for --config runs only."""
+    if args.at_batch is not None and args.min_speedup is None:
+        raise UserInputError("--at-batch sets the batch size of the speed gate; add --min-speedup X (e.g. 1.2), or "
+                             "drop --at-batch")
+    if args.min_speedup is None:
+        return None
+    if not args.config or args.explain or args.onnx:
+        raise UserInputError("--min-speedup gates a causal LM quantized with --config FORMAT (without --explain or "
+                             "--onnx); drop it, or quantize with --config")
+    from inferforge.optimize.speed_gate import SpeedGate
+
+    try:
+        return SpeedGate(min_speedup=args.min_speedup, at_batch=1 if args.at_batch is None else args.at_batch)
+    except UserInputError as e:
+        raise UserInputError(f"{str(e).replace('min_speedup', '--min-speedup').replace('at_batch', '--at-batch')}") from None
+
+
 def cmd_quantize(args) -> int:
+    args.speed_gate = _speed_gate(args)
     if args.quantize_embeddings and (args.config or args.explain):
         raise UserInputError("--quantize-embeddings applies to the ONNX int8 path (encoders); drop it with --config/--explain")
     if args.onnx:
@@ -238,7 +257,8 @@ def _quantize_llm(args) -> int:
     manifest = quantize_checkpoint(args.model, out, fmt=args.config, calibration_file=args.calibration,
                                    num_samples=args.num_samples, seq_len=args.seq_len, gate=gate,
                                    auto_skip=args.auto_skip, skip=tuple(args.skip), group_size=args.group_size,
-                                   max_float_share=args.max_float_share, progress=_progress(args))
+                                   max_float_share=args.max_float_share, progress=_progress(args),
+                                   speed_gate=args.speed_gate)
     return _print_quantized(args, manifest, Path(out).resolve())
 
 
@@ -246,6 +266,10 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
     """What `quantize --config` and a causal-LM recipe print: the manifest as JSON, or a summary."""
     if args.json:
         print(json.dumps(manifest, indent=2))
+        if (manifest.get("speed_gate") or {}).get("status") == "skipped":   # stdout stays one JSON document
+            from inferforge.optimize.speed_gate import describe_record
+
+            print(describe_record(manifest["speed_gate"]), file=sys.stderr)
     else:
         metrics = manifest.get("validation")
         print(f"artifact: {out}")
@@ -256,6 +280,14 @@ def _print_quantized(args, manifest: dict, out: Path) -> int:
                   f"KL {metrics['kl']:.4f}")
         gate = manifest.get("gate") or {}
         print(f"gate: PASS ({gate['note']})" if gate.get("enabled") else f"gate: OFF, {gate.get('note', 'not checked')}")
+        if manifest.get("dispatch"):
+            from inferforge.kernels.weight_only_dispatch import render_dispatch_report
+
+            print("kernels per layer (measured on this GPU):\n" + render_dispatch_report(manifest["dispatch"]))
+        if manifest.get("speed_gate"):
+            from inferforge.optimize.speed_gate import describe_record
+
+            print(describe_record(manifest["speed_gate"]))
     return EXIT_OK
 
 
@@ -531,10 +563,39 @@ def cmd_explain(args) -> int:
                       f"{r['intensity']:.1f}", r["bound"], f"{r['predicted_speedup']:.2f}x")
     console = Console()
     console.print(table)
+    measured = result["measured"]
+    if measured.get("calibrated_speedup") is not None:
+        table = Table(title=f"next to the roofline: {measured['label']}")
+        for col in ("layer", "predicted", "measured", "shape measured", "calibrated"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in result["layers"]:
+            table.add_row(r["layer"], f"{r['predicted_speedup']:.2f}x",
+                          f"{r['measured_speedup']:.2f}x" if r["measured_speedup"] else "-", r["measured_shape"],
+                          f"{r['calibrated_speedup']:.2f}x")
+        console.print(table)
     verdict = "pays" if result["pays"] else "does not pay"
     console.print(f"predicted speed-up of the linear layers: {result['predicted_speedup']:.2f}x ({verdict}); "
-                  "an upper bound from the roofline, see inferforge/optimize/explain.py")
+                  "an upper bound from the roofline, see inferforge/optimize/explain.py", markup=False)
+    for line in explain_measured_lines(result):
+        console.print(line, markup=False)
     return EXIT_OK
+
+
+def explain_measured_lines(result: dict) -> list[str]:
+    """What `explain` prints under the table about the kernel measurements for this GPU."""
+    measured = result["measured"]
+    if measured.get("calibrated_speedup") is None:
+        return [f"measured: {measured['note']}" + (f" ({measured['label']}, {measured['source']})"
+                                                    if measured.get("label") else "")]
+    lines = [f"measured ({measured['label']}, {measured['date'][:10]}, {measured['source']}): calibrated speed-up "
+             f"{measured['calibrated_speedup']:.2f}x "
+             f"({'pays' if measured['calibrated_speedup'] > 1.0 else 'does not pay: bf16 is faster'}) = the roofline times the share of it the kernels reached "
+             "('measured' is per layer shape that was measured; 'calibrated' applies the nearest shape's share)"]
+    if measured["flagged"]:
+        lines.append(f"FLAGGED: {result['format']} at batch {result['batch']} falls short of the roofline in the "
+                     "measurements:")
+        lines += [f"  - {reason}" for reason in measured["reasons"]]
+    return lines
 
 
 def _common(p, *, json_flag=True):
@@ -637,6 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-skip", action="store_true", help="keep the most sensitive layers in float until the gate passes")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="layers kept in float, e.g. lm_head")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--min-speedup", type=float, metavar="X",
+                   help="with --config: speed gate, the quantized model must run at least X times faster than bf16 "
+                        "(measured on the CUDA GPU; without one the gate is skipped and says so, never passed)")
+    p.add_argument("--at-batch", type=int, metavar="B",
+                   help="with --min-speedup: sequences per decode step the speed gate measures (default 1)")
     p.add_argument("--batch", type=int, default=1, help="tokens per forward pass for --explain (default 1)")
     p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"],
                    help="GPU for --explain (default h100)")

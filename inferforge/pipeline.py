@@ -441,12 +441,17 @@ def _run_causal_lm(recipe: Recipe, progress: Progress) -> RunResult:
 
     (cfg,) = recipe.steps
     gate = None if cfg.gate == "none" else LMGate(**asdict(cfg.gate))   # the recipe filled in the defaults
+    speed_gate = None
+    if cfg.min_speedup is not None:
+        from inferforge.optimize.speed_gate import SpeedGate
+
+        speed_gate = SpeedGate(cfg.min_speedup, 1 if cfg.at_batch is None else cfg.at_batch)
     started = time.perf_counter()
     manifest = quantize_checkpoint(recipe.model, recipe.output_dir, fmt=cfg.config, calibration_file=cfg.calibration,
                                    num_samples=cfg.num_samples, seq_len=cfg.seq_len, gate=gate,
                                    auto_skip=cfg.auto_skip, skip=cfg.skip, group_size=cfg.group_size,
                                    max_float_share=cfg.max_float_share, progress=progress, name=recipe.name,
-                                   recipe=recipe.to_dict(), names=RECIPE_NAMES)
+                                   recipe=recipe.to_dict(), names=RECIPE_NAMES, speed_gate=speed_gate)
     progress.done("quantize", time.perf_counter() - started, manifest["steps"][0]["summary"])
     return RunResult(output=recipe.output_dir.resolve(), report=manifest, passed=manifest["passed"])
 

@@ -217,9 +217,22 @@ class LLMQuantizeConfig:
     group_size: int = 128
     gate: None | LMGateConfig | str = "default"   # None first: `gate: null` is refused, not read as {}
     max_float_share: Fraction = 0.5
+    min_speedup: float | None = None     # speed gate: at least this many times faster than bf16 (CUDA GPU)
+    at_batch: int | None = None          # ... at this many sequences per decode step (default 1)
 
     def __post_init__(self):
         from inferforge.optimize.llm_quantize import CALIBRATED_FORMATS, FORMATS
+
+        _require(self.at_batch is None or self.min_speedup is not None,
+                 "at_batch sets the batch size of the speed gate; add min_speedup (e.g. 1.2) or drop at_batch")
+        if self.min_speedup is not None:
+            from inferforge.errors import UserInputError
+            from inferforge.optimize.speed_gate import SpeedGate
+
+            try:
+                SpeedGate(self.min_speedup, 1 if self.at_batch is None else self.at_batch)
+            except UserInputError as e:
+                raise ValueError(str(e)) from None
 
         _require(self.config in FORMATS, f"config {self.config!r} is not a format; choose one of {', '.join(FORMATS)}")
         _require(self.num_samples >= 1, "num_samples must be >= 1")

@@ -90,9 +90,13 @@ def predict(n: int, k: int, m: int, fmt: str, gpu: GPUSpec) -> dict:
             "bound": "memory" if intensity < ridge else "compute", "time_s": time}
 
 
-def explain(model_dir: str | Path, *, fmt: str, batch: int, gpu: str = "h100") -> dict:
+def explain(model_dir: str | Path, *, fmt: str, batch: int, gpu: str = "h100", measured_tables=None) -> dict:
     """Per layer of one decoder block (repeated num_hidden_layers times): intensity, bound and the
-    predicted speed-up of `fmt` over bf16 at `batch` tokens."""
+    predicted speed-up of `fmt` over bf16 at `batch` tokens; next to it, where kernel measurements
+    exist for the GPU, the measured and calibrated speed-ups and a flag when the measurements fall short
+    of the roofline (`explain_measured.calibrate`; `measured_tables`: the shipped table by default)."""
+    from inferforge.optimize.explain_measured import calibrate
+
     if fmt not in FORMATS or fmt == "bf16":
         raise UserInputError(f"format {fmt!r}: choose one of {', '.join(f for f in FORMATS if f != 'bf16')}")
     if gpu not in GPUS:
@@ -108,10 +112,11 @@ def explain(model_dir: str | Path, *, fmt: str, batch: int, gpu: str = "h100") -
     spec = GPUS[gpu]
     if not native_on(fmt, spec):
         rate = FORMATS[fmt][2]
-        return {"gpu": spec.name, "format": fmt, "batch": batch, "native": False, "layers": [],
+        return calibrate({"gpu": spec.name, "format": fmt, "batch": batch, "native": False, "layers": [],
                 "predicted_speedup": None, "num_hidden_layers": config.get("num_hidden_layers"), "pays": False,
                 "note": f"{spec.name} ({spec.architecture}) has no {rate} tensor cores, so {fmt} does not run "
-                        "natively on it and no gain is predicted; on this GPU choose w8a8 or a weight-only format"}
+                        "natively on it and no gain is predicted; on this GPU choose w8a8 or a weight-only format"},
+                         gpu, measured_tables)
     rows, base_total, fmt_total = [], 0.0, 0.0
     for name, n, k in shapes:
         base, quant = predict(n, k, batch, "bf16", spec), predict(n, k, batch, fmt, spec)
@@ -119,7 +124,7 @@ def explain(model_dir: str | Path, *, fmt: str, batch: int, gpu: str = "h100") -
         fmt_total += quant["time_s"]
         rows.append({"layer": name, "n": n, "k": k, "bf16_intensity": base["intensity"], "bf16_bound": base["bound"],
                      "intensity": quant["intensity"], "ridge": quant["ridge"], "bound": quant["bound"],
-                     "predicted_speedup": base["time_s"] / quant["time_s"]})
-    return {"gpu": spec.name, "format": fmt, "batch": batch, "native": True, "layers": rows,
-            "predicted_speedup": base_total / fmt_total, "num_hidden_layers": config["num_hidden_layers"],
-            "pays": base_total / fmt_total > 1.0}
+                     "predicted_speedup": base["time_s"] / quant["time_s"], "bf16_time_s": base["time_s"]})
+    return calibrate({"gpu": spec.name, "format": fmt, "batch": batch, "native": True, "layers": rows,
+                      "predicted_speedup": base_total / fmt_total, "num_hidden_layers": config["num_hidden_layers"],
+                      "pays": base_total / fmt_total > 1.0}, gpu, measured_tables)

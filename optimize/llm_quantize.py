@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -38,11 +39,11 @@ MILDER = {"int4-g128": "int4-awq or int4-gptq (calibrated), or int8-weight-only"
 CLI_NAMES = {"auto_skip": "--auto-skip", "no_gate": "--no-gate", "calibration": "--calibration FILE",
              "num_samples": "--num-samples", "seq_len": "--seq-len",
              "max_float_share": "--max-float-share", "gate": "--max-ppl-increase / --min-top1-agreement",
-             "skip": "--skip"}
+             "skip": "--skip", "min_speedup": "--min-speedup"}
 RECIPE_NAMES = {"auto_skip": "auto_skip: true", "no_gate": "gate: none", "calibration": "calibration: FILE",
                 "num_samples": "num_samples", "seq_len": "seq_len",
                 "max_float_share": "max_float_share", "gate": "gate: {max_ppl_increase: ..., min_top1_agreement: ...}",
-                "skip": "skip pattern"}
+                "skip": "skip pattern", "min_speedup": "min_speedup"}
 DEFAULT_GATE = "default"
 
 
@@ -116,14 +117,17 @@ def _float_share_failure(fmt, float_layers, total, max_float_share, names, *, ga
 def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, num_samples: int = 16,
                         seq_len: int = 128, gate=DEFAULT_GATE, auto_skip: bool = False, skip: tuple[str, ...] = (),
                         group_size: int = 128, max_float_share: float = DEFAULT_MAX_FLOAT_SHARE, progress=None,
-                        name: str | None = None, recipe: dict | None = None, names: dict = CLI_NAMES) -> dict:
+                        name: str | None = None, recipe: dict | None = None, names: dict = CLI_NAMES,
+                        speed_gate=None) -> dict:
     """Quantize `model_dir` to the artifact `out_dir`; returns the manifest.
 
     `gate`: "default" (`LMGate.default(fmt)`), an `LMGate`, or None to turn it off (recorded in the
     manifest). A missed gate, or more than `max_float_share` of the linear layers kept in float,
     raises `GateFailed` and writes nothing. `name` (default: the output directory's name) and the
     normalized `recipe`, when a recipe ran this, go to the manifest; `names` words the messages
-    (`CLI_NAMES` or `RECIPE_NAMES`)."""
+    (`CLI_NAMES` or `RECIPE_NAMES`). `speed_gate` (a `SpeedGate`) compares the quantized model's speed
+    with bf16's on a CUDA GPU (see optimize/speed_gate.py): missed, it raises `GateFailed`, writes nothing
+    at `out_dir` and leaves the reports in `OUT.failed/`; without a GPU it is recorded as skipped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inferforge.checkpoint_files import check_safetensors_files
@@ -181,7 +185,10 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
         data_record = {"file": Path(calibration_file).name, "seq_len": seq_len,
                        "calibration_sequences": len(calibration), "held_out_sequences": len(held_out),
                        "calibration_sha256": _tokens_sha256(calibration), "held_out_sha256": _tokens_sha256(held_out)}
-    original = copy.deepcopy(model) if held_out and gate is None else None
+    from inferforge.optimize import speed_gate as speed
+
+    measure_speed = speed_gate is not None and speed.cuda_available()
+    original = copy.deepcopy(model) if (held_out and gate is None) or measure_speed else None
     report = quantize(model, quant_config, calibration=calibration if needs_data else None, gate=gate,
                       eval_data=held_out if gate is not None else None, auto_skip=auto_skip,
                       max_auto_skipped=allowed - len(by_pattern), raise_on_gate=False)
@@ -195,8 +202,21 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
                          f"no artifact was written{hint}, or try a milder format: {MILDER[fmt]}")
     if len(float_layers) > allowed or not report.layers:
         raise _float_share_failure(fmt, float_layers, len(linears), max_float_share, names)
-    if original is not None:
+    if original is not None and held_out and gate is None:
         report.metrics = compare_lms(original, model, held_out)
+    speed_record = None
+    if speed_gate is not None:
+        speed_record = speed.evaluate(speed_gate, original, model, vocab_size=config["vocab_size"]) \
+            if measure_speed else speed.skipped(speed_gate)
+        if speed_record["status"] == "failed":
+            _fail_speed_gate(out, fmt, speed_record, report, names)
+    dispatch_rows = None
+    if speed.cuda_available() and fmt not in ("w8a8", "fp8"):
+        # Which kernel each weight-only layer runs at the measured batch sizes, from the dispatcher's cache.
+        from inferforge.kernels.weight_only_dispatch import dispatch_report
+
+        batches = sorted({1, speed_gate.at_batch if speed_gate is not None else 1})
+        dispatch_rows = dispatch_report(model, batches, gpu=torch.cuda.get_device_name())
     return _write_artifact(model, report, out, model_dir=model_dir, config=config, fmt=fmt, gate=gate,
                            layers_total=len(linears), max_float_share=max_float_share, data_record=data_record,
                            settings={"format": fmt, "skip": list(skip), "group_size": group_size,
@@ -204,7 +224,24 @@ def quantize_checkpoint(model_dir, out_dir, *, fmt: str, calibration_file=None, 
                                      "max_float_share": max_float_share},
                            started=started, name=name, recipe=recipe, names=names,
                            snapshot_texts=_snapshot_texts(calibration_file)
-                           if calibration_file is not None else None)
+                           if calibration_file is not None else None, speed_record=speed_record,
+                           dispatch_rows=dispatch_rows)
+
+
+def _fail_speed_gate(out: Path, fmt: str, record: dict, report, names: dict):
+    """Write the reports of a run that missed its speed gate to `OUT.failed/` and raise `GateFailed`."""
+    from inferforge.manifest import write_failed_report
+    from inferforge.optimize.speed_gate import describe_record
+
+    line = describe_record(record)
+    body = {"artifact": None, "passed": False, "kind": "quantized-causal-lm", "quantization": {"format": fmt},
+            "speed_gate": record, "validation": report.metrics, "sqnr_db": report.layers}
+    md = (f"# {out.name}: not written\n\n{line}\n\nThe {fmt} model is not faster than bf16 by the required "
+          "factor on this GPU, so no artifact was written.\n")
+    failed = write_failed_report(out, {"report.json": json.dumps(body, indent=2, default=str) + "\n", "report.md": md})
+    raise GateFailed(f"{line}; no artifact was written (reports in {failed}). {fmt} does not pay at this batch size "
+                     f"on this GPU: try w8a8 or fp8, which run on int8/fp8 tensor cores, another batch size, or lower "
+                     f"{names.get('min_speedup', '--min-speedup')}")
 
 
 def _snapshot_texts(calibration_file, limit: int = 200) -> list[str]:
@@ -221,7 +258,8 @@ def _tokens_sha256(batches: list[torch.Tensor]) -> str:
 
 def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, fmt: str, gate, layers_total: int,
                     max_float_share: float, data_record: dict | None, settings: dict, started: float,
-                    name: str | None, recipe: dict | None, names: dict, snapshot_texts=None) -> dict:
+                    name: str | None, recipe: dict | None, names: dict, snapshot_texts=None,
+                    speed_record: dict | None = None, dispatch_rows: list | None = None) -> dict:
     from inferforge.artifact import CHECKPOINT_FILES
     from inferforge.bench.report import render_causal_lm_markdown
     from inferforge.fileio import atomic_write_json, atomic_write_text
@@ -263,6 +301,12 @@ def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, 
         "gate": gate_record, "validation": report.metrics, "checks": checks, "passed": True, "accuracy_passed": True,
         "environment": environment(),
     }
+    if dispatch_rows is not None:
+        body["dispatch"] = dispatch_rows
+    if speed_record is not None:    # "skipped" stays out of checks: it is recorded here, never counted as passed
+        body["speed_gate"] = speed_record
+        if speed_record["status"] == "passed":
+            checks.append({k: speed_record[k] for k in ("name", "kind", "measured", "op", "limit", "passed")})
     with staged_artifact(out) as staging:
         save_quantized(model, staging, report)
         for file_name in CHECKPOINT_FILES:
@@ -272,7 +316,12 @@ def _write_artifact(model, report, out: Path, *, model_dir: Path, config: dict, 
         report_json = {**body, "artifact": out.name, "sqnr_db": report.layers,
                        "source": {"model": model_dir.name, "weights_sha256": body["source"]["weights_sha256"]}}
         atomic_write_json(staging / "report.json", report_json)
-        atomic_write_text(staging / "report.md", render_causal_lm_markdown(report_json))
+        speed_md = ""
+        if speed_record is not None:
+            from inferforge.optimize.speed_gate import describe_record
+
+            speed_md = f"\n## Speed gate\n\n{describe_record(speed_record)}\n"
+        atomic_write_text(staging / "report.md", render_causal_lm_markdown(report_json) + speed_md)
         if snapshot_texts:
             from transformers import AutoTokenizer
 

@@ -119,6 +119,10 @@ class Int8WeightOnlyLinear(nn.Module):
 
         if use_cpu_packed(x):        # PyTorch's packed int8 kernel (kernels/cpu_packed.py)
             return packed_for(self)(x)
+        if x.is_cuda:   # the candidate measured fastest for this shape (kernels/weight_only_dispatch.py)
+            from inferforge.kernels.weight_only_dispatch import dispatch_forward
+
+            return dispatch_forward(self, x)
         return w8a16_matmul(x, self.weight_int8, self.scale, self.bias)
 
 
@@ -157,6 +161,10 @@ class Int4WeightOnlyLinear(nn.Module):
             return packed(x)
         if self.input_scale is not None:
             x = (x / self.input_scale).to(x.dtype)
+        if x.is_cuda:   # the candidate measured fastest for this shape (kernels/weight_only_dispatch.py)
+            from inferforge.kernels.weight_only_dispatch import dispatch_forward
+
+            return dispatch_forward(self, x)
         return w4a16_matmul(x, self.packed, self.scales, self.zeros, self.bias, group_size=self.group_size,
                             layout=self.layout)
 
