@@ -436,7 +436,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None,
-                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, block_table=None):
+                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, block_table=None, dispatch=True):
     """Fused attention forward: softmax(q k^T * sm_scale + mask) v, without materializing the scores.
 
     Shapes (FlashAttention layout): `q` `[batch, seq_q, n_heads, head_dim]`, `k`/`v`
@@ -460,13 +460,23 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu
     variable-length input (-inf for rows that see no key).
 
     Runs the Triton kernel on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (Triton's
-    interpreter); otherwise the PyTorch reference (`inferforge.kernels.reference`).
+    interpreter); otherwise the PyTorch reference (`inferforge.kernels.reference`). On CUDA, a dense
+    call whose shape a measured table says PyTorch's SDPA runs faster on this GPU goes to that SDPA
+    backend (`inferforge.kernels.attention_dispatch`); `dispatch=False` or
+    INFERFORGE_ATTENTION_DISPATCH=kernel always runs the kernel.
     """
     window = tuple(window)
     longest_q, longest_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
                                          block_table)
     if sm_scale is None:
         sm_scale = default_scale(q.shape[-1])
+    if dispatch and q.is_cuda:
+        from inferforge.kernels.attention_dispatch import maybe_sdpa
+
+        out = maybe_sdpa(q, k, v, causal=bool(causal), sm_scale=float(sm_scale), window=window,
+                         varlen=cu_seqlens_q is not None, return_lse=return_lse)
+        if out is not None:
+            return out
     out, lse = _flash_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), float(sm_scale),
                                    int(window[0]), int(window[1]), longest_q or 0, longest_k or 0, block_table)
     return (out, lse) if return_lse else out
