@@ -28,6 +28,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FIXED_CONFIG = os.environ.get("INFERFORGE_AUTOTUNE") == "0"
 
 
+# fp32 inputs run the ieee dot on CUDA cores (FMA), whose operands live in registers: small tiles with
+# 8 warps, the only ones that compile without spills on sm_90 (64x64 with 4 warps spills 138 KB).
+_FP32_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+                 triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1)]
+
+
 def _configs():
     # One small config under the interpreter (it runs programs one by one in numpy) and when
     # INFERFORGE_AUTOTUNE=0 (GPU correctness tests: no compile-every-config cost).
@@ -36,17 +42,23 @@ def _configs():
     if _FIXED_CONFIG:
         # The first config that `_prune` keeps is used; the second fits head_dim 256 in shared memory.
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2), *_FP32_CONFIGS]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)] + _FP32_CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that cannot fit or cannot win: 128x128 tiles need 8 warps; at head_dim 256 only
-    64x64 tiles with 2 stages fit H100's 227 KiB of shared memory (fp16: 128x64x3 needs 256 KiB)."""
+    """Drop configs that cannot fit or cannot win: 128-row tiles need 8 warps (with 4, 128x64 at head_dim
+    128 spills 48-52 bytes per thread on sm_90: `python -m inferforge.kernels.compile_report`); at head_dim
+    256 only 64x64 tiles with 2 stages fit H100's 227 KiB of shared memory (fp16: 128x64x3 needs 256 KiB)."""
     block_d = kwargs.get("BLOCK_D") or (named_args or {}).get("BLOCK_D", 64)
-    kept = [c for c in configs
-            if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128 and c.num_warps < 8)]
+    # 32-row tiles are the fp32 (ieee) configs; the interpreter's single config passes either way.
+    if kwargs.get("DOT_PRECISION") == "ieee":
+        fp32 = [c for c in configs if c.kwargs["BLOCK_M"] == 32]
+        fp32 = [c for c in fp32 if block_d < 256 or c.kwargs["BLOCK_N"] <= 16] or fp32
+        return (fp32 or configs)[:1] if _FIXED_CONFIG else (fp32 or configs)
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64] or configs
+    kept = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps < 8)]
     if block_d >= 256:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2] or kept
     return kept[:1] if _FIXED_CONFIG else kept

@@ -9,8 +9,7 @@ alignment hints are those of a real call.
 Variants (the autotune key): dtype (bf16, fp16; fp32 runs the ieee path, not tensor cores), head_dim
 (64, 128, 256), causal, sliding window, GQA group (1, 4), varlen, paged KV, and tensor descriptors
 (TMA, used on sm_90 whenever the layout is 16-byte aligned; the pointer path otherwise and for paged KV).
-The default set compiles every config for the main variant and one config per other variant; the
-full sweep (`INFERFORGE_COMPILE_REPORT_FULL=1` or `compile_specs(full=True)`) crosses them all.
+Which set `compile_specs` returns: INFERFORGE_COMPILE_REPORT_SET=quick|default|full (see there).
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ VARIANTS = [
     Variant(tma=False),                                      # unaligned layouts take the pointer path
     Variant(causal=False, tma=False),
     Variant(dtype=torch.float32, tma=False),                 # fp32: ieee dot, no tensor cores
+    Variant(dtype=torch.float32, head_dim=256, causal=False, gqa_group=1, tma=False),
 ]
 
 
@@ -104,7 +104,8 @@ def shipped_configs(v: Variant) -> list:
     from inferforge.kernels import attention
 
     d = max(16, 1 << (v.head_dim - 1).bit_length())
-    return attention._prune(attention._configs(), {"BLOCK_D": d}, BLOCK_D=d)
+    precision = "ieee" if v.dtype == torch.float32 else "tf32"
+    return attention._prune(attention._configs(), {"BLOCK_D": d}, BLOCK_D=d, DOT_PRECISION=precision)
 
 
 def spec(v: Variant, config) -> KernelSpec:
@@ -112,21 +113,30 @@ def spec(v: Variant, config) -> KernelSpec:
 
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     signature, constexprs, attrs = launch_signature(_attention_fwd_kernel, launch_args(v, block_m=bm, block_n=bn))
-    # Hopper's wgmma needs a warpgroup (4 warps) and an M tile of 64 rows per warpgroup; fp32 inputs run
-    # the ieee dot (no tensor cores) on purpose.
-    expect = v.dtype != torch.float32 and config.num_warps >= 4 and bm >= 16 * config.num_warps
+    # Every fp16/bf16 config (4 or 8 warps, 64- or 128-row tiles) compiles to wgmma on sm_90; fp32 inputs
+    # run the ieee dot (no tensor cores) on purpose.
+    expect = v.dtype != torch.float32
     return KernelSpec("attention", f"{v.label()} {bm}x{bn}", _attention_fwd_kernel, signature, constexprs,
                       num_warps=config.num_warps, num_stages=config.num_stages, expect_wgmma=expect, attrs=attrs)
 
 
-def compile_specs(full: bool | None = None) -> list[KernelSpec]:
-    """Every config for the main variant (bf16 d128 causal GQA, TMA); one config (the first `_prune`
-    keeps, which INFERFORGE_AUTOTUNE=0 runs) per other variant; with `full`, every config everywhere."""
-    if full is None:
-        full = os.environ.get("INFERFORGE_COMPILE_REPORT_FULL") == "1"
+QUICK = [MAIN, Variant(head_dim=64, causal=False, gqa_group=1), Variant(varlen=True, paged=True, tma=False)]
+
+
+def compile_specs(level: str | None = None) -> list[KernelSpec]:
+    """The configurations to compile, by `level` (default: INFERFORGE_COMPILE_REPORT_SET, else "default"):
+    "quick": the main variant's smallest and largest tile, plus d64 and paged KV (4 compiles, the
+    test suite's quick guard); "default": every config of the main variant (bf16 d128 causal GQA, TMA)
+    and the first kept config of every other variant; "full": every config of every variant."""
+    level = level or os.environ.get("INFERFORGE_COMPILE_REPORT_SET", "default")
+    if level not in ("quick", "default", "full"):
+        raise ValueError(f"compile report set {level!r}: choose quick, default or full")
     specs = []
-    for v in VARIANTS:
+    for v in QUICK if level == "quick" else VARIANTS:
         configs = shipped_configs(v)
-        for config in configs if (full or v == MAIN) else configs[:1]:
-            specs.append(spec(v, config))
+        if level == "quick":
+            configs = [configs[0], configs[-1]] if v == MAIN else configs[:1]
+        elif level == "default" and v != MAIN:
+            configs = configs[:1]
+        specs += [spec(v, config) for config in configs]
     return specs

@@ -168,6 +168,18 @@ def _compile_all(specs: list[KernelSpec], *, arch: int, jobs: int) -> list[Compi
         return pool.map(_compile_index, [(i, arch) for i in range(len(specs))], chunksize=1)
 
 
+def extra_providers(entries) -> dict[str, str]:
+    """"family=module:function" entries (the --provider option, or INFERFORGE_COMPILE_PROVIDERS separated by
+    commas): families outside the package, e.g. the test suite's deliberately bad kernels."""
+    extra = {}
+    for entry in entries:
+        family, _, target = entry.partition("=")
+        if not family or ":" not in target:
+            raise SystemExit(f"provider {entry!r} must look like family=module:function")
+        extra[family.strip()] = target.strip()
+    return extra
+
+
 def collect_specs(families: list[str] | None = None) -> list[KernelSpec]:
     unknown = set(families or []) - set(PROVIDERS)
     if unknown:
@@ -189,18 +201,26 @@ def format_table(rows: list[CompiledKernel]) -> str:
     return "\n".join(lines)
 
 
-def run_report(families: list[str] | None = None, *, timeout: float = 900) -> list[dict]:
+def run_report(families: list[str] | None = None, *, timeout: float = 900, providers: dict[str, str] | None = None,
+               table_file: str | None = None) -> list[dict]:
     """Run the report in a fresh interpreter without TRITON_INTERPRET; returns one dict per configuration.
-    This is what tests call: the calling process may have the interpreter on."""
+    This is what tests call: the calling process may have the interpreter on. `providers` adds families
+    (name -> "module:function", importable in the subprocess); `table_file` receives the printed table."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "inferforge.kernels.compile_report", "--json", out]
         if families:
             cmd += ["--kernels", ",".join(families)]
+        for family, target in (providers or {}).items():
+            cmd += ["--provider", f"{family}={target}"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         if not os.path.exists(out):
             raise RuntimeError(f"compile report failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        if table_file:
+            from inferforge.fileio import atomic_write_text
+
+            atomic_write_text(table_file, done.stdout)
         with open(out) as f:
             return json.load(f)
 
@@ -210,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", help=f"comma-separated families (default: all of {', '.join(PROVIDERS)})")
     parser.add_argument("--arch", type=int, default=90, help="NVIDIA compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--json", help="write the rows as JSON to this file")
+    parser.add_argument("--provider", action="append", default=[], metavar="FAMILY=MODULE:FUNCTION",
+                        help="add a kernel family (repeatable; also INFERFORGE_COMPILE_PROVIDERS, comma-separated)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    env_providers = [e for e in os.environ.get("INFERFORGE_COMPILE_PROVIDERS", "").split(",") if e.strip()]
+    PROVIDERS.update(extra_providers(env_providers + args.provider))
     specs = collect_specs(args.kernels.split(",") if args.kernels else None)
     rows = _compile_all(specs, arch=args.arch, jobs=args.jobs)
     print(format_table(rows))
