@@ -115,9 +115,10 @@ def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, 
 
 
 @triton.autotune(configs=_configs(),
-                 key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA", "PAGED"],
+                 key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA", "PAGED", "DOT_PRECISION",
+                      "seqlen_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "n_heads", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "n_heads", "window_left", "window_right", "seqlen_bucket"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,               # Q/Out: [batch, seq_q, n_heads, d] or [total_q, n_heads, d]; K/V: [.., n_kv_heads, d]
     CuSeqlensQ, CuSeqlensK,          # int32 [batch + 1] (varlen only)
@@ -131,6 +132,7 @@ def _attention_fwd_kernel(
     seqlen_q, seqlen_k, n_heads,
     qk_scale,                         # sm_scale * log2(e)
     window_left, window_right,        # >= 0 when HAS_WINDOW; a huge value stands for "unbounded"
+    seqlen_bucket,                    # unused by the code: next power of two of seqlen_q, so autotune picks per bucket
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GQA_GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -325,7 +327,7 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
             block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
             seqlen_q, seqlen_k, n_heads,
             sm_scale * 1.4426950408889634,
-            left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED,
+            left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED, triton.next_power_of_2(max(seqlen_q, 1)),
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GQA_GROUP=n_heads // n_kv,
             IS_CAUSAL=causal, HAS_WINDOW=has_window, IS_VARLEN=varlen, RETURN_LSE=return_lse,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma, PAGED=paged,

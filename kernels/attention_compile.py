@@ -91,7 +91,7 @@ def launch_args(v: Variant, *, block_m: int, block_n: int) -> dict:
     args.update(stride_lb=ls[0], stride_lh=ls[1], stride_ls=ls[2])
     args.update(stride_btb=seq // page if v.paged else 0, page_size=page if v.paged else 1, seqlen_q=seq,
                 seqlen_k=seq, n_heads=n_heads, qk_scale=1.4426950408889634 / d**0.5, window_left=window,
-                window_right=0 if v.window else _UNBOUNDED,
+                window_right=0 if v.window else _UNBOUNDED, seqlen_bucket=seq,
                 HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), GQA_GROUP=v.gqa_group,
                 IS_CAUSAL=v.causal, HAS_WINDOW=v.window, IS_VARLEN=v.varlen, RETURN_LSE=True,
                 DOT_PRECISION="ieee" if v.dtype == torch.float32 else "tf32", USE_TMA=v.tma, PAGED=v.paged,
