@@ -163,16 +163,28 @@ def providers(shape: Shape, inputs, device):
         mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= shape.window)
     backends = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+    repeated = None
     for name in provider_names(shape, device):
         if name.startswith("sdpa"):
-            def run(backend=backends[name]):
+            def run(backend=backends[name], kv=(sk, sv), gqa=gqa):
                 with sdpa_kernel(backend):
-                    return sdpa(sq, sk, sv, attn_mask=mask, is_causal=shape.causal and mask is None, enable_gqa=gqa)
+                    return sdpa(sq, *kv, attn_mask=mask, is_causal=shape.causal and mask is None, enable_gqa=gqa)
             try:
                 run()
                 fns[name] = run
             except RuntimeError as e:   # the backend does not support this shape, dtype or GPU
                 skipped[name] = str(e).splitlines()[0][:120]
+            if name in skipped and gqa:
+                # A backend without enable_gqa still runs GQA on K/V heads repeated beforehand (not timed);
+                # the dispatcher never picks such a row (it calls SDPA with enable_gqa).
+                group = shape.n_heads // shape.n_kv_heads
+                repeated = repeated or (sk.repeat_interleave(group, 1), sv.repeat_interleave(group, 1))
+                try:
+                    run(kv=repeated, gqa=False)
+                    fns[name] = lambda run=run: run(kv=repeated, gqa=False)
+                    skipped[name + " (enable_gqa)"] = skipped.pop(name) + "; timed with K/V heads repeated"
+                except RuntimeError:
+                    pass
         elif name == "flex":
             try:
                 fn = _flex(shape, inputs, device, gqa)
@@ -208,16 +220,18 @@ def summarize(shape: Shape, results: dict, skipped: dict) -> dict:
             "fastest_other": best, "speedup": others[best] / ours if best and ours else None}
 
 
-def dispatch_rows(shape: Shape, results: dict, env: dict, dtype) -> list[dict]:
+def dispatch_rows(shape: Shape, results: dict, env: dict, dtype, skipped=None) -> list[dict]:
     """The dispatch-table row for a dense shape (varlen and window shapes never dispatch to SDPA)."""
     from inferforge.kernels.attention_dispatch import ShapeKey, seqlen_bucket, table_row
 
+    skipped = skipped or {}
     if shape.varlen or shape.window >= 0 or "inferforge" not in results:
         return []
     key = ShapeKey(str(dtype).removeprefix("torch."), shape.head_dim, shape.causal, shape.n_heads,
                    shape.n_kv_heads, seqlen_bucket(shape.seq))
-    sdpa = {n.removeprefix("sdpa-"): r["ms"] for n, r in results.items() if n in ("sdpa-cudnn", "sdpa-flash",
-                                                                                  "sdpa-efficient")}
+    # only backends that ran as the dispatcher calls them (enable_gqa, not repeated K/V heads)
+    sdpa = {n.removeprefix("sdpa-"): r["ms"] for n, r in results.items()
+            if n in ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient") and f"{n} (enable_gqa)" not in skipped}
     return [table_row(gpu=env["gpu"], torch_version=env["torch"], triton_version=env["triton"], key=key,
                       kernel_ms=results["inferforge"]["ms"], sdpa_ms=sdpa)]
 
@@ -234,7 +248,7 @@ def run(shapes, device, dtype) -> dict:
             ms, p20, p80 = time_ms(fn, device)
             results[name] = {"ms": ms, "p20_ms": p20, "p80_ms": p80}
         rows.append(summarize(shape, results, skipped))
-        table += dispatch_rows(shape, results, env, dtype) if device == "cuda" else []
+        table += dispatch_rows(shape, results, env, dtype, skipped) if device == "cuda" else []
         print(f"{shape.name:<40} " + "  ".join(f"{n} {r['ms']:.3f} ms" for n, r in results.items()), file=sys.stderr)
         del inputs
         if device == "cuda":
@@ -268,7 +282,7 @@ def to_markdown(report: dict) -> str:
             lines += ["", f"Geometric mean of the speed-up, {what}: **{report[key]:.2f}x**."]
     skips = [f"- {row['shape']}: {n}: {why}" for row in report["rows"] for n, why in row["skipped"].items()]
     if skips:
-        lines += ["", "Skipped:", *skips]
+        lines += ["", "Skipped or run differently:", *skips]
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,8 @@ def test_speedup_geomean_and_dispatch_rows_from_recorded_times():
     (table_row,) = bench_attention.dispatch_rows(shape, results, env, torch.bfloat16)
     assert table_row["seqlen_bucket"] == 4096 and table_row["best_sdpa"] == "cudnn"
     assert table_row["sdpa_ms"] == {"cudnn": 2.5, "flash": 3.0}
+    repeated = {"sdpa-cudnn (enable_gqa)": "no GQA; timed with K/V heads repeated"}
+    assert bench_attention.dispatch_rows(shape, results, env, torch.bfloat16, repeated)[0]["sdpa_ms"] == {"flash": 3.0}
     varlen = bench_attention.Shape("v", 2, 100, 4, 4, 64, True, (100, 50))
     assert bench_attention.dispatch_rows(varlen, results, env, torch.bfloat16) == []
 
