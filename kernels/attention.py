@@ -484,7 +484,7 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu
                                          block_table)
     if sm_scale is None:
         sm_scale = default_scale(q.shape[-1])
-    if dispatch and q.is_cuda:
+    if dispatch and q.is_cuda and not torch.compiler.is_compiling():
         from inferforge.kernels.attention_dispatch import maybe_sdpa
 
         out = maybe_sdpa(q, k, v, causal=bool(causal), sm_scale=float(sm_scale), window=window,
