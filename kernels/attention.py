@@ -28,6 +28,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FIXED_CONFIG = os.environ.get("INFERFORGE_AUTOTUNE") == "0"
 
 
+# fp32 inputs run the ieee dot on CUDA cores (FMA), whose operands live in registers: small tiles with
+# 8 warps, the only ones that compile without spills on sm_90 (64x64 with 4 warps spills 138 KB).
+_FP32_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+                 triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1)]
+
+
 def _configs():
     # One small config under the interpreter (it runs programs one by one in numpy) and when
     # INFERFORGE_AUTOTUNE=0 (GPU correctness tests: no compile-every-config cost).
@@ -36,17 +42,23 @@ def _configs():
     if _FIXED_CONFIG:
         # The first config that `_prune` keeps is used; the second fits head_dim 256 in shared memory.
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2), *_FP32_CONFIGS]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)] + _FP32_CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that cannot fit or cannot win: 128x128 tiles need 8 warps; at head_dim 256 only
-    64x64 tiles with 2 stages fit H100's 227 KiB of shared memory (fp16: 128x64x3 needs 256 KiB)."""
+    """Drop configs that cannot fit or cannot win: 128-row tiles need 8 warps (with 4, 128x64 at head_dim
+    128 spills 48-52 bytes per thread on sm_90: `python -m inferforge.kernels.compile_report`); at head_dim
+    256 only 64x64 tiles with 2 stages fit H100's 227 KiB of shared memory (fp16: 128x64x3 needs 256 KiB)."""
     block_d = kwargs.get("BLOCK_D") or (named_args or {}).get("BLOCK_D", 64)
-    kept = [c for c in configs
-            if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128 and c.num_warps < 8)]
+    # 32-row tiles are the fp32 (ieee) configs; the interpreter's single config passes either way.
+    if kwargs.get("DOT_PRECISION") == "ieee":
+        fp32 = [c for c in configs if c.kwargs["BLOCK_M"] == 32]
+        fp32 = [c for c in fp32 if block_d < 256 or c.kwargs["BLOCK_N"] <= 16] or fp32
+        return (fp32 or configs)[:1] if _FIXED_CONFIG else (fp32 or configs)
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64] or configs
+    kept = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps < 8)]
     if block_d >= 256:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2] or kept
     return kept[:1] if _FIXED_CONFIG else kept
@@ -103,9 +115,10 @@ def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, 
 
 
 @triton.autotune(configs=_configs(),
-                 key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA", "PAGED"],
+                 key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GQA_GROUP", "IS_VARLEN", "USE_TMA", "PAGED", "DOT_PRECISION",
+                      "seqlen_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "n_heads", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "n_heads", "window_left", "window_right", "seqlen_bucket"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,               # Q/Out: [batch, seq_q, n_heads, d] or [total_q, n_heads, d]; K/V: [.., n_kv_heads, d]
     CuSeqlensQ, CuSeqlensK,          # int32 [batch + 1] (varlen only)
@@ -119,6 +132,7 @@ def _attention_fwd_kernel(
     seqlen_q, seqlen_k, n_heads,
     qk_scale,                         # sm_scale * log2(e)
     window_left, window_right,        # >= 0 when HAS_WINDOW; a huge value stands for "unbounded"
+    seqlen_bucket,                    # unused by the code: next power of two of seqlen_q, so autotune picks per bucket
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GQA_GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -313,7 +327,7 @@ def attention_triton(q, k, v, *, causal, sm_scale, window, cu_seqlens_q, cu_seql
             block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
             seqlen_q, seqlen_k, n_heads,
             sm_scale * 1.4426950408889634,
-            left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED,
+            left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED, triton.next_power_of_2(max(seqlen_q, 1)),
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GQA_GROUP=n_heads // n_kv,
             IS_CAUSAL=causal, HAS_WINDOW=has_window, IS_VARLEN=varlen, RETURN_LSE=return_lse,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma, PAGED=paged,
@@ -436,7 +450,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None,
-                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, block_table=None):
+                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, block_table=None, dispatch=True):
     """Fused attention forward: softmax(q k^T * sm_scale + mask) v, without materializing the scores.
 
     Shapes (FlashAttention layout): `q` `[batch, seq_q, n_heads, head_dim]`, `k`/`v`
@@ -460,13 +474,23 @@ def flash_attention(q, k, v, *, causal=False, sm_scale=None, window=(-1, -1), cu
     variable-length input (-inf for rows that see no key).
 
     Runs the Triton kernel on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (Triton's
-    interpreter); otherwise the PyTorch reference (`inferforge.kernels.reference`).
+    interpreter); otherwise the PyTorch reference (`inferforge.kernels.reference`). On CUDA, a dense
+    call whose shape a measured table says PyTorch's SDPA runs faster on this GPU goes to that SDPA
+    backend (`inferforge.kernels.attention_dispatch`); `dispatch=False` or
+    INFERFORGE_ATTENTION_DISPATCH=kernel always runs the kernel.
     """
     window = tuple(window)
     longest_q, longest_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window,
                                          block_table)
     if sm_scale is None:
         sm_scale = default_scale(q.shape[-1])
+    if dispatch and q.is_cuda and not torch.compiler.is_compiling():
+        from inferforge.kernels.attention_dispatch import maybe_sdpa
+
+        out = maybe_sdpa(q, k, v, causal=bool(causal), sm_scale=float(sm_scale), window=window,
+                         varlen=cu_seqlens_q is not None, return_lse=return_lse)
+        if out is not None:
+            return out
     out, lse = _flash_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), float(sm_scale),
                                    int(window[0]), int(window[1]), longest_q or 0, longest_k or 0, block_table)
     return (out, lse) if return_lse else out

@@ -31,6 +31,7 @@ SM90_SHARED_LIMIT = 227 * 1024        # bytes of shared memory one block may use
 
 # kernel family -> "module:function" returning a list of KernelSpec
 PROVIDERS: dict[str, str] = {
+    "attention": "inferforge.kernels.attention_compile:compile_specs",
     "weight_only": "inferforge.kernels.weight_only_specs:compile_specs",
 }
 
@@ -48,6 +49,9 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     expect_wgmma: bool = False   # the configuration is meant to run on Hopper tensor cores
+    # Argument attributes as a launch would set them ({(index,): [["tt.divisibility", 16]]}): aligned
+    # pointers and strides let the compiler vectorize loads; `launch_signature` derives them.
+    attrs: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,26 @@ def _jit_function(kernel):
     return kernel
 
 
+def launch_signature(kernel, args: dict, *, arch: int = 90) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) that launching `kernel` with `args` (every parameter by name:
+    tensors, ints, floats, None, constexpr values) would compile: Triton's own binder decides which ints
+    become i32/i64 or the constant 1, which pointers and ints count as 16-divisible, and it honours
+    `do_not_specialize`. Tensors may be tiny CPU tensors of the right dtype; only dtype and alignment matter."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _jit_function(kernel)
+    binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", arch, 32)))
+    bound, specialization, _ = binder(**args)
+    names = [p.name for p in fn.params]
+    signature = {name: spec[0] for name, spec in zip(names, specialization)}
+    constexprs = {name: bound[name] for name, kind in signature.items() if kind == "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, spec in enumerate(specialization)
+             if spec[0] != "constexpr" and isinstance(spec[1], str) and "D" in spec[1]}
+    return signature, constexprs, attrs
+
+
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     """(registers per thread, spill bytes) from `ptxas -v` on the PTX."""
     from triton.backends.nvidia import compiler as nvidia
@@ -106,7 +130,8 @@ def compile_spec(spec: KernelSpec, *, arch: int = 90) -> CompiledKernel:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=_jit_function(spec.kernel), signature=spec.signature, constexprs=spec.constexprs)
+    source = ASTSource(fn=_jit_function(spec.kernel), signature=spec.signature, constexprs=spec.constexprs,
+                       attrs=spec.attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = compiled.asm["ptx"]
@@ -122,6 +147,38 @@ def compile_spec(spec: KernelSpec, *, arch: int = 90) -> CompiledKernel:
         problems.append("fell off the Hopper tensor-core path (no wgmma in the PTX)")
     return CompiledKernel(spec.family, spec.label, registers, spills, shared, wgmma, spec.expect_wgmma,
                           spec.num_warps, spec.num_stages, problems)
+
+
+_SPECS: list[KernelSpec] = []      # what forked workers compile, by index
+
+
+def _compile_index(index_arch: tuple[int, int]) -> CompiledKernel:
+    index, arch = index_arch
+    return compile_spec(_SPECS[index], arch=arch)
+
+
+def _compile_all(specs: list[KernelSpec], *, arch: int, jobs: int) -> list[CompiledKernel]:
+    """Compile in `jobs` forked processes (each compile is single-threaded; a spec holds a kernel object,
+    which does not pickle, so workers inherit the list and receive indices)."""
+    if jobs <= 1 or len(specs) <= 1:
+        return [compile_spec(s, arch=arch) for s in specs]
+    import multiprocessing
+
+    _SPECS[:] = specs
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(specs))) as pool:
+        return pool.map(_compile_index, [(i, arch) for i in range(len(specs))], chunksize=1)
+
+
+def extra_providers(entries) -> dict[str, str]:
+    """"family=module:function" entries (the --provider option, or INFERFORGE_COMPILE_PROVIDERS separated by
+    commas): families outside the package, e.g. the test suite's deliberately bad kernels."""
+    extra = {}
+    for entry in entries:
+        family, _, target = entry.partition("=")
+        if not family or ":" not in target:
+            raise SystemExit(f"provider {entry!r} must look like family=module:function")
+        extra[family.strip()] = target.strip()
+    return extra
 
 
 def collect_specs(families: list[str] | None = None) -> list[KernelSpec]:
@@ -145,18 +202,26 @@ def format_table(rows: list[CompiledKernel]) -> str:
     return "\n".join(lines)
 
 
-def run_report(families: list[str] | None = None, *, timeout: float = 900) -> list[dict]:
+def run_report(families: list[str] | None = None, *, timeout: float = 900, providers: dict[str, str] | None = None,
+               table_file: str | None = None) -> list[dict]:
     """Run the report in a fresh interpreter without TRITON_INTERPRET; returns one dict per configuration.
-    This is what tests call: the calling process may have the interpreter on."""
+    This is what tests call: the calling process may have the interpreter on. `providers` adds families
+    (name -> "module:function", importable in the subprocess); `table_file` receives the printed table."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "inferforge.kernels.compile_report", "--json", out]
         if families:
             cmd += ["--kernels", ",".join(families)]
+        for family, target in (providers or {}).items():
+            cmd += ["--provider", f"{family}={target}"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         if not os.path.exists(out):
             raise RuntimeError(f"compile report failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        if table_file:
+            from inferforge.fileio import atomic_write_text
+
+            atomic_write_text(table_file, done.stdout)
         with open(out) as f:
             return json.load(f)
 
@@ -166,10 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", help=f"comma-separated families (default: all of {', '.join(PROVIDERS)})")
     parser.add_argument("--arch", type=int, default=90, help="NVIDIA compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--json", help="write the rows as JSON to this file")
+    parser.add_argument("--provider", action="append", default=[], metavar="FAMILY=MODULE:FUNCTION",
+                        help="add a kernel family (repeatable; also INFERFORGE_COMPILE_PROVIDERS, comma-separated)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    rows = [compile_spec(s, arch=args.arch) for s in collect_specs(args.kernels.split(",") if args.kernels else None)]
+    env_providers = [e for e in os.environ.get("INFERFORGE_COMPILE_PROVIDERS", "").split(",") if e.strip()]
+    PROVIDERS.update(extra_providers(env_providers + args.provider))
+    specs = collect_specs(args.kernels.split(",") if args.kernels else None)
+    rows = _compile_all(specs, arch=args.arch, jobs=args.jobs)
     print(format_table(rows))
     if args.json:
         from inferforge.fileio import atomic_write_text

@@ -8,8 +8,8 @@
 #
 # Parts: tests (every kernel test + quantization), quant-tests (the quantization kernels and layers
 # only), attention, decode (kernels + end to end, then the CUDA-graph test and benchmark), graphs (the
-# CUDA-graph part alone), quant. Time limits: 150, 120, 180, 200 + 90 + 150, 90 + 150, 240 s; pick parts
-# so one call stays under the device tool's 10 minutes per command.
+# CUDA-graph part alone), quant. Time limits: 150, 120, 450 (120 compile report + 330 benchmark),
+# 200 + 90 + 150, 90 + 150, 240 s; pick parts so one call stays under the device tool's 10 minutes per command.
 # The GPU image has torch and triton but not this project's other dependencies and no internet,
 # so nothing is installed: the inferforge namespace is assembled from the source folders with links.
 set -uo pipefail
@@ -36,7 +36,7 @@ unset TRITON_INTERPRET
 parts=" ${*:-all} "
 want() { [[ "$parts" == *" all "* || "$parts" == *" $1 "* ]]; }
 quick="--quick"; [ "${BENCH_FULL:-0}" = "1" ] && quick=""
-tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0; graphs_rc=0
+tests_rc=0; qtests_rc=0; attention_rc=0; decode_rc=0; quant_rc=0; graphs_rc=0; compile_rc=0
 
 if want tests; then
   # Correctness, compiled, fp16/fp32/bf16: one fixed config (INFERFORGE_AUTOTUNE=0) so each case compiles once.
@@ -52,10 +52,20 @@ if want quant-tests; then
   qtests_rc=$?
 fi
 if want attention; then
-  # Autotuned, bf16; the quick grid by default, BENCH_FULL=1 for every sequence length.
-  timeout 180 python -m inferforge.bench.kernels.bench_attention $quick --dtype bfloat16 \
-    --out "$OUT/attention-bf16.md" > "$OUT/bench-attention.log" 2>&1
+  # 1. The compile report with this machine's Triton (sm_90: registers, spills, shared memory, wgmma);
+  #    16 processes, ~30 s; it also fills Triton's cache for the autotune configs.
+  timeout 120 python -m inferforge.kernels.compile_report --kernels attention --jobs 16 \
+    --json "$OUT/compile-report-attention.json" > "$OUT/compile-report-attention.md" \
+    2> "$OUT/compile-report-attention.log"
+  compile_rc=$?
+  # 2. Autotuned kernel vs SDPA cuDNN/flash/efficient and flex_attention, bf16: TFLOP/s, speed-ups and their
+  #    geometric mean, varlen and sliding window; the per-shape dispatch table (estimated 4-5 min, limit 330 s).
+  #    BENCH_FULL=1 adds the FlashAttention-3 grid (not within the limit).
+  INFERFORGE_ATTENTION_DISPATCH=kernel timeout 330 python -m inferforge.bench.kernels.bench_attention $quick \
+    --dtype bfloat16 --out "$OUT/attention-bf16.md" --dispatch-table "$OUT/attention_dispatch.json" \
+    > "$OUT/bench-attention.log" 2>&1
   attention_rc=$?
+  [ "$compile_rc" -ne 0 ] && attention_rc=$(( attention_rc + 100 ))
 fi
 if want decode; then
   timeout 200 python -m inferforge.bench.kernels.bench_decode $quick --out "$OUT/decode.md" \
@@ -90,6 +100,10 @@ for name in attention decode graphs quant; do
   log="$OUT/bench-$name.log"; [ -f "$log" ] || continue
   case "$name" in attention) md="$OUT/attention-bf16.md" ;; decode) md="$OUT/decode.md" ;; graphs) md="$OUT/decode-graphs.md" ;; quant) md="$OUT/quant-matmul.md" ;; esac
   echo "== $name benchmark =="
+  if [ "$name" = attention ] && [ -f "$OUT/compile-report-attention.md" ]; then
+    echo "-- compile report (sm_90, exit $compile_rc) --"; cat "$OUT/compile-report-attention.md"
+    grep -v Warn "$OUT/compile-report-attention.log" | tail -n 5
+  fi
   if [ -f "$md" ]; then cat "$md"; else tail -n 20 "$log"; fi
 done
 exit $(( tests_rc != 0 || qtests_rc != 0 || attention_rc != 0 || decode_rc != 0 || quant_rc != 0 || graphs_rc != 0 ))

@@ -277,6 +277,19 @@ def test_autotune_pruning_fits_head_dim_256_and_pins_one_config(monkeypatch):
     assert attention_module._prune(configs, {}, BLOCK_D=256) == [configs[3]]
 
 
+def test_pruning_follows_the_compile_report(monkeypatch):
+    """128-row tiles with 4 warps spill on sm_90; fp32 (ieee dot) gets only its 32-row, 8-warp tiles
+    (kernels/compile_report.py measured both; tests/kernels/test_compile_report.py guards them)."""
+    fp32_tiles = [_config(32, 32, 8, 1), _config(32, 16, 8, 1)]
+    configs = [_config(128, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 2), *fp32_tiles]
+    monkeypatch.setattr(attention_module, "_FIXED_CONFIG", False)
+    assert attention_module._prune(configs, {}, BLOCK_D=128, DOT_PRECISION="tf32") == configs[1:3]
+    assert attention_module._prune(configs, {}, BLOCK_D=128, DOT_PRECISION="ieee") == fp32_tiles
+    assert attention_module._prune(configs, {}, BLOCK_D=256, DOT_PRECISION="ieee") == fp32_tiles[1:]
+    monkeypatch.setattr(attention_module, "_FIXED_CONFIG", True)
+    assert attention_module._prune(configs, {}, BLOCK_D=128, DOT_PRECISION="ieee") == fp32_tiles[:1]
+
+
 # ---------------------------------------------------------------------------------------------- paged KV (chunked prefill)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
