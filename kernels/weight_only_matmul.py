@@ -145,7 +145,8 @@ def _weight_only_kernel(
             else:
                 x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 if BITS == 8:
-                    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(x.dtype)
+                    q = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+                    w = _int_to_float(q.to(tl.int32) + 128, 128.0).to(x.dtype)
                 else:   # masked-off x is zero, so the weights past k_hi need no mask
                     w = _dequantize_int4_tile(w_rows, Scales, Zeros, offs_n, n_mask, k0, k_hi, stride_sn,
                                               GROUP, BLOCK_N, BLOCK_K).to(x.dtype)

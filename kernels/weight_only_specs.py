@@ -66,7 +66,8 @@ def compile_specs() -> list[KernelSpec]:
     specs.append(_gemv_spec(4, False, 64, 128, 4, 8))
     # M = 2-16: split-K tiles with 16 rows.
     specs += [_tile_spec(4, 16, bn, 128, True, 8 if bn * 128 >= 16384 else 4) for bn in (32, 64, 128)]
-    specs += [_tile_spec(4, 16, 64, 128, True, 4, interleaved=False), _tile_spec(8, 16, 64, 256, True, 4)]
+    specs += [_tile_spec(4, 16, 64, 128, True, 4, interleaved=False), _tile_spec(8, 16, 64, 128, True, 4),
+              _tile_spec(8, 16, 64, 256, True, 8)]
     # M > 16: tensor-core tiles, and the dequantize pass before cuBLAS.
     specs += [_tile_spec(4, 64, 64, 64, False, 4), _tile_spec(4, 64, 128, 128, False, 8),
               _tile_spec(8, 64, 64, 128, False, 4), _tile_spec(8, 128, 128, 128, False, 8)]
