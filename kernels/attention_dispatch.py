@@ -9,12 +9,15 @@ shape. Shapes the table has no row for run the kernel.
 
 A row applies when the GPU name (as `torch.cuda.get_device_name`) and the torch and triton major.minor
 versions match, and the shape key matches: dtype, head_dim, causal, n_heads, n_kv_heads and the
-sequence-length bucket (the next power of two of seq_q, 1k..). Only what SDPA computes identically is
-dispatched: dense input, seq_q == seq_k when causal (SDPA's causal mask is top-left aligned, ours
-bottom-right), no window, no varlen or paged KV, no LSE requested, fp16/bf16.
+sequence-length bucket (the next power of two of the sequence length). Only what SDPA computes
+identically, at the shapes the benchmark measures, is dispatched: dense input, seq_q == seq_k (SDPA's
+causal mask is top-left aligned, ours bottom-right; the table rows are self-attention), no window, no
+varlen or paged KV, no LSE requested, fp16/bf16. A table that cannot be read is logged once, naming the
+file and the problem, and every shape then runs the kernel.
 
 `INFERFORGE_ATTENTION_DISPATCH=kernel` (or `flash_attention(..., dispatch=False)`) always runs the
-kernel; benchmarks use it to time the kernel itself.
+kernel; benchmarks use it to time the kernel itself. `auto` (the default) follows the table; any other
+value is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from inferforge.errors import UserInputError
+
 log = logging.getLogger("inferforge.kernels.attention")
 
 TABLE_ENV = "INFERFORGE_ATTENTION_DISPATCH_TABLE"
@@ -35,6 +40,7 @@ MODE_ENV = "INFERFORGE_ATTENTION_DISPATCH"
 FORMAT_VERSION = 1
 SHIPPED_TABLE = Path(__file__).parent / "data" / "attention_dispatch.json"
 SDPA_BACKENDS = ("cudnn", "flash", "efficient")
+MODES = ("auto", "kernel")
 _LOGGED: set = set()
 
 
@@ -71,12 +77,23 @@ def table_document(rows: list[dict], note: str) -> dict:
 
 @lru_cache(maxsize=4)
 def load_table(path: str) -> dict:
-    """The rows of a table file by (gpu, torch major.minor, triton major.minor, ShapeKey); read once."""
+    """The rows of a table file by (gpu, torch major.minor, triton major.minor, ShapeKey); read once.
+    A file that is missing or malformed gives no rows (every shape runs the kernel) and one warning."""
+    try:
+        return _read_table(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("flash_attention: the dispatch table %s cannot be used (%s: %s); every shape runs the Triton "
+                    "kernel. Fix or regenerate it with bench_attention --dispatch-table, or unset %s",
+                    path, type(e).__name__, e, TABLE_ENV)
+        return {}
+
+
+def _read_table(path: str) -> dict:
     with open(path) as f:
         document = json.load(f)
-    if document.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: attention dispatch table format {document.get('format')!r}, "
-                         f"expected {FORMAT_VERSION}")
+    if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise ValueError(f"table format {found!r}, expected {FORMAT_VERSION}")
     fields = ShapeKey.__dataclass_fields__
     rows = {}
     for row in document["rows"]:
@@ -130,7 +147,7 @@ def dispatchable_key(q, k, *, causal, window, varlen, return_lse) -> ShapeKey | 
     """The table key when SDPA can compute exactly this call, else None."""
     if varlen or return_lse or tuple(window) != (-1, -1) or q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    if causal and q.shape[1] != k.shape[1]:
+    if q.shape[1] != k.shape[1]:     # causal: SDPA's mask differs; either way the rows are self-attention
         return None
     return ShapeKey(str(q.dtype).removeprefix("torch."), q.shape[3], bool(causal), q.shape[2], k.shape[2],
                     seqlen_bucket(q.shape[1]))
@@ -138,7 +155,11 @@ def dispatchable_key(q, k, *, causal, window, varlen, return_lse) -> ShapeKey | 
 
 def maybe_sdpa(q, k, v, *, causal, sm_scale, window, varlen, return_lse) -> torch.Tensor | None:
     """Run the recorded faster SDPA backend for this call, or return None (run the kernel)."""
-    if os.environ.get(MODE_ENV, "auto") == "kernel" or not q.is_cuda or torch.compiler.is_compiling():
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise UserInputError(f"{MODE_ENV}={os.environ[MODE_ENV]!r} is not a dispatch mode: use 'auto' (the "
+                             "measured table decides) or 'kernel' (always the Triton kernel)")
+    if mode == "kernel" or not q.is_cuda or torch.compiler.is_compiling():
         return None
     key = dispatchable_key(q, k, causal=causal, window=window, varlen=varlen, return_lse=return_lse)
     if key is None:

@@ -138,15 +138,21 @@ def compile_spec(spec: KernelSpec, *, arch: int = 90) -> CompiledKernel:
     registers, spills = _ptxas_usage(ptx, arch)
     shared = int(compiled.metadata.shared)
     wgmma = "wgmma.mma_async" in ptx
-    problems = []
-    if spills:
-        problems.append(f"spills {spills} bytes to local memory")
-    if shared > SM90_SHARED_LIMIT:
-        problems.append(f"needs {shared} bytes of shared memory, over the {SM90_SHARED_LIMIT} limit")
-    if spec.expect_wgmma and not wgmma:
-        problems.append("fell off the Hopper tensor-core path (no wgmma in the PTX)")
     return CompiledKernel(spec.family, spec.label, registers, spills, shared, wgmma, spec.expect_wgmma,
-                          spec.num_warps, spec.num_stages, problems)
+                          spec.num_warps, spec.num_stages, find_problems(spills, shared, wgmma, spec.expect_wgmma))
+
+
+def find_problems(spill_bytes: int, shared_bytes: int, wgmma: bool, expect_wgmma: bool) -> list[str]:
+    """What the guard fails a configuration for: any spill, shared memory over the sm_90 limit, or no
+    wgmma where the tiles should use Hopper's tensor cores."""
+    problems = []
+    if spill_bytes:
+        problems.append(f"spills {spill_bytes} bytes to local memory")
+    if shared_bytes > SM90_SHARED_LIMIT:
+        problems.append(f"needs {shared_bytes} bytes of shared memory, over the {SM90_SHARED_LIMIT} limit")
+    if expect_wgmma and not wgmma:
+        problems.append("fell off the Hopper tensor-core path (no wgmma in the PTX)")
+    return problems
 
 
 _SPECS: list[KernelSpec] = []      # what forked workers compile, by index
@@ -227,7 +233,8 @@ def run_report(families: list[str] | None = None, *, timeout: float = 900, provi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inferforge.kernels.compile_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m inferforge.kernels.compile_report",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--kernels", help=f"comma-separated families (default: all of {', '.join(PROVIDERS)})")
     parser.add_argument("--arch", type=int, default=90, help="NVIDIA compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--json", help="write the rows as JSON to this file")
@@ -235,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a kernel family (repeatable; also INFERFORGE_COMPILE_PROVIDERS, comma-separated)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    report_set = os.environ.get("INFERFORGE_COMPILE_REPORT_SET", "default")
+    if report_set not in ("quick", "default", "full"):
+        parser.error(f"INFERFORGE_COMPILE_REPORT_SET={report_set!r}: choose quick, default or full")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     env_providers = [e for e in os.environ.get("INFERFORGE_COMPILE_PROVIDERS", "").split(",") if e.strip()]

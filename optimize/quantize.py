@@ -646,7 +646,11 @@ def load_quantized(model: nn.Module, directory) -> nn.Module:
         if not isinstance(current, nn.Linear) or (current.in_features, current.out_features) != (info["in"], info["out"]):
             raise UserInputError(f"{path}: layer {name!r} is not an nn.Linear({info['in']}, {info['out']}) in this model")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, quantized_shell(info).to(current.weight.device))
+        try:
+            shell = quantized_shell(info)
+        except UserInputError as e:
+            raise UserInputError(f"{path}, layer {name!r}: {e}") from None
+        setattr(model.get_submodule(parent) if parent else model, child, shell.to(current.weight.device))
     load_model(model, str(directory / "model.safetensors"), strict=True)
     for module in model.modules():
         if isinstance(module, Int4WeightOnlyLinear):

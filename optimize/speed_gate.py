@@ -40,7 +40,7 @@ class SpeedGate:
 
     def __post_init__(self):
         if isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, (int, float)) \
-                or not self.min_speedup > 0:
+                or not 0 < self.min_speedup < float("inf"):
             raise UserInputError(f"min_speedup must be a number > 0 (1.2: at least 1.2x faster than bf16), got "
                                  f"{self.min_speedup!r}")
         if isinstance(self.at_batch, bool) or not isinstance(self.at_batch, int) or self.at_batch < 1:

@@ -73,7 +73,10 @@ def take_quantized_linears(meta: dict, weights: dict[str, torch.Tensor], device)
 
     layers = {}
     for name, info in meta["layers"].items():
-        module = quantized_shell(info)
+        try:
+            module = quantized_shell(info)
+        except UserInputError as e:
+            raise UserInputError(f"quantization.json, layer {name!r}: {e}") from None
         state = {}
         for key in module.state_dict():
             full = f"{name}.{key}"

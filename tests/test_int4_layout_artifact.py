@@ -4,9 +4,11 @@ layout it understands."""
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
+from inferforge.errors import UserInputError
 from inferforge.kernels import int4_layout
 from inferforge.optimize import Int4WeightOnly, quantize
 from inferforge.optimize.quantize import Int4WeightOnlyLinear, load_quantized, save_quantized
@@ -52,6 +54,17 @@ def test_an_artifact_without_the_layout_field_loads_as_the_old_layout(tmp_path):
     assert all(m.layout == int4_layout.KPAIRS for m in fresh.modules() if isinstance(m, Int4WeightOnlyLinear))
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_an_unknown_layout_is_refused_naming_the_layer(tmp_path):
+    model, report = quantized_mlp()
+    save_quantized(model, tmp_path / "q", report)
+    path = tmp_path / "q" / "quantization.json"
+    meta = json.loads(path.read_text())
+    meta["layers"]["2"]["layout"] = "int4-foo-v9"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match=r"layer '2'.*int4-foo-v9"):
+        load_quantized(mlp(seed=1), tmp_path / "q")
 
 
 def test_an_interleaved_artifact_converts_on_load(tmp_path):

@@ -53,7 +53,15 @@ def test_skipped_is_never_passed():
     assert "SKIPPED" in speed_gate.describe_record(record) and "not counted as passed" in speed_gate.describe_record(record)
 
 
+def test_evaluate_without_a_gpu_measures_nothing_and_skips(monkeypatch):
+    monkeypatch.setattr(speed_gate, "cuda_available", lambda: False)
+    record = speed_gate.evaluate(SpeedGate(1.2), None, None, vocab_size=8,
+                                 measure=lambda *a, **k: pytest.fail("nothing is measured without a GPU"))
+    assert record["status"] == "skipped" and record["passed"] is None
+
+
 @pytest.mark.parametrize("kwargs", [{"min_speedup": 0}, {"min_speedup": -1.0}, {"min_speedup": True},
+                                    {"min_speedup": float("inf")}, {"min_speedup": float("nan")},
                                     {"min_speedup": 1.2, "at_batch": 0}, {"min_speedup": 1.2, "at_batch": 1.5}])
 def test_gate_validation(kwargs):
     with pytest.raises(UserInputError):
@@ -70,11 +78,13 @@ def test_cpu_skip_path_through_the_cli(checkpoint, tmp_path, capsys):
     assert record["status"] == "skipped" and record["passed"] is None and record["limit"] == 1.2
     assert record["at_batch"] == 2 and record["reason"] == "speed gate needs a CUDA GPU; skipped"
     assert all(c.get("kind") != "speed" for c in manifest["checks"])
+    assert manifest["skipped_checks"] == [{"name": record["name"], "reason": record["reason"]}]
     assert "## Speed gate" in (out / "report.md").read_text() and "SKIPPED" in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["speed_gate"]["status"] == "skipped"
     assert _quantize(checkpoint, tmp_path / "json", "--min-speedup", "1.2", "--json") == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["speed_gate"]["status"] == "skipped"
+    assert json.loads(captured.out)["skipped_checks"][0]["reason"] == "speed gate needs a CUDA GPU; skipped"
     assert "speed gate: SKIPPED (speed gate needs a CUDA GPU; skipped" in captured.err
 
 

@@ -61,7 +61,25 @@ def test_only_what_sdpa_computes_identically_is_dispatchable():
     assert dispatch.dispatchable_key(q.float(), k.float(), **ok) is None
     chunk = torch.empty(1, 16, 4, 64, dtype=torch.float16)     # seq_q != seq_k: SDPA's causal is top-left
     assert dispatch.dispatchable_key(chunk, k, **ok) is None
-    assert dispatch.dispatchable_key(chunk, k, **{**ok, "causal": False}) is not None
+    assert dispatch.dispatchable_key(chunk, k, **{**ok, "causal": False}) is None   # rows are self-attention
+    assert dispatch.dispatchable_key(q, k, **{**ok, "causal": False}) is not None
+
+
+def test_a_tie_runs_the_kernel(tmp_path):
+    assert lookup(recorded_table(tmp_path, [row(kernel_ms=1.5, sdpa_ms={"cudnn": 1.5})])) is None
+    assert lookup(recorded_table(tmp_path, [row(kernel_ms=1.5, sdpa_ms={"cudnn": 1.499})], "b.json"))[0] == "cudnn"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1}', '[1, 2]', '{"format": 7, "rows": []}',
+                                     '{"format": 1, "rows": [{"gpu": "x"}]}', None])
+def test_an_unreadable_table_warns_once_and_runs_the_kernel(tmp_path, caplog, content):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="inferforge.kernels.attention"):
+        assert lookup(str(path)) is None and lookup(str(path)) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "Triton kernel" in warnings[0]
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 8, 2, 64), (1, 64, 4, 4, 80), (3, 5, 6, 1, 32)])
@@ -107,6 +125,9 @@ def test_dispatch_logs_once_per_shape_and_can_be_forced_off(tmp_path, monkeypatc
     assert len(messages) == 1 and "SDPA backend 'math'" in messages[0] and "Fake GPU" in messages[0]
     monkeypatch.setenv(dispatch.MODE_ENV, "kernel")
     assert dispatch.maybe_sdpa(q, k, v, **call) is None
+    monkeypatch.setenv(dispatch.MODE_ENV, "off")
+    with pytest.raises(dispatch.UserInputError, match="'auto'.*'kernel'"):
+        dispatch.maybe_sdpa(q, k, v, **call)
     monkeypatch.delenv(dispatch.MODE_ENV)
     assert dispatch.maybe_sdpa(q, k, v, **{**call, "causal": False}) is None      # no row: the kernel
 

@@ -84,3 +84,14 @@ def test_guard_fails_on_spills_and_on_missing_wgmma(report_env, tmp_path):
 def test_run_report_takes_providers_from_the_caller(report_env):
     rows = run_report(["guard"], providers=GUARD)
     assert [r["ok"] for r in rows] == [False, False]
+
+
+def test_the_guard_fails_any_spill_too_much_shared_memory_and_a_missing_wgmma():
+    from inferforge.kernels.compile_report import SM90_SHARED_LIMIT, find_problems
+
+    assert find_problems(0, SM90_SHARED_LIMIT, True, True) == []
+    assert find_problems(0, 1024, False, False) == []                   # CUDA-core kernels need no wgmma
+    assert find_problems(4, 0, False, False) == ["spills 4 bytes to local memory"]   # the smallest spill counts
+    assert "shared memory" in find_problems(0, SM90_SHARED_LIMIT + 1, True, True)[0]
+    assert SM90_SHARED_LIMIT == 227 * 1024                             # the H100/H200 opt-in maximum per block
+    assert "wgmma" in find_problems(0, 1024, False, True)[0]

@@ -52,6 +52,12 @@ def test_choice_per_bucket_and_bf16_flag():
     assert d.choice(key(4096)) is None        # not cached, no runners: nothing measured, no choice
 
 
+def test_a_tie_with_bf16_counts_as_bf16_faster():
+    assert wod.choose({"fused": 1.0, "dequantize+cublas": 2.0, "bf16": 1.0}).bf16_faster
+    assert not wod.choose({"fused": 1.0, "dequantize+cublas": 2.0, "bf16": 1.001}).bf16_faster
+    assert not wod.choose({"fused": 1.0}).bf16_faster        # bf16 not timed: no claim either way
+
+
 def test_report_names_layers_where_bf16_is_faster():
     model = _model("w4a16")
     rows = wod.dispatch_report(model, [1, 16, 256, 2048], gpu=H100, dispatcher=wod.Dispatcher(_recorded_cache()))
