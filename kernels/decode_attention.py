@@ -145,8 +145,9 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *,
     One gather of the block tables brings every sequence's first `ceil(max_len / block_size)` blocks
     into `[batch, tokens, n_kv, d]`; a mask from `seq_lens` (and `window`) hides the padding. GQA
     reshapes q to `[batch, n_kv, group, d]` so each KV head is read once by its `group` query
-    heads. Scores and values are computed in float32 (float64 for float64 q). int8/fp8 caches are
-    cast, and their per-KV-head scales folded into the scores (k) and the output (v). A sequence of
+    heads, which are the query rows of one fused `scaled_dot_product_attention` call with a boolean
+    mask, in float32 (float64 for float64 q). int8/fp8 caches are cast, and their per-KV-head scales
+    folded into q (k's scale) and the output (v's). A sequence of
     length 0 gets zeros. `max_seq_len` (an int) saves reading `seq_lens.max()` when the caller knows it.
     """
     batch, n_heads, head_dim = q.shape
@@ -158,24 +159,30 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *,
         return torch.zeros_like(q)
     num_blocks = -(-longest // block_size)
     tables = block_tables[:, :num_blocks].long()
-    # [batch, num_blocks, block_size, n_kv, d] -> [batch, n_kv, tokens, d]: token t of sequence b is
-    # row t of its gathered blocks, as the block table orders them.
-    keys = k_cache[tables].reshape(batch, num_blocks * block_size, n_kv, head_dim).transpose(1, 2).to(compute)
-    values = v_cache[tables].reshape(batch, num_blocks * block_size, n_kv, head_dim).transpose(1, 2).to(compute)
-    query = q.reshape(batch, n_kv, group, head_dim).to(compute)
-    scores = torch.matmul(query, keys.transpose(-1, -2))           # [batch, n_kv, group, tokens]
-    scale = torch.full((n_kv,), sm_scale, dtype=compute, device=q.device)
-    if k_scale is not None and k_cache.dtype in QUANTIZED_CACHE_DTYPES:
-        scale = scale * k_scale.to(compute)
-    scores = scores * scale[None, :, None, None]
     token = torch.arange(num_blocks * block_size, device=q.device)[None, :]
     lens = seq_lens.to(torch.int64)[:, None]
-    hidden = token >= lens                                          # [batch, tokens]
+    visible = token < lens                                          # [batch, tokens]
     if window is not None:
-        hidden |= token < lens - window
-    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, values)                               # [batch, n_kv, group, d]
+        visible &= token >= lens - window
+    hidden_rows = (~visible).flatten().nonzero().squeeze(1)          # rows of [batch * tokens]
+    flat_tables = tables.flatten()
+
+    def gather(cache):
+        # [batch * num_blocks, block_size * n_kv * d] by index_select (row copies), viewed as [batch, n_kv,
+        # tokens, d]: token t of sequence b is row t of its gathered blocks, as the block table orders them.
+        # Slots past a sequence's length (never written, possibly NaN) are zeroed in the copy: the mask
+        # alone does not stop a NaN key or value from reaching the output.
+        rows = cache.reshape(cache.shape[0], -1).index_select(0, flat_tables).to(compute)
+        rows = rows.view(batch * num_blocks * block_size, n_kv * head_dim).index_fill_(0, hidden_rows, 0)
+        return rows.view(batch, num_blocks * block_size, n_kv, head_dim).transpose(1, 2)
+
+    keys, values = gather(k_cache), gather(v_cache)
+    query = q.reshape(batch, n_kv, group, head_dim).to(compute)
+    if k_scale is not None and k_cache.dtype in QUANTIZED_CACHE_DTYPES:
+        query = query * k_scale.to(compute)[None, :, None, None]     # q . (k * s) == (q * s) . k
+    # One fused SDPA call: the `group` query heads of a KV head are its query rows.
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :],
+                                                           scale=sm_scale)   # [batch, n_kv, group, d]
     if v_scale is not None and v_cache.dtype in QUANTIZED_CACHE_DTYPES:
         out = out * v_scale.to(compute)[None, :, None, None]
     out = out.reshape(batch, n_heads, head_dim)
