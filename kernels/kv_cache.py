@@ -95,9 +95,21 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=Non
     check(k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
           "k, v and the caches must be contiguous in their last dimension; pass .contiguous()")
     capacity = k_cache.shape[0] * k_cache.shape[1]
+    lowest = 0
     if not k.is_cuda and num_tokens:
-        check(int(slot_mapping.max()) < capacity and int(slot_mapping.min()) >= -1,
+        lowest = int(slot_mapping.min())
+        check(int(slot_mapping.max()) < capacity and lowest >= -1,
               f"slot_mapping must hold -1 or slots below num_blocks * block_size = {capacity}")
+    if not (k.is_cuda or _INTERPRET) and k_cache.dtype == k.dtype and k_cache.is_contiguous() \
+            and v_cache.is_contiguous():
+        # CPU, float cache: row copies into the flat [slots, n_kv, d] views (no quantization to do).
+        if lowest < 0:      # drop the padding tokens (slot -1)
+            keep = slot_mapping >= 0
+            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+        slots = slot_mapping.long()
+        k_cache.view(capacity, n_kv, head_dim).index_copy_(0, slots, k)
+        v_cache.view(capacity, n_kv, head_dim).index_copy_(0, slots, v)
+        return
     if not (k.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import append_kv_reference
 

@@ -104,3 +104,35 @@ def test_cpu_dispatch_takes_the_batched_path(monkeypatch):
 
     monkeypatch.setattr("inferforge.kernels.reference.paged_decode_attention_reference", loop_reference)
     torch.testing.assert_close(paged_decode_attention(q, k, v, bt, lens), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_nan_in_slots_no_sequence_reads_stays_out(window):
+    """The engine's pools are not zero-filled: unwritten slots may hold NaN, which a mask alone lets through."""
+    q, k, v, bt, lens, _, _ = poisoned_setup([3, 20, 0, 45], n_heads=8, n_kv=2, head_dim=24, block_size=8)
+    for cache in (k, v):
+        cache[cache.abs() >= 300] = float("nan")       # exactly the garbage slots
+    assert torch.isnan(k).any() and torch.isnan(v).any()
+    out = assert_close_to_reference(q, k, v, bt, lens, window=window)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.reference_fallback
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("slots", [[5, 0, 17, 40], [-1, 3, -1, 41], [-1, -1, -1, -1]], ids=str)
+def test_append_kv_cpu_path_writes_the_slots_and_skips_padding(monkeypatch, dtype, slots):
+    from inferforge.kernels import append_kv
+    from inferforge.kernels import kv_cache as cache_module
+    from inferforge.kernels.reference import append_kv_reference
+
+    monkeypatch.setattr(cache_module, "_INTERPRET", False)
+    k, v = (torch.randn(4, 3, 8, dtype=dtype) for _ in range(2))
+    caches = torch.randn(2, 6, 7, 3, 8, dtype=dtype)          # 6 blocks of 7 slots, K and V
+    want = caches.clone()
+    mapping = torch.tensor(slots, dtype=torch.int32)
+    append_kv_reference(k, v, want[0], want[1], mapping)
+    append_kv(k, v, caches[0], caches[1], mapping)
+    assert torch.equal(caches, want)
+    for i, slot in enumerate(slots):
+        if slot >= 0:
+            assert torch.equal(caches[0].view(42, 3, 8)[slot], k[i]) and torch.equal(caches[1].view(42, 3, 8)[slot], v[i])
