@@ -224,6 +224,8 @@ def _default_config(m: int, bits: int, group: int) -> TileConfig | GemvConfig:
     block_k = min(group, 128) if bits == 4 else 128
     if m == 1:
         return GemvConfig(64, min(group, 128), 8) if bits == 4 else GemvConfig(64, 128, 8)
+    if bits == 8 and m > 16:
+        return TileConfig(*INT8_TILES_LARGE_M[0])     # 64x64x64 int8 tiles spill on sm_90
     return TileConfig(16 if m <= 16 else 64, 64, min(block_k, 64) if m > 16 else block_k)
 
 
@@ -233,8 +235,7 @@ def _candidates(m: int, bits: int, group: int) -> list[TileConfig | GemvConfig]:
     more K splits."""
     ks = [k for k in (64, 128, 256) if bits == 8 or k <= group][-2:]
 
-    def warps(bm, bn, bk):
-        return 8 if bm * bn >= 8192 or bn * bk >= 16384 else 4
+    warps = tile_warps
     if m == 1:     # the GEMV first; the tiles it replaces stay candidates, so tuning never picks worse
         # Warps so that each thread holds at most 16 weight bytes per tile (32 int4 codes or 16 int8 weights):
         # more spilled on sm_90 (compile_report.py, weight_only family).
@@ -244,13 +245,31 @@ def _candidates(m: int, bits: int, group: int) -> list[TileConfig | GemvConfig]:
                  for bn in (16, 32, 64) for bk in gemv_ks for wv in (2, 8) if bn * bk // per_warp <= 8]
     if m <= 16:
         shapes = [(1, bn, bk) for bn in (32, 64, 128) for bk in ks] if m == 1 else []
-        shapes += [(16, bn, bk) for bn in ((64, 128) if m == 1 else (32, 64, 128)) for bk in ks]
+        if bits == 8:
+            shapes += INT8_TILES_SMALL_M
+        else:
+            shapes += [(16, bn, bk) for bn in ((64, 128) if m == 1 else (32, 64, 128)) for bk in ks]
         tiles = [TileConfig(bm, bn, bk, warps(bm, bn, bk), waves=wv) for bm, bn, bk in shapes for wv in (2, 8)]
         return (gemvs if m == 1 else []) + tiles
+    if bits == 8:
+        shapes = INT8_TILES_LARGE_M[:2] if m <= 64 else INT8_TILES_LARGE_M[1:]
+        return [TileConfig(bm, bn, b, warps(bm, bn, b), waves=1 if m > 64 else 2) for bm, bn, b in shapes] + \
+            [_DEQUANTIZE_FIRST]
     bk = min(128, ks[-1])
     sizes = (32, 64) if m <= 64 else (64, 128)
     return [TileConfig(bm, bn, b, warps(bm, bn, b), waves=1 if m > 64 else 2)
             for bm in sizes for bn in (64, 128) for b in sorted({64, bk})] + [_DEQUANTIZE_FIRST]
+
+
+# int8 tensor-core tiles that compile for sm_90 without spilling (compile report, weight_only family;
+# with `warps` below). Larger int8 tiles spilled 12-3832 bytes: 16x64x256, 16x128x*, 32x64x128,
+# 32x128x*, 64x64x*, 64x128x128, 128x64x128, 128x128x*.
+INT8_TILES_SMALL_M = [(16, 32, 128), (16, 32, 256), (16, 64, 128)]
+INT8_TILES_LARGE_M = [(32, 64, 64), (64, 128, 64), (128, 64, 64)]
+
+
+def tile_warps(bm: int, bn: int, bk: int) -> int:
+    return 8 if bm * bn >= 8192 or bn * bk >= 16384 else 4
 
 
 _DEQUANTIZE_FIRST = TileConfig(0, 64, 64, dequantize_first=True)

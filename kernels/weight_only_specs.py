@@ -57,6 +57,8 @@ def _dequantize_spec(bits, block_n, block_k):
 
 
 def compile_specs() -> list[KernelSpec]:
+    from inferforge.kernels.weight_only_matmul import INT8_TILES_LARGE_M, INT8_TILES_SMALL_M, tile_warps
+
     specs = []
     # M = 1: the default GEMV (64 x group) and the tuner's widest and narrowest tiles, each combining
     # splits with atomics (splits 4) and without (splits 1); the old k-pairs layout at the default.
@@ -66,10 +68,11 @@ def compile_specs() -> list[KernelSpec]:
     specs.append(_gemv_spec(4, False, 64, 128, 4, 8))
     # M = 2-16: split-K tiles with 16 rows.
     specs += [_tile_spec(4, 16, bn, 128, True, 8 if bn * 128 >= 16384 else 4) for bn in (32, 64, 128)]
-    specs += [_tile_spec(4, 16, 64, 128, True, 4, interleaved=False), _tile_spec(8, 16, 64, 128, True, 4),
-              _tile_spec(8, 16, 64, 256, True, 8)]
+    specs += [_tile_spec(4, 16, 64, 128, True, 4, interleaved=False)]
+    # int8: every tile the tuner may time (weight_only_matmul.INT8_TILES_*), so none of them may spill.
+    specs += [_tile_spec(8, bm, bn, bk, True, tile_warps(bm, bn, bk)) for bm, bn, bk in INT8_TILES_SMALL_M]
+    specs += [_tile_spec(8, bm, bn, bk, False, tile_warps(bm, bn, bk)) for bm, bn, bk in INT8_TILES_LARGE_M]
     # M > 16: tensor-core tiles, and the dequantize pass before cuBLAS.
-    specs += [_tile_spec(4, 64, 64, 64, False, 4), _tile_spec(4, 64, 128, 128, False, 8),
-              _tile_spec(8, 64, 64, 128, False, 4), _tile_spec(8, 128, 128, 128, False, 8)]
+    specs += [_tile_spec(4, 64, 64, 64, False, 4), _tile_spec(4, 64, 128, 128, False, 8)]
     specs += [_dequantize_spec(4, 64, 128), _dequantize_spec(8, 64, 128)]
     return specs
