@@ -4,26 +4,14 @@ import pytest
 import torch
 
 from inferforge.errors import UserInputError
-from inferforge.kernels import _checks, int4_layout, w4a16_matmul, w8a16_matmul
+from inferforge.kernels import int4_layout, w4a16_matmul, w8a16_matmul
 from inferforge.kernels.reference import dequantize_weight_only_reference, weight_only_matmul_reference
 from inferforge.kernels.weight_only_gemv import GemvConfig, _workspace, gemv
 from inferforge.kernels.weight_only_matmul import TileConfig, _run, dequantize
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+from tests.kernels.test_weight_only_matmul import DEVICE, DTYPES, close, poisoned_outputs  # noqa: F401 (autouse)
+
 LAYOUTS = [int4_layout.KPAIRS, int4_layout.INTERLEAVED]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_checks, "POISON_OUTPUTS", True)
-
-
-def close(got, want, dtype):
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    scale = want.float().abs().max().item() + 1e-6
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= tol * scale, f"max error {err:.3e} vs output scale {scale:.3e}"
 
 
 def int4_case(n, k, group, m, dtype, layout, bias=True):
