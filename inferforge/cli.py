@@ -497,9 +497,8 @@ def _check_generate_flags(args) -> None:
 
 def _generation_engine(args):
     """The engine for `generate`: an artifact through `inferforge.load` (hashes verified), or a checkpoint."""
-    from inferforge.runtime.load import load_engine
-
     from inferforge.runtime.kv_budget import memory_kwargs
+    from inferforge.runtime.load import load_engine
 
     return load_engine(args.model, command="generate", kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=1,
                        max_context=args.max_context, **memory_kwargs(args))

@@ -174,7 +174,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
         return to_layout(self.packed, self.layout, layout, self.out_features, self.in_features, self.group_size)
 
-    def use_kernel_layout(self) -> "Int4WeightOnlyLinear":
+    def use_kernel_layout(self) -> Int4WeightOnlyLinear:
         """Re-pack (exactly) into the layout the w4a16 kernel prefers on this module's device; returns self."""
         from inferforge.kernels.int4_layout import kernel_layout
 

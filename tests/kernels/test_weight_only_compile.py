@@ -4,7 +4,6 @@ memory within the limit, wgmma where the tiles use tensor cores (compile_report.
 from inferforge.kernels.compile_report import SM90_SHARED_LIMIT, run_report
 
 
-
 def test_weight_only_configs_compile_for_sm90_without_spills():
     rows = run_report(["weight_only"])
     labels = {r["label"] for r in rows}
@@ -19,8 +18,13 @@ def test_weight_only_configs_compile_for_sm90_without_spills():
 
 
 def test_every_int8_tile_the_tuner_times_is_in_the_compile_report():
-    from inferforge.kernels.weight_only_matmul import (INT8_TILES_LARGE_M, INT8_TILES_SMALL_M, TileConfig,
-                                                       _candidates, tile_warps)
+    from inferforge.kernels.weight_only_matmul import (
+        INT8_TILES_LARGE_M,
+        INT8_TILES_SMALL_M,
+        TileConfig,
+        _candidates,
+        tile_warps,
+    )
 
     checked = set(INT8_TILES_SMALL_M) | set(INT8_TILES_LARGE_M)
     for m in (2, 16, 17, 64, 65, 4096):

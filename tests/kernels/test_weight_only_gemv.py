@@ -8,7 +8,6 @@ from inferforge.kernels import int4_layout, w4a16_matmul, w8a16_matmul
 from inferforge.kernels.reference import dequantize_weight_only_reference, weight_only_matmul_reference
 from inferforge.kernels.weight_only_gemv import GemvConfig, _workspace, gemv
 from inferforge.kernels.weight_only_matmul import TileConfig, _run, dequantize
-
 from tests.kernels.test_weight_only_matmul import DEVICE, DTYPES, close, poisoned_outputs  # noqa: F401 (autouse)
 
 LAYOUTS = [int4_layout.KPAIRS, int4_layout.INTERLEAVED]
