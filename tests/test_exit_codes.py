@@ -184,10 +184,11 @@ def test_keyboard_interrupt_exits_130(llama_dir, capsys, monkeypatch):
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_sigint_during_a_run_exits_130_and_leaves_nothing(tmp_path):
-    """Ctrl-C while `inferforge quantize` of a tiny BERT runs, sent once its staging directory exists."""
+def _quantize_then_sigint(tmp_path: Path):
+    """Start `inferforge quantize` of a tiny BERT, send SIGINT once its staging directory exists; the
+    finished process and its stderr."""
     runs = tmp_path / "runs"
-    runs.mkdir()
+    runs.mkdir(parents=True)
     env = {**os.environ, "INFERFORGE_LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.Popen([sys.executable, "-m", "inferforge", "quantize", "tests.factories:tiny_bert", "--output",
                              str(runs / "out"), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -196,17 +197,37 @@ def test_sigint_during_a_run_exits_130_and_leaves_nothing(tmp_path):
         deadline = time.monotonic() + 300
         while not any(runs.iterdir()) and proc.poll() is None:
             assert time.monotonic() < deadline, "the run never started its staging directory"
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert list(runs.iterdir()) == []          # no artifact, no partial or work directory
-    assert not (tmp_path / "logs").exists()
+    return proc, err
+
+
+def test_sigint_during_a_run_exits_130_and_leaves_nothing(tmp_path):
+    """Ctrl-C while `inferforge quantize` runs: exit 130, one line, no artifact, no partial or work directory.
+
+    The staging directory exists for seconds before the artifact is published, but on a busy machine the
+    signal can still land after publication (the process then ends 0, or -2 during interpreter teardown,
+    with a whole artifact). Such an attempt says nothing about interrupts and is repeated, at most
+    three times; any other outcome fails at once."""
+    late = []
+    for attempt in range(3):
+        where = tmp_path / f"attempt-{attempt}"
+        proc, err = _quantize_then_sigint(where)
+        published = (where / "runs" / "out" / "manifest.json").is_file()
+        if proc.returncode in (0, -signal.SIGINT) and published and "Traceback" not in err:
+            late.append(proc.returncode)
+            continue
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        assert list((where / "runs").iterdir()) == []          # no artifact, no partial or work directory
+        assert not (where / "logs").exists()
+        return
+    pytest.fail(f"in 3 attempts the interrupt always landed after the artifact was published (exit codes {late})")
 
 
 def test_help_and_readme_list_every_exit_code():
