@@ -18,10 +18,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
-def run_cli(*args, cwd=None, timeout=600):
+def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run the real command line in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, "-m", "inferforge", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 # Limits no run can miss: 1000 s per batch, any speed-up above 0. The recipe keeps its targets, so the
@@ -60,6 +60,31 @@ def demo_run(tmp_path_factory):
     proc = run_cli("optimize", demo_recipe_without_timing_limits(work), "--output", out, "--json")
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return out, json.loads(proc.stdout), proc
+
+
+QUANTIZED_LAYER_KERNELS = ("act_quant", "int8_matmul", "weight_only_matmul")
+
+
+@pytest.fixture(scope="module")
+def quantized_layers_as_on_cpu():
+    """For a module of end-to-end tests (`pytestmark = pytest.mark.usefixtures(...)`): quantized layers run
+    their PyTorch references, as on a CPU without TRITON_INTERPRET, instead of their Triton kernels in the
+    interpreter (0.1 s a call: 84 s of one `quantize` test went there). The kernels have their own tests
+    in tests/kernels, and the packed CPU kernels theirs (tests/kernels/test_cpu_packed.py)."""
+    import importlib
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in QUANTIZED_LAYER_KERNELS:
+            patch.setattr(importlib.import_module(f"inferforge.kernels.{name}"), "_INTERPRET", False)
+        yield
+
+
+def quantized_layers_as_on_cpu_env() -> dict:
+    """The environment for a subprocess whose quantized layers should compute as under
+    `quantized_layers_as_on_cpu`: no TRITON_INTERPRET, and the PyTorch references rather than the packed
+    CPU kernels (INFERFORGE_CPU_PACKED=0), so its numbers equal the test process's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return env | {"INFERFORGE_CPU_PACKED": "0"}
 
 
 # Tests over ~30 s on 2 shared CPU cores (`pytest --durations=25`, 2026-12-02, machine under load), by node

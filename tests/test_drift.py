@@ -23,6 +23,9 @@ from inferforge.optimize.drift_stats import (
 from tests.conftest import run_cli
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
+# Quantized layers run their PyTorch references here, not the Triton interpreter (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quantized_layers_as_on_cpu")
+
 DATA = Path(__file__).parent / "data"
 
 

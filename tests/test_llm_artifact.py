@@ -15,6 +15,9 @@ from inferforge.runtime.engine import LLMEngine
 from inferforge.runtime.llama_quantized import ConcatLinear
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
+# Quantized layers run their PyTorch references here, not the Triton interpreter (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quantized_layers_as_on_cpu")
+
 PROMPTS = [[1, 5, 9, 200, 17], [1, 99, 42]]
 FORMATS = {
     # int8 with the gate on; lm_head and one of layer 0's q/k/v stay in float (a mixed fused projection).

@@ -17,19 +17,11 @@ import torch
 from inferforge.cli import main
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
+# Quantized layers run their PyTorch references here, not the Triton interpreter (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quantized_layers_as_on_cpu")
+
 GROUP = 64
 PROMPT = "w5 w17 w42 w99 w7"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels_as_references():
-    """Quantized layers run their PyTorch references (no TRITON_INTERPRET), as on a CPU; kernels have their own tests."""
-    import importlib
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("act_quant", "int8_matmul", "weight_only_matmul"):
-            patch.setattr(importlib.import_module(f"inferforge.kernels.{name}"), "_INTERPRET", False)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ from inferforge.optimize.llm_quantize import load_as_transformers
 from inferforge.optimize.quantize import Int8WeightOnlyLinear
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
+# Quantized layers run their PyTorch references here, not the Triton interpreter (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quantized_layers_as_on_cpu")
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

@@ -19,8 +19,11 @@ from inferforge.recipe import (
     load_recipe,
     recipe_from_dict,
 )
-from tests.conftest import run_cli
+from tests.conftest import quantized_layers_as_on_cpu_env, run_cli
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
+
+# Quantized layers run their PyTorch references here, not the Triton interpreter (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quantized_layers_as_on_cpu")
 
 # Relative paths: the tests write the recipe next to `tiny/` and `cal.txt`.
 RECIPE = textwrap.dedent("""\
@@ -86,7 +89,7 @@ def test_recipe_run_matches_the_quantize_command(root, tmp_path):
     """`inferforge optimize RECIPE` (a real subprocess) and `inferforge quantize --config` write the
     same quantized weights, quantization.json and metrics; `inferforge.load` rebuilds the model."""
     out = tmp_path / "from-recipe"
-    proc = run_cli("optimize", write(root, RECIPE.format(output=out)), "--json", "-q")
+    proc = run_cli("optimize", write(root, RECIPE.format(output=out)), "--json", "-q", env=quantized_layers_as_on_cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads(proc.stdout)
     assert manifest["kind"] == "quantized-causal-lm" and manifest["runtime"]["format"] == "int4-awq"
@@ -116,7 +119,7 @@ def test_recipe_run_matches_the_quantize_command(root, tmp_path):
     ids = torch.randint(3, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, load_as_transformers(cli_out)(ids).logits)
-    engine = inferforge.load(out)             # the engine, with AWQ's int4 layers on the w4a16 kernel
+    engine = inferforge.load(out)             # the engine, with AWQ's int4 layers
     assert engine.manifest["recipe"] == manifest["recipe"]
     assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())["gate"]["enabled"]
 

@@ -20,24 +20,15 @@ from inferforge.optimize.onnx_llm_quant import export_quantized_graph
 from inferforge.optimize.onnx_quant_graph import matmul_node_name
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
 
+# Quantized layers run their PyTorch references here, not the Triton interpreter (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quantized_layers_as_on_cpu")
+
 GROUP = 32
 PROMPT_LENGTHS = (5, 11)
 # Every linear layer of the tiny Llama: 7 per decoder layer, 2 layers, and lm_head.
 LAYERS = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                               "mlp.down_proj")] + ["lm_head"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels_as_references():
-    """The quantized layers run their PyTorch references, as on a CPU without TRITON_INTERPRET (which
-    tests/conftest.py sets): the export reads their weights, and the kernels have their own tests."""
-    import importlib
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("act_quant", "int8_matmul", "weight_only_matmul"):
-            patch.setattr(importlib.import_module(f"inferforge.kernels.{name}"), "_INTERPRET", False)
-        yield
 
 
 @pytest.fixture(scope="module")
