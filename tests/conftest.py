@@ -79,12 +79,17 @@ def quantized_layers_as_on_cpu():
         yield
 
 
+def env_without_interpreter() -> dict:
+    """This process's environment without TRITON_INTERPRET, for a subprocess that must not run Triton's
+    interpreter (on a CPU its kernels then fall back to their PyTorch references)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def quantized_layers_as_on_cpu_env() -> dict:
     """The environment for a subprocess whose quantized layers should compute as under
     `quantized_layers_as_on_cpu`: no TRITON_INTERPRET, and the PyTorch references rather than the packed
     CPU kernels (INFERFORGE_CPU_PACKED=0), so its numbers equal the test process's."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return env | {"INFERFORGE_CPU_PACKED": "0"}
+    return env_without_interpreter() | {"INFERFORGE_CPU_PACKED": "0"}
 
 
 # Tests over ~30 s on 2 shared CPU cores (`pytest --durations=25`, 2026-12-02, machine under load), by node

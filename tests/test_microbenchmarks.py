@@ -1,11 +1,12 @@
 """The pytest-benchmark microbenchmarks under bench/micro are collected by `pytest bench` and left out of a
 plain `pytest` (testpaths is `tests`). Collection only: nothing is timed here."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import env_without_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ def test_default_run_leaves_the_microbenchmarks_out():
 
 
 def test_pytest_bench_collects_the_microbenchmarks():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from inferforge.kernels.compile_report import run_report
+from tests.conftest import env_without_interpreter
 
 HERE = Path(__file__).parent
 GUARD = {"guard": "compile_guard_kernels:compile_specs"}
@@ -67,7 +68,7 @@ def test_every_shipped_attention_configuration_compiles_clean_for_sm90(report_en
 def test_guard_fails_on_spills_and_on_missing_wgmma(report_env, tmp_path):
     """The CLI exits 1 and names each problem; a clean report exits 0 (the attention tests above)."""
     out = tmp_path / "guard.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     done = subprocess.run([sys.executable, "-m", "inferforge.kernels.compile_report", "--kernels", "guard",
                            "--provider", f"guard={GUARD['guard']}", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
