@@ -434,7 +434,7 @@ def cmd_plan(args) -> int:
 
     result = plan(args.model, memory=args.memory, kv_cache_dtype=args.kv_cache_dtype, weights_dtype=args.weights_dtype,
                   max_context=args.max_context, concurrency=args.concurrency, reserve=args.reserve,
-                  max_step_tokens=args.max_step_tokens)
+                  max_step_tokens=args.max_step_tokens, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -449,9 +449,11 @@ def cmd_plan(args) -> int:
                       f"({shape['parameters']:,} parameters of a Llama-family decoder at {shape['weights_dtype']})")
     console.print(f"[bold]{args.model}[/bold]: {shape['layers']} layers, {shape['n_heads']} heads / "
                   f"{shape['n_kv_heads']} KV heads x {shape['head_dim']}, context window {shape['context_window']}")
+    packed_note = (f", with {result['packed_weight_bytes'] / gib:.2f} GiB of packed CPU projections"
+                   if result["packed_weight_bytes"] else "")
     console.print(f"memory {result['memory_bytes'] / gib:.1f} GiB, {result['reserve']:.0%} reserved; weights "
                   f"{result['weight_bytes'] / gib:.2f} GiB ({shape['parameters'] / 1e9:.2f}B parameters, "
-                  f"{shape['weights_dtype']}); KV cache {result['kv_cache_dtype']}: "
+                  f"{shape['weights_dtype']}{packed_note}); KV cache {result['kv_cache_dtype']}: "
                   f"{result['kv_bytes_per_token'] / 1024:.0f} KiB per token, {result['kv_tokens']:,} tokens in "
                   f"{result['kv_budget_bytes'] / gib:.2f} GiB after an activation peak of "
                   f"{result['activation_peak_bytes'] / 2**20:.1f} MiB ({result['max_step_tokens']} tokens a step)")
@@ -801,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction kept for the CUDA context and fragmentation (default 0.10)")
     p.add_argument("--max-step-tokens", type=int, default=256,
                    help="tokens in the largest engine step, for the activation peak (default 256, as the engine)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where the engine runs (default cuda); cpu counts the packed copy of float projections "
+                        "the CPU engine keeps when it runs more than one sequence")
     _common(p)
     p.set_defaults(func=cmd_plan)
 

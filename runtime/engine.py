@@ -34,6 +34,7 @@ import torch
 
 from inferforge.errors import UserInputError
 from inferforge.kernels import PagedKVCache
+from inferforge.runtime.cpu_linear import pack_dense_linears_if_asked
 from inferforge.runtime.llama import LlamaModel, StepBatch, shift_cached_keys
 
 _log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class LLMEngine:
                         max_context: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                         max_step_tokens: int = 256, kv_scales: tuple | None = None,
                         memory_budget: str | int | None = None, memory_utilization: float | None = None,
-                        cuda_graphs: bool = False) -> LLMEngine:
+                        cuda_graphs: bool = False, cpu_packed_linears: bool | None = None) -> LLMEngine:
         """Load a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safetensors).
 
         KV-cache size (see `runtime/kv_budget.py`): `num_blocks` blocks of `block_size` tokens when
@@ -128,7 +129,11 @@ class LLMEngine:
         `kv_cache_dtype` "fp8" works with unit scales (e4m3 is a float format); "int8" needs
         calibrated per-layer, per-KV-head scales: `kv_scales=(k_scales, v_scales)`, each
         `[num_layers, n_kv_heads]`. `cuda_graphs=True` (CUDA only, off by default and not yet
-        measured) replays captured decode steps: see `runtime/cuda_graphs.py`."""
+        measured) replays captured decode steps: see `runtime/cuda_graphs.py`.
+        `cpu_packed_linears` keeps a oneDNN-packed second copy of each dense float projection for
+        steps of more than two rows (`runtime/cpu_linear.py`): faster batched decode and prefill on
+        the CPU for twice the memory of those weights (counted in the KV budget). The default (None)
+        packs on the CPU when max_num_seqs > 1; False saves the memory."""
         from inferforge.kernels.kv_cache import CACHE_DTYPES
         from inferforge.runtime import kv_budget
 
@@ -145,7 +150,10 @@ class LLMEngine:
                 raise UserInputError(f"{name} must be a whole number >= 1, got {value!r}")
         budget = kv_budget.check_memory_options(memory_budget, memory_utilization)
         before = kv_budget.device_memory_before_load(device) if num_blocks is None else None
+        if cpu_packed_linears not in (None, True, False):
+            raise UserInputError(f"cpu_packed_linears must be True, False or None (auto), got {cpu_packed_linears!r}")
         model = LlamaModel.load(path, dtype=dtype, device=device)
+        pack_dense_linears_if_asked(model, cpu_packed_linears, max_num_seqs)
         spec = model.spec
         window = spec.max_position_embeddings
         context = min(max_context or window, window)

@@ -202,7 +202,8 @@ def size_cache(*, budget_bytes: int, budget_from: str, weight_bytes: int, activa
 
 # ---------------------------------------------------------------------- the engine's side
 def model_weight_bytes(model) -> int:
-    """Bytes of the loaded weights (dense tensors and quantized modules' tensors), each storage once;
+    """Bytes of the loaded weights (dense tensors, quantized modules' tensors and the CPU's packed
+    copies of dense projections), each storage once;
     the RoPE frequencies are not weights and are left out, as `plan()` counts them."""
     import torch
 
@@ -218,6 +219,10 @@ def model_weight_bytes(model) -> int:
         elif isinstance(t, torch.nn.Module):
             for x in (*t.parameters(), *t.buffers()):
                 add(x)
+        elif hasattr(t, "packed_bytes"):         # runtime/cpu_linear.py: the dense weight and its packed copy
+            add(t.weight)
+            add(t.bias)
+            total += t.packed_bytes
 
     for t in (model.embed, model.norm, model.lm_head):
         add(t)

@@ -221,6 +221,28 @@ class LlamaModel:
         quantized = take_quantized_linears(meta, weights, device) if meta else None
         return cls(spec, weights, dtype=dtype, device=device, quantized=quantized)
 
+    def pack_dense_linears(self) -> int:
+        """Give every dense projection and the LM head a oneDNN-packed copy for batched CPU steps
+        (`runtime/cpu_linear.py`); q/k/v's bias moves into its projection. Returns the extra bytes."""
+        from inferforge.runtime.cpu_linear import PackedDenseLinear
+
+        extra = 0
+
+        def pack(op, bias=None):
+            nonlocal extra
+            if not isinstance(op, torch.Tensor):
+                return op, bias                      # quantized, or packed already
+            packed = PackedDenseLinear(op, bias)
+            extra += packed.packed_bytes
+            return packed, None
+
+        for layer in self.layers:
+            layer["qkv"], layer["qkv_bias"] = pack(layer["qkv"], layer["qkv_bias"])
+            for name in ("self_attn.o_proj", "gate_up", "mlp.down_proj"):
+                layer[name], _ = pack(layer[name])
+        self.lm_head, _ = pack(self.lm_head)
+        return extra
+
     # ------------------------------------------------------------------ forward
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
         """Runs one step; returns float32 logits `[len(batch.logits_rows), vocab]`."""

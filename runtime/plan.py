@@ -6,6 +6,8 @@
                       unless tied) at `torch_dtype` (bf16 when unset)
     activation_peak = the transient memory of one step of `max_step_tokens` tokens, by the formula in
                       `runtime/kv_budget.py` (the engine measures it on CUDA, and uses the same formula on CPU)
+                      + on the CPU (`--device cpu`) with more than one sequence, a packed copy of the
+                      float q/k/v/o, MLP and LM-head weights (`cpu_packed_linears`, runtime/cpu_linear.py)
     kv_bytes/token  = 2 (K and V) * layers * n_kv_heads * head_dim * bytes(kv dtype)
     kv_budget       = memory * (1 - reserve) - weights - activation_peak
     max_context(c)  = kv_budget / (c * kv_bytes/token), rounded down to whole cache blocks, capped at
@@ -122,10 +124,25 @@ def _parameters_from_config(cfg: dict, cfg_path: Path) -> int:
     return int(cfg["num_hidden_layers"]) * per_layer + embeddings + hidden
 
 
+PACKABLE_WEIGHT_DTYPES = ("fp32", "float32", "bf16", "bfloat16")
+
+
+def packed_projection_bytes(shape: ModelShape) -> int:
+    """The CPU engine's oneDNN-packed copy of every q/k/v/o, MLP and LM-head weight
+    (`runtime/cpu_linear.py`), at the weights' bytes per parameter."""
+    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    per_layer = shape.hidden * (2 * q + 2 * kv) + 3 * shape.hidden * shape.intermediate
+    return int((shape.layers * per_layer + shape.vocab * shape.hidden) * shape.weight_bytes / shape.parameters)
+
+
 def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf16", weights_dtype: str | None = None,
          max_context: int | None = None, concurrency: int | None = None, block_size: int = 16,
-         reserve: float = 0.10, max_step_tokens: int = 256) -> dict:
-    """Memory plan for serving `model_dir` in `memory`: see the module docstring for the formulas."""
+         reserve: float = 0.10, max_step_tokens: int = 256, device: str = "cuda") -> dict:
+    """Memory plan for serving `model_dir` in `memory`: see the module docstring for the formulas.
+    `device="cpu"` plans the CPU engine, which keeps a packed copy of float projections when more
+    than one sequence runs (`cpu_packed_linears`, counted in the weights)."""
+    if device not in ("cuda", "cpu"):
+        raise UserInputError(f"--device must be cuda or cpu, got {device!r}")
     for value, flag in ((max_context, "--max-context"), (concurrency, "--concurrency"), (block_size, "block_size"),
                         (max_step_tokens, "--max-step-tokens")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -139,14 +156,17 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     kv_per_token = kvb.kv_bytes_per_token(shape.layers, shape.n_kv_heads, shape.head_dim,
                                           _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype"))
     engine_seqs = concurrency or 8
+    packed = (packed_projection_bytes(shape) if device == "cpu" and engine_seqs > 1
+              and shape.weights_dtype in PACKABLE_WEIGHT_DTYPES else 0)
+    weight_bytes = shape.weight_bytes + packed
     activation = kvb.activation_peak_formula(
         hidden=shape.hidden, intermediate=shape.intermediate, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
         head_dim=shape.head_dim, vocab=shape.vocab, step_tokens=max_step_tokens, max_num_seqs=engine_seqs,
         act_bytes=4 if shape.weights_dtype in ("fp32", "float32") else 2)
-    budget = kvb.kv_budget_bytes(total, weight_bytes=shape.weight_bytes, activation_peak_bytes=activation,
+    budget = kvb.kv_budget_bytes(total, weight_bytes=weight_bytes, activation_peak_bytes=activation,
                                  reserve=reserve)
     if budget <= 0:
-        raise UserInputError(f"the weights ({shape.weight_bytes / 2**30:.2f} GiB) and the activation peak "
+        raise UserInputError(f"the weights ({weight_bytes / 2**30:.2f} GiB) and the activation peak "
                              f"({activation / 2**20:.1f} MiB for {max_step_tokens} tokens a step) do not fit in "
                              f"{memory} with {reserve:.0%} reserved; give more memory or quantize the weights "
                              "(--weights-dtype int8)")
@@ -165,7 +185,8 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     concurrencies = sorted({1, 8, 32, 128, *([concurrency] if concurrency is not None else [])})
     return {
         "model": str(model_dir), "memory_bytes": total, "reserve": reserve, "kv_cache_dtype": kv_cache_dtype,
-        "model_shape": asdict(shape), "weight_bytes": shape.weight_bytes, "weights_from": shape.weights_from,
+        "model_shape": asdict(shape), "weight_bytes": weight_bytes, "weights_from": shape.weights_from,
+        "device": device, "packed_weight_bytes": packed,
         "kv_bytes_per_token": kv_per_token, "activation_peak_bytes": activation, "max_step_tokens": max_step_tokens,
         "engine": {"max_num_seqs": engine_seqs, "max_context": engine_context, "num_blocks": kvb.num_blocks_for(
             budget, kv_per_token=kv_per_token, block_size=block_size, max_num_seqs=engine_seqs,

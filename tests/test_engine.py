@@ -209,7 +209,7 @@ def test_sliding_window_without_eviction_equals_normal_generation(tiny, referenc
 
 
 def test_sliding_window_streams_past_the_context_window_in_a_fixed_cache(tiny):
-    from inferforge.runtime.llama import apply_rope, rms_norm
+    from inferforge.runtime.llama import _linear, apply_rope, rms_norm
 
     eng = engine(tiny, num_blocks=12)                    # the model's window is 256 tokens
     prompt = [1] + list(range(10, 60))                   # 51 tokens: the prompt itself gets evicted in part
@@ -229,7 +229,7 @@ def test_sliding_window_streams_past_the_context_window_in_a_fixed_cache(tiny):
             layer = model.layers[0]
             nq, nkv, d = model.spec.n_heads * 16, model.spec.n_kv_heads * 16, 16
             x = rms_norm(model.embed[tokens], layer["input_layernorm"], model.spec.rms_norm_eps)
-            k = (x @ layer["qkv"].T)[:, nq:nq + nkv].reshape(-1, model.spec.n_kv_heads, d)
+            k = _linear(x, layer["qkv"], layer["qkv_bias"])[:, nq:nq + nkv].reshape(-1, model.spec.n_kv_heads, d)
             freqs = torch.arange(len(tokens), dtype=torch.float32)[:, None] * model.inv_freq[None, :]
             want = apply_rope(k, freqs.cos(), freqs.sin())
             got = cache.k_pools[0][torch.tensor(table)].reshape(-1, model.spec.n_kv_heads, d)[:len(tokens)]

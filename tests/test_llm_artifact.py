@@ -11,6 +11,7 @@ import inferforge
 from inferforge.cli import main
 from inferforge.optimize.llm_quantize import load_as_transformers
 from inferforge.optimize.quantize import FP8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from inferforge.runtime.cpu_linear import PackedDenseLinear
 from inferforge.runtime.engine import LLMEngine
 from inferforge.runtime.llama_quantized import ConcatLinear
 from tests.factories_llama import save_tiny_llama, save_word_text, save_word_tokenizer
@@ -59,7 +60,7 @@ def test_load_returns_the_engine_matching_transformers_token_for_token(artifacts
         assert isinstance(layers[0]["qkv"], ConcatLinear)                             # k_proj kept in float
         assert isinstance(layers[0]["qkv"].parts[0], Int8WeightOnlyLinear)
         assert isinstance(layers[0]["gate_up"], Int8WeightOnlyLinear)
-        assert isinstance(engine.model.lm_head, torch.Tensor)                         # skipped: dense
+        assert isinstance(engine.model.lm_head, PackedDenseLinear)                    # skipped: dense (packed on CPU)
     elif name == "int4":
         assert isinstance(layers[0]["qkv"], Int4WeightOnlyLinear) and layers[0]["qkv"].out_features == 64 + 2 * 32
         assert isinstance(layers[0]["mlp.down_proj"], Int4WeightOnlyLinear)
