@@ -137,8 +137,36 @@ def _merge_splits_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+def uses_torch_decode_path(device: torch.device) -> bool:
+    """Whether `paged_decode_attention` runs `paged_decode_attention_torch` on this device (a CPU
+    outside the Triton interpreter)."""
+    return device.type != "cuda" and not _INTERPRET
+
+
+class DecodeGather:
+    """The per-step half of `paged_decode_attention_torch`: which cache rows each sequence reads and
+    which of them it sees. It depends only on the block tables, lengths and window, so a model builds
+    it once per step and every layer reuses it."""
+
+    def __init__(self, block_tables, seq_lens, block_size: int, *, window=None, max_seq_len=None):
+        batch = seq_lens.shape[0]
+        self.longest = int(seq_lens.max()) if max_seq_len is None and batch else (max_seq_len or 0)
+        self.num_blocks = -(-self.longest // block_size)
+        self.tokens = self.num_blocks * block_size
+        self.flat_tables = block_tables[:, :self.num_blocks].long().flatten()
+        token = torch.arange(self.tokens, device=seq_lens.device)[None, :]
+        lens = seq_lens.to(torch.int64)[:, None]
+        visible = token < lens                                          # [batch, tokens]
+        if window is not None:
+            visible &= token >= lens - window
+        self.attn_mask = visible[:, None, None, :]
+        self.hidden_rows = (~visible).flatten().nonzero().squeeze(1)    # rows of [batch * tokens]
+        empty = seq_lens == 0
+        self.empty = empty[:, None, None] if batch and bool(empty.any()) else None
+
+
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, k_scale=None, v_scale=None,
-                                 window=None, max_seq_len=None):
+                                 window=None, max_seq_len=None, gather: DecodeGather | None = None):
     """The CPU path of `paged_decode_attention` (same arguments, already checked): the whole batch in
     a few tensor ops, no loop over sequences.
 
@@ -148,46 +176,38 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *,
     heads, which are the query rows of one fused `scaled_dot_product_attention` call with a boolean
     mask, in float32 (float64 for float64 q). int8/fp8 caches are cast, and their per-KV-head scales
     folded into q (k's scale) and the output (v's). A sequence of
-    length 0 gets zeros. `max_seq_len` (an int) saves reading `seq_lens.max()` when the caller knows it.
+    length 0 gets zeros. `max_seq_len` (an int) saves reading `seq_lens.max()` when the caller knows it;
+    `gather` (a `DecodeGather` of these tables, lengths and window) saves building the rows and mask.
     """
     batch, n_heads, head_dim = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
-    longest = int(seq_lens.max()) if max_seq_len is None and batch else (max_seq_len or 0)
+    plan = gather or DecodeGather(block_tables, seq_lens, block_size, window=window, max_seq_len=max_seq_len)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if longest == 0:
+    if plan.longest == 0:
         return torch.zeros_like(q)
-    num_blocks = -(-longest // block_size)
-    tables = block_tables[:, :num_blocks].long()
-    token = torch.arange(num_blocks * block_size, device=q.device)[None, :]
-    lens = seq_lens.to(torch.int64)[:, None]
-    visible = token < lens                                          # [batch, tokens]
-    if window is not None:
-        visible &= token >= lens - window
-    hidden_rows = (~visible).flatten().nonzero().squeeze(1)          # rows of [batch * tokens]
-    flat_tables = tables.flatten()
 
-    def gather(cache):
+    def gather_rows(cache):
         # [batch * num_blocks, block_size * n_kv * d] by index_select (row copies), viewed as [batch, n_kv,
         # tokens, d]: token t of sequence b is row t of its gathered blocks, as the block table orders them.
         # Slots past a sequence's length (never written, possibly NaN) are zeroed in the copy: the mask
         # alone does not stop a NaN key or value from reaching the output.
-        rows = cache.reshape(cache.shape[0], -1).index_select(0, flat_tables).to(compute)
-        rows = rows.view(batch * num_blocks * block_size, n_kv * head_dim).index_fill_(0, hidden_rows, 0)
-        return rows.view(batch, num_blocks * block_size, n_kv, head_dim).transpose(1, 2)
+        rows = cache.reshape(cache.shape[0], -1).index_select(0, plan.flat_tables).to(compute)
+        rows = rows.view(batch * plan.tokens, n_kv * head_dim).index_fill_(0, plan.hidden_rows, 0)
+        return rows.view(batch, plan.tokens, n_kv, head_dim).transpose(1, 2)
 
-    keys, values = gather(k_cache), gather(v_cache)
+    keys, values = gather_rows(k_cache), gather_rows(v_cache)
     query = q.reshape(batch, n_kv, group, head_dim).to(compute)
     if k_scale is not None and k_cache.dtype in QUANTIZED_CACHE_DTYPES:
         query = query * k_scale.to(compute)[None, :, None, None]     # q . (k * s) == (q * s) . k
     # One fused SDPA call: the `group` query heads of a KV head are its query rows.
-    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :],
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=plan.attn_mask,
                                                            scale=sm_scale)   # [batch, n_kv, group, d]
     if v_scale is not None and v_cache.dtype in QUANTIZED_CACHE_DTYPES:
         out = out * v_scale.to(compute)[None, :, None, None]
     out = out.reshape(batch, n_heads, head_dim)
-    # A sequence with no tokens saw only -inf scores (NaN probabilities): it gets zeros.
-    out = out.masked_fill((seq_lens == 0)[:, None, None], 0.0)
+    if plan.empty is not None:   # a sequence with no tokens saw only -inf scores (NaN probabilities): zeros
+        out = out.masked_fill(plan.empty, 0.0)
     return out.to(q.dtype)
 
 
@@ -261,7 +281,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, sm_sc
         check(int(seq_lens.min()) >= 0 and longest <= capacity,
               f"seq_lens must be between 0 and max_blocks * block_size = {capacity}, got up to {longest}")
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    if not (q.is_cuda or _INTERPRET):
+    if uses_torch_decode_path(q.device):
         reference_fallback("paged_decode_attention")
         return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
                                             k_scale=k_scale, v_scale=v_scale, window=window,

@@ -105,7 +105,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[tokens, d]` (each half-width row repeated twice) for `rotate`, once per step."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with full-width tables from `rope_tables`: x * cos + rotate_half(x) * sin, the same
+    numbers (negating x2 is exact). x [tokens, heads, d]; q and k heads can go in one call."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]).to(x.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:   # one fused op, the same numbers
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
@@ -124,6 +141,7 @@ class StepBatch:
     decode_seq_lens: torch.Tensor | None = None       # int32 [num_decode] (cached tokens incl. the new one)
     prefill: list = field(default_factory=list)       # [(num_new, context_len, block_table list)]
     logits_rows: torch.Tensor | None = None           # rows of the flat batch whose logits are needed
+    decode_gather: object = None                      # CPU decode: the rows and mask every layer reads (built once)
 
     def __post_init__(self):
         """Prefill metadata for the paged attention kernel, built once per step (not per layer)."""
@@ -250,14 +268,13 @@ class LlamaModel:
 
         spec = self.spec
         h = self.embed[batch.tokens]
-        freqs = batch.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = rope_tables(batch.positions, self.inv_freq)
         nq, nkv, d = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.head_dim
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer["input_layernorm"], spec.rms_norm_eps)
             qkv = _linear(x, layer["qkv"], layer["qkv_bias"])
-            q = apply_rope(qkv[:, :nq].reshape(-1, spec.n_heads, d), cos, sin)
-            k = apply_rope(qkv[:, nq:nq + nkv].reshape(-1, spec.n_kv_heads, d), cos, sin)
+            qk = rotate(qkv[:, :nq + nkv].reshape(-1, spec.n_heads + spec.n_kv_heads, d), cos, sin)
+            q, k = qk[:, :spec.n_heads], qk[:, spec.n_heads:]
             v = qkv[:, nq + nkv:].reshape(-1, spec.n_kv_heads, d)
             if self.kv_observer is not None:
                 self.kv_observer(i, k, v)
@@ -275,13 +292,29 @@ class LlamaModel:
 
     def _attention(self, q, k, v, batch: StepBatch, cache, layer: int) -> torch.Tensor:
         from inferforge.kernels import flash_attention, paged_decode_attention
+        from inferforge.kernels._checks import reference_fallback
+        from inferforge.kernels.decode_attention import (
+            DecodeGather,
+            paged_decode_attention_torch,
+            uses_torch_decode_path,
+        )
         from inferforge.kernels.reference import dequantize_cache
 
         out = torch.empty_like(q)
         nd = batch.num_decode
         k_scale = cache.k_scales[layer] if cache.quantized else None
         v_scale = cache.v_scales[layer] if cache.quantized else None
-        if nd:
+        if nd and uses_torch_decode_path(q.device):
+            # The batched PyTorch path with its gather rows and mask built once per step, not per layer
+            # (the engine's tables and lengths are checked when it builds them).
+            if batch.decode_gather is None:
+                batch.decode_gather = DecodeGather(batch.decode_block_tables, batch.decode_seq_lens, cache.block_size,
+                                                   window=self.spec.sliding_window)
+            reference_fallback("paged_decode_attention")
+            out[:nd] = paged_decode_attention_torch(
+                q[:nd], cache.k_pools[layer], cache.v_pools[layer], batch.decode_block_tables, batch.decode_seq_lens,
+                sm_scale=1.0 / math.sqrt(self.spec.head_dim), k_scale=k_scale, v_scale=v_scale, gather=batch.decode_gather)
+        elif nd:
             out[:nd] = paged_decode_attention(q[:nd].contiguous(), cache.k_pools[layer], cache.v_pools[layer],
                                               batch.decode_block_tables, batch.decode_seq_lens,
                                               k_scale=k_scale, v_scale=v_scale, window=self.spec.sliding_window)
