@@ -131,6 +131,25 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=Non
     )
 
 
+def cpu_row_write_slots(slot_mapping, k_cache, v_cache, dtype) -> torch.Tensor | None:
+    """The int64 slots for `write_kv_rows` when `append_kv` would take its CPU row-copy path for
+    these caches and new K/V of `dtype` (a float cache of that dtype, contiguous, no padding slot,
+    every slot in range); None otherwise. A model checks once per step, then writes every layer."""
+    if k_cache.is_cuda or _INTERPRET or k_cache.dtype != dtype or v_cache.dtype != dtype \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or slot_mapping.dim() != 1:
+        return None
+    capacity = k_cache.shape[0] * k_cache.shape[1]
+    if slot_mapping.numel() and not (int(slot_mapping.min()) >= 0 and int(slot_mapping.max()) < capacity):
+        return None
+    return slot_mapping.long()
+
+
+def write_kv_rows(k, v, k_cache, v_cache, slots: torch.Tensor) -> None:
+    """`append_kv` for slots from `cpu_row_write_slots`: two row copies, no checks."""
+    k_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, slots, k)
+    v_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, slots, v)
+
+
 class OutOfBlocks(RuntimeError):
     """The cache has no free block left for a new token."""
 

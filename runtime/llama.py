@@ -106,18 +106,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin `[tokens, d]` (each half-width row repeated twice) for `rotate`, once per step."""
+    """Full-width cos `[c, c]` and signed sin `[-s, s]` `[tokens, d]` for `rotate`, once per step."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     cos, sin = freqs.cos(), freqs.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with full-width tables from `rope_tables`: x * cos + rotate_half(x) * sin, the same
-    numbers (negating x2 is exact). x [tokens, heads, d]; q and k heads can go in one call."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the tables of `rope_tables`: x * cos + [x2, x1] * [-s, s] is Hugging Face's
+    x * cos + rotate_half(x) * sin, the same numbers (negation is exact). x [tokens, heads, d]; q and
+    k heads can go in one call."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]).to(x.dtype)
+    return (xf * cos[:, None, :] + torch.cat([x2, x1], dim=-1) * signed_sin[:, None, :]).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -265,10 +266,13 @@ class LlamaModel:
     def forward(self, batch: StepBatch, cache) -> torch.Tensor:
         """Runs one step; returns float32 logits `[len(batch.logits_rows), vocab]`."""
         from inferforge.kernels import append_kv
+        from inferforge.kernels.kv_cache import cpu_row_write_slots, write_kv_rows
 
         spec = self.spec
         h = self.embed[batch.tokens]
         cos, sin = rope_tables(batch.positions, self.inv_freq)
+        # On the CPU with a float cache, new K/V are row copies at slots checked once for all layers.
+        row_slots = cpu_row_write_slots(batch.slot_mapping, cache.k_pools[0], cache.v_pools[0], h.dtype)
         nq, nkv, d = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.head_dim
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer["input_layernorm"], spec.rms_norm_eps)
@@ -278,10 +282,13 @@ class LlamaModel:
             v = qkv[:, nq + nkv:].reshape(-1, spec.n_kv_heads, d)
             if self.kv_observer is not None:
                 self.kv_observer(i, k, v)
-            k_scale = cache.k_scales[i] if cache.quantized else None
-            v_scale = cache.v_scales[i] if cache.quantized else None
-            append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,
-                      k_scale=k_scale, v_scale=v_scale)
+            if row_slots is not None:
+                write_kv_rows(k, v, cache.k_pools[i], cache.v_pools[i], row_slots)
+            else:
+                k_scale = cache.k_scales[i] if cache.quantized else None
+                v_scale = cache.v_scales[i] if cache.quantized else None
+                append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,
+                          k_scale=k_scale, v_scale=v_scale)
             attn = self._attention(q, k, v, batch, cache, i)
             h = h + _linear(attn.reshape(-1, nq), layer["self_attn.o_proj"])
             x = rms_norm(h, layer["post_attention_layernorm"], spec.rms_norm_eps)
@@ -300,7 +307,6 @@ class LlamaModel:
         )
         from inferforge.kernels.reference import dequantize_cache
 
-        out = torch.empty_like(q)
         nd = batch.num_decode
         k_scale = cache.k_scales[layer] if cache.quantized else None
         v_scale = cache.v_scales[layer] if cache.quantized else None
@@ -311,13 +317,20 @@ class LlamaModel:
                 batch.decode_gather = DecodeGather(batch.decode_block_tables, batch.decode_seq_lens, cache.block_size,
                                                    window=self.spec.sliding_window)
             reference_fallback("paged_decode_attention")
-            out[:nd] = paged_decode_attention_torch(
+            decoded = paged_decode_attention_torch(
                 q[:nd], cache.k_pools[layer], cache.v_pools[layer], batch.decode_block_tables, batch.decode_seq_lens,
                 sm_scale=1.0 / math.sqrt(self.spec.head_dim), k_scale=k_scale, v_scale=v_scale, gather=batch.decode_gather)
+            if not batch.prefill:
+                return decoded                     # a pure decode step: no output buffer to fill
+            out = torch.empty_like(q)
+            out[:nd] = decoded
         elif nd:
+            out = torch.empty_like(q)
             out[:nd] = paged_decode_attention(q[:nd].contiguous(), cache.k_pools[layer], cache.v_pools[layer],
                                               batch.decode_block_tables, batch.decode_seq_lens,
                                               k_scale=k_scale, v_scale=v_scale, window=self.spec.sliding_window)
+        else:
+            out = torch.empty_like(q)
         if batch.prefill:
             # Each chunk attends to its cached prefix plus itself, read through its block table.
             # The prefill kernel reads float K/V: for a quantized cache the blocks the chunks use are
