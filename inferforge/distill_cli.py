@@ -87,6 +87,11 @@ def add_distill_parser(sub, fmt) -> None:
     p.add_argument("--cache-teacher", action="store_true",
                    help="encoders: run the teacher once over the training texts and keep its outputs in memory "
                         "instead of once per step")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="the student's input token embeddings keep the teacher's values (not trained)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast on a GPU, float32 on a CPU; bf16 on a CPU trains the student "
+                        "with bf16 autocast (fast on CPUs with AMX or AVX-512 BF16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and the init (default 0)")
     p.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine",
                    help="encoders: loss on the mean-pooled embedding (default cosine)")
@@ -126,6 +131,7 @@ def config_from_args(args):
             max_minutes=args.max_minutes, lr_schedule=args.lr_schedule, eval_every=args.eval_every, save_every=args.save_every,
             held_out_share=args.held_out_share, max_length=args.max_length, seed=args.seed,
             group_by_length=args.group_by_length, cache_teacher=args.cache_teacher,
+            freeze_embeddings=args.freeze_embeddings, precision=args.precision,
             embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
             task_weight=args.task_weight, temperature=args.temperature, target_mean_cosine=args.target_mean_cosine,
             target_top1_agreement=args.target_top1_agreement, min_mean_cosine=args.min_mean_cosine,

@@ -362,6 +362,8 @@ class DistillStepConfig:
     max_length: int | None = None
     group_by_length: bool = True
     cache_teacher: bool = False
+    freeze_embeddings: bool = False
+    precision: str = "auto"
     seed: int = 0
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0

@@ -30,6 +30,7 @@ EVERY_OTHER = "every-other"
 EMBEDDING_LOSSES = ("cosine", "mse")
 LR_SCHEDULES = ("steps", "time")
 # Settings a resumed run may change (see DistillConfig.run_settings).
+PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_FREE = frozenset({"steps", "max_minutes", "eval_every", "save_every", "target_mean_cosine",
                          "target_top1_agreement", "min_mean_cosine", "min_cosine", "min_top1_agreement", "max_kl"})
 # Loss settings only one model family uses.
@@ -63,7 +64,11 @@ class DistillConfig:
     texts of similar length (random batches, shuffled; see `distill_data.epoch_order`), so batches
     pad to fewer tokens. `cache_teacher` (encoders): run the teacher once over the training texts
     before training and keep its outputs, instead of once per step (see `distill_teacher_cache`; the
-    time counts in `max_minutes`). Evaluation every `eval_every` steps
+    time counts in `max_minutes`). `freeze_embeddings`: the student's input token embeddings keep the
+    teacher's values (not trained: fewer parameters for AdamW to update each step; a decoder with tied
+    embeddings keeps its LM head too). `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
+    "fp32", or "bf16" (bf16 autocast for the student's training passes on a CPU too, which pays on CPUs
+    with AMX or AVX-512 BF16; the teacher, its cache and the evaluation stay float32 there). Evaluation every `eval_every` steps
     (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
     `lr_schedule="time"` (with `max_minutes`): warm-up and decay advance with the elapsed share of the
     time budget whenever that is further along than the share of `steps` done, so a run that the
@@ -92,6 +97,8 @@ class DistillConfig:
     max_length: int | None = None
     group_by_length: bool = True
     cache_teacher: bool = False
+    freeze_embeddings: bool = False
+    precision: str = "auto"
     seed: int = 0
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0
@@ -141,6 +148,7 @@ class DistillConfig:
         _require(self.save_every >= 1, "save_every must be >= 1")
         _require(0 < self.held_out_share < 1, "held_out_share must be between 0 and 1 (0.1 or 10%)")
         _require(self.max_length is None or 2 <= self.max_length <= 8192, "max_length must be between 2 and 8192")
+        _require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.embedding_loss in EMBEDDING_LOSSES, f"embedding_loss must be one of {', '.join(EMBEDDING_LOSSES)}")
         for name in ("embedding_weight", "kl_weight", "task_weight"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")

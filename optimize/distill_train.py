@@ -71,10 +71,19 @@ def init_distributed() -> DistEnv:
     return DistEnv(device=device)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, precision: str = "auto"):
+    """(training, teacher and evaluation) autocast contexts for `DistillConfig.precision`."""
+    if precision == "fp32":
+        return contextlib.nullcontext, contextlib.nullcontext
     if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+        bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)   # noqa: E731
+        return bf16, bf16
+    if precision == "bf16":
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise UserInputError("precision bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16 or "
+                                 "AMX), where bf16 is slower than float32; use precision fp32 (or auto)")
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), contextlib.nullcontext
+    return contextlib.nullcontext, contextlib.nullcontext
 
 
 def lr_factor(step: int, total: int, warmup_share: float) -> float:
@@ -108,14 +117,15 @@ def _optimizer(module, config, time_share=None):
 
 
 def sample_losses(module, teacher, kind: str, ids, mask, config, hidden_weight: float, layer_map, autocast,
-                  targets: dict | None = None) -> dict:
+                  targets: dict | None = None, teacher_autocast=None) -> dict:
     """The weighted loss terms of one micro-batch, each `[batch]` (see `distill_losses`). `targets`: the
-    teacher's outputs for this batch from a `TeacherCache` (encoders) instead of running the teacher."""
+    teacher's outputs for this batch from a `TeacherCache` (encoders) instead of running the teacher,
+    which runs under `teacher_autocast` (default: the student's `autocast`)."""
     with autocast():
         out = module(ids, mask)
-        if targets is None:
-            with torch.no_grad():
-                t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
+    if targets is None:
+        with torch.no_grad(), (teacher_autocast or autocast)():
+            t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
     if targets is None and kind == "encoder":
         targets = {"pooled": masked_mean_pool(t.last_hidden_state.float(), mask)}
         if hidden_weight:
@@ -151,7 +161,7 @@ def _teacher_cache(teacher, train_ids, pad: int, device, autocast, progress, *, 
 
 def accumulate_gradients(train_module, teacher_model, kind: str, micro_batches, pad: int, config,
                          hidden_weight: float, layer_map, *, world: int = 1, device: str | torch.device = "cpu",
-                         autocast=contextlib.nullcontext, targets_for=None) -> dict:
+                         autocast=contextlib.nullcontext, targets_for=None, teacher_autocast=None) -> dict:
     """Forward and backward over this rank's micro-batches of one step (each a list of token id
     lists), adding to the gradients (`targets_for(j, ids)`: the cached teacher outputs of
     micro-batch j, or None to run the teacher): after it (and DDP's average over `world` ranks) they are those of
@@ -164,7 +174,7 @@ def accumulate_gradients(train_module, teacher_model, kind: str, micro_batches, 
         with contextlib.nullcontext() if sync else train_module.no_sync():
             targets = targets_for(j, ids) if targets_for is not None else None
             parts = sample_losses(train_module, teacher_model, kind, ids, mask, config, hidden_weight, layer_map,
-                                  autocast, targets)
+                                  autocast, targets, teacher_autocast)
             # DDP averages gradients over ranks: scale the rank's sum so the result is the batch mean.
             loss = sum(parts.values()).sum() * world / config.batch_size
             loss.backward()
@@ -272,6 +282,8 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     random.seed(config.seed)
     np.random.seed(config.seed)
     student, plan = build_student(teacher, config, student_dir, seed=config.seed)
+    if config.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
     module = StudentWithHeads(student, kind, teacher.config.hidden_size, want_hidden=hidden_weight > 0)
     torch.manual_seed(config.seed + env.rank)   # dropout differs between ranks, as their data does
     module.to(env.device)
@@ -316,16 +328,16 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             group["lr"] = base * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
-    autocast = _autocast(env.device)
+    autocast, autocast_eval = _autocast(env.device, config.precision)
     cache_on = config.cache_teacher and kind == "encoder" and start < config.steps
     teacher_pooled = None
     if env.rank == 0 and kind == "encoder":
-        teacher_pooled = teacher_embeddings(teacher.model, held_ids, pad, env.device, autocast)
+        teacher_pooled = teacher_embeddings(teacher.model, held_ids, pad, env.device, autocast_eval)
 
     def evaluate() -> dict:
         if kind == "encoder":
-            return evaluate_encoder(module, teacher_pooled, held_ids, pad, env.device, autocast)
-        return evaluate_decoder(module, teacher.model, held_ids, pad, env.device, autocast)
+            return evaluate_encoder(module, teacher_pooled, held_ids, pad, env.device, autocast_eval)
+        return evaluate_decoder(module, teacher.model, held_ids, pad, env.device, autocast_eval)
 
     def save(step: int) -> Path | None:
         rngs = [ckpt.rng_state()]
@@ -346,7 +358,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
         return path
 
     started = time.monotonic()   # the time budget counts the teacher cache
-    cache = _teacher_cache(teacher.model, train_ids, pad, env.device, autocast, progress,
+    cache = _teacher_cache(teacher.model, train_ids, pad, env.device, autocast_eval, progress,
                            layers=plan["layer_map"] if hidden_weight else None) if cache_on else None
     display = _Display(progress, config.steps, start)
     if start:
@@ -363,7 +375,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                 totals = accumulate_gradients(train_module, teacher.model, kind,
                                               [[train_ids[i] for i in micro] for micro in micro_batches], pad, config,
                                               hidden_weight, plan["layer_map"], world=env.world, device=env.device,
-                                              autocast=autocast,
+                                              autocast=autocast, teacher_autocast=autocast_eval,
                                               targets_for=(lambda j, ids: cache.targets(micro_batches[j], ids.shape[1]))
                                               if cache is not None else None)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))

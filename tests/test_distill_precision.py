@@ -1,0 +1,65 @@
+"""Distillation's `freeze_embeddings` and `precision` settings."""
+
+import contextlib
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from inferforge.errors import UserInputError
+from inferforge.optimize import distill_train
+from inferforge.optimize.distill import DistillConfig, distill
+from tests.distill_helpers import DOCS, save_tiny_bert
+
+CONFIG = DistillConfig(layers=(0,), steps=3, batch_size=8, max_length=24, eval_every=0, save_every=3, seed=1)
+BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("teacher") / "bert", layers=2)
+
+
+def test_frozen_embeddings_keep_the_teachers_values_while_the_layers_train(teacher_dir):
+    import dataclasses
+
+    teacher = AutoModel.from_pretrained(teacher_dir)
+    frozen = distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, freeze_embeddings=True)).student
+    trained = distill(str(teacher_dir), None, [DOCS], CONFIG).student
+    want = teacher.get_input_embeddings().weight
+    assert torch.equal(frozen.get_input_embeddings().weight, want)
+    assert not torch.equal(trained.get_input_embeddings().weight, want)
+    layer = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(frozen.state_dict()[layer], teacher.state_dict()[layer])
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        DistillConfig(layers=(0,), precision="fp16")
+
+
+def test_cpu_precisions_choose_the_autocast_of_training_only():
+    cpu = torch.device("cpu")
+    assert distill_train._autocast(cpu, "auto") == (contextlib.nullcontext, contextlib.nullcontext)
+    assert distill_train._autocast(cpu, "fp32") == (contextlib.nullcontext, contextlib.nullcontext)
+    if not BF16_CPU:
+        pytest.skip("this CPU has no bf16 matrix instructions (the refusal is tested below)")
+    train, teacher_and_eval = distill_train._autocast(cpu, "bf16")
+    with train():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert teacher_and_eval is contextlib.nullcontext
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(UserInputError, match="use precision fp32"):
+        distill_train._autocast(torch.device("cpu"), "bf16")
+
+
+@pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 matrix instructions")
+def test_a_bf16_run_on_the_cpu_trains_and_evaluates_in_float32(teacher_dir):
+    import dataclasses
+
+    result = distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, precision="bf16", eval_every=3))
+    assert result.step == 3 and all(p.dtype == torch.float32 for p in result.student.parameters())
+    assert 0 < result.metrics["mean_cosine"] <= 1
