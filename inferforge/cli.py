@@ -449,8 +449,9 @@ def cmd_plan(args) -> int:
                       f"({shape['parameters']:,} parameters of a Llama-family decoder at {shape['weights_dtype']})")
     console.print(f"[bold]{args.model}[/bold]: {shape['layers']} layers, {shape['n_heads']} heads / "
                   f"{shape['n_kv_heads']} KV heads x {shape['head_dim']}, context window {shape['context_window']}")
-    packed_note = (f", with {result['packed_weight_bytes'] / gib:.2f} GiB of packed CPU projections"
-                   if result["packed_weight_bytes"] else "")
+    packed = result["packed_weight_bytes"]
+    packed_note = (f", with {packed / gib:.2f} GiB" if packed >= gib else f", with {packed / 2**20:.1f} MiB") + \
+        " of packed CPU projections (an engine with max_num_seqs=1 does not pack)" if packed else ""
     console.print(f"memory {result['memory_bytes'] / gib:.1f} GiB, {result['reserve']:.0%} reserved; weights "
                   f"{result['weight_bytes'] / gib:.2f} GiB ({shape['parameters'] / 1e9:.2f}B parameters, "
                   f"{shape['weights_dtype']}{packed_note}); KV cache {result['kv_cache_dtype']}: "
@@ -800,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="also report this context length")
     p.add_argument("--concurrency", type=int, help="also report this number of concurrent sequences")
     p.add_argument("--reserve", type=float, default=0.10,
-                   help="fraction kept for the CUDA context and fragmentation (default 0.10)")
+                   help="fraction kept for runtime overhead: the CUDA context and fragmentation on a GPU "
+                        "(default 0.10)")
     p.add_argument("--max-step-tokens", type=int, default=256,
                    help="tokens in the largest engine step, for the activation peak (default 256, as the engine)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",

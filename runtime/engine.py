@@ -150,7 +150,7 @@ class LLMEngine:
                 raise UserInputError(f"{name} must be a whole number >= 1, got {value!r}")
         budget = kv_budget.check_memory_options(memory_budget, memory_utilization)
         before = kv_budget.device_memory_before_load(device) if num_blocks is None else None
-        if cpu_packed_linears not in (None, True, False):
+        if cpu_packed_linears is not None and not isinstance(cpu_packed_linears, bool):
             raise UserInputError(f"cpu_packed_linears must be True, False or None (auto), got {cpu_packed_linears!r}")
         model = LlamaModel.load(path, dtype=dtype, device=device)
         pack_dense_linears_if_asked(model, cpu_packed_linears, max_num_seqs)

@@ -73,6 +73,7 @@ def test_one_sequence_at_a_time_is_not_packed_unless_asked(tiny):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"cpu_packed_linears": "yes"}, "cpu_packed_linears must be True, False or None"),
+    ({"cpu_packed_linears": 1}, "cpu_packed_linears must be True, False or None"),
     ({"cpu_packed_linears": True, "dtype": torch.float16}, "packing here is for float32 and bfloat16"),
 ])
 def test_bad_packing_requests_are_refused(tiny, kwargs, match):

@@ -128,4 +128,6 @@ def test_cli_serve_memory_flag_is_checked(tiny, capsys):
 def test_cli_plan_prints_the_engine_blocks(tiny, capsys):
     assert main(["plan", str(tiny), "--memory", "8MiB", "--max-step-tokens", "64"]) == 0
     assert "the engine (--memory-budget" in capsys.readouterr().out
+    assert main(["plan", str(tiny), "--memory", "8MiB", "--device", "cpu"]) == 0
+    assert "MiB of packed CPU projections" in capsys.readouterr().out
     assert main(["plan", str(tiny), "--memory", "8MiB", "--max-step-tokens", "0"]) == 2

@@ -8,6 +8,7 @@ import torch
 from inferforge.kernels import kv_cache as cache_module
 from inferforge.kernels.decode_attention import DecodeGather, paged_decode_attention_torch
 from inferforge.kernels.kv_cache import append_kv, cpu_row_write_slots, write_kv_rows
+from inferforge.kernels.reference import paged_decode_attention_reference
 from inferforge.runtime.llama import apply_rope, rms_norm, rope_tables, rotate
 
 
@@ -72,6 +73,10 @@ def test_a_decode_gather_built_once_serves_every_layer():
     for _ in range(3):     # three "layers", each with its own pools and queries
         q = torch.randn(3, 4, d, generator=g)
         kc, vc = torch.randn(8, block_size, n_kv, d, generator=g), torch.randn(8, block_size, n_kv, d, generator=g)
-        want = paged_decode_attention_torch(q, kc, vc, tables, lens, sm_scale=0.25, window=6)
+        alone = paged_decode_attention_torch(q, kc, vc, tables, lens, sm_scale=0.25, window=6)
         got = paged_decode_attention_torch(q, kc, vc, tables, lens, sm_scale=0.25, gather=gather)
-        assert torch.equal(got, want)
+        assert torch.equal(got, alone)
+        # ... and both are the per-sequence reference with the window (64-bit, so the tolerance is tight).
+        want = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), tables, lens, sm_scale=0.25,
+                                                window=6, compute_dtype=torch.float64)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
