@@ -190,9 +190,13 @@ def _quantize_then_sigint(tmp_path: Path):
     runs = tmp_path / "runs"
     runs.mkdir(parents=True)
     env = {**os.environ, "INFERFORGE_LOG_DIR": str(tmp_path / "logs")}
+    # A shell that starts the test run in the background without job control (`cmd &`, nohup) leaves
+    # SIGINT ignored, and a child inherits that: Python then installs no KeyboardInterrupt handler and
+    # the run ignores the signal. The child gets the default disposition, as a terminal's Ctrl-C has.
     proc = subprocess.Popen([sys.executable, "-m", "inferforge", "quantize", "tests.factories:tiny_bert", "--output",
                              str(runs / "out"), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not any(runs.iterdir()) and proc.poll() is None:
