@@ -106,9 +106,7 @@ def append_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=Non
         if lowest < 0:      # drop the padding tokens (slot -1)
             keep = slot_mapping >= 0
             k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-        slots = slot_mapping.long()
-        k_cache.view(capacity, n_kv, head_dim).index_copy_(0, slots, k)
-        v_cache.view(capacity, n_kv, head_dim).index_copy_(0, slots, v)
+        write_kv_rows(k, v, k_cache, v_cache, slot_mapping.long())
         return
     if not (k.is_cuda or _INTERPRET):
         from inferforge.kernels.reference import append_kv_reference
