@@ -89,6 +89,10 @@ def add_distill_parser(sub, fmt) -> None:
                         "instead of once per step")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="the student's input token embeddings keep the teacher's values (not trained)")
+    p.add_argument("--freeze-layers", metavar="I,J", help="student layers (from 0) whose weights keep their initial "
+                                                          "values, e.g. 0 when it is the teacher's layer 0")
+    p.add_argument("--dropout", type=float, help="the student's dropout while training (default: the teacher "
+                                                 "config's; 0 turns it off)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto (default): bf16 autocast on a GPU, float32 on a CPU; bf16 on a CPU trains the student "
                         "with bf16 autocast (fast on CPUs with AMX or AVX-512 BF16)")
@@ -116,6 +120,15 @@ def add_distill_parser(sub, fmt) -> None:
     p.set_defaults(func=cmd_distill)
 
 
+def _indices(flag: str, text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise UserInputError(f"{flag} {text!r}: give comma-separated layer indices such as 0 or 0,1") from None
+
+
 def config_from_args(args):
     from inferforge.optimize.distill import EVERY_OTHER, DistillConfig
     from inferforge.optimize.distill_student import parse_layers
@@ -131,7 +144,8 @@ def config_from_args(args):
             max_minutes=args.max_minutes, lr_schedule=args.lr_schedule, eval_every=args.eval_every, save_every=args.save_every,
             held_out_share=args.held_out_share, max_length=args.max_length, seed=args.seed,
             group_by_length=args.group_by_length, cache_teacher=args.cache_teacher,
-            freeze_embeddings=args.freeze_embeddings, precision=args.precision,
+            freeze_embeddings=args.freeze_embeddings, freeze_layers=_indices("--freeze-layers", args.freeze_layers),
+            dropout=args.dropout, precision=args.precision,
             embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
             task_weight=args.task_weight, temperature=args.temperature, target_mean_cosine=args.target_mean_cosine,
             target_top1_agreement=args.target_top1_agreement, min_mean_cosine=args.min_mean_cosine,

@@ -363,6 +363,8 @@ class DistillStepConfig:
     group_by_length: bool = True
     cache_teacher: bool = False
     freeze_embeddings: bool = False
+    freeze_layers: tuple[int, ...] = ()
+    dropout: float | None = None
     precision: str = "auto"
     seed: int = 0
     embedding_loss: str = "cosine"

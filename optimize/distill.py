@@ -66,7 +66,11 @@ class DistillConfig:
     before training and keep its outputs, instead of once per step (see `distill_teacher_cache`; the
     time counts in `max_minutes`). `freeze_embeddings`: the student's input token embeddings keep the
     teacher's values (not trained: fewer parameters for AdamW to update each step; a decoder with tied
-    embeddings keeps its LM head too). `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
+    embeddings keeps its LM head too). `freeze_layers`: student layer indices (from 0) whose weights keep
+    their initial values, e.g. [0] when student layer 0 is the teacher's layer 0 (no gradient flows
+    through it when the embeddings are frozen too, so each step is cheaper). `dropout`: the student's
+    dropout probability while training (hidden and attention; None keeps the teacher config's; 0 turns
+    it off, which suits a student that underfits its teacher). `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
     "fp32", or "bf16" (bf16 autocast for the student's training passes on a CPU too, which pays on CPUs
     with AMX or AVX-512 BF16; the teacher, its cache and the evaluation stay float32 there). Evaluation every `eval_every` steps
     (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
@@ -98,6 +102,8 @@ class DistillConfig:
     group_by_length: bool = True
     cache_teacher: bool = False
     freeze_embeddings: bool = False
+    freeze_layers: tuple[int, ...] = ()
+    dropout: float | None = None
     precision: str = "auto"
     seed: int = 0
     embedding_loss: str = "cosine"
@@ -116,6 +122,8 @@ class DistillConfig:
     def __post_init__(self):
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.freeze_layers, list):
+            object.__setattr__(self, "freeze_layers", tuple(self.freeze_layers))
         if isinstance(self.layers, str):
             _require(self.layers == EVERY_OTHER, f"layers must be a list of layer indices or '{EVERY_OTHER}', "
                                                  f"got {self.layers!r}")
@@ -148,6 +156,11 @@ class DistillConfig:
         _require(self.save_every >= 1, "save_every must be >= 1")
         _require(0 < self.held_out_share < 1, "held_out_share must be between 0 and 1 (0.1 or 10%)")
         _require(self.max_length is None or 2 <= self.max_length <= 8192, "max_length must be between 2 and 8192")
+        _require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.freeze_layers),
+                 "freeze_layers must be student layer indices >= 0 (counted from 0)")
+        _require(len(set(self.freeze_layers)) == len(self.freeze_layers), "freeze_layers lists a layer twice")
+        _require(self.dropout is None or 0 <= self.dropout < 1,
+                 "dropout must be in [0, 1) (0: no dropout while training the student), or unset for the teacher's")
         _require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.embedding_loss in EMBEDDING_LOSSES, f"embedding_loss must be one of {', '.join(EMBEDDING_LOSSES)}")
         for name in ("embedding_weight", "kl_weight", "task_weight"):

@@ -18,6 +18,8 @@ import torch
 
 from inferforge.errors import UserInputError
 
+# The config keys of dropout probabilities that `dropout` overrides in the student (BERT, Llama families).
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout")
 # model_type -> (kind, prefix of the per-layer parameter names)
 FAMILIES = {
     "bert": ("encoder", "encoder.layer."), "roberta": ("encoder", "encoder.layer."),
@@ -131,6 +133,10 @@ def build_student(teacher: Teacher, config, student_dir: str | Path | None = Non
                              f"{teacher.num_layers} layers; a student has 1-{teacher.num_layers}")
     if config.layers is None or student_dir is not None:
         layer_map = evenly_spaced(teacher.num_layers, n)
+    if config.dropout is not None:   # training only: a student that underfits its teacher learns faster without
+        for key in DROPOUT_KEYS:
+            if key in student_config:
+                student_config[key] = config.dropout
     if student_config.get("layer_types"):   # transformers' per-layer attention kinds follow the kept layers
         student_config["layer_types"] = [base["layer_types"][i] for i in layer_map]
     config_obj = type(teacher.config).from_dict(student_config)
@@ -148,6 +154,20 @@ def build_student(teacher: Teacher, config, student_dir: str | Path | None = Non
                      else "teacher layers copied" if len(copied) == total else
                      "partly copied from the teacher, the rest initialised randomly" if copied else "random")}
     return student.float().train(), plan
+
+
+def freeze_student_layers(student: torch.nn.Module, layer_prefix: str, indices) -> None:
+    """Stop training student layers `indices` (counted from 0): their parameters keep their values."""
+    layers = student.get_submodule(layer_prefix.rstrip("."))
+    n = len(layers)
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise UserInputError(f"freeze_layers: layer {bad[0]} is out of range: the student has {n} layers (0-{n - 1}); "
+                             "fix freeze_layers")
+    if len(set(indices)) == n:
+        raise UserInputError(f"freeze_layers freezes all {n} student layers: nothing would train; leave at least one out")
+    for i in indices:
+        layers[i].requires_grad_(False)
 
 
 def _read_student_config(student_dir, base: dict) -> dict:

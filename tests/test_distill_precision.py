@@ -1,4 +1,4 @@
-"""Distillation's `freeze_embeddings` and `precision` settings."""
+"""Distillation's `freeze_embeddings`, `freeze_layers`, `dropout` and `precision` settings."""
 
 import contextlib
 
@@ -33,6 +33,48 @@ def test_frozen_embeddings_keep_the_teachers_values_while_the_layers_train(teach
     assert not torch.equal(frozen.state_dict()[layer], teacher.state_dict()[layer])
 
 
+def test_frozen_layers_keep_their_initial_weights_and_the_others_train(teacher_dir):
+    import dataclasses
+
+    teacher = AutoModel.from_pretrained(teacher_dir).state_dict()
+    config = dataclasses.replace(CONFIG, layers=(0, 1), freeze_embeddings=True, freeze_layers=(0,))
+    student = distill(str(teacher_dir), None, [DOCS], config).student.state_dict()
+    layer0 = [k for k in student if k.startswith("encoder.layer.0.")]
+    layer1 = [k for k in student if k.startswith("encoder.layer.1.") and k.endswith("weight")]
+    assert layer0 and all(torch.equal(student[k], teacher[k]) for k in layer0)
+    assert all(not torch.equal(student[k], teacher[k]) for k in layer1)
+
+
+@pytest.mark.parametrize(("freeze", "match"), [((2,), "layer 2 is out of range: the student has 2 layers"),
+                                                ((0, 1), "freezes all 2 student layers")])
+def test_bad_frozen_layers_are_refused(teacher_dir, freeze, match):
+    import dataclasses
+
+    with pytest.raises(UserInputError, match=match):
+        distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, layers=(0, 1), freeze_layers=freeze))
+
+
+def test_frozen_layer_and_dropout_values_are_checked():
+    with pytest.raises(ValueError, match="freeze_layers must be student layer indices"):
+        DistillConfig(layers=(0,), freeze_layers=(-1,))
+    with pytest.raises(ValueError, match="freeze_layers lists a layer twice"):
+        DistillConfig(layers=(0,), freeze_layers=(0, 0))
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        DistillConfig(layers=(0,), dropout=1.0)
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0])
+def test_dropout_zero_makes_training_passes_deterministic(teacher_dir, dropout):
+    from inferforge.optimize.distill_student import build_student, load_teacher
+
+    teacher = load_teacher(teacher_dir)
+    student, _ = build_student(teacher, DistillConfig(layers=(0, 1), dropout=dropout))
+    assert student.training
+    ids = torch.randint(5, 90, (2, 12))
+    first, second = (student(input_ids=ids).last_hidden_state for _ in range(2))
+    assert torch.equal(first, second) == (dropout == 0.0)
+
+
 def test_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         DistillConfig(layers=(0,), precision="fp16")
@@ -47,6 +89,8 @@ def test_cpu_precisions_choose_the_autocast_of_training_only():
     train, teacher_and_eval = distill_train._autocast(cpu, "bf16")
     with train():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()   # restored
     assert teacher_and_eval is contextlib.nullcontext
 
 
