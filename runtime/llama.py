@@ -19,6 +19,7 @@ dense weights.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +167,16 @@ def _linear(x: torch.Tensor, op, bias: torch.Tensor | None = None) -> torch.Tens
     return F.linear(x, op, bias) if isinstance(op, torch.Tensor) else op(x)
 
 
+def _linear_residual(h: torch.Tensor, x: torch.Tensor, op) -> torch.Tensor:
+    """`h + _linear(x, op)` for 2-D `h` and `x` (projections without bias), with the add inside the
+    matmul call where the backend does it: `addmm` for a dense weight, oneDNN's fused add for a
+    packed one (`PackedDenseLinear.add_to`); a quantized module adds after its own call."""
+    if isinstance(op, torch.Tensor):
+        return torch.addmm(h, x, op.t())
+    add_to = getattr(op, "add_to", None)
+    return add_to(h, x) if add_to is not None else h + op(x)
+
+
 class LlamaModel:
     """Weights and the forward pass. Use `LlamaModel.load(dir, dtype=..., device=...)`.
 
@@ -192,6 +203,11 @@ class LlamaModel:
         def bias(name):
             return w(name + ".bias") if spec.attention_bias and name not in quantized else None
 
+        unsupported = sorted(n for n in weights if re.fullmatch(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.\w+)\.bias", n))
+        if unsupported:   # Llama's attention_bias also biases o_proj, mlp_bias the MLP: this forward has neither
+            raise UserInputError(f"checkpoint has {unsupported[0]!r}: biases on the attention output or MLP "
+                                 "projections (Llama's attention_bias or mlp_bias) are not supported by the engine; "
+                                 "Qwen2-style q/k/v biases are")
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         if "lm_head" in quantized:
@@ -290,10 +306,10 @@ class LlamaModel:
                 append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,
                           k_scale=k_scale, v_scale=v_scale)
             attn = self._attention(q, k, v, batch, cache, i)
-            h = h + _linear(attn.reshape(-1, nq), layer["self_attn.o_proj"])
+            h = _linear_residual(h, attn.reshape(-1, nq), layer["self_attn.o_proj"])
             x = rms_norm(h, layer["post_attention_layernorm"], spec.rms_norm_eps)
             gate, up = _linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, layer["mlp.down_proj"])
+            h = _linear_residual(h, F.silu(gate) * up, layer["mlp.down_proj"])
         h = rms_norm(h[batch.logits_rows], self.norm, spec.rms_norm_eps)
         return _linear(h, self.lm_head).float()
 

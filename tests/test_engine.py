@@ -154,6 +154,18 @@ def test_qwen2_with_attention_bias_matches_transformers(tmp_path):
     assert engine(tmp_path / "qwen2").generate([prompt], max_new_tokens=8, stop_token_ids=[])[0] == want
 
 
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_llama_output_or_mlp_biases_are_refused_not_ignored(tmp_path, bias):
+    """Llama's attention_bias biases o_proj too, and mlp_bias the MLP: the engine applies neither, so it refuses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      max_position_embeddings=64, **{bias: True})
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    with pytest.raises(UserInputError, match=r"(o_proj|mlp\.\w+)\.bias.*not supported by the engine"):
+        engine(tmp_path / "llama")
+
+
 def test_fp8_kv_cache_stays_close_to_full_precision(tiny, reference_outputs):
     out = engine(tiny, max_num_seqs=4, kv_cache_dtype="fp8").generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
     assert [o[0] for o in out] == [r[0] for r in reference_outputs]
