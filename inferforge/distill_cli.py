@@ -93,6 +93,9 @@ def add_distill_parser(sub, fmt) -> None:
                                                           "values, e.g. 0 when it is the teacher's layer 0")
     p.add_argument("--dropout", type=float, help="the student's dropout while training (default: the teacher "
                                                  "config's; 0 turns it off)")
+    p.add_argument("--length-mix", action="store_true",
+                   help="add short queries (first 1-3 words) and long passages (texts joined to near --max-length) "
+                        "made from the training texts, as the validate step's length buckets hold")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto (default): bf16 autocast on a GPU, float32 on a CPU; bf16 on a CPU trains the student "
                         "with bf16 autocast (fast on CPUs with AMX or AVX-512 BF16)")
@@ -145,7 +148,7 @@ def config_from_args(args):
             held_out_share=args.held_out_share, max_length=args.max_length, seed=args.seed,
             group_by_length=args.group_by_length, cache_teacher=args.cache_teacher,
             freeze_embeddings=args.freeze_embeddings, freeze_layers=_indices("--freeze-layers", args.freeze_layers),
-            dropout=args.dropout, precision=args.precision,
+            dropout=args.dropout, length_mix=args.length_mix, precision=args.precision,
             embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
             task_weight=args.task_weight, temperature=args.temperature, target_mean_cosine=args.target_mean_cosine,
             target_top1_agreement=args.target_top1_agreement, min_mean_cosine=args.min_mean_cosine,

@@ -365,6 +365,7 @@ class DistillStepConfig:
     freeze_embeddings: bool = False
     freeze_layers: tuple[int, ...] = ()
     dropout: float | None = None
+    length_mix: bool = False
     precision: str = "auto"
     seed: int = 0
     embedding_loss: str = "cosine"

@@ -70,7 +70,10 @@ class DistillConfig:
     their initial values, e.g. [0] when student layer 0 is the teacher's layer 0 (no gradient flows
     through it when the embeddings are frozen too, so each step is cheaper). `dropout`: the student's
     dropout probability while training (hidden and attention; None keeps the teacher config's; 0 turns
-    it off, which suits a student that underfits its teacher). `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
+    it off, which suits a student that underfits its teacher). `length_mix`: add short queries and long
+    passages made from the training texts to them (`distill_data.with_length_mix`), so a student that
+    will be validated on 3-word queries and near-`max_length` passages has trained on such inputs.
+    `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
     "fp32", or "bf16" (bf16 autocast for the student's training passes on a CPU too, which pays on CPUs
     with AMX or AVX-512 BF16; the teacher, its cache and the evaluation stay float32 there). Evaluation every `eval_every` steps
     (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
@@ -104,6 +107,7 @@ class DistillConfig:
     freeze_embeddings: bool = False
     freeze_layers: tuple[int, ...] = ()
     dropout: float | None = None
+    length_mix: bool = False
     precision: str = "auto"
     seed: int = 0
     embedding_loss: str = "cosine"

@@ -37,13 +37,17 @@ class DistillData:
     train: tuple[str, ...]
     held_out: tuple[str, ...]
     excluded: int                    # texts dropped because `exclude` holds them
+    length_mix: dict | None = None   # {"short_queries", "long_passages"} added to `train` (see `with_length_mix`)
 
     def record(self) -> dict:
         """For the manifest: the files with their hashes and the split's sizes."""
         from inferforge.data import sha256_lines
 
-        return {"files": list(self.files), "train_texts": len(self.train), "held_out_texts": len(self.held_out),
-                "held_out_sha256": sha256_lines(self.held_out), "excluded_texts": self.excluded}
+        record = {"files": list(self.files), "train_texts": len(self.train), "held_out_texts": len(self.held_out),
+                  "held_out_sha256": sha256_lines(self.held_out), "excluded_texts": self.excluded}
+        if self.length_mix is not None:
+            record["length_mix"] = dict(self.length_mix)
+        return record
 
 
 def load_distill_data(paths: Sequence[str | Path], *, held_out_share: float, seed: int,
@@ -71,6 +75,30 @@ def load_distill_data(paths: Sequence[str | Path], *, held_out_share: float, see
     held_set = set(held)
     return DistillData(files=tuple(files), train=tuple(t for i, t in enumerate(kept) if i not in held_set),
                        held_out=tuple(kept[i] for i in held), excluded=len(distinct) - len(kept))
+
+
+# length_mix: one short query per SHORT_EVERY training texts, one long passage per LONG_EVERY. Long
+# passages are few because each costs about eight ordinary texts' tokens and more attention.
+SHORT_EVERY, LONG_EVERY = 4, 32
+
+
+def with_length_mix(data: DistillData, *, count_tokens, max_tokens: int, exclude: Iterable[str] = ()) -> DistillData:
+    """`data` with short queries (the first 1-3 words of training texts) and long passages (consecutive
+    training texts joined to 75-100% of `max_tokens` tokens) added to the training texts, the kinds of
+    input the validate step's "short" and "long" buckets hold (`inferforge.data`), made from the
+    training texts only. The held-out split stays as it was; none of the added texts is a held-out
+    text or in `exclude`. `count_tokens(text)`: the tokenizer's length with special tokens."""
+    from dataclasses import replace
+
+    from inferforge.data import long_passages, short_queries
+
+    banned = set(data.held_out) | set(exclude) | set(data.train)
+    short = short_queries(data.train, max(1, len(data.train) // SHORT_EVERY), exclude=frozenset(banned))
+    banned.update(short)
+    long = [p for p in long_passages(data.train, max(1, len(data.train) // LONG_EVERY), count_tokens=count_tokens,
+                                     max_tokens=max_tokens) if p not in banned]
+    return replace(data, train=(*data.train, *short, *long),
+                   length_mix={"short_queries": len(short), "long_passages": len(long), "max_tokens": max_tokens})
 
 
 GROUP_BATCHES = 50

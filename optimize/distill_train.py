@@ -33,6 +33,7 @@ from inferforge.optimize.distill_data import (
     resolve_max_length,
     step_indices,
     tokenize_all,
+    with_length_mix,
 )
 from inferforge.optimize.distill_losses import (
     embedding_loss,
@@ -283,6 +284,9 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     max_length = resolve_max_length(config.max_length, source.path, teacher.config)
     tokenizer = teacher.tokenizer
     pad = pad_id(tokenizer)
+    if config.length_mix:
+        data = with_length_mix(data, count_tokens=lambda text: len(tokenizer(text, truncation=False)["input_ids"]),
+                               max_tokens=max_length, exclude=exclude)
     train_ids = tokenize_all(tokenizer, data.train, max_length)
     held_ids = tokenize_all(tokenizer, data.held_out, max_length)
     per_rank = config.batch_size // env.world

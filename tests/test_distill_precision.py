@@ -107,3 +107,32 @@ def test_a_bf16_run_on_the_cpu_trains_and_evaluates_in_float32(teacher_dir):
     result = distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, precision="bf16", eval_every=3))
     assert result.step == 3 and all(p.dtype == torch.float32 for p in result.student.parameters())
     assert 0 < result.metrics["mean_cosine"] <= 1
+
+
+def test_length_mix_adds_short_queries_and_long_passages_from_the_training_texts_only():
+    from inferforge.optimize.distill_data import LONG_EVERY, SHORT_EVERY, load_distill_data, with_length_mix
+
+    data = load_distill_data([DOCS], held_out_share=0.2, seed=3)
+    validation = {data.train[0].split()[0]}                  # a later validate step's text: never trained on
+
+    def count(text):
+        return len(text.split()) + 2
+
+    mixed = with_length_mix(data, count_tokens=count, max_tokens=64, exclude=validation)
+    added = mixed.train[len(data.train):]
+    short = [t for t in added if count(t) <= 5]
+    long = [t for t in added if count(t) > 5]
+    assert mixed.train[:len(data.train)] == data.train and mixed.held_out == data.held_out
+    assert len(short) == mixed.length_mix["short_queries"] and 0 < len(short) <= len(data.train) // SHORT_EVERY
+    assert len(long) == mixed.length_mix["long_passages"] and 0 < len(long) <= len(data.train) // LONG_EVERY
+    assert all(count(t) >= 0.75 * 64 for t in long)
+    assert not (set(added) & (set(data.held_out) | validation | set(data.train)))
+    assert mixed.record()["length_mix"]["long_passages"] == len(long)
+
+
+def test_a_length_mix_run_trains_on_the_added_texts(teacher_dir):
+    import dataclasses
+
+    result = distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, length_mix=True, max_length=48))
+    assert result.data.length_mix["short_queries"] > 0 and result.data.length_mix["long_passages"] > 0
+    assert len(result.data.train) > len(distill(str(teacher_dir), None, [DOCS], CONFIG).data.train)
