@@ -57,15 +57,6 @@ class PackedDenseLinear:
                                                  "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`residual + self(x)` for 2-D `x` and `residual`, the add done by the matmul call itself (one op
-        fewer per call: a decode step's small ops each cost tens of microseconds after a weight streams)."""
-        if x.shape[0] <= DENSE_MAX_ROWS:
-            if self.bias is not None:
-                return residual + F.linear(x, self.weight, self.bias)
-            return torch.addmm(residual, x, self.weight.t())
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
-
     def __repr__(self) -> str:
         return f"PackedDenseLinear(in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype})"
 

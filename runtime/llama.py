@@ -167,16 +167,6 @@ def _linear(x: torch.Tensor, op, bias: torch.Tensor | None = None) -> torch.Tens
     return F.linear(x, op, bias) if isinstance(op, torch.Tensor) else op(x)
 
 
-def _linear_residual(h: torch.Tensor, x: torch.Tensor, op) -> torch.Tensor:
-    """`h + _linear(x, op)` for 2-D `h` and `x` (projections without bias), with the add inside the
-    matmul call where the backend does it: `addmm` for a dense weight, oneDNN's fused add for a
-    packed one (`PackedDenseLinear.add_to`); a quantized module adds after its own call."""
-    if isinstance(op, torch.Tensor):
-        return torch.addmm(h, x, op.t())
-    add_to = getattr(op, "add_to", None)
-    return add_to(h, x) if add_to is not None else h + op(x)
-
-
 class LlamaModel:
     """Weights and the forward pass. Use `LlamaModel.load(dir, dtype=..., device=...)`.
 
@@ -306,10 +296,10 @@ class LlamaModel:
                 append_kv(k.contiguous(), v.contiguous(), cache.k_pools[i], cache.v_pools[i], batch.slot_mapping,
                           k_scale=k_scale, v_scale=v_scale)
             attn = self._attention(q, k, v, batch, cache, i)
-            h = _linear_residual(h, attn.reshape(-1, nq), layer["self_attn.o_proj"])
+            h = h + _linear(attn.reshape(-1, nq), layer["self_attn.o_proj"])
             x = rms_norm(h, layer["post_attention_layernorm"], spec.rms_norm_eps)
             gate, up = _linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = _linear_residual(h, F.silu(gate) * up, layer["mlp.down_proj"])
+            h = h + _linear(F.silu(gate) * up, layer["mlp.down_proj"])
         h = rms_norm(h[batch.logits_rows], self.norm, spec.rms_norm_eps)
         return _linear(h, self.lm_head).float()
 

@@ -31,31 +31,6 @@ def test_matches_a_float64_reference(rows, bias):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 37])
-@pytest.mark.parametrize("bias", [False, True])
-def test_add_to_is_the_residual_plus_the_product(rows, bias):
-    """The fused residual add (addmm for few rows, oneDNN's binary add for more) against float64."""
-    g = torch.Generator().manual_seed(100 + rows)
-    weight, x, residual = torch.randn(45, 33, generator=g), torch.randn(rows, 33, generator=g), torch.randn(rows, 45, generator=g)
-    b = torch.randn(45, generator=g) if bias else None
-    want = residual.double() + torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-    got = PackedDenseLinear(weight, b).add_to(residual, x)
-    assert got.shape == (rows, 45) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
-
-
-def test_the_model_adds_each_residual_to_its_projection():
-    """`_linear_residual` for a dense weight, a packed one and a plain module (a quantized layer's stand-in)."""
-    from inferforge.runtime.llama import _linear_residual
-
-    weight, x, h = torch.randn(24, 16), torch.randn(5, 16), torch.randn(5, 24)
-    want = h + x @ weight.T
-    module = torch.nn.Linear(16, 24, bias=False)
-    module.weight.data = weight
-    for op in (weight, PackedDenseLinear(weight), module):
-        torch.testing.assert_close(_linear_residual(h, x, op), want, atol=1e-5, rtol=1e-5)
-
-
 def test_keeps_leading_dimensions():
     weight, x = torch.randn(20, 16), torch.randn(2, 5, 16)
     torch.testing.assert_close(PackedDenseLinear(weight)(x), x @ weight.T, atol=1e-5, rtol=1e-5)
