@@ -91,8 +91,8 @@ def add_distill_parser(sub, fmt) -> None:
                    help="the student's input token embeddings keep the teacher's values (not trained)")
     p.add_argument("--freeze-layers", metavar="I,J", help="student layers (from 0) whose weights keep their initial "
                                                           "values, e.g. 0 when it is the teacher's layer 0")
-    p.add_argument("--dropout", type=float, help="the student's dropout while training (default: the teacher "
-                                                 "config's; 0 turns it off)")
+    p.add_argument("--dropout", type=float, help="the student's dropout while training, also written to its "
+                                                 "config.json (default: the teacher config's; 0 turns it off)")
     p.add_argument("--length-mix", action="store_true",
                    help="add short queries (first 1-3 words) and long passages (texts joined to near --max-length) "
                         "made from the training texts, as the validate step's length buckets hold")
@@ -140,6 +140,7 @@ def config_from_args(args):
     if args.hidden_size is not None and args.num_layers is None:
         raise UserInputError("--hidden-size needs --num-layers (a new, narrower student); --layers and --every-other "
                              "keep the teacher's width")
+    freeze_layers = _indices("--freeze-layers", args.freeze_layers)
     try:
         return DistillConfig(
             layers=layers, num_layers=args.num_layers, hidden_size=args.hidden_size, steps=args.steps,
@@ -147,7 +148,7 @@ def config_from_args(args):
             max_minutes=args.max_minutes, lr_schedule=args.lr_schedule, eval_every=args.eval_every, save_every=args.save_every,
             held_out_share=args.held_out_share, max_length=args.max_length, seed=args.seed,
             group_by_length=args.group_by_length, cache_teacher=args.cache_teacher,
-            freeze_embeddings=args.freeze_embeddings, freeze_layers=_indices("--freeze-layers", args.freeze_layers),
+            freeze_embeddings=args.freeze_embeddings, freeze_layers=freeze_layers,
             dropout=args.dropout, length_mix=args.length_mix, precision=args.precision,
             embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
             task_weight=args.task_weight, temperature=args.temperature, target_mean_cosine=args.target_mean_cosine,

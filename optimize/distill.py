@@ -33,6 +33,9 @@ LR_SCHEDULES = ("steps", "time")
 PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_FREE = frozenset({"steps", "max_minutes", "eval_every", "save_every", "target_mean_cosine",
                          "target_top1_agreement", "min_mean_cosine", "min_cosine", "min_top1_agreement", "max_kl"})
+# Settings added after checkpoints were first written, left out of `run_settings` while at these
+# defaults, so a checkpoint written before they existed still resumes.
+LATER_DEFAULTS = {"freeze_layers": [], "dropout": None, "length_mix": False}
 # Loss settings only one model family uses.
 LOSS_SETTINGS = {"encoder": ("embedding_loss", "embedding_weight"), "decoder": ("kl_weight", "task_weight", "temperature")}
 
@@ -40,6 +43,10 @@ LOSS_SETTINGS = {"encoder": ("embedding_loss", "embedding_weight"), "decoder": (
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _sort_key(value):
+    return (0, value) if isinstance(value, int) and not isinstance(value, bool) else (1, str(value))
 
 
 def _share_ok(value) -> bool:
@@ -70,7 +77,8 @@ class DistillConfig:
     their initial values, e.g. [0] when student layer 0 is the teacher's layer 0 (no gradient flows
     through it when the embeddings are frozen too, so each step is cheaper). `dropout`: the student's
     dropout probability while training (hidden and attention; None keeps the teacher config's; 0 turns
-    it off, which suits a student that underfits its teacher). `length_mix`: add short queries and long
+    it off, which suits a student that underfits its teacher); it is also what the student's saved
+    config.json says, which inference ignores. `length_mix`: add short queries and long
     passages made from the training texts to them (`distill_data.with_length_mix`), so a student that
     will be validated on 3-word queries and near-`max_length` passages has trained on such inputs.
     `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
@@ -126,8 +134,8 @@ class DistillConfig:
     def __post_init__(self):
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.freeze_layers, list):
-            object.__setattr__(self, "freeze_layers", tuple(self.freeze_layers))
+        if isinstance(self.freeze_layers, (list, tuple)):
+            object.__setattr__(self, "freeze_layers", tuple(sorted(self.freeze_layers, key=_sort_key)))
         if isinstance(self.layers, str):
             _require(self.layers == EVERY_OTHER, f"layers must be a list of layer indices or '{EVERY_OTHER}', "
                                                  f"got {self.layers!r}")
@@ -163,6 +171,12 @@ class DistillConfig:
         _require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.freeze_layers),
                  "freeze_layers must be student layer indices >= 0 (counted from 0)")
         _require(len(set(self.freeze_layers)) == len(self.freeze_layers), "freeze_layers lists a layer twice")
+        depth = len(self.layers) if isinstance(self.layers, tuple) else self.num_layers
+        if depth is not None and self.freeze_layers:   # else checked once the student is built
+            _require(max(self.freeze_layers) < depth, f"freeze_layers lists layer {max(self.freeze_layers)}, out of range: "
+                                                      f"the student has {depth} layers (0-{depth - 1})")
+            _require(len(self.freeze_layers) < depth, f"freeze_layers freezes all {depth} student layers: leave at "
+                                                      "least one out to train")
         _require(self.dropout is None or 0 <= self.dropout < 1,
                  "dropout must be in [0, 1) (0: no dropout while training the student), or unset for the teacher's")
         _require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -194,7 +208,7 @@ class DistillConfig:
         other = LOSS_SETTINGS["decoder" if kind == "encoder" else "encoder"]
         kept = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE and k not in other}
         kept["hidden_weight"] = self.resolved_hidden_weight(kind)
-        return kept
+        return {k: v for k, v in kept.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
     def fingerprint(self, kind: str) -> str:
         return hashlib.sha256(json.dumps(self.run_settings(kind), sort_keys=True).encode()).hexdigest()[:16]

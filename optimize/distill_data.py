@@ -19,6 +19,7 @@ Under DDP, rank r of W takes every W-th of those texts
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from inferforge.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -84,10 +87,14 @@ SHORT_EVERY, LONG_EVERY = 4, 32
 
 def with_length_mix(data: DistillData, *, count_tokens, max_tokens: int, exclude: Iterable[str] = ()) -> DistillData:
     """`data` with short queries (the first 1-3 words of training texts) and long passages (consecutive
-    training texts joined to 75-100% of `max_tokens` tokens) added to the training texts, the kinds of
-    input the validate step's "short" and "long" buckets hold (`inferforge.data`), made from the
-    training texts only. The held-out split stays as it was; none of the added texts is a held-out
-    text or in `exclude`. `count_tokens(text)`: the tokenizer's length with special tokens."""
+    training texts joined until they hold at least 75% of `max_tokens` tokens; tokenizing cuts them at
+    `max_tokens`) added to the training texts, the kinds of input an encoder recipe's validate step
+    holds in its "short" and "long" buckets (`inferforge.data`), made from the training texts only.
+    The held-out split stays as it was; none of the added texts is a training, held-out or `exclude`
+    text (a "passage" that is one training text already is dropped, so when single texts reach 75% of
+    `max_tokens` few or no passages are added; the count is in `length_mix` and logged).
+    `count_tokens(text)`: the tokenizer's length with special tokens. `train_texts` in `record()`
+    then counts the added texts too."""
     from dataclasses import replace
 
     from inferforge.data import long_passages, short_queries
@@ -97,6 +104,9 @@ def with_length_mix(data: DistillData, *, count_tokens, max_tokens: int, exclude
     banned.update(short)
     long = [p for p in long_passages(data.train, max(1, len(data.train) // LONG_EVERY), count_tokens=count_tokens,
                                      max_tokens=max_tokens) if p not in banned]
+    if not long:
+        log.warning("length_mix: no long passage added: single training texts already reach 75%% of max_length "
+                    "(%d tokens); a larger max_length makes room for passages", max_tokens)
     return replace(data, train=(*data.train, *short, *long),
                    length_mix={"short_queries": len(short), "long_passages": len(long), "max_tokens": max_tokens})
 

@@ -133,7 +133,9 @@ def build_student(teacher: Teacher, config, student_dir: str | Path | None = Non
                              f"{teacher.num_layers} layers; a student has 1-{teacher.num_layers}")
     if config.layers is None or student_dir is not None:
         layer_map = evenly_spaced(teacher.num_layers, n)
-    if config.dropout is not None:   # training only: a student that underfits its teacher learns faster without
+    # A student that underfits its teacher learns faster without dropout; the value stays in the student's
+    # saved config.json, where inference ignores it.
+    if config.dropout is not None:
         for key in DROPOUT_KEYS:
             if key in student_config:
                 student_config[key] = config.dropout
@@ -162,10 +164,10 @@ def freeze_student_layers(student: torch.nn.Module, layer_prefix: str, indices) 
     n = len(layers)
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
-        raise UserInputError(f"freeze_layers: layer {bad[0]} is out of range: the student has {n} layers (0-{n - 1}); "
-                             "fix freeze_layers")
+        raise UserInputError(f"freeze_layers lists layer {bad[0]}, out of range: the student has {n} layers "
+                             f"(0-{n - 1})")
     if len(set(indices)) == n:
-        raise UserInputError(f"freeze_layers freezes all {n} student layers: nothing would train; leave at least one out")
+        raise UserInputError(f"freeze_layers freezes all {n} student layers: leave at least one out to train")
     for i in indices:
         layers[i].requires_grad_(False)
 

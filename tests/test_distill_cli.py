@@ -98,7 +98,28 @@ def test_bad_inputs_give_one_line_errors(teacher_dir, tmp_path, capsys):
     err = _one_line_error(capsys, [*base, "--layers", "0", "--batch-size", "999", "--data", str(DOCS), "-o",
                                    str(tmp_path / "g")])
     assert "--batch-size 999 is larger than the 270 training texts" in err
-    assert not any(p.name.startswith(tuple("abcdefg")) for p in tmp_path.iterdir() if p.name != "empty.txt")
+    err = _one_line_error(capsys, [*base, "--layers", "0,1", "--freeze-layers", "x", "--data", str(DOCS), "-o",
+                                   str(tmp_path / "h")])
+    assert err.startswith("error: --freeze-layers 'x': give comma-separated layer indices") and "----" not in err
+    err = _one_line_error(capsys, [*base, "--layers", "0,1", "--freeze-layers", "2", "--data", str(DOCS), "-o",
+                                   str(tmp_path / "i")])
+    assert "--freeze-layers: freeze_layers lists layer 2, out of range: the student has 2 layers (0-1)" in err
+    err = _one_line_error(capsys, [*base, "--layers", "0,1", "--dropout", "1.5", "--data", str(DOCS), "-o",
+                                   str(tmp_path / "j")])
+    assert "--dropout: dropout must be in [0, 1)" in err
+    assert not any(p.name.startswith(tuple("abcdefghij")) for p in tmp_path.iterdir() if p.name != "empty.txt")
+
+
+def test_the_training_flags_reach_the_config():
+    from inferforge.cli import build_parser
+    from inferforge.distill_cli import config_from_args
+
+    args = build_parser().parse_args(["distill", "t", "--layers", "0,3,5", "--data", "x.txt", "-o", "o",
+                                      "--freeze-layers", "1,0", "--dropout", "0", "--length-mix", "--freeze-embeddings"])
+    config = config_from_args(args)
+    assert config.freeze_layers == (0, 1) and config.dropout == 0.0 and config.length_mix and config.freeze_embeddings
+    plain = config_from_args(build_parser().parse_args(["distill", "t", "--layers", "0", "--data", "x.txt", "-o", "o"]))
+    assert plain.freeze_layers == () and plain.dropout is None and not plain.length_mix
 
 
 def test_narrower_student_trains_through_a_projection(teacher_dir, tmp_path, capsys):

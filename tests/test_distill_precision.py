@@ -45,13 +45,23 @@ def test_frozen_layers_keep_their_initial_weights_and_the_others_train(teacher_d
     assert all(not torch.equal(student[k], teacher[k]) for k in layer1)
 
 
-@pytest.mark.parametrize(("freeze", "match"), [((2,), "layer 2 is out of range: the student has 2 layers"),
+@pytest.mark.parametrize(("freeze", "match"), [((2,), "freeze_layers lists layer 2, out of range: the student has 2 layers"),
                                                 ((0, 1), "freezes all 2 student layers")])
-def test_bad_frozen_layers_are_refused(teacher_dir, freeze, match):
+def test_bad_frozen_layers_are_refused(freeze, match):
+    with pytest.raises(ValueError, match=match):     # known from the config when it lists the student's layers
+        DistillConfig(layers=(0, 1), freeze_layers=freeze)
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(num_layers=2, freeze_layers=freeze)
+
+
+@pytest.mark.parametrize(("freeze", "match"), [((1,), "freeze_layers lists layer 1, out of range: the student has 1 layers"),
+                                                ((0,), "freezes all 1 student layers")])
+def test_frozen_layers_of_a_student_known_only_when_built_are_checked_then(teacher_dir, freeze, match):
     import dataclasses
 
+    config = dataclasses.replace(CONFIG, layers="every-other", freeze_layers=freeze)   # 1 of the 2 teacher layers
     with pytest.raises(UserInputError, match=match):
-        distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, layers=(0, 1), freeze_layers=freeze))
+        distill(str(teacher_dir), None, [DOCS], config)
 
 
 def test_frozen_layer_and_dropout_values_are_checked():
@@ -130,9 +140,37 @@ def test_length_mix_adds_short_queries_and_long_passages_from_the_training_texts
     assert mixed.record()["length_mix"]["long_passages"] == len(long)
 
 
-def test_a_length_mix_run_trains_on_the_added_texts(teacher_dir):
+def test_length_mix_never_adds_a_held_out_text_or_repeats_a_training_text():
+    from inferforge.optimize.distill_data import DistillData, with_length_mix
+
+    long_text = " ".join(f"w{i}" for i in range(70))          # already past 75% of 64 tokens on its own
+    train = (long_text, *[f"Alpha beta gamma {i} delta" for i in range(40)], *[f"Omega {i} psi chi" for i in range(40)])
+    data = DistillData(files=(), train=train, held_out=("Alpha", "Omega 2"), excluded=0)
+    mixed = with_length_mix(data, count_tokens=lambda t: len(t.split()) + 2, max_tokens=64)
+    added = mixed.train[len(train):]
+    assert {"Alpha beta", "Alpha beta gamma", "Omega", "Omega 0 psi"} <= set(added)   # 1-3-word queries are made
+    assert "Alpha" not in added and "Omega 2" not in added    # but not the held-out texts
+    assert long_text not in added and len(added) == len(set(added))
+    assert mixed.length_mix["long_passages"] == sum(len(t.split()) > 5 for t in added) > 0
+
+
+def test_a_length_mix_run_trains_on_the_added_texts_but_never_an_excluded_one(teacher_dir):
     import dataclasses
 
-    result = distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, length_mix=True, max_length=48))
-    assert result.data.length_mix["short_queries"] > 0 and result.data.length_mix["long_passages"] > 0
-    assert len(result.data.train) > len(distill(str(teacher_dir), None, [DOCS], CONFIG).data.train)
+    from inferforge.optimize.distill_data import load_distill_data
+
+    first_word = load_distill_data([DOCS], held_out_share=CONFIG.held_out_share, seed=CONFIG.seed).train[0].split()[0]
+    config = dataclasses.replace(CONFIG, length_mix=True, max_length=48)
+    mixed = distill(str(teacher_dir), None, [DOCS], config).data
+    assert mixed.length_mix["short_queries"] > 0 and mixed.length_mix["long_passages"] > 0
+    assert first_word in mixed.train                          # a short query of the first training text
+    excluded = distill(str(teacher_dir), None, [DOCS], config, exclude=[first_word]).data
+    assert first_word not in excluded.train and excluded.length_mix["short_queries"] > 0
+
+
+def test_new_settings_at_their_defaults_leave_the_resume_fingerprint_as_before():
+    """A checkpoint written before freeze_layers, dropout and length_mix existed still resumes."""
+    settings = DistillConfig(layers=(0, 1)).run_settings("encoder")
+    assert not {"freeze_layers", "dropout", "length_mix"} & set(settings)
+    changed = DistillConfig(layers=(0, 1), freeze_layers=[1, 0], dropout=0.0, length_mix=True).run_settings("encoder")
+    assert changed["freeze_layers"] == [0, 1] and changed["dropout"] == 0.0 and changed["length_mix"] is True
