@@ -172,5 +172,5 @@ def test_new_settings_at_their_defaults_leave_the_resume_fingerprint_as_before()
     """A checkpoint written before freeze_layers, dropout and length_mix existed still resumes."""
     settings = DistillConfig(layers=(0, 1)).run_settings("encoder")
     assert not {"freeze_layers", "dropout", "length_mix"} & set(settings)
-    changed = DistillConfig(layers=(0, 1), freeze_layers=[1, 0], dropout=0.0, length_mix=True).run_settings("encoder")
+    changed = DistillConfig(layers=(0, 1, 2), freeze_layers=[1, 0], dropout=0.0, length_mix=True).run_settings("encoder")
     assert changed["freeze_layers"] == [0, 1] and changed["dropout"] == 0.0 and changed["length_mix"] is True
