@@ -45,10 +45,6 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _sort_key(value):
-    return (0, value) if isinstance(value, int) and not isinstance(value, bool) else (1, str(value))
-
-
 def _share_ok(value) -> bool:
     return value is None or 0 <= value <= 1
 
@@ -134,8 +130,8 @@ class DistillConfig:
     def __post_init__(self):
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.freeze_layers, (list, tuple)):
-            object.__setattr__(self, "freeze_layers", tuple(sorted(self.freeze_layers, key=_sort_key)))
+        if isinstance(self.freeze_layers, list):
+            object.__setattr__(self, "freeze_layers", tuple(self.freeze_layers))
         if isinstance(self.layers, str):
             _require(self.layers == EVERY_OTHER, f"layers must be a list of layer indices or '{EVERY_OTHER}', "
                                                  f"got {self.layers!r}")
@@ -171,6 +167,7 @@ class DistillConfig:
         _require(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.freeze_layers),
                  "freeze_layers must be student layer indices >= 0 (counted from 0)")
         _require(len(set(self.freeze_layers)) == len(self.freeze_layers), "freeze_layers lists a layer twice")
+        object.__setattr__(self, "freeze_layers", tuple(sorted(self.freeze_layers)))   # ints, checked above
         depth = len(self.layers) if isinstance(self.layers, tuple) else self.num_layers
         if depth is not None and self.freeze_layers:   # else checked once the student is built
             _require(max(self.freeze_layers) < depth, f"freeze_layers lists layer {max(self.freeze_layers)}, out of range: "
