@@ -1,4 +1,4 @@
-"""Dense float linears on the CPU: oneDNN's packed weights for batched steps.
+"""Dense float linears on the CPU: packed weights for batched steps.
 
 `F.linear` on a `[out, in]` float32 weight is fast for one row (a decode step at batch 1 reads the
 weight at close to the memory bandwidth) but slow for a few rows: on 2 cores of a Xeon with
@@ -7,11 +7,22 @@ product on a weight reordered once into oneDNN's blocked layout (`mkldnn._reorde
 run through `mkldnn._linear_pointwise`) ran at 17-20 GB/s at M = 8 and 13 GB/s against 7 GB/s for
 the 32000-row LM head; but at M = 1 it was 10-30% slower than `F.linear` (about 50 us more a call).
 
-So `PackedDenseLinear` keeps both: the dense weight for steps of at most `DENSE_MAX_ROWS` rows and
-the packed copy for the rest (batched decode, prefill). That is a second copy of every projection
-weight: `LLMEngine.from_pretrained(cpu_packed_linears=...)` turns it on by default on the CPU when
-more than one sequence may run at once, and its KV-cache budget counts the copy (`packed_bytes`).
-Measured in `scripts/bench_engine_cpu.py` (README: "Engine speed on the CPU").
+MKL's packed SGEMM (`mkl._mkl_reorder_linear_weight(weight, M)`, run through `mkl._mkl_linear`)
+packs a float32 weight for one row count M. Streaming the 65 projections of a 16-layer, 1024-wide
+Llama (960 MB, so nothing stays in cache) at M = 8: 55-58 ms a pass against oneDNN's 62-70 ms and
+`F.linear`'s 91-105 ms; rows padded with zeros up to M cost the same as oneDNN's at 4 rows. At 3
+rows `F.linear` was the fastest (47 ms against 53-60 ms). For other row counts `mkl._mkl_linear`
+runs MKL's SGEMM on the dense weight (as `F.linear` does: prefill chunks, 10-15% slower than
+oneDNN at 64 rows, as fast at 256).
+
+So `PackedDenseLinear` keeps the dense weight for steps of at most `DENSE_MAX_ROWS` rows and one
+packed copy for the rest: MKL's, packed for the engine's `max_num_seqs` rows (its full decode batch;
+fewer rows are padded to it), when that is `MKL_MIN_ROWS`-`MKL_MAX_ROWS` and the weight float32;
+else oneDNN's. That is a second copy of every projection weight (MKL's buffer is nominally larger,
+but only the packed weight's pages are ever written, measured as resident memory):
+`LLMEngine.from_pretrained(cpu_packed_linears=...)` turns it on by default on the CPU when more than
+one sequence may run at once, and its KV-cache budget counts the copy (`packed_bytes`). Measured
+end to end in `scripts/bench_engine_cpu.py` (README: "Engine speed on the CPU").
 """
 
 from __future__ import annotations
@@ -23,8 +34,11 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# Steps of at most this many rows use the dense weight (F.linear was faster at M = 1 and 2 above).
-DENSE_MAX_ROWS = 2
+# Steps of at most this many rows use the dense weight (F.linear was faster at M = 1-3 above).
+DENSE_MAX_ROWS = 3
+# MKL packs for a decode batch of this many rows (max_num_seqs); beyond it, padding a step up to the
+# packed row count costs more compute than its weight reads save, and oneDNN packs instead.
+MKL_MIN_ROWS, MKL_MAX_ROWS = DENSE_MAX_ROWS + 1, 16
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -39,26 +53,52 @@ def packing_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
     return None
 
 
+def mkl_packing_available(dtype: torch.dtype) -> bool:
+    return (dtype == torch.float32 and torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+
+
 class PackedDenseLinear:
     """`x @ weight.T + bias` for `x` of shape `[rows, in]` (or `[..., in]`): `F.linear` on the dense
-    `weight [out, in]` for up to DENSE_MAX_ROWS rows, else oneDNN on a packed copy of it."""
+    `weight [out, in]` for up to DENSE_MAX_ROWS rows, else a packed copy of it: MKL's for `batch_rows`
+    rows (fewer are padded to it; more run MKL's SGEMM on the dense weight) when `batch_rows` is
+    MKL_MIN_ROWS-MKL_MAX_ROWS and MKL can pack the weight, else oneDNN's."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, batch_rows: int | None = None):
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.batch_rows = None
+        if batch_rows is not None and MKL_MIN_ROWS <= batch_rows <= MKL_MAX_ROWS and mkl_packing_available(weight.dtype):
+            try:
+                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, batch_rows)
+                self.batch_rows = batch_rows
+            except RuntimeError as e:    # an MKL build that can't pack here: oneDNN's layout instead
+                log.debug("MKL could not pack a %s weight (%s); oneDNN packs it", tuple(weight.shape), e)
+        if self.batch_rows is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.packed_bytes = weight.numel() * weight.element_size()
+
+    @property
+    def kind(self) -> str:
+        return "mkl" if self.batch_rows is not None else "onednn"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows <= DENSE_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed, self.bias,
-                                                 "none", [], "")
+        flat = x.reshape(rows, self.in_features)
+        if self.batch_rows is not None:
+            if rows < self.batch_rows:
+                flat = torch.cat([flat, flat.new_zeros(self.batch_rows - rows, self.in_features)])
+            out = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, self.bias, self.batch_rows)[:rows]
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def __repr__(self) -> str:
-        return f"PackedDenseLinear(in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype})"
+        rows = f", batch_rows={self.batch_rows}" if self.batch_rows is not None else ""
+        return (f"PackedDenseLinear(in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}, "
+                f"{self.kind}{rows})")
 
 
 def pack_dense_linears_if_asked(model, requested: bool | None, max_num_seqs: int) -> None:
@@ -76,12 +116,15 @@ def pack_dense_linears_if_asked(model, requested: bool | None, max_num_seqs: int
         log.info("dense linears not packed: max_num_seqs=1 decodes one row a step, where F.linear is faster")
         return
     try:
-        extra = model.pack_dense_linears()
+        extra = model.pack_dense_linears(batch_rows=max_num_seqs)
     except RuntimeError as e:           # a oneDNN build that can't reorder this dtype here
         if requested:
             raise UserInputError(f"cpu_packed_linears=True: oneDNN could not pack the weights ({e}); "
                                  "leave cpu_packed_linears unset (auto)") from None
         log.warning("dense linears not packed (oneDNN: %s); batched CPU steps use F.linear", e)
         return
-    log.info("dense linears packed for batched CPU steps (oneDNN): %.1f MiB more weights; "
-             "cpu_packed_linears=False saves it", extra / 2**20)
+    packed = [op for layer in model.layers for op in layer.values() if isinstance(op, PackedDenseLinear)]
+    kind = packed[0].kind if packed else getattr(model.lm_head, "kind", "onednn")
+    layout = f"MKL, for {max_num_seqs}-row decode steps" if kind == "mkl" else "oneDNN"
+    log.info("dense linears packed for batched CPU steps (%s): %.1f MiB more weights; cpu_packed_linears=False "
+             "saves it", layout, extra / 2**20)

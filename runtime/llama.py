@@ -246,9 +246,10 @@ class LlamaModel:
         quantized = take_quantized_linears(meta, weights, device) if meta else None
         return cls(spec, weights, dtype=dtype, device=device, quantized=quantized)
 
-    def pack_dense_linears(self) -> int:
-        """Give every dense projection and the LM head a oneDNN-packed copy for batched CPU steps
-        (`runtime/cpu_linear.py`); q/k/v's bias moves into its projection. Returns the extra bytes."""
+    def pack_dense_linears(self, batch_rows: int | None = None) -> int:
+        """Give every dense projection and the LM head a packed copy for batched CPU steps, for
+        decode batches of `batch_rows` rows (`runtime/cpu_linear.py`); q/k/v's bias moves into its
+        projection. Returns the extra bytes."""
         from inferforge.runtime.cpu_linear import PackedDenseLinear
 
         extra = 0
@@ -257,7 +258,7 @@ class LlamaModel:
             nonlocal extra
             if not isinstance(op, torch.Tensor):
                 return op, bias                      # quantized, or packed already
-            packed = PackedDenseLinear(op, bias)
+            packed = PackedDenseLinear(op, bias, batch_rows=batch_rows)
             extra += packed.packed_bytes
             return packed, None
 
