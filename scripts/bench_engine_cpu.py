@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         e, t = r["tokens_per_s"]["engine"], r["tokens_per_s"]["transformers"]
         span = lambda s: f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"  # noqa: E731
         print(f"{r['case']:<16}{span(e):>22}{span(t):>24}{r['ratio']:>7.2f}x"
-              f"{' '.join(f'{x:.2f}' for x in r['ratios_per_rep']):>22}  {r['greedy_tokens_identical']}")
+              f"  {' '.join(f'{x:.2f}' for x in r['ratios_per_rep']):>20}  {r['greedy_tokens_identical']}")
     if args.out:
         from inferforge.fileio import atomic_write_json
 

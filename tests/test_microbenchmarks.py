@@ -25,6 +25,7 @@ def test_pytest_bench_collects_the_microbenchmarks():
     ids = re.findall(r"^bench/micro/test_micro_\w+\.py::\S+$", proc.stdout, flags=re.M)
     assert len(ids) >= 4, proc.stdout
     for name in ("test_onnx_encoder_call[fp32]", "test_onnx_encoder_call[int8]", "test_quantize_rows_int8",
-                 "test_engine_decode_step[1]", "test_engine_decode_step[8]", "test_paged_decode_attention_cpu[batched]",
+                 "test_engine_decode_step[1]", "test_engine_decode_step[8]", "test_cpu_dense_linear[mkl-8]",
+                 "test_paged_decode_attention_cpu[batched]",
                  "test_paged_decode_attention_cpu[loop-reference]"):
         assert any(name in i for i in ids), name
