@@ -19,15 +19,18 @@ So `PackedDenseLinear` keeps the dense weight for steps of at most `DENSE_MAX_RO
 packed copy for the rest: MKL's, packed for the engine's `max_num_seqs` rows (its full decode batch;
 fewer rows are padded to it), when that is `MKL_MIN_ROWS`-`MKL_MAX_ROWS` and the weight float32;
 else oneDNN's. That is a second copy of every projection weight (MKL's buffer is nominally larger,
-but only the packed weight's pages are ever written, measured as resident memory):
+but only the packed weight's pages are ever written, measured as resident memory for weights of 1024 x 1024
+and more; each buffer reserves at least about 7.5 MiB of address space, about 2x the weights in all,
+and tiny weights cost more than their bytes):
 `LLMEngine.from_pretrained(cpu_packed_linears=...)` turns it on by default on the CPU when more than
-one sequence may run at once, and its KV-cache budget counts the copy (`packed_bytes`). Measured
+DENSE_MAX_ROWS sequences may run at once, and its KV-cache budget counts the copy (`packed_bytes`). Measured
 end to end in `scripts/bench_engine_cpu.py` (README: "Engine speed on the CPU").
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,12 @@ def packing_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return "this torch build has no oneDNN (mkldnn) linear"
     return None
+
+
+def packs_by_default(max_num_seqs: int) -> bool:
+    """Whether `cpu_packed_linears=None` packs: only when a decode step can have more rows than
+    F.linear is fastest for (below that the copy would serve prefill chunks only, for 2x the memory)."""
+    return max_num_seqs > DENSE_MAX_ROWS
 
 
 def mkl_packing_available(dtype: torch.dtype) -> bool:
@@ -112,8 +121,9 @@ def pack_dense_linears_if_asked(model, requested: bool | None, max_num_seqs: int
         if requested:
             raise UserInputError(f"cpu_packed_linears=True: {why_not}; leave cpu_packed_linears unset (auto)")
         return
-    if requested is None and max_num_seqs == 1:
-        log.info("dense linears not packed: max_num_seqs=1 decodes one row a step, where F.linear is faster")
+    if requested is None and not packs_by_default(max_num_seqs):
+        log.info("dense linears not packed: max_num_seqs=%d decodes at most %d rows a step, where F.linear is the "
+                 "fastest; cpu_packed_linears=True packs for prefill", max_num_seqs, max_num_seqs)
         return
     try:
         extra = model.pack_dense_linears(batch_rows=max_num_seqs)
@@ -123,8 +133,9 @@ def pack_dense_linears_if_asked(model, requested: bool | None, max_num_seqs: int
                                  "leave cpu_packed_linears unset (auto)") from None
         log.warning("dense linears not packed (oneDNN: %s); batched CPU steps use F.linear", e)
         return
-    packed = [op for layer in model.layers for op in layer.values() if isinstance(op, PackedDenseLinear)]
-    kind = packed[0].kind if packed else getattr(model.lm_head, "kind", "onednn")
-    layout = f"MKL, for {max_num_seqs}-row decode steps" if kind == "mkl" else "oneDNN"
+    ops = [op for layer in model.layers for op in layer.values()] + [model.lm_head]
+    kinds = Counter(op.kind for op in ops if isinstance(op, PackedDenseLinear))
+    names = {"mkl": f"MKL, for {max_num_seqs}-row decode steps", "onednn": "oneDNN"}
+    layout = ", ".join(names[k] if len(kinds) == 1 else f"{n} {names[k]}" for k, n in sorted(kinds.items()))
     log.info("dense linears packed for batched CPU steps (%s): %.1f MiB more weights; cpu_packed_linears=False "
              "saves it", layout, extra / 2**20)

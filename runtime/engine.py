@@ -130,10 +130,11 @@ class LLMEngine:
         calibrated per-layer, per-KV-head scales: `kv_scales=(k_scales, v_scales)`, each
         `[num_layers, n_kv_heads]`. `cuda_graphs=True` (CUDA only, off by default and not yet
         measured) replays captured decode steps: see `runtime/cuda_graphs.py`.
-        `cpu_packed_linears` keeps a oneDNN-packed second copy of each dense float projection for
-        steps of more than two rows (`runtime/cpu_linear.py`): faster batched decode and prefill on
-        the CPU for twice the memory of those weights (counted in the KV budget). The default (None)
-        packs on the CPU when max_num_seqs > 1; False saves the memory."""
+        `cpu_packed_linears` keeps a packed second copy of each dense float projection for steps of
+        more than three rows (`runtime/cpu_linear.py`: MKL's, packed for max_num_seqs rows, for float32
+        and max_num_seqs 4-16; oneDNN's otherwise): faster batched decode and prefill on the CPU for
+        twice the memory of those weights (counted in the KV budget). The default (None) packs on the
+        CPU when max_num_seqs > 3; False saves the memory, True packs for prefill even below that."""
         from inferforge.kernels.kv_cache import CACHE_DTYPES
         from inferforge.runtime import kv_budget
 

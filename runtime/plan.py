@@ -128,7 +128,7 @@ PACKABLE_WEIGHT_DTYPES = ("fp32", "float32", "bf16", "bfloat16")
 
 
 def packed_projection_bytes(shape: ModelShape) -> int:
-    """The CPU engine's oneDNN-packed copy of every q/k/v/o, MLP and LM-head weight
+    """The CPU engine's packed copy (MKL's or oneDNN's) of every q/k/v/o, MLP and LM-head weight
     (`runtime/cpu_linear.py`), at the weights' bytes per parameter."""
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     per_layer = shape.hidden * (2 * q + 2 * kv) + 3 * shape.hidden * shape.intermediate
@@ -155,8 +155,10 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     shape = read_model_shape(model_dir, weights_dtype=weights_dtype)
     kv_per_token = kvb.kv_bytes_per_token(shape.layers, shape.n_kv_heads, shape.head_dim,
                                           _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype"))
+    from inferforge.runtime.cpu_linear import packs_by_default
+
     engine_seqs = concurrency or 8
-    packed = (packed_projection_bytes(shape) if device == "cpu" and engine_seqs > 1
+    packed = (packed_projection_bytes(shape) if device == "cpu" and packs_by_default(engine_seqs)
               and shape.weights_dtype in PACKABLE_WEIGHT_DTYPES else 0)
     weight_bytes = shape.weight_bytes + packed
     activation = kvb.activation_peak_formula(

@@ -2,7 +2,9 @@
 against the engine's packed copies (runtime/cpu_linear.py: oneDNN's layout, and MKL's packed SGEMM
 packed for 8 rows). Each round streams 16 different 1024 x 2816 weights (184 MB, more than the
 caches hold), as a decode step streams a model's layers; GB/s = weight bytes / mean time is in
-`extra_info`. On the 2-core AVX-512 machine MKL's copy led at 8 rows and `F.linear` at 1."""
+`extra_info`. On the 2-core AVX-512 machine MKL's copy led at 8 rows and `F.linear` at 1 (the 1-row
+packed timings are for reference: the engine sends up to 3 rows to `F.linear`, and MKL's 1-row
+timing here is its copy packed for 8 rows, with the row padded)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ K, N, LAYERS = 2816, 1024, 16
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("path", ["dense", "onednn", "mkl"])
 def test_cpu_dense_linear(benchmark, path, rows):
-    from inferforge.runtime.cpu_linear import PackedDenseLinear, mkl_packing_available, packing_unavailable_reason
+    from inferforge.runtime.cpu_linear import (
+        PackedDenseLinear,
+        mkl_packing_available,
+        packing_unavailable_reason,
+    )
 
     why_not = packing_unavailable_reason(torch.device("cpu"), torch.float32)
     if path != "dense" and why_not:

@@ -1,5 +1,7 @@
 """Dense CPU linears with a packed copy (MKL's or oneDNN's) for batched steps (runtime/cpu_linear.py)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -105,11 +107,50 @@ def test_the_engine_packs_by_default_on_the_cpu_and_generates_the_same_tokens(ti
         plain.generate(prompts, max_new_tokens=6, stop_token_ids=[])
 
 
-def test_one_sequence_at_a_time_is_not_packed_unless_asked(tiny):
-    one = LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=1)
-    assert isinstance(one.model.layers[0]["qkv"], torch.Tensor)
-    asked = LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=1, cpu_packed_linears=True)
-    assert isinstance(asked.model.layers[0]["qkv"], PackedDenseLinear)
+@pytest.mark.parametrize("seqs", [1, 2, 3])
+def test_up_to_three_sequences_are_not_packed_unless_asked(tiny, seqs, caplog):
+    """Decode steps of up to 3 rows run F.linear: a copy would serve prefill only, for 2x the memory."""
+    with caplog.at_level(logging.INFO, logger="inferforge.runtime.cpu_linear"):
+        few = LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=seqs)
+    assert isinstance(few.model.layers[0]["qkv"], torch.Tensor)
+    assert f"not packed: max_num_seqs={seqs}" in caplog.text
+    asked = LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=seqs, cpu_packed_linears=True)
+    assert isinstance(asked.model.layers[0]["qkv"], PackedDenseLinear) and asked.model.layers[0]["qkv"].kind == "onednn"
+
+
+def test_the_row_limits_are_the_measured_ones():
+    """F.linear up to 3 rows, MKL packed for decode batches of 4-16 (README: "Engine speed on a CPU")."""
+    assert (DENSE_MAX_ROWS, MKL_MIN_ROWS, MKL_MAX_ROWS) == (3, 4, 16)
+    assert not mkl_packing_available(torch.bfloat16) and not mkl_packing_available(torch.float16)
+
+
+def test_the_packed_copy_counts_the_weights_bytes():
+    weight = torch.randn(64, 48)
+    for batch_rows in (None, 8):
+        assert PackedDenseLinear(weight, batch_rows=batch_rows).packed_bytes == weight.numel() * 4
+
+
+def test_a_weight_mkl_cannot_pack_gets_onednns_layout(monkeypatch):
+    from inferforge.runtime import cpu_linear
+
+    def refuse(weight, rows):
+        raise RuntimeError("cannot pack")
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", refuse, raising=False)
+    monkeypatch.setattr(cpu_linear, "mkl_packing_available", lambda dtype: True)
+    weight, x = torch.randn(24, 16), torch.randn(6, 16)
+    linear = PackedDenseLinear(weight, batch_rows=8)
+    assert linear.kind == "onednn" and linear.batch_rows is None
+    torch.testing.assert_close(linear(x), x @ weight.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("seqs", "layout"), [(4, "MKL, for 4-row decode steps"), (17, "oneDNN")])
+def test_the_log_names_the_layout(tiny, seqs, layout, caplog):
+    if seqs == 4 and not mkl_packing_available(torch.float32):
+        pytest.skip("this torch build has no MKL packed SGEMM")
+    with caplog.at_level(logging.INFO, logger="inferforge.runtime.cpu_linear"):
+        LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=seqs)
+    assert f"dense linears packed for batched CPU steps ({layout})" in caplog.text
 
 
 @pytest.mark.parametrize("kwargs, match", [
