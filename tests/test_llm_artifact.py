@@ -52,7 +52,7 @@ def transformers_greedy(artifact, prompt, n):
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_load_returns_the_engine_matching_transformers_token_for_token(artifacts, name):
-    engine = inferforge.load(artifacts[name], dtype=torch.float32, device="cpu", max_num_seqs=2)
+    engine = inferforge.load(artifacts[name], dtype=torch.float32, device="cpu", max_num_seqs=4)
     assert isinstance(engine, LLMEngine) and engine.manifest["kind"] == "quantized-causal-lm"
     layers = engine.model.layers
     if name == "int8":
