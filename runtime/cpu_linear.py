@@ -35,10 +35,12 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from inferforge.runtime.kv_budget import DENSE_MAX_ROWS, packs_by_default
+
 log = logging.getLogger(__name__)
 
-# Steps of at most this many rows use the dense weight (F.linear was faster at M = 1-3 above).
-DENSE_MAX_ROWS = 3
+# Steps of at most DENSE_MAX_ROWS rows (3: F.linear was the fastest at M = 1-3 above) use the dense
+# weight; `packs_by_default` keeps the copy only when decode steps can be larger (runtime/kv_budget.py).
 # MKL packs for a decode batch of this many rows (max_num_seqs); beyond it, padding a step up to the
 # packed row count costs more compute than its weight reads save, and oneDNN packs instead.
 MKL_MIN_ROWS, MKL_MAX_ROWS = DENSE_MAX_ROWS + 1, 16
@@ -54,12 +56,6 @@ def packing_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return "this torch build has no oneDNN (mkldnn) linear"
     return None
-
-
-def packs_by_default(max_num_seqs: int) -> bool:
-    """Whether `cpu_packed_linears=None` packs: only when a decode step can have more rows than
-    F.linear is fastest for (below that the copy would serve prefill chunks only, for 2x the memory)."""
-    return max_num_seqs > DENSE_MAX_ROWS
 
 
 def mkl_packing_available(dtype: torch.dtype) -> bool:

@@ -34,6 +34,18 @@ from inferforge.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
+# The CPU engine's packed copy of dense projections (runtime/cpu_linear.py), counted here so that plan()
+# needs no torch: steps of at most DENSE_MAX_ROWS rows run F.linear on the dense weight (measured the
+# fastest at 1-3 rows), so the copy is kept by default only when a decode step can have more rows.
+DENSE_MAX_ROWS = 3
+
+
+def packs_by_default(max_num_seqs: int) -> bool:
+    """Whether `cpu_packed_linears=None` packs: only when a decode step can have more rows than
+    F.linear is fastest for (below that the copy would serve prefill chunks only, for 2x the memory)."""
+    return max_num_seqs > DENSE_MAX_ROWS
+
+
 CPU_KV_CAP_BYTES = 2**30          # default on CPU: at most 1 GiB of KV cache
 CPU_DEFAULT_FRACTION = 0.5        # default on CPU: half of MemAvailable
 CUDA_DEFAULT_UTILIZATION = 0.9

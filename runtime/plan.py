@@ -155,10 +155,8 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     shape = read_model_shape(model_dir, weights_dtype=weights_dtype)
     kv_per_token = kvb.kv_bytes_per_token(shape.layers, shape.n_kv_heads, shape.head_dim,
                                           _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype"))
-    from inferforge.runtime.cpu_linear import packs_by_default
-
     engine_seqs = concurrency or 8
-    packed = (packed_projection_bytes(shape) if device == "cpu" and packs_by_default(engine_seqs)
+    packed = (packed_projection_bytes(shape) if device == "cpu" and kvb.packs_by_default(engine_seqs)
               and shape.weights_dtype in PACKABLE_WEIGHT_DTYPES else 0)
     weight_bytes = shape.weight_bytes + packed
     activation = kvb.activation_peak_formula(
