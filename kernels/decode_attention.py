@@ -146,23 +146,46 @@ def uses_torch_decode_path(device: torch.device) -> bool:
 class DecodeGather:
     """The per-step half of `paged_decode_attention_torch`: which cache rows each sequence reads and
     which of them it sees. It depends only on the block tables, lengths and window, so a model builds
-    it once per step and every layer reuses it."""
+    it once per step and every layer reuses it.
+
+    One sequence whose blocks are consecutive in the pool (a fresh cache hands them out in order)
+    needs no gather at all: `span` = (first block, first visible token, length), and each layer's
+    keys and values are a view of the pool, sliced to the visible tokens, with no mask."""
 
     def __init__(self, block_tables, seq_lens, block_size: int, *, window=None, max_seq_len=None):
         batch = seq_lens.shape[0]
         self.longest = int(seq_lens.max()) if max_seq_len is None and batch else (max_seq_len or 0)
         self.num_blocks = -(-self.longest // block_size)
         self.tokens = self.num_blocks * block_size
+        self.span = None
+        if batch == 1 and self.num_blocks:
+            table = block_tables[0, :self.num_blocks].long()
+            first = int(table[0])
+            if torch.equal(table, torch.arange(first, first + self.num_blocks, device=table.device)):
+                length = int(seq_lens[0])
+                self.span = (first, max(length - window, 0) if window is not None else 0, length)
+                self.empty = None
+                return
         self.flat_tables = block_tables[:, :self.num_blocks].long().flatten()
         token = torch.arange(self.tokens, device=seq_lens.device)[None, :]
         lens = seq_lens.to(torch.int64)[:, None]
         visible = token < lens                                          # [batch, tokens]
         if window is not None:
             visible &= token >= lens - window
-        self.attn_mask = visible[:, None, None, :]
+        self.visible = visible[:, None, None, :]
+        self._masks = {}
         self.hidden_rows = (~visible).flatten().nonzero().squeeze(1)    # rows of [batch * tokens]
         empty = seq_lens == 0
         self.empty = empty[:, None, None] if batch and bool(empty.any()) else None
+
+    def attn_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask (0 where visible, -inf elsewhere) in `dtype`, built once for all layers:
+        SDPA would convert a boolean mask on every call."""
+        mask = self._masks.get(dtype)
+        if mask is None:
+            mask = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
+            mask = self._masks[dtype] = mask.masked_fill_(~self.visible, float("-inf"))
+        return mask
 
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, k_scale=None, v_scale=None,
@@ -173,11 +196,12 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *,
     One gather of the block tables brings every sequence's first `ceil(max_len / block_size)` blocks
     into `[batch, tokens, n_kv, d]`; a mask from `seq_lens` (and `window`) hides the padding. GQA
     reshapes q to `[batch, n_kv, group, d]` so each KV head is read once by its `group` query
-    heads, which are the query rows of one fused `scaled_dot_product_attention` call with a boolean
+    heads, which are the query rows of one fused `scaled_dot_product_attention` call with an additive
     mask, in float32 (float64 for float64 q). int8/fp8 caches are cast, and their per-KV-head scales
     folded into q (k's scale) and the output (v's). A sequence of
     length 0 gets zeros. `max_seq_len` (an int) saves reading `seq_lens.max()` when the caller knows it;
     `gather` (a `DecodeGather` of these tables, lengths and window) saves building the rows and mask.
+    A single sequence in consecutive blocks reads views of the pool instead (`DecodeGather.span`).
     """
     batch, n_heads, head_dim = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -187,21 +211,22 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *,
     if plan.longest == 0:
         return torch.zeros_like(q)
 
-    def gather_rows(cache):
-        # [batch * num_blocks, block_size * n_kv * d] by index_select (row copies), viewed as [batch, n_kv,
-        # tokens, d]: token t of sequence b is row t of its gathered blocks, as the block table orders them.
-        # Slots past a sequence's length (never written, possibly NaN) are zeroed in the copy: the mask
-        # alone does not stop a NaN key or value from reaching the output.
-        rows = cache.reshape(cache.shape[0], -1).index_select(0, plan.flat_tables).to(compute)
-        rows = rows.view(batch * plan.tokens, n_kv * head_dim).index_fill_(0, plan.hidden_rows, 0)
-        return rows.view(batch, plan.tokens, n_kv, head_dim).transpose(1, 2)
+    if plan.span is not None:   # one sequence in consecutive blocks: views of the pool, no copy, no mask
+        first, start, end = plan.span
 
-    keys, values = gather_rows(k_cache), gather_rows(v_cache)
+        def span_rows(cache):
+            rows = cache[first:first + plan.num_blocks].reshape(-1, n_kv, head_dim)[start:end]
+            return rows.to(compute).transpose(0, 1)[None]              # [1, n_kv, tokens, d]
+
+        keys, values, mask = span_rows(k_cache), span_rows(v_cache), None
+    else:
+        keys, values = _gather_rows(k_cache, plan, compute), _gather_rows(v_cache, plan, compute)
+        mask = plan.attn_mask(compute)
     query = q.reshape(batch, n_kv, group, head_dim).to(compute)
     if k_scale is not None and k_cache.dtype in QUANTIZED_CACHE_DTYPES:
         query = query * k_scale.to(compute)[None, :, None, None]     # q . (k * s) == (q * s) . k
     # One fused SDPA call: the `group` query heads of a KV head are its query rows.
-    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=plan.attn_mask,
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                                            scale=sm_scale)   # [batch, n_kv, group, d]
     if v_scale is not None and v_cache.dtype in QUANTIZED_CACHE_DTYPES:
         out = out * v_scale.to(compute)[None, :, None, None]
@@ -209,6 +234,18 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, *,
     if plan.empty is not None:   # a sequence with no tokens saw only -inf scores (NaN probabilities): zeros
         out = out.masked_fill(plan.empty, 0.0)
     return out.to(q.dtype)
+
+
+def _gather_rows(cache, plan: DecodeGather, compute: torch.dtype) -> torch.Tensor:
+    """[batch * num_blocks, block_size * n_kv * d] by index_select (row copies), viewed as [batch, n_kv,
+    tokens, d]: token t of sequence b is row t of its gathered blocks, as the block table orders them.
+    Slots past a sequence's length (never written, possibly NaN) are zeroed in the copy: the mask
+    alone does not stop a NaN key or value from reaching the output."""
+    n_kv, head_dim = cache.shape[2], cache.shape[3]
+    batch = plan.visible.shape[0]
+    rows = cache.reshape(cache.shape[0], -1).index_select(0, plan.flat_tables).to(compute)
+    rows = rows.view(batch * plan.tokens, n_kv * head_dim).index_fill_(0, plan.hidden_rows, 0)
+    return rows.view(batch, plan.tokens, n_kv, head_dim).transpose(1, 2)
 
 
 def _num_splits(batch: int, n_kv: int, max_tokens: int, device) -> int:

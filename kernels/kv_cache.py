@@ -344,7 +344,9 @@ class PagedKVCache:
         return self._tokens[seq_id][: self._lens[seq_id]]
 
     def free(self, seq_id) -> None:
-        for block in self._tables.pop(seq_id):
+        # Last block first: the free stack then hands the blocks out again in table order, so the next
+        # sequence gets consecutive blocks (the CPU decode path reads those without a gather).
+        for block in reversed(self._tables.pop(seq_id)):
             self._release(block)
         for d in (self._lens, self._computed, self._tokens):
             d.pop(seq_id)

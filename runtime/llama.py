@@ -107,19 +107,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-width cos `[c, c]` and signed sin `[-s, s]` `[tokens, d]` for `rotate`, once per step."""
+    """Full-width cos `[c, c]` and signed sin `[-s, s]`, `[tokens, 1, d]` (broadcast over heads), for
+    `rotate`, once per step."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     cos, sin = freqs.cos(), freqs.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` with the tables of `rope_tables`: x * cos + [x2, x1] * [-s, s] is Hugging Face's
-    x * cos + rotate_half(x) * sin, the same numbers (negation is exact). x [tokens, heads, d]; q and
-    k heads can go in one call."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos[:, None, :] + torch.cat([x2, x1], dim=-1) * signed_sin[:, None, :]).to(x.dtype)
+    x * cos + rotate_half(x) * sin, the same numbers (negation is exact); [x2, x1] is x rolled by
+    d/2. x [tokens, heads, d]; q and k heads can go in one call."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

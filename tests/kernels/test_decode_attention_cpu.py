@@ -136,3 +136,50 @@ def test_append_kv_cpu_path_writes_the_slots_and_skips_padding(monkeypatch, dtyp
     for i, slot in enumerate(slots):
         if slot >= 0:
             assert torch.equal(caches[0].view(42, 3, 8)[slot], k[i]) and torch.equal(caches[1].view(42, 3, 8)[slot], v[i])
+
+
+def consecutive_setup(length, *, first=2, **kwargs):
+    """`poisoned_setup` for one sequence, with its blocks moved to `first, first + 1, ...` of the pool
+    (as a fresh engine cache hands them out); the garbage blocks fill the rest of the pool."""
+    q, k, v, bt, lens, k_scale, v_scale = poisoned_setup([length], **kwargs)
+    n = -(-length // k.shape[1])
+    own = bt[0, :n].long().tolist()
+    others = [b for b in range(k.shape[0]) if b not in own]
+    perm = torch.tensor(others[:first] + own + others[first:])
+    table = torch.arange(first, first + n + 1, dtype=torch.int32)[None]   # plus one padding column
+    return q, k[perm], v[perm], table, lens, k_scale, v_scale
+
+
+@pytest.mark.parametrize("length", [1, 16, 17, 45])
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_one_sequence_in_consecutive_blocks_reads_views_of_the_pool(monkeypatch, length, window):
+    """The span path (no gather, no mask) matches the reference, never reads the NaN in the slots
+    past the sequence's length, and is what runs: the gather would raise here."""
+    q, k, v, bt, lens, _, _ = consecutive_setup(length, n_heads=8, n_kv=2, head_dim=24, block_size=8)
+    for cache in (k, v):
+        cache[cache.abs() >= 300] = float("nan")
+    plan = decode_module.DecodeGather(bt, lens, 8, window=window)
+    assert plan.span == (2, max(length - window, 0) if window else 0, length)
+
+    def no_gather(*args):
+        raise AssertionError("the gather path ran")
+
+    monkeypatch.setattr(decode_module, "_gather_rows", no_gather)
+    assert_close_to_reference(q, k, v, bt, lens, window=window)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, FP8], ids=str)
+def test_consecutive_blocks_of_a_quantized_cache(cache_dtype):
+    q, k, v, bt, lens, k_scale, v_scale = consecutive_setup(37, n_heads=8, n_kv=4, head_dim=32,
+                                                            cache_dtype=cache_dtype)
+    assert decode_module.DecodeGather(bt, lens, 16).span is not None
+    assert_close_to_reference(q, k, v, bt, lens, k_scale, v_scale)
+
+
+def test_scattered_or_several_sequences_take_the_gather():
+    q, k, v, bt, lens, _, _ = consecutive_setup(40, n_heads=4, n_kv=2, head_dim=16, block_size=8)
+    scattered = bt.clone()
+    scattered[0, 1], scattered[0, 2] = bt[0, 2], bt[0, 1]
+    assert decode_module.DecodeGather(scattered, lens, 8).span is None
+    two = torch.cat([bt, bt])
+    assert decode_module.DecodeGather(two, torch.cat([lens, lens]), 8).span is None

@@ -116,3 +116,16 @@ def test_quantized_cache_has_per_layer_head_scales():
         make_cache(dtype="fp8", k_scales=torch.ones(3))
     with pytest.raises(ValueError, match="dtype must be one of fp16, bf16, fp32, fp8, int8"):
         make_cache(dtype="int4")
+
+
+def test_a_freed_sequences_blocks_go_to_the_next_in_order():
+    """After a free, the next sequence gets consecutive ascending blocks again (the CPU decode path
+    reads one sequence's consecutive blocks without a gather)."""
+    cache = PagedKVCache(num_layers=1, num_blocks=12, n_kv_heads=1, head_dim=4, block_size=4, dtype=torch.float32)
+    cache.add_sequence("a", list(range(10)), share=False)
+    cache.slots("a", 10)
+    assert cache.block_table("a") == [0, 1, 2]
+    cache.free("a")
+    cache.add_sequence("b", list(range(20)), share=False)
+    cache.slots("b", 20)
+    assert cache.block_table("b") == [0, 1, 2, 3, 4]
