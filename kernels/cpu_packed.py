@@ -67,14 +67,14 @@ class Int8PackedCPU:
         self.in_features = k
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = x.dim() == 2                      # the engine's [tokens, features]: no reshapes
+        x2 = (x if flat else x.reshape(-1, self.in_features)).to(torch.bfloat16)
         if self.k_pad:
             x2 = torch.nn.functional.pad(x2, (0, self.k_pad))
         out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return out.reshape(*lead, -1)
+        return out if flat else out.reshape(*x.shape[:-1], -1)
 
 
 def int4_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:

@@ -36,6 +36,7 @@ from inferforge.errors import UserInputError
 from inferforge.kernels import PagedKVCache
 from inferforge.runtime.cpu_linear import pack_dense_linears_if_asked
 from inferforge.runtime.llama import LlamaModel, StepBatch, shift_cached_keys
+from inferforge.runtime.llama_quantized import call_cpu_kernels_directly
 
 _log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class LLMEngine:
             raise UserInputError(f"cpu_packed_linears must be True, False or None (auto), got {cpu_packed_linears!r}")
         model = LlamaModel.load(path, dtype=dtype, device=device)
         pack_dense_linears_if_asked(model, cpu_packed_linears, max_num_seqs)
+        call_cpu_kernels_directly(model)
         spec = model.spec
         window = spec.max_position_embeddings
         context = min(max_context or window, window)

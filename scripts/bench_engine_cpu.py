@@ -8,7 +8,9 @@ batch 1, batch 8 with equal prompt lengths, and batch 8 with varied prompt lengt
 left-pads them to the longest; the engine batches them continuously over its paged cache).
 
 Each repetition runs every case once per implementation, alternating which goes first, so both
-see the same machine load; the table reports the median tokens/s over repetitions (with min and
+see the same machine load, on prompts drawn afresh for that repetition (the same for both): a
+repeated prompt would let the engine's prefix cache skip part of its prefill, which transformers
+cannot do; the table reports the median tokens/s over repetitions (with min and
 max) and the ratio of medians. tokens/s = prompts * new_tokens / wall seconds of one `generate`
 call (prefill included).
 
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per case and implementation")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt length of the equal-length cases")
-    parser.add_argument("--cases", nargs="+", default=None, help="subset of: 'batch 1' 'batch 8' 'batch 8 varied'")
+    parser.add_argument("--cases", nargs="+", default=None, choices=["batch 1", "batch 8", "batch 8 varied"],
+                        help="a subset of the cases (default: all three)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -104,9 +107,8 @@ def main(argv=None) -> int:
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         engine = LLMEngine.from_pretrained(tmp, dtype=torch.float32, device="cpu", max_num_seqs=8,
                                            max_context=256 + args.new_tokens)
-    cases = make_cases(args.prompt_len, args.seed)
-    if args.cases:
-        cases = {name: cases[name] for name in args.cases}
+    names = args.cases or list(make_cases(args.prompt_len, args.seed))
+    cases = {name: make_cases(args.prompt_len, args.seed)[name] for name in names}
     runners = {"engine": lambda p: run_engine(engine, p, args.new_tokens),
                "transformers": lambda p: run_transformers(hf, p, args.new_tokens)}
     # Warm-up (allocator, thread pools), and the greedy tokens of both for the record.
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
         same[name] = runners["engine"](prompts) == runners["transformers"](prompts)
     times = {name: {impl: [] for impl in runners} for name in cases}
     for rep in range(args.reps):
-        for name, prompts in cases.items():
+        fresh = make_cases(args.prompt_len, args.seed + 1 + rep)
+        for name in cases:
+            prompts = fresh[name]
             order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
             for impl in order:
                 start = time.perf_counter()

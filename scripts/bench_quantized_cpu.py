@@ -4,7 +4,7 @@ Builds a seeded random Llama (transformers LlamaConfig: hidden 1024, 16 layers, 
 heads, intermediate 2816, vocab 32000, about 300M parameters) as safetensors, quantizes it with
 `inferforge quantize` (default skips: lm_head stays float), loads every artifact with
 `inferforge.load`, then times `engine.generate` at batch 1 (a 32-token prompt, 128 new tokens, greedy),
-the formats interleaved in one process and repeated. tokens/s = new tokens / generate wall time
+the formats interleaved in one process and repeated, each repeat on a fresh prompt. tokens/s = new tokens / generate wall time
 (prefill included). Prints median, min and max per format and the median ratio to float32.
 
     python scripts/bench_quantized_cpu.py --workdir /tmp/qbench --threads 2 --repeats 5
@@ -74,12 +74,17 @@ def main() -> None:
     # The float checkpoint is a plain Hugging Face directory; the quantized ones are artifacts.
     engines = {name: (LLMEngine.from_pretrained if name == "fp32" else inferforge.load)(
         path, dtype=torch.float32, device="cpu", max_num_seqs=1) for name, path in paths.items()}
-    prompt = [[1] + [int(t) for t in torch.randint(3, 32000, (args.prompt_len - 1,),
-                                                   generator=torch.Generator().manual_seed(1))]]
+    def draw_prompt(seed: int) -> list[list[int]]:
+        return [[1] + [int(t) for t in torch.randint(3, 32000, (args.prompt_len - 1,),
+                                                     generator=torch.Generator().manual_seed(seed))]]
+
     outputs, rates = {}, {name: [] for name in engines}
     for engine in engines.values():          # warm-up
-        engine.generate(prompt, max_new_tokens=4, stop_token_ids=[])
-    for _ in range(args.repeats):
+        engine.generate(draw_prompt(0), max_new_tokens=4, stop_token_ids=[])
+    for rep in range(args.repeats):
+        # A fresh prompt per repeat, the same for every format: a repeated one would be served partly
+        # from the engine's prefix cache.
+        prompt = draw_prompt(1 + rep)
         for name, engine in engines.items():
             start = time.perf_counter()
             outputs[name] = engine.generate(prompt, max_new_tokens=args.new_tokens, stop_token_ids=[])[0]
@@ -92,9 +97,10 @@ def main() -> None:
         print(f"{name:6s} median {statistics.median(r):7.2f} tok/s (min {min(r):7.2f}, max {max(r):7.2f})  "
               f"x{statistics.median(r) / base:.2f} vs fp32  greedy tokens equal to fp32: {same}/{len(outputs[name])}")
     if args.reference:
-        os.environ["INFERFORGE_CPU_PACKED"] = "0"
-        for name, engine in engines.items():
+        os.environ["INFERFORGE_CPU_PACKED"] = "0"      # read at load: the engines load again without packing
+        for name, path in paths.items():
             if name != "fp32":
+                engine = inferforge.load(path, dtype=torch.float32, device="cpu", max_num_seqs=1)
                 start = time.perf_counter()
                 engine.generate(prompt, max_new_tokens=16, stop_token_ids=[])
                 print(f"{name:6s} previous path: {16 / (time.perf_counter() - start):7.2f} tok/s")

@@ -15,8 +15,8 @@ from inferforge.optimize.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLin
 from tests.factories_llama import save_tiny_llama, save_word_tokenizer
 
 PROMPTS = [[1, 5, 9, 200, 17], [1, 99, 42]]
-FORMATS = {"int8": (["--config", "int8-weight-only"], Int8WeightOnlyLinear),
-           "int4": (["--config", "int4-g128", "--group-size", "32"], Int4WeightOnlyLinear)}
+FORMATS = {"int8": (["--config", "int8-weight-only"], Int8WeightOnlyLinear, cpu_packed.Int8PackedCPU),
+           "int4": (["--config", "int4-g128", "--group-size", "32"], Int4WeightOnlyLinear, cpu_packed.Int4PackedCPU)}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def artifacts(tmp_path_factory):
     tiny = save_tiny_llama(root / "tiny", seed=3)
     save_word_tokenizer(tiny)
     out = {}
-    for name, (args, _) in FORMATS.items():
+    for name, (args, _, _) in FORMATS.items():
         out[name] = root / name
         assert main(["quantize", str(tiny), *args, "--no-gate", "--output", str(out[name]), "-q"]) == 0
     return out
@@ -33,20 +33,22 @@ def artifacts(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_packed_engine_generates_the_tokens_of_the_previous_path(artifacts, name, monkeypatch):
-    module_type = FORMATS[name][1]
+    _, module_type, packed_type = FORMATS[name]
     monkeypatch.setattr(cpu_packed, "_INTERPRET", False)        # tests run under TRITON_INTERPRET=1
     monkeypatch.delenv("INFERFORGE_CPU_PACKED", raising=False)
     engine = inferforge.load(artifacts[name], dtype=torch.float32, device="cpu", max_num_seqs=2)
     layer = engine.model.layers[0]
     for key in ("qkv", "gate_up", "self_attn.o_proj", "mlp.down_proj"):
-        assert isinstance(layer[key], module_type)
-        assert "_cpu_packed" in layer[key].__dict__            # packed at load, not at the first call
+        # Packed at load, and the step calls the packed kernel itself, not the module around it.
+        assert isinstance(layer[key], packed_type), layer[key]
+    assert isinstance(engine.model.lm_head, packed_type)
     packed = engine.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[])
 
     monkeypatch.setenv("INFERFORGE_CPU_PACKED", "0")
     monkeypatch.setattr(weight_only_matmul, "_INTERPRET", False)   # the reference, not the Triton interpreter
     previous = inferforge.load(artifacts[name], dtype=torch.float32, device="cpu", max_num_seqs=2)
-    assert "_cpu_packed" not in previous.model.layers[0]["qkv"].__dict__
+    qkv = previous.model.layers[0]["qkv"]
+    assert isinstance(qkv, module_type) and "_cpu_packed" not in qkv.__dict__
     want = previous.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[])
     for prompt, got, ref in zip(PROMPTS, packed, want):
         if got != ref:
