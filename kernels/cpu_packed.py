@@ -66,6 +66,10 @@ class Int8PackedCPU:
         self.bias = bias
         self.in_features = k
 
+    def tensors(self) -> tuple:
+        """What this form holds in memory (runtime/kv_budget.py counts it)."""
+        return self.weight, self.scale, self.bias
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.dim() == 2                      # the engine's [tokens, features]: no reshapes
         x2 = (x if flat else x.reshape(-1, self.in_features)).to(torch.bfloat16)
@@ -115,6 +119,10 @@ class Int4PackedCPU:
                                                  torch.nn.functional.pad(zeros.cpu().float(), pad))
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         return cls(weight, scales_and_zeros, group, n, k, bias, input_scale)
+
+    def tensors(self) -> tuple:
+        """What this form holds in memory (runtime/kv_budget.py counts it)."""
+        return self.weight, self.scales_and_zeros, self.bias, self.input_scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -161,8 +161,8 @@ class DecodeGather:
         if batch == 1 and self.num_blocks:
             table = block_tables[0, :self.num_blocks].long()
             first = int(table[0])
-            if torch.equal(table, torch.arange(first, first + self.num_blocks, device=table.device)):
-                length = int(seq_lens[0])
+            length = int(seq_lens[0])
+            if length and torch.equal(table, torch.arange(first, first + self.num_blocks, device=table.device)):
                 self.span = (first, max(length - window, 0) if window is not None else 0, length)
                 self.empty = None
                 return

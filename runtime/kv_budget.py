@@ -235,6 +235,9 @@ def model_weight_bytes(model) -> int:
             add(t.weight)
             add(t.bias)
             total += t.packed_bytes
+        elif hasattr(t, "tensors"):              # kernels/cpu_packed.py: a quantized layer's packed CPU form
+            for x in t.tensors():
+                add(x)
 
     for t in (model.embed, model.norm, model.lm_head):
         add(t)

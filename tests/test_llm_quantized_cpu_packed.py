@@ -50,6 +50,9 @@ def test_packed_engine_generates_the_tokens_of_the_previous_path(artifacts, name
     qkv = previous.model.layers[0]["qkv"]
     assert isinstance(qkv, module_type) and "_cpu_packed" not in qkv.__dict__
     want = previous.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[])
+    # The KV budget counts the packed forms' tensors: the int8 weights are the same bytes (bf16 scales
+    # are half), the int4 codes are repacked; counting nothing would leave only embeddings and norms.
+    assert engine.kv_plan.weight_bytes >= 0.75 * previous.kv_plan.weight_bytes
     for prompt, got, ref in zip(PROMPTS, packed, want):
         if got != ref:
             _assert_near_tie(artifacts[name], prompt, got, ref)
