@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.new_tokens < 1:
+        parser.error("--reps and --new-tokens must be at least 1")
 
     from transformers import AutoModelForCausalLM
 

@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="also time the previous path (INFERFORGE_CPU_PACKED=0) once per format, 16 new tokens")
     args = parser.parse_args()
+    if args.repeats < 1 or args.new_tokens < 1:
+        parser.error("--repeats and --new-tokens must be at least 1")
     torch.set_num_threads(args.threads)
     paths = build(args.workdir, [f for f in args.formats.split(",") if f])
     from inferforge.runtime.engine import LLMEngine
