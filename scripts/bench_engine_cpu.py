@@ -109,8 +109,8 @@ def main(argv=None) -> int:
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         engine = LLMEngine.from_pretrained(tmp, dtype=torch.float32, device="cpu", max_num_seqs=8,
                                            max_context=256 + args.new_tokens)
-    names = args.cases or list(make_cases(args.prompt_len, args.seed))
-    cases = {name: make_cases(args.prompt_len, args.seed)[name] for name in names}
+    cases = make_cases(args.prompt_len, args.seed)
+    cases = {name: cases[name] for name in args.cases or cases}
     runners = {"engine": lambda p: run_engine(engine, p, args.new_tokens),
                "transformers": lambda p: run_transformers(hf, p, args.new_tokens)}
     # Warm-up (allocator, thread pools), and the greedy tokens of both for the record.

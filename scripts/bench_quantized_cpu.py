@@ -4,8 +4,8 @@ Builds a seeded random Llama (transformers LlamaConfig: hidden 1024, 16 layers, 
 heads, intermediate 2816, vocab 32000, about 300M parameters) as safetensors, quantizes it with
 `inferforge quantize` (default skips: lm_head stays float), loads every artifact with
 `inferforge.load`, then times `engine.generate` at batch 1 (a 32-token prompt, 128 new tokens, greedy),
-the formats interleaved in one process and repeated, each repeat on a fresh prompt. tokens/s = new tokens / generate wall time
-(prefill included). Prints median, min and max per format and the median ratio to float32.
+the formats interleaved in one process and repeated, each repeat on a fresh prompt. tokens/s = new
+tokens / generate wall time (prefill included). Prints median, min and max per format and the median ratio to float32.
 
     python scripts/bench_quantized_cpu.py --workdir /tmp/qbench --threads 2 --repeats 5
 """
