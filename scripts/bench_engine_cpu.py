@@ -77,6 +77,23 @@ def run_transformers(model, prompts, new_tokens):
     return out[:, width:].tolist()
 
 
+def streaming_floor_seconds(model, passes: int = 16) -> tuple[float, int]:
+    """(median seconds, bytes) of one pass of 1-row matmuls over every linear weight of `model` (the
+    LM head included): what a batch-1 decode step cannot go below when reading the weights bounds it."""
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(passes + 2):
+            start = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]), sum(w.numel() * w.element_size() for w in weights)
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -118,7 +135,11 @@ def main(argv=None) -> int:
     for name, prompts in cases.items():
         same[name] = runners["engine"](prompts) == runners["transformers"](prompts)
     times = {name: {impl: [] for impl in runners} for name in cases}
+    floors, weight_bytes = [], 0
     for rep in range(args.reps):
+        if "batch 1" in cases:   # interleaved with the runs, so it sees the same machine load
+            seconds, weight_bytes = streaming_floor_seconds(hf)
+            floors.append(seconds)
         fresh = make_cases(args.prompt_len, args.seed + 1 + rep)
         for name in cases:
             prompts = fresh[name]
@@ -141,6 +162,11 @@ def main(argv=None) -> int:
                          ratio=med["engine"] / med["transformers"],
                          ratios_per_rep=[e / t for e, t in zip(rates["engine"], rates["transformers"])],
                          greedy_tokens_identical=same[name]))
+        if name == "batch 1" and floors:
+            floor = 1.0 / statistics.median(floors)
+            rows[-1]["weight_streaming_floor"] = dict(
+                tokens_per_s=floor, weight_bytes=weight_bytes, read_gb_per_s=weight_bytes * floor / 1e9,
+                share={impl: med[impl] / floor for impl in runners})
     import transformers
 
     meta = dict(model=dict(**MODEL_SHAPE, parameters=params, dtype="float32"), threads=args.threads,
@@ -155,6 +181,13 @@ def main(argv=None) -> int:
         span = lambda s: f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"  # noqa: E731
         print(f"{r['case']:<16}{span(e):>22}{span(t):>24}{r['ratio']:>7.2f}x"
               f"  {' '.join(f'{x:.2f}' for x in r['ratios_per_rep']):>20}  {r['greedy_tokens_identical']}")
+    for r in rows:
+        if "weight_streaming_floor" in r:
+            f = r["weight_streaming_floor"]
+            print(f"batch 1 weight-streaming floor: {f['tokens_per_s']:.1f} tok/s ({f['weight_bytes'] / 1e6:.0f} MB of "
+                  f"linear weights read once per token at {f['read_gb_per_s']:.1f} GB/s); engine at "
+                  f"{f['share']['engine']:.0%} of it, transformers at {f['share']['transformers']:.0%}: no batch-1 "
+                  f"ratio can exceed {1 / f['share']['transformers']:.2f}x here")
     if args.out:
         from inferforge.fileio import atomic_write_json
 
