@@ -98,7 +98,8 @@ def add_distill_parser(sub, fmt) -> None:
                         "made from the training texts, as the validate step's length buckets hold")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto (default): bf16 autocast on a GPU, float32 on a CPU; bf16 on a CPU trains the student "
-                        "with bf16 autocast (fast on CPUs with AMX or AVX-512 BF16)")
+                        "and computes an encoder teacher's targets with bf16 autocast (fast on CPUs with AMX or AVX-512 BF16); "
+                        "evaluation stays float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and the init (default 0)")
     p.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine",
                    help="encoders: loss on the mean-pooled embedding (default cosine)")

@@ -79,7 +79,8 @@ class DistillConfig:
     will be validated on 3-word queries and near-`max_length` passages has trained on such inputs.
     `precision`: "auto" (bf16 autocast on a GPU, float32 on a CPU),
     "fp32", or "bf16" (bf16 autocast for the student's training passes on a CPU too, which pays on CPUs
-    with AMX or AVX-512 BF16; the teacher, its cache and the evaluation stay float32 there). Evaluation every `eval_every` steps
+    with AMX or AVX-512 BF16; an encoder teacher's targets, cached or not, are computed under bf16
+    autocast there too; a decoder teacher and every evaluation stay float32). Evaluation every `eval_every` steps
     (0: only at the end), a checkpoint every `save_every` steps, a stop after `max_minutes`.
     `lr_schedule="time"` (with `max_minutes`): warm-up and decay advance with the elapsed share of the
     time budget whenever that is further along than the share of `steps` done, so a run that the

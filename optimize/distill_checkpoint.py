@@ -103,7 +103,15 @@ def load_checkpoint(path: Path, *, module: torch.nn.Module, optimizer, scheduler
 
     load_model(module, str(path / "weights.safetensors"))
     training = torch.load(path / "training.pt", map_location="cpu", weights_only=True)
+    fused = optimizer.defaults.get("fused")
     optimizer.load_state_dict(training["optimizer"])
+    if fused:   # a checkpoint of the per-parameter loop (before fused AdamW) would switch this run back to it
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
     scheduler.load_state_dict(training["scheduler"])
     return json.loads((path / "state.json").read_text(encoding="utf-8")), training["rng"]
 

@@ -186,8 +186,8 @@ def main(argv=None) -> int:
             f = r["weight_streaming_floor"]
             print(f"batch 1 weight-streaming floor: {f['tokens_per_s']:.1f} tok/s ({f['weight_bytes'] / 1e6:.0f} MB of "
                   f"linear weights read once per token at {f['read_gb_per_s']:.1f} GB/s); engine at "
-                  f"{f['share']['engine']:.0%} of it, transformers at {f['share']['transformers']:.0%}: no batch-1 "
-                  f"ratio can exceed {1 / f['share']['transformers']:.2f}x here")
+                  f"{f['share']['engine']:.0%} of it, transformers at {f['share']['transformers']:.0%}: at this matmul "
+                  f"rate no batch-1 ratio exceeds {1 / f['share']['transformers']:.2f}x here")
     if args.out:
         from inferforge.fileio import atomic_write_json
 

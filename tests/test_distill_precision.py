@@ -215,3 +215,45 @@ def test_the_optimizer_is_fused_adamw_with_no_decay_on_biases_and_norms():
     decay, no_decay = optimizer.param_groups
     assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 matrix instructions")
+def test_a_bf16_run_without_the_cache_runs_the_teachers_pass_in_each_step_under_bf16(teacher_dir, monkeypatch):
+    import dataclasses
+
+    seen, sample_losses = [], distill_train.sample_losses
+
+    def spy(module, teacher, *args, **kwargs):
+        hook = teacher.register_forward_hook(
+            lambda *_: seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+        try:
+            return sample_losses(module, teacher, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(distill_train, "sample_losses", spy)
+    distill(str(teacher_dir), None, [DOCS], dataclasses.replace(CONFIG, precision="bf16", cache_teacher=False, steps=1))
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+
+
+def test_resuming_a_checkpoint_of_the_unfused_optimizer_keeps_the_fused_update(tmp_path):
+    from inferforge.optimize import distill_checkpoint as ckpt
+
+    def fresh(fused):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, fused=fused)
+        return module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    module, optimizer, scheduler = fresh(None)          # how checkpoints were written before fused AdamW
+    module(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    path = ckpt.save_checkpoint(tmp_path, step=1, module=module, optimizer=optimizer, scheduler=scheduler,
+                                rng_states=[ckpt.rng_state()], state={})
+    module, optimizer, scheduler = fresh(True)
+    ckpt.load_checkpoint(path, module=module, optimizer=optimizer, scheduler=scheduler)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert all(state["step"].dtype == torch.float32 and float(state["step"]) == 1.0 for state in optimizer.state.values())
+    module(torch.ones(2, 4)).sum().backward()
+    optimizer.step()                                      # the fused kernel takes the loaded state
+    assert all(float(state["step"]) == 2.0 for state in optimizer.state.values())
