@@ -49,7 +49,7 @@ def compare(artifact, *, rounds: int = 5, threads: int = 2, batch_sizes=(8, 1), 
         batch = fixed_length_batch(vocab, batch_size, seq_len, rng)
         ratios = {name: [] for name in runs}
         for _ in range(rounds):
-            fns = {name: (lambda s=s: s.run(None, {i.name: batch[i.name] for i in s.get_inputs()}))
+            fns = {name: (lambda s=s, b=batch: s.run(None, {i.name: b[i.name] for i in s.get_inputs()}))
                    for name, s in runs.items()}
             stats = measure_interleaved(fns, warmup=3, iterations=20)
             for name in runs:

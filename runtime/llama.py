@@ -30,6 +30,10 @@ from inferforge.errors import UserInputError
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
+# The keys of a layer's dict that hold a projection (a weight tensor, a quantized module or a packed
+# callable): q/k/v fused, the attention output, gate/up fused, the MLP output.
+LAYER_PROJECTIONS = ("qkv", "self_attn.o_proj", "gate_up", "mlp.down_proj")
+
 
 @dataclass(frozen=True)
 class LlamaSpec:
@@ -265,8 +269,9 @@ class LlamaModel:
 
         for layer in self.layers:
             layer["qkv"], layer["qkv_bias"] = pack(layer["qkv"], layer["qkv_bias"])
-            for name in ("self_attn.o_proj", "gate_up", "mlp.down_proj"):
-                layer[name], _ = pack(layer[name])
+            for name in LAYER_PROJECTIONS:
+                if name != "qkv":
+                    layer[name], _ = pack(layer[name])
         self.lm_head, _ = pack(self.lm_head)
         return extra
 

@@ -161,6 +161,7 @@ def call_cpu_kernels_directly(model) -> int:
     never changes its weights after loading, so the packed form cannot go stale. Returns how many
     projections were replaced; with INFERFORGE_CPU_PACKED=0 at load, none."""
     from inferforge.kernels.cpu_packed import packed_for, use_cpu_packed
+    from inferforge.runtime.llama import LAYER_PROJECTIONS
 
     if not use_cpu_packed(model.embed):
         return 0
@@ -173,7 +174,7 @@ def call_cpu_kernels_directly(model) -> int:
 
     replaced = 0
     for layer in model.layers:
-        for name in ("qkv", "self_attn.o_proj", "gate_up", "mlp.down_proj"):
+        for name in LAYER_PROJECTIONS:
             op = direct(layer[name])
             replaced += op is not layer[name]
             layer[name] = op
