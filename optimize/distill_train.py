@@ -72,12 +72,13 @@ def init_distributed() -> DistEnv:
     return DistEnv(device=device)
 
 
-def _autocast(device: torch.device, precision: str = "auto"):
-    """(training, teacher, evaluation) autocast contexts for `DistillConfig.precision`. With bf16 on a
-    CPU an encoder teacher's targets (its cache, or its pass in each step) are computed under bf16
-    autocast too (a decoder teacher's logits stay float32: measured for encoders only), about 2.4x faster than in float32 for MiniLM on a 2-core CPU with AVX-512 BF16; against the
-    float32 teacher its pooled embeddings kept a cosine of 0.99997 or more and its hidden states a
-    relative error under 0.7%, far below what the student misses by. Evaluation stays float32."""
+def _autocast(device: torch.device, precision: str = "auto", kind: str = "encoder"):
+    """(training, teacher, evaluation) autocast contexts for `DistillConfig.precision` and the teacher's
+    `kind`. With bf16 on a CPU an encoder teacher's targets (its cache, or its pass in each step) are
+    computed under bf16 autocast too, about 2.4x faster than in float32 for MiniLM on a 2-core CPU with
+    AVX-512 BF16; against the float32 teacher its pooled embeddings kept a cosine of 0.99997 or more
+    and its hidden states a relative error under 0.7%, far below what the student misses by. A decoder
+    teacher's logits stay float32 there (measured for encoders only). Evaluation stays float32."""
     if precision == "fp32":
         return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
     if device.type == "cuda":
@@ -87,7 +88,8 @@ def _autocast(device: torch.device, precision: str = "auto"):
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise UserInputError("precision bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16 or "
                                  "AMX), where bf16 is slower than float32; use precision fp32 (or auto)")
-        return _cpu_bf16_training, _cpu_bf16_teacher, contextlib.nullcontext
+        teacher = _cpu_bf16_teacher if kind == "encoder" else contextlib.nullcontext
+        return _cpu_bf16_training, teacher, contextlib.nullcontext
     return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
 
 
@@ -362,7 +364,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
             group["lr"] = base * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
-    autocast, autocast_teacher, autocast_eval = _autocast(env.device, config.precision)
+    autocast, autocast_teacher, autocast_eval = _autocast(env.device, config.precision, kind)
     cache_on = config.cache_teacher and kind == "encoder" and start < config.steps
     teacher_pooled = None
     if env.rank == 0 and kind == "encoder":
@@ -409,8 +411,7 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
                 totals = accumulate_gradients(train_module, teacher.model, kind,
                                               [[train_ids[i] for i in micro] for micro in micro_batches], pad, config,
                                               hidden_weight, plan["layer_map"], world=env.world, device=env.device,
-                                              autocast=autocast,
-                                              teacher_autocast=autocast_teacher if kind == "encoder" else autocast_eval,
+                                              autocast=autocast, teacher_autocast=autocast_teacher,
                                               targets_for=(lambda j, ids, batches=micro_batches: cache.targets(batches[j], ids.shape[1]))
                                               if cache is not None else None)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm))

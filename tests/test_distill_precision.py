@@ -257,3 +257,10 @@ def test_resuming_a_checkpoint_of_the_unfused_optimizer_keeps_the_fused_update(t
     module(torch.ones(2, 4)).sum().backward()
     optimizer.step()                                      # the fused kernel takes the loaded state
     assert all(float(state["step"]) == 2.0 for state in optimizer.state.values())
+
+
+def test_cpu_bf16_keeps_a_decoder_teachers_logits_in_float32():
+    if not BF16_CPU:
+        pytest.skip("this CPU has no bf16 matrix instructions")
+    _, teacher, evaluation = distill_train._autocast(torch.device("cpu"), "bf16", "decoder")
+    assert teacher is contextlib.nullcontext and evaluation is contextlib.nullcontext
