@@ -451,7 +451,8 @@ def cmd_plan(args) -> int:
                   f"{shape['n_kv_heads']} KV heads x {shape['head_dim']}, context window {shape['context_window']}")
     packed = result["packed_weight_bytes"]
     packed_note = (f", with {packed / gib:.2f} GiB" if packed >= gib else f", with {packed / 2**20:.1f} MiB") + \
-        " of packed CPU projections (an engine with max_num_seqs=1 does not pack)" if packed else ""
+        " of packed CPU projections at most (kept where the engine measures the dense weights plus a copy " \
+        "the fastest; none with max_num_seqs <= 3)" if packed else ""
     console.print(f"memory {result['memory_bytes'] / gib:.1f} GiB, {result['reserve']:.0%} reserved; weights "
                   f"{result['weight_bytes'] / gib:.2f} GiB ({shape['parameters'] / 1e9:.2f}B parameters, "
                   f"{shape['weights_dtype']}{packed_note}); KV cache {result['kv_cache_dtype']}: "
@@ -807,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens in the largest engine step, for the activation peak (default 256, as the engine)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="where the engine runs (default cuda); cpu counts the packed copy of float projections "
-                        "the CPU engine keeps when it runs more than one sequence")
+                        "the CPU engine may keep when it runs more than 3 sequences")
     _common(p)
     p.set_defaults(func=cmd_plan)
 

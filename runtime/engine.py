@@ -34,7 +34,7 @@ import torch
 
 from inferforge.errors import UserInputError
 from inferforge.kernels import PagedKVCache
-from inferforge.runtime.cpu_linear import pack_dense_linears_if_asked
+from inferforge.runtime.cpu_linear import check_cpu_packed_linears, pack_dense_linears_if_asked
 from inferforge.runtime.llama import LlamaModel, StepBatch, shift_cached_keys
 from inferforge.runtime.llama_quantized import call_cpu_kernels_directly
 
@@ -107,6 +107,7 @@ class LLMEngine:
         self.steps = 0
         self.finished: dict[int, str] = {}   # after each step: request id -> "stop" or "length"
         self.kv_plan = None     # from_pretrained: how the KV cache was sized (runtime/kv_budget.py KVPlan)
+        self.cpu_linears = None  # from_pretrained: how dense CPU projections run (runtime/cpu_linear.py)
         self._graphs = None     # a runtime/cuda_graphs.py DecodeGraphRunner when enabled
 
     @classmethod
@@ -115,7 +116,7 @@ class LLMEngine:
                         max_context: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                         max_step_tokens: int = 256, kv_scales: tuple | None = None,
                         memory_budget: str | int | None = None, memory_utilization: float | None = None,
-                        cuda_graphs: bool = False, cpu_packed_linears: bool | None = None) -> LLMEngine:
+                        cuda_graphs: bool = False, cpu_packed_linears: bool | str | None = None) -> LLMEngine:
         """Load a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safetensors).
 
         KV-cache size (see `runtime/kv_budget.py`): `num_blocks` blocks of `block_size` tokens when
@@ -131,11 +132,13 @@ class LLMEngine:
         calibrated per-layer, per-KV-head scales: `kv_scales=(k_scales, v_scales)`, each
         `[num_layers, n_kv_heads]`. `cuda_graphs=True` (CUDA only, off by default and not yet
         measured) replays captured decode steps: see `runtime/cuda_graphs.py`.
-        `cpu_packed_linears` keeps a packed second copy of each dense float projection for steps of
-        more than three rows (`runtime/cpu_linear.py`: MKL's, packed for max_num_seqs rows, for float32
-        and max_num_seqs 4-16; oneDNN's otherwise): faster batched decode and prefill on the CPU for
-        twice the memory of those weights (counted in the KV budget). The default (None) packs on the
-        CPU when max_num_seqs > 3; False saves the memory, True packs for prefill even below that."""
+        `cpu_packed_linears` picks how dense float projections run on the CPU (`runtime/cpu_linear.py`).
+        The default (None) times the layouts on the model's own weights at load (well under a second
+        for 1 GB of weights) and keeps the fastest: `F.linear` on the dense weights; the dense weights
+        plus a packed copy for steps of more than three rows (MKL's for max_num_seqs 4-16 in float32,
+        else oneDNN's: twice the memory of those weights, counted in the KV budget); or oneDNN's
+        layout alone for every step (no extra memory). `engine.cpu_linears` says which, with the
+        timings. False keeps `F.linear`, True the dense weights and a copy, "onednn" oneDNN's layout."""
         from inferforge.kernels.kv_cache import CACHE_DTYPES
         from inferforge.runtime import kv_budget
 
@@ -152,10 +155,9 @@ class LLMEngine:
                 raise UserInputError(f"{name} must be a whole number >= 1, got {value!r}")
         budget = kv_budget.check_memory_options(memory_budget, memory_utilization)
         before = kv_budget.device_memory_before_load(device) if num_blocks is None else None
-        if cpu_packed_linears is not None and not isinstance(cpu_packed_linears, bool):
-            raise UserInputError(f"cpu_packed_linears must be True, False or None (auto), got {cpu_packed_linears!r}")
+        check_cpu_packed_linears(cpu_packed_linears)
         model = LlamaModel.load(path, dtype=dtype, device=device)
-        pack_dense_linears_if_asked(model, cpu_packed_linears, max_num_seqs)
+        cpu_linears = pack_dense_linears_if_asked(model, cpu_packed_linears, max_num_seqs)
         call_cpu_kernels_directly(model)
         spec = model.spec
         window = spec.max_position_embeddings
@@ -175,6 +177,7 @@ class LLMEngine:
                              device=device, k_scales=k_scales, v_scales=v_scales)
         engine = cls(model, cache, max_num_seqs=max_num_seqs, max_context=context, max_step_tokens=max_step_tokens)
         engine.kv_plan = plan
+        engine.cpu_linears = cpu_linears
         if cuda_graphs:
             from inferforge.runtime.cuda_graphs import DecodeGraphRunner
 

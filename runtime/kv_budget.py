@@ -231,7 +231,7 @@ def model_weight_bytes(model) -> int:
         elif isinstance(t, torch.nn.Module):
             for x in (*t.parameters(), *t.buffers()):
                 add(x)
-        elif hasattr(t, "packed_bytes"):         # runtime/cpu_linear.py: the dense weight and its packed copy
+        elif hasattr(t, "packed_bytes"):         # runtime/cpu_linear.py: the dense weight (when kept) and its packed copy
             add(t.weight)
             add(t.bias)
             total += t.packed_bytes

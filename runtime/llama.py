@@ -251,10 +251,12 @@ class LlamaModel:
         quantized = take_quantized_linears(meta, weights, device) if meta else None
         return cls(spec, weights, dtype=dtype, device=device, quantized=quantized)
 
-    def pack_dense_linears(self, batch_rows: int | None = None) -> int:
-        """Give every dense projection and the LM head a packed copy for batched CPU steps, for
-        decode batches of `batch_rows` rows (`runtime/cpu_linear.py`); q/k/v's bias moves into its
-        projection. Returns the extra bytes."""
+    def pack_dense_linears(self, batch_rows: int | None = None, *, dense: bool = True) -> int:
+        """Pack every dense projection and the LM head for the CPU (`runtime/cpu_linear.py`); q/k/v's
+        bias moves into its projection. `dense=True` keeps the dense weight and adds a packed copy for
+        batched steps (MKL's for decode batches of `batch_rows` rows where it can); `dense=False` keeps
+        oneDNN's layout only. Returns the bytes added: with `dense=False` only a tied LM head's copy
+        (the embedding stays)."""
         from inferforge.runtime.cpu_linear import PackedDenseLinear
 
         extra = 0
@@ -263,8 +265,9 @@ class LlamaModel:
             nonlocal extra
             if not isinstance(op, torch.Tensor):
                 return op, bias                      # quantized, or packed already
-            packed = PackedDenseLinear(op, bias, batch_rows=batch_rows)
-            extra += packed.packed_bytes
+            packed = PackedDenseLinear(op, bias, batch_rows=batch_rows, dense=dense)
+            if dense or op is self.embed:
+                extra += packed.packed_bytes
             return packed, None
 
         for layer in self.layers:

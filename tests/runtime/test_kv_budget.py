@@ -79,15 +79,17 @@ def test_bad_memory_options(kwargs, match):
         check_memory_options(kwargs.get("memory_budget"), kwargs.get("memory_utilization"))
 
 
-@pytest.mark.parametrize("packed", [None, False], ids=["cpu-packed", "unpacked"])
+@pytest.mark.parametrize("layout", ["dense+copy", "dense", "onednn"])
 @pytest.mark.parametrize("memory, max_context, seqs", [("6MiB", None, 8), ("3MiB", 200, 3), ("40MiB", 256, 8)])
-def test_the_engine_allocates_what_plan_predicts(tiny, memory, max_context, seqs, packed):
-    """plan(device="cpu") counts the packed copy of float projections the CPU engine keeps by default
-    (for more than 3 sequences); an engine without it (cpu_packed_linears=False) holds what a GPU plan counts."""
+def test_the_engine_allocates_what_plan_predicts(tiny, memory, max_context, seqs, layout):
+    """plan(device="cpu") counts the packed copy of float projections that the CPU engine's "dense+copy"
+    layout keeps for more than 3 sequences; an engine without a copy (the dense weights, or oneDNN's
+    layout alone) holds what a GPU plan counts."""
     predicted = plan(tiny, memory=memory, reserve=0.0, kv_cache_dtype="fp32", weights_dtype="fp32",
-                     max_context=max_context, concurrency=seqs, device="cpu" if packed is None else "cuda")
-    engine = _load(tiny, memory_budget=memory, max_context=max_context, max_num_seqs=seqs, cpu_packed_linears=packed)
-    assert (predicted["packed_weight_bytes"] > 0) == (packed is None and seqs > 3)
+                     max_context=max_context, concurrency=seqs, device="cpu" if layout == "dense+copy" else "cuda")
+    asked = {"dense+copy": seqs > 3, "dense": False, "onednn": "onednn"}[layout]
+    engine = _load(tiny, memory_budget=memory, max_context=max_context, max_num_seqs=seqs, cpu_packed_linears=asked)
+    assert (predicted["packed_weight_bytes"] > 0) == (layout == "dense+copy" and seqs > 3)
     assert engine.kv_plan.weight_bytes == predicted["weight_bytes"]
     assert engine.kv_plan.activation_peak_bytes == predicted["activation_peak_bytes"]
     assert engine.cache.num_blocks == predicted["engine"]["num_blocks"]
