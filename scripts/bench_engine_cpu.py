@@ -14,6 +14,11 @@ cannot do; the table reports the median tokens/s over repetitions (with min and
 max) and the ratio of medians. tokens/s = prompts * new_tokens / wall seconds of one `generate`
 call (prefill included).
 
+With batch 1 in the cases, each repetition also times two 1-row passes over every linear weight:
+`F.linear` on transformers' weights (the rate its batch-1 step reads them at) and the engine's own
+projections in the layout it measured and chose at load (`engine.cpu_linears`, runtime/cpu_linear.py,
+recorded in the JSON). Each side's tokens/s is reported as a share of its own floor.
+
     python scripts/bench_engine_cpu.py --threads 2 --reps 3 --out engine_cpu.json
 """
 
@@ -77,21 +82,40 @@ def run_transformers(model, prompts, new_tokens):
     return out[:, width:].tolist()
 
 
-def streaming_floor_seconds(model, passes: int = 16) -> tuple[float, int]:
-    """(median seconds, bytes) of one pass of 1-row matmuls over every linear weight of `model` (the
-    LM head included): what a batch-1 decode step cannot go below when reading the weights bounds it."""
-    import torch.nn.functional as F
-
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+def _median_pass_seconds(calls, passes: int) -> float:
     times = []
     with torch.inference_mode():
         for _ in range(passes + 2):
             start = time.perf_counter()
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
+            for call in calls:
+                call()
             times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]), sum(w.numel() * w.element_size() for w in weights)
+    return statistics.median(times[2:])
+
+
+def streaming_floor_seconds(model, passes: int = 16) -> tuple[float, int]:
+    """(median seconds, bytes) of one pass of 1-row `F.linear` calls over every linear weight of the
+    transformers `model` (the LM head included): what its batch-1 decode step cannot go below when
+    reading the weights at that rate bounds it."""
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    calls = [lambda w=w: F.linear(inputs[w.shape[1]], w) for w in weights]
+    return _median_pass_seconds(calls, passes), sum(w.numel() * w.element_size() for w in weights)
+
+
+def engine_linears_seconds(model, passes: int = 16) -> tuple[float, int]:
+    """The same for the engine's own projections and LM head (`runtime/llama.py`), in the layout the
+    engine chose at load (`engine.cpu_linears`): its batch-1 floor."""
+    from inferforge.runtime.llama import LAYER_PROJECTIONS, _linear
+
+    ops = [layer[name] for layer in model.layers for name in LAYER_PROJECTIONS] + [model.lm_head]
+    sizes = [(op.shape[1], op.numel() * op.element_size()) if isinstance(op, torch.Tensor)
+             else (op.in_features, op.packed_bytes) for op in ops]
+    inputs = {k: torch.randn(1, k, dtype=model.dtype) for k, _ in sizes}
+    calls = [lambda op=op, k=k: _linear(inputs[k], op) for op, (k, _) in zip(ops, sizes)]
+    return _median_pass_seconds(calls, passes), sum(b for _, b in sizes)
 
 
 def git_revision() -> str:
@@ -135,11 +159,13 @@ def main(argv=None) -> int:
     for name, prompts in cases.items():
         same[name] = runners["engine"](prompts) == runners["transformers"](prompts)
     times = {name: {impl: [] for impl in runners} for name in cases}
-    floors, weight_bytes = [], 0
+    floors, engine_floors, weight_bytes, engine_bytes = [], [], 0, 0
     for rep in range(args.reps):
-        if "batch 1" in cases:   # interleaved with the runs, so it sees the same machine load
+        if "batch 1" in cases:   # interleaved with the runs, so they see the same machine load
             seconds, weight_bytes = streaming_floor_seconds(hf)
             floors.append(seconds)
+            seconds, engine_bytes = engine_linears_seconds(engine.model)
+            engine_floors.append(seconds)
         fresh = make_cases(args.prompt_len, args.seed + 1 + rep)
         for name in cases:
             prompts = fresh[name]
@@ -163,13 +189,16 @@ def main(argv=None) -> int:
                          ratios_per_rep=[e / t for e, t in zip(rates["engine"], rates["transformers"])],
                          greedy_tokens_identical=same[name]))
         if name == "batch 1" and floors:
-            floor = 1.0 / statistics.median(floors)
+            floor, own = 1.0 / statistics.median(floors), 1.0 / statistics.median(engine_floors)
             rows[-1]["weight_streaming_floor"] = dict(
                 tokens_per_s=floor, weight_bytes=weight_bytes, read_gb_per_s=weight_bytes * floor / 1e9,
-                share={impl: med[impl] / floor for impl in runners})
+                engine_linears=dict(tokens_per_s=own, weight_bytes=engine_bytes, read_gb_per_s=engine_bytes * own / 1e9),
+                share={"engine": med["engine"] / own, "transformers": med["transformers"] / floor})
     import transformers
 
+    cpu_linears = {k: v for k, v in (engine.cpu_linears or {}).items() if k != "extra_bytes"}
     meta = dict(model=dict(**MODEL_SHAPE, parameters=params, dtype="float32"), threads=args.threads,
+                engine_cpu_linears=cpu_linears,
                 nproc=os.cpu_count(), cpu=platform.processor() or platform.machine(), torch=torch.__version__,
                 transformers=transformers.__version__, git=git_revision(), reps=args.reps,
                 timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -184,10 +213,12 @@ def main(argv=None) -> int:
     for r in rows:
         if "weight_streaming_floor" in r:
             f = r["weight_streaming_floor"]
-            print(f"batch 1 weight-streaming floor: {f['tokens_per_s']:.1f} tok/s ({f['weight_bytes'] / 1e6:.0f} MB of "
-                  f"linear weights read once per token at {f['read_gb_per_s']:.1f} GB/s); engine at "
-                  f"{f['share']['engine']:.0%} of it, transformers at {f['share']['transformers']:.0%}: at this matmul "
-                  f"rate no batch-1 ratio exceeds {1 / f['share']['transformers']:.2f}x here")
+            e = f["engine_linears"]
+            print(f"batch 1 weight-streaming floors, 1-row passes over every linear weight: F.linear (transformers' "
+                  f"matmuls) {f['tokens_per_s']:.1f} tok/s ({f['weight_bytes'] / 1e6:.0f} MB at {f['read_gb_per_s']:.1f} "
+                  f"GB/s), the engine's own linears ({cpu_linears.get('layout')}) {e['tokens_per_s']:.1f} tok/s "
+                  f"({e['read_gb_per_s']:.1f} GB/s); engine at {f['share']['engine']:.0%} of its floor, transformers "
+                  f"at {f['share']['transformers']:.0%} of F.linear's")
     if args.out:
         from inferforge.fileio import atomic_write_json
 
