@@ -2,9 +2,10 @@
 against the engine's packed copies (runtime/cpu_linear.py: oneDNN's layout, and MKL's packed SGEMM
 packed for 8 rows). Each round streams 16 different 1024 x 2816 weights (184 MB, more than the
 caches hold), as a decode step streams a model's layers; GB/s = weight bytes / mean time is in
-`extra_info`. On the 2-core AVX-512 machine MKL's copy led at 8 rows and `F.linear` at 1 (the 1-row
-packed timings are for reference: the engine sends up to 3 rows to `F.linear`, and MKL's 1-row
-timing here is its copy packed for 8 rows, with the row padded)."""
+`extra_info`. On a 2-core Xeon with AVX-512 and AMX MKL's copy led at 8 rows and `F.linear` at 1; on
+a 2-core AMD EPYC oneDNN's layout led at both (the engine times these layouts at load and keeps the
+fastest: runtime/cpu_linear.py). MKL's 1-row timing here is its copy packed for 8 rows, with the row
+padded."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_cpu_dense_linear(benchmark, path, rows):
     else:
         packed = [PackedDenseLinear(w, batch_rows=8 if path == "mkl" else None) for w in weights]
         assert all(p.kind == path for p in packed)
-        # PackedDenseLinear sends up to DENSE_MAX_ROWS rows to F.linear: call the packed product itself.
+        # Call the packed product itself (a dense+copy PackedDenseLinear sends up to 3 rows to F.linear).
         if path == "mkl":
             ops = [lambda x, p=p: torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, 8 - rows)), p.packed, p.weight, None, 8)[:rows]
                    for p in packed]
