@@ -30,9 +30,12 @@ So no layout is the fastest everywhere, and the engine measures. A `PackedDenseL
   memory beyond the weights (an LM head tied to the embedding keeps the embedding, and so one copy).
 
 `LLMEngine.from_pretrained(cpu_packed_linears=None)` (the default) times each candidate on the model's
-own projections (`time_layouts`: passes over up to SAMPLE_BYTES of them, more than a CPU's caches, at 1
-row and at `max_num_seqs` rows, interleaved, the fastest of REPS) and keeps the fastest
-(`choose_layout`); it logs the timings, and `engine.cpu_linears` keeps them. `False` keeps
+own projections (`time_layouts`: passes over about SAMPLE_BYTES of them, more than a CPU's caches, at
+1 row and at `max_num_seqs` rows, interleaved, the fastest of REPS) and keeps the fastest
+(`choose_layout`); it logs the timings, and `engine.cpu_linears` keeps them. A timing reflects the
+machine's load at that moment (on an oversubscribed CPU oneDNN's threads wait for a core, F.linear's
+single thread does not), so two loads can choose differently, and with a `memory_budget` get a
+different number of KV blocks: pin the layout for reproducible runs. `False` keeps
 `F.linear` on the dense weights, `True` the dense weight and a copy, `"onednn"` oneDNN's layout only.
 The KV-cache budget counts what is kept (`model_weight_bytes`); `plan()`, which runs no torch, counts
 the copy whenever more than `DENSE_MAX_ROWS` sequences may run, so on a machine where "onednn" wins it
@@ -148,8 +151,14 @@ class PackedDenseLinear:
 # ---------------------------------------------------------------------- measuring the layouts
 def sample_projections(model, limit: int = SAMPLE_BYTES) -> list[torch.Tensor]:
     """The model's dense projection weights, whole layers from the first, until `limit` bytes are
-    reached (the LM head alone when no layer has a dense projection)."""
+    reached (the LM head alone when no layer has a dense projection). A weight larger than a quarter
+    of `limit` is cut to its first rows (a contiguous `[rows, in]` slice), so the sample stays near
+    `limit` whatever the model's size."""
     from inferforge.runtime.llama import LAYER_PROJECTIONS
+
+    def cut(w):
+        row_bytes = w.shape[1] * w.element_size()
+        return w[:max(1, (limit // 4) // row_bytes)] if w.numel() * w.element_size() > limit // 4 else w
 
     sample, total = [], 0
     for layer in model.layers:
@@ -158,10 +167,10 @@ def sample_projections(model, limit: int = SAMPLE_BYTES) -> list[torch.Tensor]:
         for name in LAYER_PROJECTIONS:
             w = layer[name]
             if isinstance(w, torch.Tensor):
-                sample.append(w)
-                total += w.numel() * w.element_size()
+                sample.append(cut(w))
+                total += sample[-1].numel() * w.element_size()
     if not sample and isinstance(model.lm_head, torch.Tensor):
-        sample.append(model.lm_head)
+        sample.append(cut(model.lm_head))
     return sample
 
 
@@ -225,7 +234,7 @@ def _describe(seconds: dict[str, float], sample_bytes: int) -> str:
 def check_cpu_packed_linears(value) -> None:
     from inferforge.errors import UserInputError
 
-    if not (value is None or isinstance(value, bool) or value == "onednn"):
+    if not (value is None or isinstance(value, bool) or (isinstance(value, str) and value == "onednn")):
         raise UserInputError(f"cpu_packed_linears must be True, False, 'onednn' or None (auto), got {value!r}")
 
 
@@ -245,10 +254,12 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
             raise UserInputError(f"cpu_packed_linears={requested!r}: {why_not}; leave cpu_packed_linears unset (auto)")
         return {**done, "reason": why_not}
     layout, mkl = ("onednn", False) if requested == "onednn" else ("dense+copy", True)
+    sample = sample_projections(model)
+    if not sample:                       # every projection and the LM head quantized
+        if requested is not None:
+            log.info("cpu_packed_linears=%r: no dense float projection to pack", requested)
+        return {**done, "reason": "no dense float projection to pack"}
     if requested is None:
-        sample = sample_projections(model)
-        if not sample:
-            return {**done, "reason": "no dense float projection to pack"}
         try:
             seconds = time_layouts(sample, max_num_seqs)
         except RuntimeError as e:        # a oneDNN build that can't reorder this dtype here
@@ -258,8 +269,8 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
         done["seconds"] = seconds
         measured = _describe(seconds, sum(w.numel() * w.element_size() for w in sample))
         if layout == "dense":
-            log.info("dense linears kept: F.linear was the fastest for max_num_seqs=%d (%s); "
-                     "cpu_packed_linears='onednn' or True packs anyway", max_num_seqs, measured)
+            log.info("dense linears kept (F.linear) for max_num_seqs=%d: oneDNN's layout was not %.0f%% faster "
+                     "(%s); cpu_packed_linears='onednn' or True packs anyway", max_num_seqs, 100 * MARGIN, measured)
             return {**done, "reason": "measured"}
     try:
         extra = model.pack_dense_linears(batch_rows=max_num_seqs if mkl else None, dense=layout != "onednn")
@@ -277,8 +288,8 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
         names = {"mkl": f"MKL, for {max_num_seqs}-row decode steps", "onednn": "oneDNN"}
         copies = ", ".join(names[k] if len(kinds) == 1 else f"{n} {names[k]}" for k, n in sorted(kinds.items()))
         what = (f"the dense weights for steps of up to {DENSE_MAX_ROWS} rows and a copy for batched CPU steps "
-                f"({copies}): {extra / 2**20:.1f} MiB more weights; cpu_packed_linears=False saves it")
-    why = (f"measured the fastest for max_num_seqs={max_num_seqs} ({measured})" if requested is None
-           else f"cpu_packed_linears={requested!r}")
+                f"({copies}): {extra / 2**20:.1f} MiB more weights; cpu_packed_linears=False or 'onednn' saves it")
+    why = (f"chosen by timing for max_num_seqs={max_num_seqs} ({measured})" if requested is None
+           else f"asked by cpu_packed_linears={requested!r}")
     log.info("dense linears packed, %s; %s", what, why)
     return {**done, "layout": layout, "extra_bytes": extra, "reason": "measured" if requested is None else why}

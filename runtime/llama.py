@@ -239,9 +239,13 @@ class LlamaModel:
         files = check_safetensors_files(path)   # a truncated file: a message naming it, not a SafetensorError
         if not files:
             raise UserInputError(f"{path}: no *.safetensors weights")
+        # On the CPU the tensors are read into memory of their own (pread), not views of the file's
+        # map: a projection the engine drops after packing it (runtime/cpu_linear.py, "onednn") is
+        # then freed, where a map shared with the embedding and norms would stay resident.
+        read = {"backend": "pread"} if torch.device(device).type == "cpu" else {}     # safetensors >= 0.8
         weights = {}
         for f in files:
-            weights.update(load_file(str(f)))
+            weights.update(load_file(str(f), **read))
         if dtype is None:
             stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
             dtype = getattr(torch, stored) if torch.device(device).type == "cuda" else torch.float32

@@ -72,6 +72,7 @@ class ModelShape:
     weights_from: str = "safetensors headers"     # or "config.json" when the directory has no weights
     intermediate: int = 0
     vocab: int = 0
+    tied_lm_head: bool = False       # the LM head is the embedding (tie_word_embeddings, or no lm_head.weight)
 
 
 def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None) -> ModelShape:
@@ -85,9 +86,11 @@ def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None)
         raise UserInputError(f"{cfg_path}: missing {e.args[0]}; is this a decoder (Llama, Mistral, Qwen2) config?") from None
     n_kv = cfg.get("num_key_value_heads") or n_heads
     head_dim = cfg.get("head_dim") or hidden // n_heads
-    params, stored = 0, 0
+    params, stored, names = 0, 0, set()
     for f in sorted(model_dir.glob("*.safetensors")):
-        for info in read_safetensors_header(f).values():
+        header = read_safetensors_header(f)
+        names.update(header)
+        for info in header.values():
             n = 1
             for s in info["shape"]:
                 n *= s
@@ -105,7 +108,8 @@ def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None)
         weight_bytes, dtype = stored, stored_dtype or "as stored"
     return ModelShape(layers, n_heads, n_kv, head_dim, hidden, int(cfg.get("max_position_embeddings", 0)),
                       weight_bytes, params, dtype, source, int(cfg.get("intermediate_size", 0)),
-                      int(cfg.get("vocab_size", 0)))
+                      int(cfg.get("vocab_size", 0)),
+                      bool(cfg.get("tie_word_embeddings")) or (bool(names) and "lm_head.weight" not in names))
 
 
 def _parameters_from_config(cfg: dict, cfg_path: Path) -> int:
@@ -137,6 +141,18 @@ def packed_projection_bytes(shape: ModelShape) -> int:
     return int((shape.layers * per_layer + shape.vocab * shape.hidden) * shape.weight_bytes / shape.parameters)
 
 
+def cpu_packed_bytes(shape: ModelShape, max_num_seqs: int) -> int:
+    """The most the CPU engine's linear layouts add to the weights (runtime/cpu_linear.py): with more
+    than DENSE_MAX_ROWS sequences, "dense+copy"'s copy of every projection; else a tied LM head's
+    copy, which "onednn" packs while the embedding stays. The layout is timed at load, so this is the
+    larger of the candidates'."""
+    if shape.weights_dtype not in PACKABLE_WEIGHT_DTYPES:
+        return 0
+    if kvb.packs_by_default(max_num_seqs):
+        return packed_projection_bytes(shape)
+    return int(shape.vocab * shape.hidden * shape.weight_bytes / shape.parameters) if shape.tied_lm_head else 0
+
+
 def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf16", weights_dtype: str | None = None,
          max_context: int | None = None, concurrency: int | None = None, block_size: int = 16,
          reserve: float = 0.10, max_step_tokens: int = 256, device: str = "cuda") -> dict:
@@ -158,8 +174,7 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     kv_per_token = kvb.kv_bytes_per_token(shape.layers, shape.n_kv_heads, shape.head_dim,
                                           _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype"))
     engine_seqs = concurrency or 8
-    packed = (packed_projection_bytes(shape) if device == "cpu" and kvb.packs_by_default(engine_seqs)
-              and shape.weights_dtype in PACKABLE_WEIGHT_DTYPES else 0)
+    packed = cpu_packed_bytes(shape, engine_seqs) if device == "cpu" else 0
     weight_bytes = shape.weight_bytes + packed
     activation = kvb.activation_peak_formula(
         hidden=shape.hidden, intermediate=shape.intermediate, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,

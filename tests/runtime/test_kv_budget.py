@@ -95,6 +95,20 @@ def test_the_engine_allocates_what_plan_predicts(tiny, memory, max_context, seqs
     assert engine.cache.num_blocks == predicted["engine"]["num_blocks"]
 
 
+@pytest.mark.parametrize("seqs", [2, 8])
+def test_plan_on_the_cpu_bounds_every_layout_of_a_tied_model(tmp_path, seqs):
+    """With a tied LM head, oneDNN's layout packs the head while the embedding stays: one copy of it,
+    which plan counts even where no projection copy is kept (3 sequences or fewer)."""
+    tied = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    predicted = plan(tied, memory="8MiB", reserve=0.0, kv_cache_dtype="fp32", weights_dtype="fp32",
+                     concurrency=seqs, device="cpu")
+    held = {asked: _load(tied, memory_budget="8MiB", max_num_seqs=seqs, cpu_packed_linears=asked).kv_plan.weight_bytes
+            for asked in (False, True, "onednn")}
+    assert held["onednn"] > held[False]
+    assert predicted["weight_bytes"] == max(held["onednn"], held[True] if seqs > 3 else held[False])
+    assert predicted["weight_bytes"] >= max(held["onednn"], held[False])
+
+
 def test_activation_formula_grows_with_the_step():
     shape = dict(hidden=2048, intermediate=8192, n_heads=32, n_kv_heads=8, head_dim=64, vocab=128256, max_num_seqs=8,
                  act_bytes=2)
