@@ -317,8 +317,12 @@ def plan_engine_cache(model, before: dict | None, *, budget: int | None, utiliza
 
 
 # ---------------------------------------------------------------------- command-line flags
+CPU_LINEAR_FLAGS = {"auto": None, "dense": False, "copy": True, "onednn": "onednn"}   # --cpu-linears -> cpu_packed_linears
+
+
 def add_memory_flags(parser) -> None:
-    """`--memory-budget` and `--memory-utilization` for the commands that build an engine."""
+    """`--memory-budget`, `--memory-utilization` and `--cpu-linears` (the CPU weight layout, which sets
+    the weights' memory) for the commands that build an engine."""
     parser.add_argument("--memory-budget", metavar="SIZE",
                         help="memory the engine may use (weights + activations + KV cache), e.g. 4GiB; the KV "
                              "cache gets what is left (default: 0.9 of the GPU, or on CPU half of MemAvailable "
@@ -326,12 +330,18 @@ def add_memory_flags(parser) -> None:
     parser.add_argument("--memory-utilization", type=float, metavar="FRACTION",
                         help="fraction of the device's memory the engine may use, as vLLM's gpu_memory_utilization "
                              "(on CPU: of MemAvailable)")
+    parser.add_argument("--cpu-linears", choices=list(CPU_LINEAR_FLAGS), default="auto",
+                        help="how float projections run on a CPU: auto (default: timed at load, the fastest kept), "
+                             "dense (F.linear), copy (dense weights plus a packed copy for batched steps), onednn "
+                             "(oneDNN's layout only); pin one for repeatable KV-cache sizes")
 
 
 def memory_kwargs(args) -> dict:
     """The engine keyword arguments for the flags, checked so a message names the flag; only those given
     (an exported ONNX decoder takes none)."""
     budget, utilization = getattr(args, "memory_budget", None), getattr(args, "memory_utilization", None)
+    layout = CPU_LINEAR_FLAGS[getattr(args, "cpu_linears", None) or "auto"]
+    pinned = {} if layout is None else {"cpu_packed_linears": layout}
     if budget is not None and utilization is not None:
         raise UserInputError("give --memory-budget or --memory-utilization, not both")
     if utilization is not None and not 0 < utilization <= 1:
@@ -345,5 +355,5 @@ def memory_kwargs(args) -> dict:
             raise UserInputError(f"--memory-budget {budget!r}: give a size such as 4GiB, 512MiB or 2GB") from None
         if size <= 0:
             raise UserInputError(f"--memory-budget must be more than 0 bytes, got {budget!r}")
-        return {"memory_budget": size}
-    return {"memory_utilization": utilization} if utilization is not None else {}
+        return {"memory_budget": size, **pinned}
+    return ({"memory_utilization": utilization} if utilization is not None else {}) | pinned

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inferforge.artifact import LLM_KINDS
+from inferforge.artifact import LLM_KINDS, ONNX_LLM_KIND
 from inferforge.errors import UserInputError
 
 
@@ -26,6 +26,9 @@ def load_engine(path: str | Path, *, command: str, **engine_kwargs):
         from inferforge.manifest import read_manifest
 
         kind = read_manifest(path).get("kind")
+        if kind == ONNX_LLM_KIND and "cpu_packed_linears" in engine_kwargs:
+            raise UserInputError(f"{path} is an exported ONNX decoder, which runs ONNX Runtime's kernels: "
+                                 "--cpu-linears is for the PyTorch engine; drop it")
         if kind not in LLM_KINDS:
             raise UserInputError(f"{path} is a {kind} artifact; {command} runs causal-LM artifacts (from "
                                  "`inferforge quantize LLAMA_DIR --config FORMAT` or `inferforge export LLAMA_DIR`) "

@@ -147,3 +147,36 @@ def test_cli_plan_prints_the_engine_blocks(tiny, capsys):
     assert main(["plan", str(tiny), "--memory", "8MiB", "--device", "cpu"]) == 0
     assert "MiB of packed CPU projections" in capsys.readouterr().out
     assert main(["plan", str(tiny), "--memory", "8MiB", "--max-step-tokens", "0"]) == 2
+
+
+@pytest.mark.parametrize(("flag", "layout"), [("dense", "dense"), ("copy", "dense+copy"), ("onednn", "onednn")])
+def test_cli_cpu_linears_pins_the_layout(tiny, flag, layout):
+    import argparse
+
+    from inferforge.runtime.kv_budget import add_memory_flags, memory_kwargs
+    from inferforge.runtime.load import load_engine
+
+    parser = argparse.ArgumentParser()
+    add_memory_flags(parser)
+    args = parser.parse_args(["--cpu-linears", flag, "--memory-budget", "8MiB"])
+    engine = load_engine(tiny, command="generate", dtype=torch.float32, device="cpu", max_num_seqs=8,
+                         **memory_kwargs(args))
+    assert engine.cpu_linears["layout"] == layout and engine.cpu_linears["seconds"] is None
+    assert "cpu_packed_linears" not in memory_kwargs(parser.parse_args([]))      # auto: the engine times
+
+
+def test_cli_cpu_linears_rejects_other_values(tiny, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(tiny), "--prompt", "hi", "--cpu-linears", "mkl"])
+    assert info.value.code == 2 and "--cpu-linears" in capsys.readouterr().err
+
+
+def test_cli_cpu_linears_is_refused_for_an_exported_onnx_decoder(tmp_path):
+    import json
+
+    from inferforge.manifest import FORMAT
+    from inferforge.runtime.load import load_engine
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "kind": "onnx-causal-lm", "files": {}}))
+    with pytest.raises(UserInputError, match="exported ONNX decoder.*--cpu-linears is for the PyTorch engine"):
+        load_engine(tmp_path, command="generate", cpu_packed_linears="onednn")
