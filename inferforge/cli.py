@@ -434,7 +434,7 @@ def cmd_plan(args) -> int:
 
     result = plan(args.model, memory=args.memory, kv_cache_dtype=args.kv_cache_dtype, weights_dtype=args.weights_dtype,
                   max_context=args.max_context, concurrency=args.concurrency, reserve=args.reserve,
-                  max_step_tokens=args.max_step_tokens, device=args.device)
+                  max_step_tokens=args.max_step_tokens, device=args.device, cpu_linears=args.cpu_linears)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -450,9 +450,12 @@ def cmd_plan(args) -> int:
     console.print(f"[bold]{args.model}[/bold]: {shape['layers']} layers, {shape['n_heads']} heads / "
                   f"{shape['n_kv_heads']} KV heads x {shape['head_dim']}, context window {shape['context_window']}")
     packed = result["packed_weight_bytes"]
-    packed_note = (f", with {packed / gib:.2f} GiB" if packed >= gib else f", with {packed / 2**20:.1f} MiB") + \
-        " of packed CPU projections at most (kept where the engine measures the dense weights plus a copy " \
-        "the fastest; none with max_num_seqs <= 3)" if packed else ""
+    packed_note = ""
+    if packed:
+        size = f"{packed / gib:.2f} GiB" if packed >= gib else f"{packed / 2**20:.1f} MiB"
+        what = {"auto": "at most (the layout is timed at load; --cpu-linears pins one)",
+                "copy": "(--cpu-linears copy)", "onednn": "(--cpu-linears onednn: the tied LM head's copy)"}
+        packed_note = f", with {size} of packed CPU projections {what[result['cpu_linears']]}"
     console.print(f"memory {result['memory_bytes'] / gib:.1f} GiB, {result['reserve']:.0%} reserved; weights "
                   f"{result['weight_bytes'] / gib:.2f} GiB ({shape['parameters'] / 1e9:.2f}B parameters, "
                   f"{shape['weights_dtype']}{packed_note}); KV cache {result['kv_cache_dtype']}: "
@@ -807,8 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-step-tokens", type=int, default=256,
                    help="tokens in the largest engine step, for the activation peak (default 256, as the engine)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="where the engine runs (default cuda); cpu counts the packed copy of float projections "
-                        "the CPU engine may keep when it runs more than 3 sequences")
+                   help="where the engine runs (default cuda); cpu counts the packed float projections the CPU "
+                        "engine's weight layout may add (see --cpu-linears)")
+    p.add_argument("--cpu-linears", choices=["auto", "dense", "copy", "onednn"], default="auto",
+                   help="with --device cpu, the engine's --cpu-linears: auto (default) counts the most its timed "
+                        "choice can add; a pinned layout what that one adds")
     _common(p)
     p.set_defaults(func=cmd_plan)
 

@@ -21,7 +21,8 @@ So no layout is the fastest everywhere, and the engine measures. A `PackedDenseL
 
 - "dense+copy": the dense weight for steps of at most `DENSE_MAX_ROWS` rows and one packed copy for
   larger ones: MKL's, packed for the engine's `max_num_seqs` rows (fewer are padded to it), when that
-  is `MKL_MIN_ROWS`-`MKL_MAX_ROWS` and the weight float32, else oneDNN's. That is a second copy of every
+  is `MKL_MIN_ROWS`-`MKL_MAX_ROWS`, the weight float32 and MKL timed faster there than oneDNN (or the
+  layout was asked for), else oneDNN's. That is a second copy of every
   projection weight (MKL's buffer is nominally larger, but only the packed weight's pages are ever
   written, measured as resident memory for weights of 1024 x 1024 and more; each buffer reserves at
   least about 7.5 MiB of address space, about 2x the weights in all, and tiny weights cost more than
@@ -38,9 +39,10 @@ single thread does not), so two loads can choose differently, and with a `memory
 different number of KV blocks: pin the layout for reproducible runs. `False` keeps
 `F.linear` on the dense weights, `True` the dense weight and a copy, `"onednn"` oneDNN's layout only.
 The KV-cache budget counts what is kept (`model_weight_bytes`); `plan()`, which runs no torch, counts
-the copy whenever more than `DENSE_MAX_ROWS` sequences may run, so on a machine where "onednn" wins it
-over-counts the weights (and under-counts the KV cache) by one copy. Measured end to end in
-`scripts/bench_engine_cpu.py` (README: "Engine speed on the CPU").
+for auto the most any candidate adds (`runtime/plan.py: cpu_packed_bytes`), so where a lighter layout
+wins it over-counts the weights (and under-counts the KV cache); for a pinned layout it counts exactly
+what that layout adds. Measured end to end in `scripts/bench_engine_cpu.py` (README: "Engine speed on
+a CPU").
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ def time_layouts(weights: list[torch.Tensor], max_num_seqs: int, *, reps: int = 
     n = max_num_seqs
     dtype = weights[0].dtype
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
-    inputs = {(w.shape[1], rows): torch.randn(rows, w.shape[1], dtype=dtype) for w in weights for rows in {1, n}}
+    g = torch.Generator().manual_seed(0)          # leaves the caller's random state alone
+    inputs = {(w.shape[1], rows): torch.randn(rows, w.shape[1], dtype=dtype, generator=g)
+              for w in weights for rows in {1, n}}
     passes = {"dense@1": [lambda w=w: F.linear(inputs[w.shape[1], 1], w) for w in weights],
               "onednn@1": [lambda w=w, p=p: _onednn(inputs[w.shape[1], 1], p, None) for w, p in zip(weights, onednn)]}
     if n > 1:
@@ -226,7 +230,7 @@ def choose_layout(seconds: dict[str, float], max_num_seqs: int) -> tuple[str, bo
 
 
 def _describe(seconds: dict[str, float], sample_bytes: int) -> str:
-    return (f"one pass over {sample_bytes / 2**20:.1f} MiB of projections: "
+    return (f"one pass over {sample_bytes / 2**20:.1f} MiB of projections, as path@rows: "
             + ", ".join(f"{key} {s * 1e3:.1f} ms" for key, s in seconds.items()))
 
 
@@ -269,7 +273,7 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
         done["seconds"] = seconds
         measured = _describe(seconds, sum(w.numel() * w.element_size() for w in sample))
         if layout == "dense":
-            log.info("dense linears kept (F.linear) for max_num_seqs=%d: oneDNN's layout was not %.0f%% faster "
+            log.info("float linears kept dense (F.linear) for max_num_seqs=%d: oneDNN's layout was not %.0f%% faster "
                      "(%s); cpu_packed_linears='onednn' or True packs anyway", max_num_seqs, 100 * MARGIN, measured)
             return {**done, "reason": "measured"}
     try:
@@ -283,13 +287,14 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
     ops = [op for layer in model.layers for op in layer.values()] + [model.lm_head]
     kinds = Counter(op.kind for op in ops if isinstance(op, PackedDenseLinear))
     if layout == "onednn":
-        what = f"oneDNN's layout only, for every step: {extra / 2**20:.1f} MiB more weights"
+        what = (f"packed into oneDNN's layout alone, for every step (the dense weights dropped): "
+                f"{extra / 2**20:.1f} MiB more weights")
     else:
         names = {"mkl": f"MKL, for {max_num_seqs}-row decode steps", "onednn": "oneDNN"}
         copies = ", ".join(names[k] if len(kinds) == 1 else f"{n} {names[k]}" for k, n in sorted(kinds.items()))
-        what = (f"the dense weights for steps of up to {DENSE_MAX_ROWS} rows and a copy for batched CPU steps "
-                f"({copies}): {extra / 2**20:.1f} MiB more weights; cpu_packed_linears=False or 'onednn' saves it")
+        what = (f"kept dense for steps of up to {DENSE_MAX_ROWS} rows, with a packed copy for batched CPU steps "
+                f"({copies}): {extra / 2**20:.1f} MiB more weights; the dense or onednn layout saves it")
     why = (f"chosen by timing for max_num_seqs={max_num_seqs} ({measured})" if requested is None
            else f"asked by cpu_packed_linears={requested!r}")
-    log.info("dense linears packed, %s; %s", what, why)
+    log.info("float linears %s; %s", what, why)
     return {**done, "layout": layout, "extra_bytes": extra, "reason": "measured" if requested is None else why}

@@ -135,10 +135,11 @@ class LLMEngine:
         `cpu_packed_linears` picks how dense float projections run on the CPU (`runtime/cpu_linear.py`).
         The default (None) times the layouts on the model's own weights at load (well under a second
         for 1 GB of weights) and keeps the fastest: `F.linear` on the dense weights; the dense weights
-        plus a packed copy for steps of more than three rows (MKL's for max_num_seqs 4-16 in float32,
-        else oneDNN's: twice the memory of those weights, counted in the KV budget); or oneDNN's
-        layout alone for every step (no extra memory). `engine.cpu_linears` says which, with the
-        timings. False keeps `F.linear`, True the dense weights and a copy, "onednn" oneDNN's layout."""
+        plus a packed copy for steps of more than three rows (MKL's for max_num_seqs 4-16 in float32
+        where it timed faster, else oneDNN's: twice the memory of those weights, counted in the KV
+        budget); or oneDNN's layout alone for every step (no extra memory but a tied LM head's copy).
+        `engine.cpu_linears` says which, with the timings. False keeps `F.linear`, True the dense
+        weights and a copy, "onednn" oneDNN's layout; on a GPU leave it unset."""
         from inferforge.kernels.kv_cache import CACHE_DTYPES
         from inferforge.runtime import kv_budget
 
@@ -156,6 +157,9 @@ class LLMEngine:
         budget = kv_budget.check_memory_options(memory_budget, memory_utilization)
         before = kv_budget.device_memory_before_load(device) if num_blocks is None else None
         check_cpu_packed_linears(cpu_packed_linears)
+        if cpu_packed_linears is not None and device.type != "cpu":
+            raise UserInputError(f"cpu_packed_linears={cpu_packed_linears!r} (--cpu-linears) sets how float weights "
+                                 f"run on a CPU; the engine runs on {device.type}: leave it unset (auto)")
         model = LlamaModel.load(path, dtype=dtype, device=device)
         cpu_linears = pack_dense_linears_if_asked(model, cpu_packed_linears, max_num_seqs)
         call_cpu_kernels_directly(model)

@@ -41,8 +41,9 @@ DENSE_MAX_ROWS = 3
 
 
 def packs_by_default(max_num_seqs: int) -> bool:
-    """Whether `cpu_packed_linears=None` packs: only when a decode step can have more rows than
-    F.linear is fastest for (below that the copy would serve prefill chunks only, for 2x the memory)."""
+    """Whether "dense+copy" is a candidate of the timed layout choice (runtime/cpu_linear.py): only when
+    a decode step can have more rows than the dense weight serves (below that the copy would serve
+    prefill chunks only, for 2x the memory)."""
     return max_num_seqs > DENSE_MAX_ROWS
 
 

@@ -9,6 +9,10 @@ from pathlib import Path
 from inferforge.artifact import LLM_KINDS, ONNX_LLM_KIND
 from inferforge.errors import UserInputError
 
+# Engine keyword arguments an exported ONNX decoder has no use for, with the flag that sets each.
+ENGINE_ONLY_FLAGS = {"memory_budget": "--memory-budget", "memory_utilization": "--memory-utilization",
+                     "cpu_packed_linears": "--cpu-linears"}
+
 
 def load_engine(path: str | Path, *, command: str, **engine_kwargs):
     """The engine for `path`; a path that does not exist is one line, an artifact of another kind (an
@@ -26,9 +30,12 @@ def load_engine(path: str | Path, *, command: str, **engine_kwargs):
         from inferforge.manifest import read_manifest
 
         kind = read_manifest(path).get("kind")
-        if kind == ONNX_LLM_KIND and "cpu_packed_linears" in engine_kwargs:
-            raise UserInputError(f"{path} is an exported ONNX decoder, which runs ONNX Runtime's kernels: "
-                                 "--cpu-linears is for the PyTorch engine; drop it")
+        engine_only = [flag for key, flag in ENGINE_ONLY_FLAGS.items() if key in engine_kwargs]
+        if kind == ONNX_LLM_KIND and engine_only:
+            raise UserInputError(f"{path} is an exported ONNX decoder, which runs ONNX Runtime's kernels and "
+                                 f"allocates its own memory: {' and '.join(engine_only)} "
+                                 f"{'is' if len(engine_only) == 1 else 'are'} for the PyTorch engine; drop "
+                                 f"{'it' if len(engine_only) == 1 else 'them'}")
         if kind not in LLM_KINDS:
             raise UserInputError(f"{path} is a {kind} artifact; {command} runs causal-LM artifacts (from "
                                  "`inferforge quantize LLAMA_DIR --config FORMAT` or `inferforge export LLAMA_DIR`) "

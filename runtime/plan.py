@@ -109,7 +109,8 @@ def read_model_shape(model_dir: str | Path, *, weights_dtype: str | None = None)
     return ModelShape(layers, n_heads, n_kv, head_dim, hidden, int(cfg.get("max_position_embeddings", 0)),
                       weight_bytes, params, dtype, source, int(cfg.get("intermediate_size", 0)),
                       int(cfg.get("vocab_size", 0)),
-                      bool(cfg.get("tie_word_embeddings")) or (bool(names) and "lm_head.weight" not in names))
+                      bool(cfg.get("tie_word_embeddings"))
+                      or (bool(names) and not any(n.startswith("lm_head.") for n in names)))
 
 
 def _parameters_from_config(cfg: dict, cfg_path: Path) -> int:
@@ -141,26 +142,31 @@ def packed_projection_bytes(shape: ModelShape) -> int:
     return int((shape.layers * per_layer + shape.vocab * shape.hidden) * shape.weight_bytes / shape.parameters)
 
 
-def cpu_packed_bytes(shape: ModelShape, max_num_seqs: int) -> int:
-    """The most the CPU engine's linear layouts add to the weights (runtime/cpu_linear.py): with more
-    than DENSE_MAX_ROWS sequences, "dense+copy"'s copy of every projection; else a tied LM head's
-    copy, which "onednn" packs while the embedding stays. The layout is timed at load, so this is the
-    larger of the candidates'."""
-    if shape.weights_dtype not in PACKABLE_WEIGHT_DTYPES:
+def cpu_packed_bytes(shape: ModelShape, max_num_seqs: int, layout: str = "auto") -> int:
+    """What the CPU engine's linear layout adds to the weights (runtime/cpu_linear.py): "dense" nothing;
+    "copy" a copy of every projection and the LM head; "onednn" a tied LM head's copy (the embedding
+    stays). "auto" (timed at load) the most its candidates add: "copy" with more than DENSE_MAX_ROWS
+    sequences, else "onednn"."""
+    if shape.weights_dtype not in PACKABLE_WEIGHT_DTYPES or layout == "dense":
         return 0
-    if kvb.packs_by_default(max_num_seqs):
+    if layout == "copy" or (layout == "auto" and kvb.packs_by_default(max_num_seqs)):
         return packed_projection_bytes(shape)
     return int(shape.vocab * shape.hidden * shape.weight_bytes / shape.parameters) if shape.tied_lm_head else 0
 
 
 def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf16", weights_dtype: str | None = None,
          max_context: int | None = None, concurrency: int | None = None, block_size: int = 16,
-         reserve: float = 0.10, max_step_tokens: int = 256, device: str = "cuda") -> dict:
+         reserve: float = 0.10, max_step_tokens: int = 256, device: str = "cuda", cpu_linears: str = "auto") -> dict:
     """Memory plan for serving `model_dir` in `memory`: see the module docstring for the formulas.
     `device="cpu"` plans the CPU engine, which may keep a packed copy of float projections when more
     than 3 sequences run (`cpu_packed_linears`, counted in the weights: at most)."""
     if device not in ("cuda", "cpu"):
         raise UserInputError(f"--device must be cuda or cpu, got {device!r}")
+    if cpu_linears not in kvb.CPU_LINEAR_FLAGS:
+        raise UserInputError(f"--cpu-linears must be one of {', '.join(kvb.CPU_LINEAR_FLAGS)}, got {cpu_linears!r}")
+    if cpu_linears != "auto" and device != "cpu":
+        raise UserInputError(f"--cpu-linears {cpu_linears} is the CPU engine's weight layout: add --device cpu, or "
+                             "drop --cpu-linears")
     for value, flag in ((max_context, "--max-context"), (concurrency, "--concurrency"), (block_size, "block_size"),
                         (max_step_tokens, "--max-step-tokens")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -174,7 +180,7 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     kv_per_token = kvb.kv_bytes_per_token(shape.layers, shape.n_kv_heads, shape.head_dim,
                                           _dtype_bytes(kv_cache_dtype, "--kv-cache-dtype"))
     engine_seqs = concurrency or 8
-    packed = cpu_packed_bytes(shape, engine_seqs) if device == "cpu" else 0
+    packed = cpu_packed_bytes(shape, engine_seqs, cpu_linears) if device == "cpu" else 0
     weight_bytes = shape.weight_bytes + packed
     activation = kvb.activation_peak_formula(
         hidden=shape.hidden, intermediate=shape.intermediate, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
@@ -203,7 +209,7 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
     return {
         "model": str(model_dir), "memory_bytes": total, "reserve": reserve, "kv_cache_dtype": kv_cache_dtype,
         "model_shape": asdict(shape), "weight_bytes": weight_bytes, "weights_from": shape.weights_from,
-        "device": device, "packed_weight_bytes": packed,
+        "device": device, "packed_weight_bytes": packed, "cpu_linears": cpu_linears if device == "cpu" else None,
         "kv_bytes_per_token": kv_per_token, "activation_peak_bytes": activation, "max_step_tokens": max_step_tokens,
         "engine": {"max_num_seqs": engine_seqs, "max_context": engine_context, "num_blocks": kvb.num_blocks_for(
             budget, kv_per_token=kv_per_token, block_size=block_size, max_num_seqs=engine_seqs,

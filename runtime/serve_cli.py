@@ -61,6 +61,10 @@ def _check_flags(args) -> None:
     memory_kwargs(args)
 
 
+# engine.cpu_linears["layout"] -> the --cpu-linears value that pins it
+CPU_LAYOUT_FLAG = {"dense": "dense", "dense+copy": "copy", "onednn": "onednn"}
+
+
 def _serving_engine(args):
     from inferforge.runtime.kv_budget import memory_kwargs
     from inferforge.runtime.load import load_engine
@@ -129,8 +133,10 @@ def _serve_on(sock: socket.socket, args) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     app = create_app(AsyncEngine(engine), tokenizer, model_name=name)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    ready = (f"serving {name} at {url}/v1 (max_model_len {engine.max_context}, --max-num-seqs {args.max_num_seqs}); "
-             "Ctrl-C stops")
+    layout = (getattr(engine, "cpu_linears", None) or {}).get("layout")
+    cpu = f", --cpu-linears {CPU_LAYOUT_FLAG[layout]}" if layout and engine.model.device.type == "cpu" else ""
+    ready = (f"serving {name} at {url}/v1 (max_model_len {engine.max_context}, --max-num-seqs {args.max_num_seqs}"
+             f"{cpu}); Ctrl-C stops")
     try:
         asyncio.run(_serve(server, sock, ready))
     except KeyboardInterrupt:     # uvicorn shut down gracefully, then re-raised the signal

@@ -180,7 +180,7 @@ def test_up_to_three_sequences_keep_the_dense_weights_where_f_linear_is_measured
     with caplog.at_level(logging.INFO, logger="inferforge.runtime.cpu_linear"):
         few = LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=seqs)
     assert isinstance(few.model.layers[0]["qkv"], torch.Tensor) and few.cpu_linears["layout"] == "dense"
-    assert f"dense linears kept (F.linear) for max_num_seqs={seqs}: oneDNN's layout was not 5% faster" in caplog.text
+    assert f"float linears kept dense (F.linear) for max_num_seqs={seqs}: oneDNN's layout was not 5% faster" in caplog.text
     asked = LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=seqs, cpu_packed_linears=True)
     assert isinstance(asked.model.layers[0]["qkv"], PackedDenseLinear) and asked.model.layers[0]["qkv"].kind == "onednn"
     assert asked.model.layers[0]["qkv"].layout == "dense+copy" and asked.cpu_linears["seconds"] is None
@@ -277,14 +277,14 @@ def test_the_log_names_the_layout(tiny, seqs, layout, caplog):
         pytest.skip("this torch build has no MKL packed SGEMM")
     with caplog.at_level(logging.INFO, logger="inferforge.runtime.cpu_linear"):
         LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=seqs, cpu_packed_linears=True)
-    assert f"a copy for batched CPU steps ({layout})" in caplog.text and "asked by cpu_packed_linears=True" in caplog.text
+    assert f"a packed copy for batched CPU steps ({layout})" in caplog.text and "asked by cpu_packed_linears=True" in caplog.text
 
 
 def test_the_log_gives_the_measured_timings(tiny, caplog, monkeypatch):
     _favour(monkeypatch, "onednn", 8)
     with caplog.at_level(logging.INFO, logger="inferforge.runtime.cpu_linear"):
         LLMEngine.from_pretrained(tiny, dtype=torch.float32, device="cpu", max_num_seqs=8)
-    assert "oneDNN's layout only, for every step" in caplog.text
+    assert "float linears packed into oneDNN's layout alone, for every step" in caplog.text
     assert "chosen by timing for max_num_seqs=8" in caplog.text and "onednn@8 1000.0 ms" in caplog.text
 
 
@@ -392,3 +392,13 @@ def test_the_onednn_layout_does_not_grow_resident_memory(tmp_path):
     # The packed copies replace the dense weights: kept dense weights would add all of `dropped` (measured
     # +113%; freed ones +28%, what the allocator keeps of the freed blocks).
     assert grew < 0.5 * dropped, (grew, dropped)
+
+
+def test_timing_the_layouts_leaves_the_callers_random_state_alone():
+    from inferforge.runtime.cpu_linear import time_layouts
+
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    time_layouts([torch.ones(8, 16)], 4, reps=1)
+    assert torch.equal(torch.rand(3), want)

@@ -8,7 +8,12 @@ import torch
 from inferforge.cli import main
 from inferforge.errors import UserInputError
 from inferforge.runtime.engine import LLMEngine
-from inferforge.runtime.kv_budget import CPU_KV_CAP_BYTES, activation_peak_formula, check_memory_options
+from inferforge.runtime.kv_budget import (
+    CPU_KV_CAP_BYTES,
+    CPU_LINEAR_FLAGS,
+    activation_peak_formula,
+    check_memory_options,
+)
 from inferforge.runtime.plan import plan
 from tests.factories_llama import save_tiny_llama
 
@@ -79,20 +84,41 @@ def test_bad_memory_options(kwargs, match):
         check_memory_options(kwargs.get("memory_budget"), kwargs.get("memory_utilization"))
 
 
-@pytest.mark.parametrize("layout", ["dense+copy", "dense", "onednn"])
+@pytest.mark.parametrize("layout", ["copy", "dense", "onednn"])
 @pytest.mark.parametrize("memory, max_context, seqs", [("6MiB", None, 8), ("3MiB", 200, 3), ("40MiB", 256, 8)])
 def test_the_engine_allocates_what_plan_predicts(tiny, memory, max_context, seqs, layout):
-    """plan(device="cpu") counts the packed copy of float projections that the CPU engine's "dense+copy"
-    layout keeps for more than 3 sequences; an engine without a copy (the dense weights, or oneDNN's
-    layout alone) holds what a GPU plan counts."""
+    """For a pinned layout, plan(device="cpu", cpu_linears=...) counts what the CPU engine holds: the
+    packed copy of float projections with "copy", the weights once with "dense" or "onednn" (an untied
+    model), which is also what a GPU plan counts."""
     predicted = plan(tiny, memory=memory, reserve=0.0, kv_cache_dtype="fp32", weights_dtype="fp32",
-                     max_context=max_context, concurrency=seqs, device="cpu" if layout == "dense+copy" else "cuda")
-    asked = {"dense+copy": seqs > 3, "dense": False, "onednn": "onednn"}[layout]
-    engine = _load(tiny, memory_budget=memory, max_context=max_context, max_num_seqs=seqs, cpu_packed_linears=asked)
-    assert (predicted["packed_weight_bytes"] > 0) == (layout == "dense+copy" and seqs > 3)
+                     max_context=max_context, concurrency=seqs, device="cpu", cpu_linears=layout)
+    engine = _load(tiny, memory_budget=memory, max_context=max_context, max_num_seqs=seqs,
+                   cpu_packed_linears=CPU_LINEAR_FLAGS[layout])
+    gpu = plan(tiny, memory=memory, reserve=0.0, kv_cache_dtype="fp32", weights_dtype="fp32", max_context=max_context,
+               concurrency=seqs)
+    assert (predicted["packed_weight_bytes"] > 0) == (layout == "copy")
+    assert (predicted["weight_bytes"] == gpu["weight_bytes"]) == (layout != "copy")
     assert engine.kv_plan.weight_bytes == predicted["weight_bytes"]
     assert engine.kv_plan.activation_peak_bytes == predicted["activation_peak_bytes"]
     assert engine.cache.num_blocks == predicted["engine"]["num_blocks"]
+
+
+@pytest.mark.parametrize("seqs", [2, 8])
+def test_plan_for_auto_on_the_cpu_bounds_every_layout(tiny, seqs):
+    auto = plan(tiny, memory="8MiB", reserve=0.0, weights_dtype="fp32", concurrency=seqs, device="cpu")
+    held = {asked: _load(tiny, memory_budget="8MiB", max_num_seqs=seqs, cpu_packed_linears=asked).kv_plan.weight_bytes
+            for asked in (False, "onednn", None)}
+    assert auto["weight_bytes"] >= max(held.values())
+    copy = plan(tiny, memory="8MiB", reserve=0.0, weights_dtype="fp32", concurrency=seqs, device="cpu",
+                cpu_linears="copy")
+    assert auto["weight_bytes"] == (copy["weight_bytes"] if seqs > 3 else held[False])
+
+
+def test_plan_refuses_cpu_linears_without_the_cpu(tiny):
+    with pytest.raises(UserInputError, match="add --device cpu"):
+        plan(tiny, memory="8MiB", cpu_linears="onednn")
+    with pytest.raises(UserInputError, match="--cpu-linears must be one of"):
+        plan(tiny, memory="8MiB", device="cpu", cpu_linears="mkl")
 
 
 @pytest.mark.parametrize("seqs", [2, 8])
@@ -171,12 +197,32 @@ def test_cli_cpu_linears_rejects_other_values(tiny, capsys):
     assert info.value.code == 2 and "--cpu-linears" in capsys.readouterr().err
 
 
-def test_cli_cpu_linears_is_refused_for_an_exported_onnx_decoder(tmp_path):
+def test_engine_flags_are_refused_for_an_exported_onnx_decoder(tmp_path):
     import json
 
     from inferforge.manifest import FORMAT
     from inferforge.runtime.load import load_engine
 
     (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "kind": "onnx-causal-lm", "files": {}}))
-    with pytest.raises(UserInputError, match="exported ONNX decoder.*--cpu-linears is for the PyTorch engine"):
+    with pytest.raises(UserInputError, match="exported ONNX decoder.*--cpu-linears is for the PyTorch engine; drop it"):
         load_engine(tmp_path, command="generate", cpu_packed_linears="onednn")
+    with pytest.raises(UserInputError, match="--memory-budget and --cpu-linears are for the PyTorch engine; drop them"):
+        load_engine(tmp_path, command="generate", memory_budget=2**30, cpu_packed_linears="onednn")
+    with pytest.raises(UserInputError, match="--memory-utilization is for"):
+        load_engine(tmp_path, command="serve", memory_utilization=0.5)
+
+
+@pytest.mark.parametrize(("names", "tied"), [(["lm_head.weight_int8", "lm_head.scale"], False), (["lm_head.weight"], False),
+                                             ([], True)])
+def test_plan_reads_a_tied_lm_head_from_the_weights_names(tmp_path, names, tied):
+    import json
+
+    from safetensors.torch import save_file
+
+    from inferforge.runtime.plan import read_model_shape
+    from tests.factories_llama import tiny_llama_config
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config().to_dict()))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4), **{n: torch.zeros(4, 4) for n in names}},
+              str(tmp_path / "model.safetensors"))
+    assert read_model_shape(tmp_path).tied_lm_head is tied

@@ -407,3 +407,11 @@ def test_ttft_starts_at_request_arrival_before_tokenization(model):
     # TTFT reaches back past the end of tokenization by at least most of the tokenizer's 0.2 s (a TTFT
     # that started after tokenizing would reach back by nothing): only a lower bound, never a duration.
     assert ttft - (at - slow.encoded_at) >= 0.1
+
+
+def test_the_ready_line_names_the_cpu_weight_layout(model, tmp_path):
+    proc, url = start_server(model, tmp_path, "--cpu-linears", "onednn", "--max-num-seqs", "2")
+    try:
+        assert "--max-num-seqs 2, --cpu-linears onednn)" in (tmp_path / "serve.out").read_text()
+    finally:
+        stop_server(proc)
