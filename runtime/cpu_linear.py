@@ -255,7 +255,7 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
     why_not = packing_unavailable_reason(model.device, model.dtype)
     if why_not is not None:
         if requested is not None:
-            raise UserInputError(f"cpu_packed_linears={requested!r}: {why_not}; leave cpu_packed_linears unset (auto)")
+            raise UserInputError(f"cpu_packed_linears={requested!r} (--cpu-linears): {why_not}; leave it unset (auto)")
         return {**done, "reason": why_not}
     layout, mkl = ("onednn", False) if requested == "onednn" else ("dense+copy", True)
     sample = sample_projections(model)
@@ -280,8 +280,8 @@ def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seq
         extra = model.pack_dense_linears(batch_rows=max_num_seqs if mkl else None, dense=layout != "onednn")
     except RuntimeError as e:           # a oneDNN build that can't reorder this dtype here
         if requested is not None:
-            raise UserInputError(f"cpu_packed_linears={requested!r}: oneDNN could not pack the weights ({e}); "
-                                 "leave cpu_packed_linears unset (auto)") from None
+            raise UserInputError(f"cpu_packed_linears={requested!r} (--cpu-linears): oneDNN could not pack the weights "
+                                 f"({e}); leave it unset (auto)") from None
         log.warning("dense linears not packed (oneDNN: %s); CPU steps use F.linear", e)
         return {**done, "reason": f"oneDNN: {e}"}
     ops = [op for layer in model.layers for op in layer.values()] + [model.lm_head]
