@@ -766,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the most recent TOKENS (plus --sink-tokens) in the cache: an endless stream "
                         "(default: off, a request must fit the context window)")
     p.add_argument("--sink-tokens", type=int, default=4, help="first tokens kept with --sliding-window (default 4)")
-    from inferforge.runtime.kv_budget import add_memory_flags
+    from inferforge.runtime.kv_budget import CPU_LINEAR_FLAGS, add_memory_flags
 
     add_memory_flags(p)
     _common(p)
@@ -812,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="where the engine runs (default cuda); cpu counts the packed float projections the CPU "
                         "engine's weight layout may add (see --cpu-linears)")
-    p.add_argument("--cpu-linears", choices=["auto", "dense", "copy", "onednn"], default="auto",
+    p.add_argument("--cpu-linears", choices=list(CPU_LINEAR_FLAGS), default="auto",
                    help="with --device cpu, the engine's --cpu-linears: auto (default) counts the most its timed "
                         "choice can add; a pinned layout what that one adds")
     _common(p)

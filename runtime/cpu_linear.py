@@ -243,12 +243,11 @@ def check_cpu_packed_linears(value) -> None:
 
 
 def pack_dense_linears_if_asked(model, requested: bool | str | None, max_num_seqs: int) -> dict:
-    """Apply `cpu_packed_linears` (see `LLMEngine.from_pretrained`): None measures the layouts and keeps
-    the fastest. Returns what was done: {"layout", "extra_bytes", "seconds" (measured, or None),
+    """Apply `cpu_packed_linears` (see `LLMEngine.from_pretrained`, which checks its value first): None
+    measures the layouts and keeps the fastest. Returns what was done: {"layout", "extra_bytes", "seconds" (measured, or None),
     "reason"}."""
     from inferforge.errors import UserInputError
 
-    check_cpu_packed_linears(requested)
     done = dict(layout="dense", extra_bytes=0, seconds=None, reason="")
     if requested is False:
         return {**done, "reason": "cpu_packed_linears=False"}

@@ -319,6 +319,7 @@ def plan_engine_cache(model, before: dict | None, *, budget: int | None, utiliza
 
 # ---------------------------------------------------------------------- command-line flags
 CPU_LINEAR_FLAGS = {"auto": None, "dense": False, "copy": True, "onednn": "onednn"}   # --cpu-linears -> cpu_packed_linears
+CPU_LAYOUT_FLAGS = {"dense": "dense", "dense+copy": "copy", "onednn": "onednn"}   # engine.cpu_linears layout -> --cpu-linears
 
 
 def add_memory_flags(parser) -> None:

@@ -6,10 +6,10 @@
                       unless tied) at `torch_dtype` (bf16 when unset)
     activation_peak = the transient memory of one step of `max_step_tokens` tokens, by the formula in
                       `runtime/kv_budget.py` (the engine measures it on CUDA, and uses the same formula on CPU)
-                      + on the CPU (`--device cpu`) with more than 3 sequences, a packed copy of the
-                      float q/k/v/o, MLP and LM-head weights (`cpu_packed_linears`, runtime/cpu_linear.py):
-                      an upper bound, as the engine keeps that copy only where its timing at load finds
-                      the dense weights plus a copy faster than oneDNN's layout alone
+                      + on the CPU (`--device cpu`) what the engine's weight layout adds (`cpu_packed_bytes`,
+                      runtime/cpu_linear.py): for `--cpu-linears copy` a packed copy of the float
+                      q/k/v/o, MLP and LM-head weights, for `onednn` a tied LM head's copy, for `auto` the
+                      larger of the two candidates (an upper bound on what the timing at load keeps)
     kv_bytes/token  = 2 (K and V) * layers * n_kv_heads * head_dim * bytes(kv dtype)
     kv_budget       = memory * (1 - reserve) - weights - activation_peak
     max_context(c)  = kv_budget / (c * kv_bytes/token), rounded down to whole cache blocks, capped at
@@ -158,8 +158,8 @@ def plan(model_dir: str | Path, *, memory: str | int, kv_cache_dtype: str = "bf1
          max_context: int | None = None, concurrency: int | None = None, block_size: int = 16,
          reserve: float = 0.10, max_step_tokens: int = 256, device: str = "cuda", cpu_linears: str = "auto") -> dict:
     """Memory plan for serving `model_dir` in `memory`: see the module docstring for the formulas.
-    `device="cpu"` plans the CPU engine, which may keep a packed copy of float projections when more
-    than 3 sequences run (`cpu_packed_linears`, counted in the weights: at most)."""
+    `device="cpu"` plans the CPU engine, counting what its weight layout `cpu_linears` adds to the
+    weights (`cpu_packed_bytes`)."""
     if device not in ("cuda", "cpu"):
         raise UserInputError(f"--device must be cuda or cpu, got {device!r}")
     if cpu_linears not in kvb.CPU_LINEAR_FLAGS:

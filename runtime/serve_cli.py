@@ -61,10 +61,6 @@ def _check_flags(args) -> None:
     memory_kwargs(args)
 
 
-# engine.cpu_linears["layout"] -> the --cpu-linears value that pins it
-CPU_LAYOUT_FLAG = {"dense": "dense", "dense+copy": "copy", "onednn": "onednn"}
-
-
 def _serving_engine(args):
     from inferforge.runtime.kv_budget import memory_kwargs
     from inferforge.runtime.load import load_engine
@@ -113,6 +109,8 @@ def cmd_serve(args) -> int:
 
 
 def _serve_on(sock: socket.socket, args) -> int:
+    from inferforge.runtime.kv_budget import CPU_LAYOUT_FLAGS
+
     engine = _serving_engine(args)
     if args.max_context is not None and args.max_context > engine.max_context:
         print(f"note: --max-context {args.max_context} is capped at the model's context window "
@@ -134,7 +132,7 @@ def _serve_on(sock: socket.socket, args) -> int:
     app = create_app(AsyncEngine(engine), tokenizer, model_name=name)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     layout = (getattr(engine, "cpu_linears", None) or {}).get("layout")
-    cpu = f", --cpu-linears {CPU_LAYOUT_FLAG[layout]}" if layout and engine.model.device.type == "cpu" else ""
+    cpu = f", --cpu-linears {CPU_LAYOUT_FLAGS[layout]}" if layout and engine.model.device.type == "cpu" else ""
     ready = (f"serving {name} at {url}/v1 (max_model_len {engine.max_context}, --max-num-seqs {args.max_num_seqs}"
              f"{cpu}); Ctrl-C stops")
     try:
