@@ -103,8 +103,13 @@ def add_distill_parser(sub, fmt) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and the init (default 0)")
     p.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine",
                    help="encoders: loss on the mean-pooled embedding (default cosine)")
-    p.add_argument("--hidden-weight", type=float, help="weight of the hidden-state MSE (default 0 for encoders, "
+    p.add_argument("--hidden-weight", type=float, help="weight of the hidden-state loss (default 0 for encoders, "
                                                        "1 for decoders)")
+    p.add_argument("--hidden-loss", choices=["mse", "cosine"], default="mse",
+                   help="hidden-state loss per token: mse (default) or cosine (1 - cos, blind to scale)")
+    p.add_argument("--hidden-layers", choices=["all", "last"], default="all",
+                   help="which student layers the hidden-state loss compares with their teacher layers: all "
+                        "(default) or only the last")
     p.add_argument("--kl-weight", type=float, default=1.0, help="decoders: weight of the KL on the logits (default 1)")
     p.add_argument("--task-weight", type=float, default=0.0,
                    help="decoders: weight of the next-token cross-entropy on the data (default 0)")
@@ -151,7 +156,8 @@ def config_from_args(args):
             group_by_length=args.group_by_length, cache_teacher=args.cache_teacher,
             freeze_embeddings=args.freeze_embeddings, freeze_layers=freeze_layers,
             dropout=args.dropout, length_mix=args.length_mix, precision=args.precision,
-            embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight, kl_weight=args.kl_weight,
+            embedding_loss=args.embedding_loss, hidden_weight=args.hidden_weight,
+            hidden_loss=args.hidden_loss, hidden_layers=args.hidden_layers, kl_weight=args.kl_weight,
             task_weight=args.task_weight, temperature=args.temperature, target_mean_cosine=args.target_mean_cosine,
             target_top1_agreement=args.target_top1_agreement, min_mean_cosine=args.min_mean_cosine,
             min_cosine=args.min_cosine, min_top1_agreement=args.min_top1_agreement, max_kl=args.max_kl)

@@ -371,6 +371,8 @@ class DistillStepConfig:
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0
     hidden_weight: float | None = None
+    hidden_loss: str = "mse"
+    hidden_layers: str = "all"
     target_mean_cosine: float | None = None
     min_mean_cosine: float | None = None
     min_cosine: float | None = None

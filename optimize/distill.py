@@ -28,6 +28,8 @@ from pathlib import Path
 
 EVERY_OTHER = "every-other"
 EMBEDDING_LOSSES = ("cosine", "mse")
+HIDDEN_LOSSES = ("mse", "cosine")
+HIDDEN_LAYERS = ("all", "last")
 LR_SCHEDULES = ("steps", "time")
 # Settings a resumed run may change (see DistillConfig.run_settings).
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -35,7 +37,8 @@ RESUME_FREE = frozenset({"steps", "max_minutes", "eval_every", "save_every", "ta
                          "target_top1_agreement", "min_mean_cosine", "min_cosine", "min_top1_agreement", "max_kl"})
 # Settings added after checkpoints were first written, left out of `run_settings` while at these
 # defaults, so a checkpoint written before they existed still resumes.
-LATER_DEFAULTS = {"freeze_layers": [], "dropout": None, "length_mix": False}
+LATER_DEFAULTS = {"freeze_layers": [], "dropout": None, "length_mix": False, "hidden_loss": "mse",
+                  "hidden_layers": "all"}
 # Loss settings only one model family uses.
 LOSS_SETTINGS = {"encoder": ("embedding_loss", "embedding_weight"), "decoder": ("kl_weight", "task_weight", "temperature")}
 
@@ -57,10 +60,13 @@ class DistillConfig:
     (evenly spaced teacher layers, or a new model of that depth when `hidden_size` differs), or a
     student directory passed to `distill` (then neither is needed).
     Losses (weights of a per-sample sum): encoders `embedding_weight` x `embedding_loss` (cosine or
-    mse) on the attention-masked mean-pooled embedding, `hidden_weight` x MSE on the hidden states of
-    each student layer against its teacher layer; decoders `kl_weight` x T^2 KL on logits softened by
-    `temperature`, `hidden_weight` x hidden-state MSE, `task_weight` x next-token cross-entropy.
-    `hidden_weight` None: 0 for encoders, 1 for decoders.
+    mse) on the attention-masked mean-pooled embedding, `hidden_weight` x `hidden_loss` on the hidden
+    states of each student layer against its teacher layer; decoders `kl_weight` x T^2 KL on logits
+    softened by `temperature`, `hidden_weight` x `hidden_loss`, `task_weight` x next-token cross-
+    entropy. `hidden_weight` None: 0 for encoders, 1 for decoders. `hidden_loss`: "mse" (per-token
+    squared error) or "cosine" (per-token 1 - cos, blind to the states' scale); `hidden_layers`:
+    "all" (every student layer against its teacher layer) or "last" (only the last, whose states the
+    pooled embedding averages: the earlier layers are free to split the teacher's work differently).
     Training: `steps` optimizer steps of `batch_size` texts (all ranks together), each in
     `grad_accum` micro-batches; AdamW at `lr` with `warmup_share` of the steps of linear warm-up, then
     a cosine decay to 0; gradients clipped to `max_grad_norm`. `group_by_length`: each batch holds
@@ -118,6 +124,8 @@ class DistillConfig:
     embedding_loss: str = "cosine"
     embedding_weight: float = 1.0
     hidden_weight: float | None = None
+    hidden_loss: str = "mse"
+    hidden_layers: str = "all"
     kl_weight: float = 1.0
     task_weight: float = 0.0
     temperature: float = 2.0
@@ -182,6 +190,10 @@ class DistillConfig:
         for name in ("embedding_weight", "kl_weight", "task_weight"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
         _require(self.hidden_weight is None or self.hidden_weight >= 0, "hidden_weight must be >= 0")
+        _require(self.hidden_loss in HIDDEN_LOSSES, f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, "
+                                                    f"got {self.hidden_loss!r}")
+        _require(self.hidden_layers in HIDDEN_LAYERS, f"hidden_layers must be one of {', '.join(HIDDEN_LAYERS)}, "
+                                                      f"got {self.hidden_layers!r}")
         _require(self.temperature > 0, "temperature must be > 0")
         for name in ("target_top1_agreement", "min_top1_agreement"):
             _require(_share_ok(getattr(self, name)), f"{name} must be between 0 and 1")

@@ -2,8 +2,8 @@
 batch split over gradient-accumulation micro-batches and DDP ranks sums to the same mean.
 
 Encoders (BERT-style): the student's mean-pooled embedding against the teacher's (cosine: 1 - cos;
-mse: squared error averaged over the dimensions) and chosen hidden states (per-token MSE averaged
-over real tokens). Decoders (Llama family): KL(teacher || student) of the temperature-softened next-
+mse: squared error averaged over the dimensions) and chosen hidden states (per-token MSE or 1 - cos,
+averaged over real tokens). Decoders (Llama family): KL(teacher || student) of the temperature-softened next-
 token distributions, multiplied by T^2 so its gradients keep their scale as T changes (Hinton et al.,
 2015), averaged over real tokens; next-token cross-entropy where labels exist (the text itself).
 """
@@ -35,6 +35,23 @@ def token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) 
     per_token = ((student.float() - teacher.float()) ** 2).mean(dim=-1)          # [b, s]
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def token_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample `1 - cos` of token states [b, s, h], averaged over the real tokens of each sample."""
+    per_token = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)   # [b, s]
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+HIDDEN_LOSS_FUNCTIONS = {"mse": token_mse, "cosine": token_cosine}
+
+
+def hidden_pairs(layer_map, which: str = "all") -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs the hidden-state loss compares: every student layer
+    against `layer_map`'s teacher layer ("all"), or only the last ("last")."""
+    pairs = list(enumerate(layer_map))
+    return pairs if which == "all" else pairs[-1:]
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,

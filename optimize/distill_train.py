@@ -36,11 +36,12 @@ from inferforge.optimize.distill_data import (
     with_length_mix,
 )
 from inferforge.optimize.distill_losses import (
+    HIDDEN_LOSS_FUNCTIONS,
     embedding_loss,
+    hidden_pairs,
     kl_divergence,
     masked_mean_pool,
     next_token_cross_entropy,
-    token_mse,
 )
 
 
@@ -152,10 +153,11 @@ def sample_losses(module, teacher, kind: str, ids, mask, config, hidden_weight: 
     if targets is None:
         with torch.no_grad(), (teacher_autocast or autocast)():
             t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
+    pairs = hidden_pairs(layer_map, config.hidden_layers)
     if targets is None and kind == "encoder":
         targets = {"pooled": masked_mean_pool(t.last_hidden_state.float(), mask)}
         if hidden_weight:
-            targets["hidden"] = [t.hidden_states[j + 1] for j in layer_map]
+            targets["hidden"] = [t.hidden_states[j + 1] for _, j in pairs]
     parts = {}
     if kind == "encoder":
         if config.embedding_weight:
@@ -167,8 +169,10 @@ def sample_losses(module, teacher, kind: str, ids, mask, config, hidden_weight: 
         if config.task_weight:
             parts["task"] = config.task_weight * next_token_cross_entropy(out["logits"], ids, mask)
     if hidden_weight:
-        wanted = (targets["hidden"] if kind == "encoder" else [t.hidden_states[j + 1] for j in layer_map])
-        per_layer = [token_mse(out["hidden"][i], wanted[i].to(ids.device), mask) for i in range(len(layer_map))]
+        # targets["hidden"][k] (cached or just computed) is the teacher layer of pairs[k]
+        wanted = (targets["hidden"] if kind == "encoder" else [t.hidden_states[j + 1] for _, j in pairs])
+        loss_fn = HIDDEN_LOSS_FUNCTIONS[config.hidden_loss]
+        per_layer = [loss_fn(out["hidden"][i], wanted[k].to(ids.device), mask) for k, (i, _) in enumerate(pairs)]
         parts["hidden"] = hidden_weight * torch.stack(per_layer).mean(dim=0)
     return parts
 
@@ -395,7 +399,8 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
 
     started = time.monotonic()   # the time budget counts the teacher cache
     cache = _teacher_cache(teacher.model, train_ids, pad, env.device, autocast_teacher, progress,
-                           layers=plan["layer_map"] if hidden_weight else None) if cache_on else None
+                           layers=[j for _, j in hidden_pairs(plan["layer_map"], config.hidden_layers)]
+                           if hidden_weight else None) if cache_on else None
     display = _Display(progress, config.steps, start)
     if start:
         display.line(f"resuming at step {start} of {config.steps} from {latest}")
