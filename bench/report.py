@@ -61,6 +61,12 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {b['sentences']} | {tokens} | {b['min_cosine']:.4f} | {b['mean_cosine']:.4f} | "
                              f"{b['p01_cosine']:.4f} | {verdict} |")
             lines.append("")
+        distilled = val.get("distillation_held_out")
+        if distilled:
+            lines += [f"On the distillation's own held-out split ({distilled['sentences']} texts the student never "
+                      f"trained on): min **{distilled['min_cosine']:.4f}**, 1st percentile "
+                      f"{distilled['p01_cosine']:.4f}, mean **{distilled['mean_cosine']:.4f}**; the distill step's "
+                      "gate applies to it.", ""]
         lines += ["Lowest-scoring texts:", ""]
         for w in val["worst"]:
             text = w["sentence"] if len(w["sentence"]) <= 160 else w["sentence"][:157] + "..."

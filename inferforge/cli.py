@@ -117,6 +117,10 @@ def _print_summary(report: dict) -> None:
         for name, b in validation["buckets"].items():
             table.add_row(name, str(b["sentences"]), "-".join(map(str, b.get("tokens", []))),
                           f"{b['min_cosine']:.4f}", f"{b['mean_cosine']:.4f}")
+        distilled = validation.get("distillation_held_out")
+        if distilled:
+            table.add_row("distillation held-out", str(distilled["sentences"]), "",
+                          f"{distilled['min_cosine']:.4f}", f"{distilled['mean_cosine']:.4f}")
         console.print(table)
     if report.get("kind") == "quantized-causal-lm" and validation:
         console.print("validation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

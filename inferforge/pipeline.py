@@ -95,6 +95,8 @@ class RunContext:
     out: Path | None = None     # the artifact's final directory (the distill step's checkpoints go beside it)
     report_files: dict = field(default_factory=dict)    # name -> text, written beside the reports (distill's curve)
     lineage: dict | None = None                         # the manifest's lineage (a distilled student's teacher)
+    # After a distill step: its held-out split and gate, which validate applies to the final model too
+    distill_held_out: dict | None = None
 
     def encoder(self, onnx_path: Path, threads: int | None = None):
         """An OnnxEncoder opened as the artifact will be: with the session options ort_config.json records."""
@@ -190,6 +192,8 @@ def _distill(ctx: RunContext, cfg: DistillStepConfig) -> dict:
     summary = (f"{result.plan['num_layers']}-layer student (teacher layers {result.plan['layer_map']}), {result.step} "
                f"steps ({result.stopped}); its held-out split: mean cosine {m['mean_cosine']:.4f}, min "
                f"{m['min_cosine']:.4f}")
+    ctx.distill_held_out = {"texts": tuple(result.data.held_out), "min_mean_cosine": cfg.min_mean_cosine,
+                            "min_cosine": cfg.min_cosine}
     missed = [c for c in gate_checks(result) if not c["passed"]]
     if missed:
         c = missed[0]
@@ -206,7 +210,10 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
 
     # Calibration covers every length bucket; batches of similar lengths keep padding low.
     calibration = sorted(ctx.sentences.calibration, key=len)
-    reference = ctx.reference(calibration)
+    # After a distill step the candidates are scored against the float32 student they quantize: next to the
+    # student's own distance from the teacher, the quantization error the search minimises would be noise.
+    # validate still gates the result against the teacher.
+    reference = (ctx.model_reference or ctx.reference)(calibration)
     tokenize = ctx.reference.tokenize
     batches = [tokenize(calibration[i:i + 16]) for i in range(0, len(calibration), 16)]
 
@@ -242,6 +249,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
     ctx.final_onnx, ctx.final_provider = out, "onnx-int8"
     record["method"] = cfg.method
     record["calibration_texts"] = len(calibration)
+    record["scored_against"] = "the float32 student" if ctx.model_reference is not None else "the source model"
     record["max_auto_excluded"] = cfg.auto_exclusion_bound
     record["size_bytes"] = {"fp32": ctx.fp32_onnx.stat().st_size, "int8": out.stat().st_size}
     ctx.quantize_record = record
@@ -250,7 +258,8 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
     return {"result": record,
             "summary": f"{method}{embeddings}, SmoothQuant alpha {record['smoothquant_alpha']}, "
                        f"{len(record['excluded_nodes'])} MatMuls kept in float, calibration min cosine "
-                       f"{record['calibration_min_cosine']:.4f}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
+                       f"{record['calibration_min_cosine']:.4f}"
+                       f"{' (to the float32 student)' if ctx.model_reference is not None else ''}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
                        f"{record['size_bytes']['int8'] / 1e6:.0f} MB"}
 
 
@@ -281,9 +290,31 @@ def _validate(ctx: RunContext, cfg: ValidateConfig) -> dict:
     report = compare_embeddings(ref, got, held_out, buckets=buckets, tokens=tokens)
     ctx.results["validation"] = {**report.to_dict(), "max_length": ctx.data.max_length}
     per_bucket = ", ".join(f"{name} {b['min_cosine']:.4f}" for name, b in report.buckets.items())
-    return {"result": ctx.results["validation"],
-            "summary": f"{ctx.final_provider}: min cosine {per_bucket}; mean {report.mean_cosine:.4f} "
-                       f"over {report.sentences} held-out texts"}
+    summary = (f"{ctx.final_provider}: min cosine {per_bucket}; mean {report.mean_cosine:.4f} "
+               f"over {report.sentences} held-out texts")
+    if ctx.distill_held_out is not None:
+        distilled = _validate_distill_held_out(ctx, candidate, cfg.batch_size)
+        ctx.results["validation"]["distillation_held_out"] = distilled
+        summary += (f"; the distillation's held-out split: mean {distilled['mean_cosine']:.4f}, min "
+                    f"{distilled['min_cosine']:.4f} over {distilled['sentences']} texts")
+    return {"result": ctx.results["validation"], "summary": summary}
+
+
+def _validate_distill_held_out(ctx: RunContext, candidate, batch_size: int) -> dict:
+    """The final model against the teacher on the texts the distill step held out (never trained on,
+    never calibrated on), for the distill step's own gate: the quantized student must pass the gate
+    the float32 student passed, on the same texts."""
+    from inferforge.data import sha256_lines
+    from inferforge.optimize.validate import compare_embeddings
+
+    texts = list(ctx.distill_held_out["texts"])
+    with ctx.progress.spinner(f"validating on the distillation's {len(texts)} held-out texts"):
+        ref = ctx.reference(texts, batch_size=batch_size)
+        got = candidate(texts, batch_size=batch_size)
+    report = compare_embeddings(ref, got, texts).to_dict()
+    gate = {k: ctx.distill_held_out[k] for k in ("min_mean_cosine", "min_cosine")}
+    return {k: report[k] for k in ("sentences", "min_cosine", "p01_cosine", "mean_cosine", "worst")} | {
+        "sha256": sha256_lines(texts), "gate": gate}
 
 
 @step_runner(BenchConfig)
@@ -377,6 +408,12 @@ def check_results(gates: Gates, targets: Targets, results: dict, final_provider:
             if gates.mean_cosine is not None:
                 checks.append({"name": f"mean cosine (held-out){suffix}", "kind": "gate", "measured": b["mean_cosine"],
                                "op": ">=", "limit": gates.mean_cosine, "bucket": name or None})
+        # After a distill step: its own gate, on its own held-out split, for the final (e.g. int8) model.
+        distilled = val.get("distillation_held_out")
+        for key, limit_key, label in (("mean_cosine", "min_mean_cosine", "mean"), ("min_cosine", "min_cosine", "min")):
+            if distilled and distilled["gate"].get(limit_key) is not None:
+                checks.append({"name": f"{label} cosine (the distillation's held-out split)", "kind": "gate",
+                               "measured": distilled[key], "op": ">=", "limit": distilled["gate"][limit_key]})
     bench = results.get("benchmark")
     if bench:
         rows = {(r["provider"], r["batch_size"]): r for r in bench["results"]}

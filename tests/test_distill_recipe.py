@@ -23,9 +23,10 @@ def test_the_example_recipe_validates_and_resolves_its_data_files():
     recipe = load_recipe(EXAMPLE)
     distill = recipe.steps[0]
     assert isinstance(distill, DistillStepConfig) and isinstance(recipe.steps[1], ExportConfig)
-    assert distill.layers == (0, 3, 5) and all(Path(p).is_file() for p in distill.data)
-    assert distill.distill_config().layers == (0, 3, 5)
-    assert recipe.to_dict()["steps"][0]["distill"]["layers"] == [0, 3, 5]
+    assert distill.layers == (0, 4, 5) and all(Path(p).is_file() for p in distill.data)
+    config = distill.distill_config()
+    assert config.layers == (0, 4, 5) and (config.hidden_loss, config.hidden_layers) == ("cosine", "last")
+    assert recipe.to_dict()["steps"][0]["distill"]["layers"] == [0, 4, 5]
 
 
 @pytest.mark.parametrize("steps, message", [
@@ -73,6 +74,16 @@ output: {tmp_path / "out"}
     # The export was checked against the student (a 1-layer model), the validation against the teacher.
     assert manifest["steps"][1]["result"]["max_abs_diff"] < 1e-3
     assert manifest["validation"]["mean_cosine"] < 0.99999
+    # validate also compares the exported student with the teacher on the distill step's own held-out split,
+    # under the distill step's gate: the same texts and numbers as the distill step's evaluation.
+    distilled = manifest["validation"]["distillation_held_out"]
+    assert distilled["sentences"] == distill["data"]["held_out_texts"]
+    assert distilled["sha256"] == distill["data"]["held_out_sha256"]
+    assert distilled["mean_cosine"] == pytest.approx(distill["metrics"]["mean_cosine"], abs=1e-4)
+    assert distilled["gate"] == {"min_mean_cosine": 0.5, "min_cosine": None}
+    check = next(c for c in manifest["checks"] if c["name"] == "mean cosine (the distillation's held-out split)")
+    assert check["passed"] and check["limit"] == 0.5 and check["measured"] == distilled["mean_cosine"]
+    assert "the distillation's own held-out split" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out.checkpoints" / "latest.json").is_file()
     # After a distill step the bench times the teacher's fp32 ONNX too, and every row's speed-up over it.
     rows = {r["provider"]: r for r in manifest["benchmark"]["results"]}
@@ -119,3 +130,23 @@ output: {tmp_path / "out"}
     assert "mean cosine to the teacher" in (failed / "report.md").read_text()
     rows = [json.loads(line) for line in (failed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_the_distill_gate_also_gates_the_final_model_on_the_distillation_held_out_split():
+    """check_results: a validation that carries the distill step's held-out split gets that step's limits as
+    gates, passed or missed on the final model's numbers, next to the per-bucket gates."""
+    from inferforge.pipeline import check_results
+    from inferforge.recipe import Gates, Targets
+
+    bucket = {"min_cosine": 0.8, "mean_cosine": 0.95}
+    validation = {"buckets": {"ordinary": bucket}, "distillation_held_out": {
+        "sentences": 10, "min_cosine": 0.62, "mean_cosine": 0.929, "gate": {"min_mean_cosine": 0.93, "min_cosine": 0.6}}}
+    checks = {c["name"]: c for c in check_results(Gates(min_cosine=0.5), Targets(), {"validation": validation},
+                                                  "onnx-int8")}
+    mean = checks["mean cosine (the distillation's held-out split)"]
+    assert (mean["measured"], mean["limit"], mean["passed"]) == (0.929, 0.93, False)
+    assert checks["min cosine (the distillation's held-out split)"]["passed"]
+    assert checks["min cosine (held-out), ordinary"]["passed"]
+    validation["distillation_held_out"]["gate"] = {"min_mean_cosine": None, "min_cosine": None}
+    names = [c["name"] for c in check_results(Gates(min_cosine=0.5), Targets(), {"validation": validation}, "x")]
+    assert names == ["min cosine (held-out), ordinary"]   # a distill step without a gate adds none
