@@ -202,7 +202,8 @@ def cmd_quantize(args) -> int:
         raise UserInputError("--calibration FILE is read by --config (causal LMs) and --onnx (export artifacts); a "
                              "model directory is calibrated on --sentences (the first --calibration-size of them), "
                              "or export it first and run `inferforge quantize ARTIFACT --onnx --calibration FILE`")
-    quant = {"smoothquant_alpha": _smoothquant_alpha(args), "method": args.method,
+    quant = {"smoothquant_alpha": _smoothquant_alpha(args), "smoothquant_scope": args.smoothquant_scope,
+             "method": args.method,
              "calibrate_method": args.calibrate_method, "embeddings": "int8" if args.quantize_embeddings else "float"}
     steps = [{"export": {"opset": args.opset}}, {"quantize": quant}, "validate"]
     return _adhoc_recipe(args, steps)
@@ -226,6 +227,7 @@ def _quantize_onnx_artifact(args) -> int:
     try:
         quantize = QuantizeConfig(method=args.method, calibrate_method=args.calibrate_method,
                                   smoothquant_alpha=_smoothquant_alpha(args),
+                                  smoothquant_scope=args.smoothquant_scope,
                                   embeddings="int8" if args.quantize_embeddings else "float")
         gates = Gates(min_cosine=args.min_cosine)
         data = DataConfig(sentences=args.sentences, calibration_size=args.calibration_size,
@@ -674,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true",
                    help="MODEL is an artifact written by 'inferforge export': quantize its model.onnx (no re-export)")
     p.add_argument("--smoothquant-alpha", default="auto", help="a number in [0, 1], 'auto' or 'off' (default auto)")
+    p.add_argument("--smoothquant-scope", choices=["norm", "all"], default="norm",
+                   help="SmoothQuant the LayerNorm-fed MatMuls only (norm, default) or every weighted MatMul "
+                        "(all: also the attention output and the MLP's second projection; dynamic int8 only)")
     p.add_argument("--method", default="dynamic-int8", choices=["dynamic-int8", "static-qdq"],
                    help="ONNX int8: dynamic activations (CPU serving) or static symmetric QDQ (TensorRT); default dynamic-int8")
     p.add_argument("--calibrate-method", default="minmax", choices=["minmax", "entropy", "percentile"],

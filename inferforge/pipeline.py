@@ -235,7 +235,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
         if static:
             record = quantize_static_qdq(ctx.fp32_onnx, out, calibrate_method=cfg.calibrate_method, **common)
         else:
-            record = quantize_onnx_int8(ctx.fp32_onnx, out, **common)
+            record = quantize_onnx_int8(ctx.fp32_onnx, out, smoothquant_scope=cfg.smoothquant_scope, **common)
         if cfg.embeddings == "int8":
             record["embeddings"] = _quantize_embeddings(out, score)
         else:

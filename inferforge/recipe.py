@@ -112,7 +112,9 @@ class QuantizeConfig:
     """Int8 quantization with ONNX Runtime: per-channel weights, dynamic activations, SmoothQuant from calibration.
 
     `smoothquant_alpha` is a number in [0, 1], `auto` (pick the best of `alpha_grid` on the calibration
-    set) or `off`. `exclude_nodes` keeps the named ONNX nodes in float. `embeddings: int8` also stores
+    set) or `off`. `smoothquant_scope`: `norm` smooths the MatMuls fed by a LayerNorm (Q/K/V, the MLP's
+    first projection), `all` every weighted MatMul, also the attention output and the MLP's second
+    projection (dynamic-int8 only). `exclude_nodes` keeps the named ONNX nodes in float. `embeddings: int8` also stores
     the word-embedding table as int8 with one scale per row (dynamic-int8 only; about a quarter of the
     table's size, see `inferforge.optimize.embedding_quant`).
     """
@@ -122,6 +124,7 @@ class QuantizeConfig:
     per_channel: bool = True
     smoothquant_alpha: float | str = "auto"
     alpha_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    smoothquant_scope: str = "norm"       # or "all"
     exclude_nodes: tuple[str, ...] = ()
     max_auto_excluded: int | None = None  # None: 2 for dynamic-int8 (speed), 16 for static-qdq (accuracy)
     calibration_margin: float = 0.003
@@ -140,6 +143,10 @@ class QuantizeConfig:
         _require(self.calibrate_method in ("minmax", "entropy", "percentile"),
                  "calibrate_method must be 'minmax', 'entropy' or 'percentile'")
         _require(self.embeddings in ("float", "int8"), "embeddings must be 'float' or 'int8'")
+        _require(self.smoothquant_scope in ("norm", "all"), "smoothquant_scope must be 'norm' or 'all'")
+        _require(self.smoothquant_scope == "norm" or self.method == "dynamic-int8",
+                 "smoothquant_scope: all is implemented for method dynamic-int8; static-qdq smooths the "
+                 "LayerNorm-fed MatMuls only, drop smoothquant_scope or use method dynamic-int8")
         _require(self.embeddings == "float" or self.method == "dynamic-int8",
                  "embeddings: int8 is implemented for method dynamic-int8 (CPU serving); static-qdq models keep "
                  "float embeddings, drop 'embeddings' or use method dynamic-int8")

@@ -43,11 +43,22 @@ def _weighted_matmuls(model) -> dict[str, list]:
     return groups
 
 
-def smoothable_groups(model) -> dict[str, list]:
-    """The weighted-MatMul groups whose shared input comes straight out of a normalization."""
+SMOOTHQUANT_SCOPES = ("norm", "all")
+
+
+def smoothable_groups(model, scope: str = "norm") -> dict[str, list]:
+    """The weighted-MatMul groups SmoothQuant smooths: scope "norm", those whose shared input comes
+    straight out of a normalization (the usual choice: Q/K/V and the MLP's first projection); "all",
+    every weighted MatMul, also the attention output and the MLP's second projection, whose inputs
+    (attention context, GELU output) carry outliers of their own. The smoothing is an explicit Mul
+    before the group either way, so both scopes give a model equal to the original in float."""
+    if scope not in SMOOTHQUANT_SCOPES:
+        raise SettingError(f"smoothquant_scope {scope!r}: choose norm or all")
+    groups = _weighted_matmuls(model)
+    if scope == "all":
+        return dict(groups)
     producers = {out: node for node in model.graph.node for out in node.output}
-    return {x: nodes for x, nodes in _weighted_matmuls(model).items()
-            if x in producers and producers[x].op_type in NORM_OPS}
+    return {x: nodes for x, nodes in groups.items() if x in producers and producers[x].op_type in NORM_OPS}
 
 
 def activation_absmax(onnx_path: str | Path, tensor_names: Sequence[str],
@@ -82,14 +93,15 @@ def ort_session_from_bytes(model_bytes: bytes):
 
 
 def apply_smoothquant(onnx_path: str | Path, out_path: str | Path, absmax: dict[str, np.ndarray],
-                      alpha: float) -> int:
-    """Write a mathematically equivalent model with smoothed activations; returns the groups smoothed."""
+                      alpha: float, *, scope: str = "norm") -> int:
+    """Write a mathematically equivalent model with smoothed activations (the groups of
+    `smoothable_groups(model, scope)`); returns the groups smoothed."""
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(onnx_path))
     inits = {i.name: i for i in model.graph.initializer}
-    groups = smoothable_groups(model)
+    groups = smoothable_groups(model, scope)
     new_nodes = {}
     for x, nodes in groups.items():
         if x not in absmax:
@@ -174,6 +186,7 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
                        per_channel: bool = True,
                        smoothquant_alpha: float | str = "auto",
                        alpha_grid: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8),
+                       smoothquant_scope: str = "norm",
                        exclude_nodes: Sequence[str] = (),
                        target_min_cosine: float | None = None,
                        max_auto_excluded: int = 0,
@@ -184,7 +197,8 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
     calibration sentences. First SmoothQuant's alpha: with `smoothquant_alpha="auto"` every alpha in
     `alpha_grid` and no smoothing are tried, and the best (by min, then mean cosine) is kept. Then, if
     the best still scores below `target_min_cosine`, up to `max_auto_excluded` of the MatMuls that
-    smoothing cannot help (inputs not fed by a norm) are kept in float, one at a time, the one with
+    smoothing left alone (with `smoothquant_scope` "norm": inputs not fed by a norm) are kept in
+    float, one at a time, the one with
     the most outlier-dominated activations first, until the target is met; an exclusion that does
     not raise the score is undone. Returns a record of every candidate and the choice.
     """
@@ -193,7 +207,7 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     work = out_path.parent
     model = onnx.load(str(fp32_path))
-    groups = smoothable_groups(model)
+    groups = smoothable_groups(model, smoothquant_scope)
     others = {x: nodes for x, nodes in _weighted_matmuls(model).items() if x not in groups}
     node_names = {n.name for n in model.graph.node}
     missing = [n for n in exclude_nodes if n not in node_names]
@@ -217,7 +231,7 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
         source = fp32_path
         if alpha != "off":
             source = work / "smoothed.onnx"
-            apply_smoothquant(fp32_path, source, absmax, float(alpha))
+            apply_smoothquant(fp32_path, source, absmax, float(alpha), scope=smoothquant_scope)
         quantize_dynamic_int8(source, path, per_channel=per_channel, exclude_nodes=excluded)
         if source != fp32_path:
             source.unlink()
@@ -240,6 +254,7 @@ def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path, *,
         "per_channel": per_channel,
         "smoothquant_alpha": search.best[1],
         "smoothed_groups": len(groups) if search.best[1] != "off" else 0,
+        "smoothquant_scope": smoothquant_scope,
         "excluded_nodes": list(search.best[2]),
         "auto_excluded_nodes": auto_excluded,
         "target_min_cosine": target_min_cosine,

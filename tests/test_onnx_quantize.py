@@ -121,3 +121,47 @@ def test_unknown_excluded_node_is_a_clear_error(tiny_onnx, tmp_path):
     with pytest.raises(ValueError, match="no node named 'nope'"):
         quantize_onnx_int8(path, tmp_path / "m.onnx", calibration_batches=batches(tokenizer),
                            score=lambda p: (1, 1), exclude_nodes=["nope"])
+
+
+def test_smoothquant_scope_all_smooths_every_weighted_matmul_exactly_in_float(tiny_onnx, tmp_path):
+    path, tokenizer = tiny_onnx
+    model = onnx.load(str(path))
+    groups = smoothable_groups(model, "all")
+    # Per layer: Q/K/V share one input; the attention output, the MLP's first and second projections one each.
+    assert sorted(len(nodes) for nodes in groups.values()) == [1, 1, 1, 1, 1, 1, 3, 3]
+    assert set(smoothable_groups(model)) < set(groups)
+    bs = batches(tokenizer)
+    absmax = activation_absmax(path, list(groups), bs)
+    out = tmp_path / "smoothed-all.onnx"
+    assert apply_smoothquant(path, out, absmax, alpha=0.5, scope="all") == 8
+    smoothed = onnx.load(str(out))
+    muls = {n.output[0] for n in smoothed.graph.node if n.name.endswith("_smoothquant_mul")}
+    fed = [n for n in smoothed.graph.node if n.op_type == "MatMul" and n.input[0] in muls]
+    assert len(muls) == 8 and len(fed) == 12   # every weighted MatMul now reads a smoothed input
+    for b in bs:
+        np.testing.assert_allclose(run(out, b), run(path, b), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_with_scope_all_smooths_the_non_norm_matmuls_too(tiny_onnx, tmp_path):
+    path, tokenizer = tiny_onnx
+    out = tmp_path / "work" / "model.onnx"
+    out.parent.mkdir()
+    record = quantize_onnx_int8(path, out, calibration_batches=batches(tokenizer), score=lambda p: (0.5, 0.5),
+                                smoothquant_alpha=0.5, smoothquant_scope="all", target_min_cosine=0.99,
+                                max_auto_excluded=4)
+    assert record["smoothquant_scope"] == "all" and record["smoothed_groups"] == 8
+    assert record["auto_excluded_nodes"] == []   # nothing is left unsmoothed to keep in float
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("MatMulInteger") == 12
+
+
+def test_bad_smoothquant_scope_is_refused(tiny_onnx):
+    from inferforge.optimize.onnx_quantize import SettingError
+    from inferforge.recipe import QuantizeConfig
+
+    with pytest.raises(SettingError, match="smoothquant_scope 'some': choose norm or all"):
+        smoothable_groups(onnx.load(str(tiny_onnx[0])), "some")
+    with pytest.raises(ValueError, match="smoothquant_scope must be 'norm' or 'all'"):
+        QuantizeConfig(smoothquant_scope="every")
+    with pytest.raises(ValueError, match="implemented for method dynamic-int8"):
+        QuantizeConfig(method="static-qdq", smoothquant_scope="all")
