@@ -150,3 +150,39 @@ def test_the_distill_gate_also_gates_the_final_model_on_the_distillation_held_ou
     validation["distillation_held_out"]["gate"] = {"min_mean_cosine": None, "min_cosine": None}
     names = [c["name"] for c in check_results(Gates(min_cosine=0.5), Targets(), {"validation": validation}, "x")]
     assert names == ["min cosine (held-out), ordinary"]   # a distill step without a gate adds none
+
+
+@pytest.mark.slow
+def test_after_a_distill_step_quantize_scores_against_the_student_and_validate_gates_the_int8_model(tmp_path):
+    """quantize chooses its settings by the int8 model's distance from the float32 student it quantizes
+    (not from the teacher, which the student's own error dominates); validate then holds the int8 model
+    to the distill gate on the distill step's held-out split."""
+    from inferforge.pipeline import run_recipe
+
+    teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
+    recipe = parse_recipe(f"""
+model: {teacher}
+data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
+steps:
+  - distill: {{data: [{DOCS}], layers: [1], steps: 2, batch_size: 8, max_length: 32, min_mean_cosine: 0.2}}
+  - export
+  - quantize: {{smoothquant_alpha: 0.5, smoothquant_scope: all}}
+  - validate
+gates: {{min_cosine: -1}}
+output: {tmp_path / "out"}
+""")
+    result = run_recipe(recipe)
+    assert result.passed, result.report["checks"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    steps = {s["name"]: s["result"] for s in manifest["steps"]}
+    quantize, distill = steps["quantize"], steps["distill"]
+    assert quantize["scored_against"] == "the float32 student" and quantize["smoothquant_scope"] == "all"
+    # int8 against its own float32 student is far closer than the student is to its teacher
+    # int8 against its own float32 student is far closer than the student is to its teacher (scored against
+    # the teacher, the candidates' scores would sit near the student's distance from it)
+    assert 1 - quantize["calibration_mean_cosine"] < (1 - distill["metrics"]["mean_cosine"]) / 100
+    distilled = manifest["validation"]["distillation_held_out"]
+    assert distilled["gate"]["min_mean_cosine"] == 0.2
+    assert abs(distilled["mean_cosine"] - distill["metrics"]["mean_cosine"]) < 0.05   # int8: close, not equal
+    assert any(c["name"] == "mean cosine (the distillation's held-out split)" and c["passed"]
+               for c in manifest["checks"])
