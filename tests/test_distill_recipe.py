@@ -110,20 +110,8 @@ output: {tmp_path / "out"}
 def test_a_student_that_misses_the_distill_gate_leaves_its_training_log_in_the_failed_report(tmp_path):
     """The distill step's own gate missed: no artifact, the later steps skipped, and OUT.failed/ holds the
     report with the student's metrics log and loss curve (not a crash on the extra files)."""
-    from inferforge.pipeline import run_recipe
-
-    teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
-    recipe = parse_recipe(f"""
-model: {teacher}
-data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
-steps:
-  - distill: {{data: [{DOCS}], layers: [1], steps: 2, batch_size: 8, max_length: 32, min_mean_cosine: 0.9999999}}
-  - export
-  - validate
-gates: {{min_cosine: 0.5}}
-output: {tmp_path / "out"}
-""")
-    result = run_recipe(recipe)
+    result = _tiny_distill_run(tmp_path, min_mean_cosine=0.9999999, later_steps="  - export\n  - validate",
+                               min_cosine=0.5)
     assert not result.passed and not (tmp_path / "out").exists()
     failed = tmp_path / "out.failed"
     assert sorted(p.name for p in failed.iterdir()) == ["loss_curve.svg", "metrics.jsonl", "report.json", "report.md"]
@@ -157,21 +145,8 @@ def test_after_a_distill_step_quantize_scores_against_the_student_and_validate_g
     """quantize chooses its settings by the int8 model's distance from the float32 student it quantizes
     (not from the teacher, which the student's own error dominates); validate then holds the int8 model
     to the distill gate on the distill step's held-out split."""
-    from inferforge.pipeline import run_recipe
-
-    teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
-    recipe = parse_recipe(f"""
-model: {teacher}
-data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
-steps:
-  - distill: {{data: [{DOCS}], layers: [1], steps: 2, batch_size: 8, max_length: 32, min_mean_cosine: 0.2}}
-  - export
-  - quantize: {{smoothquant_alpha: 0.5, smoothquant_scope: all}}
-  - validate
-gates: {{min_cosine: -1}}
-output: {tmp_path / "out"}
-""")
-    result = run_recipe(recipe)
+    result = _tiny_distill_run(tmp_path, min_mean_cosine=0.2, min_cosine=-1, later_steps=(
+        "  - export\n  - quantize: {smoothquant_alpha: 0.5, smoothquant_scope: all}\n  - validate"))
     assert result.passed, result.report["checks"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     steps = {s["name"]: s["result"] for s in manifest["steps"]}
@@ -186,3 +161,20 @@ output: {tmp_path / "out"}
     assert abs(distilled["mean_cosine"] - distill["metrics"]["mean_cosine"]) < 0.05   # int8: close, not equal
     assert any(c["name"] == "mean cosine (the distillation's held-out split)" and c["passed"]
                for c in manifest["checks"])
+
+
+def _tiny_distill_run(tmp_path, *, min_mean_cosine: float, later_steps: str, min_cosine: float):
+    """run_recipe on a 2-layer tiny BERT teacher: a 2-step distill step (student: teacher layer 1) with
+    the given gate, then `later_steps` (YAML list items, one per line)."""
+    from inferforge.pipeline import run_recipe
+
+    teacher = save_tiny_bert(tmp_path / "teacher", layers=2)
+    return run_recipe(parse_recipe(f"""
+model: {teacher}
+data: {{sentences: {DOCS}, calibration_size: 40, held_out_size: 60}}
+steps:
+  - distill: {{data: [{DOCS}], layers: [1], steps: 2, batch_size: 8, max_length: 32, min_mean_cosine: {min_mean_cosine}}}
+{later_steps}
+gates: {{min_cosine: {min_cosine}}}
+output: {tmp_path / "out"}
+"""))
