@@ -63,10 +63,11 @@ def render_markdown(report: dict) -> str:
             lines.append("")
         distilled = val.get("distillation_held_out")
         if distilled:
+            gated = any(v is not None for v in distilled["gate"].values())
             lines += [f"On the distillation's own held-out split ({distilled['sentences']} texts the student never "
                       f"trained on): min **{distilled['min_cosine']:.4f}**, 1st percentile "
-                      f"{distilled['p01_cosine']:.4f}, mean **{distilled['mean_cosine']:.4f}**; the distill step's "
-                      "gate applies to it.", ""]
+                      f"{distilled['p01_cosine']:.4f}, mean **{distilled['mean_cosine']:.4f}**; "
+                      + ("the distill step's gate applies to it." if gated else "the distill step sets no gate."), ""]
         lines += ["Lowest-scoring texts:", ""]
         for w in val["worst"]:
             text = w["sentence"] if len(w["sentence"]) <= 160 else w["sentence"][:157] + "..."

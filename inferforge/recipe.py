@@ -143,7 +143,8 @@ class QuantizeConfig:
         _require(self.calibrate_method in ("minmax", "entropy", "percentile"),
                  "calibrate_method must be 'minmax', 'entropy' or 'percentile'")
         _require(self.embeddings in ("float", "int8"), "embeddings must be 'float' or 'int8'")
-        _require(self.smoothquant_scope in ("norm", "all"), "smoothquant_scope must be 'norm' or 'all'")
+        _require(self.smoothquant_scope in ("norm", "all"),
+                 f"smoothquant_scope must be 'norm' or 'all', got {self.smoothquant_scope!r}")
         _require(self.smoothquant_scope == "norm" or self.method == "dynamic-int8",
                  "smoothquant_scope: all is implemented for method dynamic-int8; static-qdq smooths the "
                  "LayerNorm-fed MatMuls only, drop smoothquant_scope or use method dynamic-int8")

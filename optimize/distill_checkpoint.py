@@ -129,8 +129,14 @@ def changes(state: dict, fingerprint: dict, settings: dict) -> str:
             continue
         earlier = state.get("settings")
         if key == "config" and isinstance(earlier, dict):
-            found += [f"{k} {earlier.get(k)} -> {settings.get(k)}" for k in sorted(set(earlier) | set(settings))
-                      if earlier.get(k) != settings.get(k)] or ["settings"]
+            from inferforge.optimize.distill import LATER_DEFAULTS
+
+            # A setting at its LATER_DEFAULTS value is left out of the saved settings: name that value.
+            def at(where: dict, k: str):
+                return where.get(k, LATER_DEFAULTS.get(k))
+
+            found += [f"{k} {at(earlier, k)} -> {at(settings, k)}" for k in sorted(set(earlier) | set(settings))
+                      if at(earlier, k) != at(settings, k)] or ["settings"]
         elif key == "world":
             found.append(f"number of processes {old.get(key)} -> {value}")
         else:

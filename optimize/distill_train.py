@@ -295,6 +295,10 @@ def run_training(source, student_dir, data_paths: list[Path], config, *, checkpo
     kind = teacher.kind
     _check_kind_settings(kind, config)
     hidden_weight = config.resolved_hidden_weight(kind)
+    if not hidden_weight and (config.hidden_loss, config.hidden_layers) != ("mse", "all"):
+        raise UserInputError("--hidden-loss / --hidden-layers shape the hidden-state loss, which is off for this "
+                             f"{'encoder' if kind == 'encoder' else 'decoder'} (hidden weight 0): add --hidden-weight "
+                             "(e.g. 1), or drop them")
     weights = ([config.embedding_weight] if kind == "encoder" else [config.kl_weight, config.task_weight])
     if not any(weights) and not hidden_weight:
         raise UserInputError("every loss weight is 0: nothing to train on; set a weight above 0")

@@ -97,3 +97,23 @@ def test_the_hidden_flags_reach_the_config_and_the_recipe_step():
     assert step.distill_config().hidden_loss == "cosine" and step.distill_config().hidden_layers == "last"
     with pytest.raises(ValueError, match="hidden_layers must be one of"):
         DistillStepConfig(data=("x.txt",), layers=(0, 1), hidden_layers="middle")
+
+
+def test_a_cached_teacher_gives_the_live_teachers_last_layer_loss_in_a_real_run(tmp_path):
+    """distill() end to end: with hidden_layers "last" the cache must hold the last pair's teacher layer
+    (not layer_map's first), so the first step's hidden loss is the one of running the teacher."""
+    import dataclasses
+
+    from inferforge.optimize.distill import distill
+    from tests.distill_helpers import DOCS, save_tiny_bert
+
+    teacher = save_tiny_bert(tmp_path / "bert", layers=3)
+    base = DistillConfig(layers=(0, 2), steps=1, batch_size=8, max_length=24, eval_every=0, save_every=1,
+                         seed=1, dropout=0.0, hidden_weight=1.0, hidden_loss="cosine", hidden_layers="last")
+
+    def first_hidden_loss(cache_teacher):
+        history = distill(str(teacher), None, [DOCS], dataclasses.replace(base, cache_teacher=cache_teacher)).history
+        return next(r for r in history if "loss_hidden" in r)["loss_hidden"]
+
+    live, cached = first_hidden_loss(False), first_hidden_loss(True)
+    assert live > 0 and cached == pytest.approx(live, rel=1e-2)

@@ -83,7 +83,8 @@ output: {tmp_path / "out"}
     assert distilled["gate"] == {"min_mean_cosine": 0.5, "min_cosine": None}
     check = next(c for c in manifest["checks"] if c["name"] == "mean cosine (the distillation's held-out split)")
     assert check["passed"] and check["limit"] == 0.5 and check["measured"] == distilled["mean_cosine"]
-    assert "the distillation's own held-out split" in (tmp_path / "out" / "report.md").read_text()
+    assert "the distillation's own held-out split" in (report_md := (tmp_path / "out" / "report.md").read_text())
+    assert "the distill step's gate applies to it" in report_md
     assert (tmp_path / "out.checkpoints" / "latest.json").is_file()
     # After a distill step the bench times the teacher's fp32 ONNX too, and every row's speed-up over it.
     rows = {r["provider"]: r for r in manifest["benchmark"]["results"]}
@@ -178,3 +179,47 @@ steps:
 gates: {{min_cosine: {min_cosine}}}
 output: {tmp_path / "out"}
 """))
+@pytest.mark.parametrize("after_distill", [True, False])
+def test_quantize_scores_candidates_against_the_float32_student_after_a_distill_step(tmp_path, monkeypatch,
+                                                                                      after_distill):
+    """_quantize's score(): against ctx.model_reference (the student) when a distill step set it, else
+    against ctx.reference. The teacher and the student embed orthogonally here, the int8 model as the student."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from inferforge import pipeline
+    from inferforge.optimize import onnx_quantize
+    from inferforge.recipe import Gates, QuantizeConfig
+
+    texts = ["a", "bb", "ccc"]
+    teacher_vecs, student_vecs = np.tile([1.0, 0.0], (3, 1)), np.tile([0.0, 1.0], (3, 1))
+    seen = {}
+
+    def fake_quantize(fp32, out, *, score, smoothquant_scope, **kw):
+        seen["score"], seen["scope"] = score(out), smoothquant_scope
+        out.write_bytes(b"int8")
+        return {"calibration_min_cosine": seen["score"][0], "calibration_mean_cosine": seen["score"][1],
+                "smoothquant_alpha": 0.5, "excluded_nodes": []}
+
+    monkeypatch.setattr(onnx_quantize, "quantize_onnx_int8", fake_quantize)
+    monkeypatch.setattr(pipeline, "_block_slow_fusions", lambda ctx, path: None)
+    class Teacher:
+        def __call__(self, t, **kw):
+            return teacher_vecs
+
+        def tokenize(self, batch):
+            return batch
+
+    reference = Teacher()
+    task = SimpleNamespace(advance=lambda: None, close=lambda: None)
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes(b"fp32")
+    ctx = SimpleNamespace(sentences=SimpleNamespace(calibration=texts), reference=reference,
+                          model_reference=(lambda t, **kw: student_vecs) if after_distill else None,
+                          encoder=lambda path: (lambda t, **kw: student_vecs), work=tmp_path, gates=Gates(),
+                          progress=SimpleNamespace(task=lambda *a, **kw: task), fp32_onnx=fp32, graph_rewrites={})
+    result = pipeline._quantize(ctx, QuantizeConfig(smoothquant_scope="all"))["result"]
+    assert seen["scope"] == "all"
+    assert seen["score"] == pytest.approx((1.0, 1.0) if after_distill else (0.0, 0.0))
+    assert result["scored_against"] == ("the float32 student" if after_distill else "the source model")

@@ -98,6 +98,21 @@ def test_changes_lists_each_changed_part():
     now = {"config": "b", "teacher": "t", "data": ["e"], "world": 2}
     assert ckpt.changes(state, now, {"lr": 0.001, "seed": 0}) == ("changed: lr 0.0003 -> 0.001, data files, "
                                                                   "number of processes 1 -> 2")
+    # A later setting at its default is not saved: the message names the default, not "None".
+    state = {"fingerprint": {"config": "a"}, "settings": {"lr": 0.0003}}
+    assert ckpt.changes(state, {"config": "b"}, {"lr": 0.0003, "hidden_loss": "cosine"}) == (
+        "changed: hidden_loss mse -> cosine")
+    state["settings"]["hidden_layers"] = "last"
+    assert ckpt.changes(state, {"config": "b"}, {"lr": 0.0003}) == "changed: hidden_layers last -> all"
+
+
+def test_hidden_loss_settings_without_a_hidden_weight_are_refused(teacher_dir, tmp_path, capsys):
+    """An encoder's hidden-state loss is off by default: shaping it without turning it on is a mistake."""
+    args = ["distill", str(teacher_dir), "--layers", "0", "--data", str(DOCS), "--steps", "1", "--batch-size", "8",
+            "--max-length", "24", "-q", "--output", str(tmp_path / "out")]
+    assert main([*args, "--hidden-layers", "last"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "add --hidden-weight" in err and not (tmp_path / "out").exists()
 
 
 def test_artifact_weights_are_readable_like_its_other_files_and_data_paths_absolute(teacher_dir, tmp_path,

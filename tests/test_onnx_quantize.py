@@ -165,3 +165,31 @@ def test_bad_smoothquant_scope_is_refused(tiny_onnx):
         QuantizeConfig(smoothquant_scope="every")
     with pytest.raises(ValueError, match="implemented for method dynamic-int8"):
         QuantizeConfig(method="static-qdq", smoothquant_scope="all")
+
+
+@pytest.mark.parametrize("extra", [[], ["--onnx"]])
+def test_the_quantize_command_passes_smoothquant_scope_on(monkeypatch, extra):
+    """`inferforge quantize MODEL` (an ad-hoc recipe) and `inferforge quantize ARTIFACT --onnx` both hand
+    --smoothquant-scope to the quantize step."""
+    from inferforge import artifact_quantize, pipeline
+    from inferforge.cli import build_parser
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run_recipe(recipe, **kw):
+        seen["quantize"] = next(s for s in recipe.steps if type(s).__name__ == "QuantizeConfig")
+        raise Stop
+
+    def fake_quantize_artifact(artifact, out, *, quantize, **kw):
+        seen["quantize"] = quantize
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "run_recipe", fake_run_recipe)
+    monkeypatch.setattr(artifact_quantize, "quantize_artifact", fake_quantize_artifact)
+    args = build_parser().parse_args(["quantize", "all-MiniLM-L6-v2", *extra, "--smoothquant-scope", "all", "-o", "o"])
+    with pytest.raises(Stop):
+        args.func(args)
+    assert seen["quantize"].smoothquant_scope == "all"
