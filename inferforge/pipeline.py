@@ -259,7 +259,7 @@ def _quantize(ctx: RunContext, cfg: QuantizeConfig) -> dict:
             "summary": f"{method}{embeddings}, SmoothQuant alpha {record['smoothquant_alpha']}, "
                        f"{len(record['excluded_nodes'])} MatMuls kept in float, calibration min cosine "
                        f"{record['calibration_min_cosine']:.4f}"
-                       f"{' (to the float32 student)' if ctx.model_reference is not None else ''}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
+                       f"{' (to the float32 student)' if record['scored_against'] == 'the float32 student' else ''}; size {record['size_bytes']['fp32'] / 1e6:.0f} MB -> "
                        f"{record['size_bytes']['int8'] / 1e6:.0f} MB"}
 
 
@@ -409,9 +409,9 @@ def check_results(gates: Gates, targets: Targets, results: dict, final_provider:
                 checks.append({"name": f"mean cosine (held-out){suffix}", "kind": "gate", "measured": b["mean_cosine"],
                                "op": ">=", "limit": gates.mean_cosine, "bucket": name or None})
         # After a distill step: its own gate, on its own held-out split, for the final (e.g. int8) model.
-        distilled = val.get("distillation_held_out")
+        distilled = val.get("distillation_held_out") or {"gate": {}}
         for key, limit_key, label in (("mean_cosine", "min_mean_cosine", "mean"), ("min_cosine", "min_cosine", "min")):
-            if distilled and distilled["gate"].get(limit_key) is not None:
+            if distilled["gate"].get(limit_key) is not None:
                 checks.append({"name": f"{label} cosine (the distillation's held-out split)", "kind": "gate",
                                "measured": distilled[key], "op": ">=", "limit": distilled["gate"][limit_key]})
     bench = results.get("benchmark")

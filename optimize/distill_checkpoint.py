@@ -123,20 +123,20 @@ _PARTS = {"config": "settings", "teacher": "teacher weights", "data": "data file
 def changes(state: dict, fingerprint: dict, settings: dict) -> str:
     """What differs between a checkpoint's run (its state.json) and this one, for the refusal to
     resume: 'changed: lr 0.0003 -> 0.001, data files'."""
+    from inferforge.optimize.distill import LATER_DEFAULTS
+
+    def setting(where: dict, k: str):   # a setting at its LATER_DEFAULTS value is not saved: name that value
+        return where.get(k, LATER_DEFAULTS.get(k))
+
     old, found = state.get("fingerprint") or {}, []
     for key, value in fingerprint.items():
         if old.get(key) == value:
             continue
         earlier = state.get("settings")
         if key == "config" and isinstance(earlier, dict):
-            from inferforge.optimize.distill import LATER_DEFAULTS
-
-            # A setting at its LATER_DEFAULTS value is left out of the saved settings: name that value.
-            def at(where: dict, k: str):
-                return where.get(k, LATER_DEFAULTS.get(k))
-
-            found += [f"{k} {at(earlier, k)} -> {at(settings, k)}" for k in sorted(set(earlier) | set(settings))
-                      if at(earlier, k) != at(settings, k)] or ["settings"]
+            found += [f"{k} {setting(earlier, k)} -> {setting(settings, k)}"
+                      for k in sorted(set(earlier) | set(settings)) if setting(earlier, k) != setting(settings, k)
+                      ] or ["settings"]
         elif key == "world":
             found.append(f"number of processes {old.get(key)} -> {value}")
         else:
